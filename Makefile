@@ -1,0 +1,38 @@
+# llmpipe developer entry points. Everything runs from the checkout through a cached venv
+# (scripts/bootstrap); nothing is installed into the system Python.
+SHELL := /bin/bash
+VENV = $(shell scripts/bootstrap)
+PY = PYTHONPATH=$(CURDIR)/operator:$(CURDIR)/stage_image $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: install lint typecheck test test-unit test-cluster test-dataplane serve bench control-plane proto
+
+install:            ## create the cached venv (torch, transformers, kopf, ...)
+	@scripts/bootstrap >/dev/null
+
+proto:              ## regenerate the stage gRPC code from the .proto
+	@$(PY) -m llmpipe_stage.proto.build
+
+lint: install       ## ruff + import-linter layer contracts
+	$(VENV)/bin/ruff check operator stage_image tests bench scripts
+	$(VENV)/bin/ruff format --check operator stage_image tests bench
+	cd $(CURDIR) && PYTHONPATH=operator:stage_image $(VENV)/bin/lint-imports
+
+typecheck: install  ## mypy (strict on the pure packages)
+	MYPYPATH=operator:stage_image $(VENV)/bin/mypy -p llmpipe_operator -p llmpipe_stage
+
+control-plane:      ## build (cached) the Kubernetes binaries used by cluster tests
+	@scripts/build-k8s-tools
+
+test: install       ## the whole suite: lint, types, unit, cluster (builds the control plane once), dataplane
+	@scripts/test $(PYTEST_ARGS)
+
+test-unit: install
+	$(PY) -m pytest -m unit $(PYTEST_ARGS)
+
+serve: install      ## a pipeline on this machine with a tiny demo model (OpenAI API on :8000)
+	$(PY) -m llmpipe_operator.cli serve $(ARGS)
+
+bench: install      ## benchmarks (print figures; see docs/benchmarks.md)
+	$(PY) bench/planner.py
+	$(PY) bench/dataplane.py

@@ -1,0 +1,1 @@
+"""reconcile: observe -> plan -> render -> apply -> report, as numbered steps."""
