@@ -1,0 +1,67 @@
+"""Operator metrics: what each recording call shows in the Prometheus exposition.
+
+Covers: plans computed by result, plan duration, re-plans by cause and outcome, pipelines
+by phase (a pipeline moving between phases is counted once; forgotten ones vanish), and
+how node metrics usage is folded into usable memory.
+"""
+
+from __future__ import annotations
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from llmpipe_operator import telemetry
+from llmpipe_operator.k8s import metrics_api
+
+
+def samples() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = telemetry.exposition().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(name: str, **labels: str) -> float:
+    return samples().get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_plans_are_counted_and_timed() -> None:
+    before = value("llmpipe_plans_computed_total", result="feasible")
+    count_before = value("llmpipe_plan_duration_seconds_count")
+    with telemetry.timed_plan():
+        telemetry.plan_computed(feasible=True)
+    telemetry.plan_computed(feasible=False)
+    assert value("llmpipe_plans_computed_total", result="feasible") == before + 1
+    assert value("llmpipe_plans_computed_total", result="infeasible") >= 1
+    assert value("llmpipe_plan_duration_seconds_count") == count_before + 1
+
+
+def test_replans_are_counted_by_cause_and_outcome() -> None:
+    before = value("llmpipe_replans_total", cause="not-ready", outcome="switched")
+    telemetry.replanned(cause="not-ready", outcome="switched")
+    telemetry.replanned(cause="not-ready", outcome="switched")
+    assert value("llmpipe_replans_total", cause="not-ready", outcome="switched") == before + 2
+
+
+def test_pipelines_are_counted_once_in_their_current_phase() -> None:
+    telemetry.set_phase("ns", "a", "Deploying")
+    telemetry.set_phase("ns", "b", "Deploying")
+    telemetry.set_phase("ns", "a", "Ready")
+    assert value("llmpipe_pipelines", phase="Ready") == 1
+    assert value("llmpipe_pipelines", phase="Deploying") == 1
+    assert value("llmpipe_pipelines", phase="Failed") == 0  # every phase is exported
+    telemetry.forget_pipeline("ns", "a")
+    telemetry.forget_pipeline("ns", "b")
+    assert value("llmpipe_pipelines", phase="Ready") == 0
+    assert value("llmpipe_pipelines", phase="Deploying") == 0
+
+
+def test_usable_memory_keeps_the_pipelines_own_stages_in_the_budget() -> None:
+    gi = 1 << 30
+    assert metrics_api.usable_memory(8 * gi, used=None) == 8 * gi  # no metrics-server
+    assert metrics_api.usable_memory(8 * gi, used=3 * gi) == 5 * gi
+    # 3 GiB in use of which 2 GiB is our own stage: only 1 GiB belongs to others
+    assert metrics_api.usable_memory(8 * gi, used=3 * gi, own_stage_bytes=2 * gi) == 7 * gi
+    assert metrics_api.usable_memory(8 * gi, used=1 * gi, own_stage_bytes=2 * gi) == 8 * gi
+    assert metrics_api.usable_memory(2 * gi, used=5 * gi) == 0
