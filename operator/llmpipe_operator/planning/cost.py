@@ -1,0 +1,209 @@
+"""Cost model v1 of DESIGN.md: memory, compute, transfer and hop time of each stage.
+
+This module is the one definition of the cost model: the planner's search, the plan it
+reports, the benchmark's baselines and the tests' brute force all evaluate chains here.
+
+Pure: numbers in, numbers out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Sequence
+from typing import Literal
+
+from llmpipe_operator.planning import inventory as inv
+from llmpipe_operator.planning import profiles
+
+Objective = Literal["throughput", "latency"]
+OBJECTIVES: tuple[Objective, ...] = ("throughput", "latency")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Workload:
+    """What the pipeline must serve; fixes the KV cache size and the batch per step."""
+
+    objective: Objective = "throughput"
+    """Throughput: many users at once is the reason to pipeline over several nodes."""
+    max_sequences: int = 4
+    """S, sequences in flight. Four keeps a 4-stage ring busy while the KV cache of a 7B
+    model at 2k context still fits on 16 GiB edge boxes."""
+    max_context_tokens: int = 2048
+    """C, prompt + generated tokens per sequence: enough for chat, small enough for edge."""
+    runtime_overhead_bytes: int = 512 * 2**20
+    """R, per stage: Python, torch and gRPC buffers take about 0.5 GiB besides weights."""
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be throughput or latency, got {self.objective!r}")
+        for field in ("max_sequences", "max_context_tokens"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
+        if self.runtime_overhead_bytes < 0:
+            overhead = self.runtime_overhead_bytes
+            raise ValueError(f"runtime_overhead_bytes must be >= 0, got {overhead}")
+
+    @property
+    def kv_tokens(self) -> int:
+        """Tokens whose KV cache each layer keeps: S * C."""
+        return self.max_sequences * self.max_context_tokens
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StageCost:
+    """One stage of a chain, costed at batch S (throughput) and batch 1 (latency)."""
+
+    node: str
+    layer_start: int
+    layer_end: int
+    has_embedding: bool
+    has_head: bool
+    weight_bytes: int
+    memory_bytes: int
+    fits: bool
+    compute_batch: float
+    """compute_s(S)"""
+    compute_single: float
+    """compute_s(1)"""
+    transfer_batch: float
+    """xfer_s(S), to the next stage (the last stage: token ids back to stage 0)."""
+    transfer_single: float
+    hop: float
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ChainCost:
+    stages: tuple[StageCost, ...]
+    bottleneck_seconds: float
+    """T = max over stages of max(compute_s(S), xfer_s(S))"""
+    token_latency_seconds: float
+    """Λ = sum over stages of compute_s(1) + xfer_s(1) + hop_s"""
+
+    @property
+    def fits(self) -> bool:
+        return all(stage.fits for stage in self.stages)
+
+    def value(self, objective: Objective) -> float:
+        if objective == "throughput":
+            return self.bottleneck_seconds
+        return self.token_latency_seconds
+
+
+def weight_bytes(profile: profiles.ModelProfile, start: int, end: int) -> int:
+    """weights_s of a stage holding layers [start, end)."""
+    total = sum(profile.layer_bytes[start:end])
+    if start == 0:
+        total += profile.embed_bytes
+    if end == profile.num_layers:
+        total += profile.head_bytes
+    return total
+
+
+def memory_bytes(profile: profiles.ModelProfile, workload: Workload, start: int, end: int) -> int:
+    """memory_s = weights_s + S * C * kvBytesPerTokenPerLayer * (end - start) + R."""
+    kv = workload.kv_tokens * profile.kv_bytes_per_token_per_layer * (end - start)
+    return weight_bytes(profile, start, end) + kv + workload.runtime_overhead_bytes
+
+
+def compute_seconds(
+    profile: profiles.ModelProfile, node: inv.Node, weights: int, *, batch: int
+) -> float:
+    """The larger of reading the weights once and doing 2 FLOPs per parameter per token."""
+    memory_bound = weights / (node.memory_bandwidth_gbps * 1e9)
+    params = weights / profile.weight_bytes_per_param
+    flop_bound = 2 * params * batch / (node.tflops * 1e12)
+    return max(memory_bound, flop_bound)
+
+
+def activation_seconds(profile: profiles.ModelProfile, mbps: float, *, batch: int) -> float:
+    """xfer_s for s < last: the hidden state of `batch` tokens to the next stage."""
+    return 8 * batch * profile.hidden_size * profile.activation_bytes / (mbps * 1e6)
+
+
+def token_ids_seconds(mbps: float, *, batch: int) -> float:
+    """xfer_last: `batch` int32 token ids from the last stage back to stage 0."""
+    return 8 * batch * profiles.TOKEN_ID_BYTES / (mbps * 1e6)
+
+
+def hop_seconds(rtt_ms: float) -> float:
+    return rtt_ms / 2 / 1000
+
+
+def evaluate(
+    profile: profiles.ModelProfile,
+    inventory: inv.Inventory,
+    workload: Workload,
+    *,
+    nodes: Sequence[str],
+    bounds: Sequence[int],
+) -> ChainCost:
+    """Cost a chain: stage s runs on nodes[s] and holds layers [bounds[s], bounds[s+1]).
+
+    `bounds` has len(nodes) + 1 entries from 0 to numLayers, strictly increasing.
+    """
+    _check_chain(profile, nodes, bounds)
+    count = len(nodes)
+    stages = []
+    for s, name in enumerate(nodes):
+        start, end = bounds[s], bounds[s + 1]
+        node = inventory.node(name)
+        weights = weight_bytes(profile, start, end)
+        memory = memory_bytes(profile, workload, start, end)
+        transfer_batch = transfer_single = hop = 0.0
+        if count > 1:
+            after = nodes[(s + 1) % count]
+            mbps = inventory.mbps(name, after)
+            if s < count - 1:
+                transfer_batch = activation_seconds(profile, mbps, batch=workload.max_sequences)
+                transfer_single = activation_seconds(profile, mbps, batch=1)
+            else:
+                transfer_batch = token_ids_seconds(mbps, batch=workload.max_sequences)
+                transfer_single = token_ids_seconds(mbps, batch=1)
+            hop = hop_seconds(inventory.rtt_ms(name, after))
+        stages.append(
+            StageCost(
+                node=name,
+                layer_start=start,
+                layer_end=end,
+                has_embedding=s == 0,
+                has_head=s == count - 1,
+                weight_bytes=weights,
+                memory_bytes=memory,
+                fits=memory <= node.memory_bytes,
+                compute_batch=compute_seconds(profile, node, weights, batch=workload.max_sequences),
+                compute_single=compute_seconds(profile, node, weights, batch=1),
+                transfer_batch=transfer_batch,
+                transfer_single=transfer_single,
+                hop=hop,
+            )
+        )
+    return ChainCost(
+        stages=tuple(stages),
+        bottleneck_seconds=max(max(st.compute_batch, st.transfer_batch) for st in stages),
+        token_latency_seconds=sum(st.compute_single + st.transfer_single + st.hop for st in stages),
+    )
+
+
+def _check_chain(
+    profile: profiles.ModelProfile, nodes: Sequence[str], bounds: Sequence[int]
+) -> None:
+    if not nodes or len(bounds) != len(nodes) + 1:
+        raise ValueError("a chain needs one more bound than nodes, and at least one node")
+    if bounds[0] != 0 or bounds[-1] != profile.num_layers:
+        raise ValueError(f"bounds must run from 0 to {profile.num_layers}, got {list(bounds)}")
+    if any(b >= c for b, c in itertools.pairwise(bounds)):
+        raise ValueError(f"every stage needs at least one layer, got bounds {list(bounds)}")
+    if len(set(nodes)) != len(nodes):
+        raise ValueError(f"a node may hold one stage only, got {list(nodes)}")
+
+
+def human_bytes(size: float) -> str:
+    """`13.5 GiB`, `386 MiB`: how the CLI and error messages print memory."""
+    if abs(size) >= 2**30:
+        return f"{size / 2**30:.1f} GiB"
+    if abs(size) >= 2**20:
+        return f"{size / 2**20:.0f} MiB"
+    if abs(size) >= 2**10:
+        return f"{size / 2**10:.0f} KiB"
+    return f"{size:.0f} B"

@@ -1,0 +1,349 @@
+"""The planner: the best pipeline for a model over a cluster, under cost model v1.
+
+`plan_pipeline(profile, inventory, workload=..., placement=...)` returns a `Plan` whose
+`to_dict()` is DESIGN.md's plan JSON, or raises `PlanInfeasible` naming what is short.
+Exact for up to `SearchSettings.exact_limit` eligible nodes; above that a heuristic
+plan that reports a lower bound (`Plan.lower_bound`, `Plan.gap`).
+
+Pure: data in, data out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from llmpipe_operator.planning import cost, profiles, search
+from llmpipe_operator.planning import inventory as inv
+
+Workload = cost.Workload
+SearchSettings = search.SearchSettings
+StageRule = Literal["any", "edge"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Placement:
+    """Where stages may go."""
+
+    first_stage: StageRule = "any"
+    """`edge` keeps raw prompt text and token ids on the edge (stage 0 holds the tokenizer
+    side). `any` by default: the planner should not give up speed unasked."""
+    last_stage: StageRule = "any"
+    """`edge` keeps the sampled tokens on the edge too."""
+    max_stages: int | None = None
+    """Cap on the stage count (None: as many as there are eligible nodes)."""
+
+    def __post_init__(self) -> None:
+        for field in ("first_stage", "last_stage"):
+            if getattr(self, field) not in ("any", "edge"):
+                raise ValueError(f"{field} must be any or edge, got {getattr(self, field)!r}")
+        if self.max_stages is not None and self.max_stages < 1:
+            raise ValueError(f"max_stages must be >= 1, got {self.max_stages}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Stage:
+    """One stage of a plan. Times are at the objective's batch: S for throughput, 1 for
+    latency; `transfer_seconds` is the send to the next stage (the last: back to 0)."""
+
+    index: int
+    node: str
+    layer_start: int
+    layer_end: int
+    has_embedding: bool
+    has_head: bool
+    memory_bytes: int
+    compute_seconds: float
+    transfer_seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "node": self.node,
+            "layerStart": self.layer_start,
+            "layerEnd": self.layer_end,
+            "hasEmbedding": self.has_embedding,
+            "hasHead": self.has_head,
+            "memoryBytes": self.memory_bytes,
+            "computeSeconds": self.compute_seconds,
+            "transferSeconds": self.transfer_seconds,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Stage:
+        return cls(
+            index=int(data["index"]),
+            node=str(data["node"]),
+            layer_start=int(data["layerStart"]),
+            layer_end=int(data["layerEnd"]),
+            has_embedding=bool(data["hasEmbedding"]),
+            has_head=bool(data["hasHead"]),
+            memory_bytes=int(data["memoryBytes"]),
+            compute_seconds=float(data["computeSeconds"]),
+            transfer_seconds=float(data["transferSeconds"]),
+        )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Plan:
+    """A pipeline: ordered stages and what cost model v1 expects of them."""
+
+    objective: cost.Objective
+    bottleneck_seconds: float
+    token_latency_seconds: float
+    est_tokens_per_second: float
+    stages: tuple[Stage, ...]
+    exact: bool = True
+    """True when the search covered every ordered subset and split (the optimum)."""
+    lower_bound: float | None = None
+    """No plan has an objective below this; equals the objective when exact. Not part
+    of the plan JSON (DESIGN.md fixes its fields)."""
+
+    @property
+    def objective_value(self) -> float:
+        if self.objective == "throughput":
+            return self.bottleneck_seconds
+        return self.token_latency_seconds
+
+    @property
+    def gap(self) -> float | None:
+        """objective / lower bound (1.0 = provably optimal)."""
+        if self.lower_bound is None or self.lower_bound <= 0:
+            return None
+        return self.objective_value / self.lower_bound
+
+    @property
+    def bottleneck_stage(self) -> int:
+        """The stage whose max(compute, transfer) is largest."""
+        return max(self.stages, key=lambda s: max(s.compute_seconds, s.transfer_seconds)).index
+
+    def to_dict(self) -> dict[str, Any]:
+        """Exactly DESIGN.md's plan JSON."""
+        return {
+            "objective": self.objective,
+            "bottleneckSeconds": self.bottleneck_seconds,
+            "tokenLatencySeconds": self.token_latency_seconds,
+            "estTokensPerSecond": self.est_tokens_per_second,
+            "stages": [stage.to_dict() for stage in self.stages],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Plan:
+        """Parse DESIGN.md's plan JSON (as read back from a ConfigMap)."""
+        objective = data["objective"]
+        if objective not in cost.OBJECTIVES:
+            raise ValueError(f"plan: unknown objective {objective!r}")
+        return cls(
+            objective=objective,
+            bottleneck_seconds=float(data["bottleneckSeconds"]),
+            token_latency_seconds=float(data["tokenLatencySeconds"]),
+            est_tokens_per_second=float(data["estTokensPerSecond"]),
+            stages=tuple(Stage.from_dict(s) for s in data["stages"]),
+            exact=True,
+            lower_bound=None,
+        )
+
+
+class PlanInfeasible(Exception):
+    """No pipeline fits. str() says what is short; the fields let a status report it."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str,
+        needed_bytes: int,
+        available_bytes: int,
+        weight_bytes: int,
+        kv_cache_bytes: int,
+        eligible_nodes: int,
+    ) -> None:
+        super().__init__(message)
+        self.reason = reason
+        """A short code: no-nodes, total-memory, largest-layer, first-stage, last-stage,
+        max-stages, links or fragmented."""
+        self.needed_bytes = needed_bytes
+        """Weights + KV cache of the whole model (runtime overhead not included)."""
+        self.available_bytes = available_bytes
+        """What the eligible nodes offer for weights + KV (memory minus overhead)."""
+        self.weight_bytes = weight_bytes
+        self.kv_cache_bytes = kv_cache_bytes
+        self.eligible_nodes = eligible_nodes
+
+
+def plan_pipeline(
+    profile: profiles.ModelProfile,
+    inventory: inv.Inventory,
+    *,
+    workload: cost.Workload,
+    placement: Placement | None = None,
+    settings: search.SearchSettings | None = None,
+) -> Plan:
+    """The best pipeline for `profile` over `inventory`; raises PlanInfeasible."""
+    placement = placement or Placement()
+    settings = settings or search.SearchSettings()
+    # 1. keep the nodes that can hold at least one stage
+    nodes = eligible_nodes(profile, inventory, workload)
+    problem = _problem(profile, inventory, workload, placement, nodes)
+    # 2. search: exactly when small enough, else heuristically
+    exact = len(nodes) <= settings.exact_limit
+    chain = None
+    if nodes:
+        chain = search.exact(problem) if exact else search.heuristic(problem, settings)
+    if chain is None:
+        raise diagnose(profile, inventory, workload=workload, placement=placement)
+    # 3. cost the chosen chain once more, with the one cost model
+    costed = problem.evaluate(chain)
+    bound = costed.value(workload.objective) if exact else search.lower_bound(problem)
+    return _plan(costed, workload, exact=exact, lower_bound=bound)
+
+
+def eligible_nodes(
+    profile: profiles.ModelProfile, inventory: inv.Inventory, workload: cost.Workload
+) -> list[inv.Node]:
+    """Nodes with room for the smallest possible stage (one layer, its KV cache, R)."""
+    smallest = min(
+        cost.memory_bytes(profile, workload, i, i + 1) - _ends(profile, i)
+        for i in range(profile.num_layers)
+    )
+    return [node for node in inventory.nodes if node.memory_bytes >= smallest]
+
+
+def _ends(profile: profiles.ModelProfile, layer: int) -> int:
+    """Embedding/head bytes that memory_bytes adds for a one-layer stage at the ends."""
+    extra = profile.embed_bytes if layer == 0 else 0
+    return extra + (profile.head_bytes if layer == profile.num_layers - 1 else 0)
+
+
+def _problem(
+    profile: profiles.ModelProfile,
+    inventory: inv.Inventory,
+    workload: cost.Workload,
+    placement: Placement,
+    nodes: list[inv.Node],
+) -> search.Problem:
+    cap = placement.max_stages if placement.max_stages is not None else len(nodes)
+    return search.Problem(
+        profile,
+        inventory,
+        workload,
+        nodes=nodes,
+        first_edge=placement.first_stage == "edge",
+        last_edge=placement.last_stage == "edge",
+        max_stages=max(1, min(cap, len(nodes))),
+    )
+
+
+def _plan(
+    costed: cost.ChainCost, workload: cost.Workload, *, exact: bool, lower_bound: float
+) -> Plan:
+    throughput = workload.objective == "throughput"
+    stages = tuple(
+        Stage(
+            index=s,
+            node=st.node,
+            layer_start=st.layer_start,
+            layer_end=st.layer_end,
+            has_embedding=st.has_embedding,
+            has_head=st.has_head,
+            memory_bytes=st.memory_bytes,
+            compute_seconds=st.compute_batch if throughput else st.compute_single,
+            transfer_seconds=st.transfer_batch if throughput else st.transfer_single,
+        )
+        for s, st in enumerate(costed.stages)
+    )
+    return Plan(
+        objective=workload.objective,
+        bottleneck_seconds=costed.bottleneck_seconds,
+        token_latency_seconds=costed.token_latency_seconds,
+        est_tokens_per_second=workload.max_sequences / costed.bottleneck_seconds,
+        stages=stages,
+        exact=exact,
+        lower_bound=lower_bound,
+    )
+
+
+# why nothing fits ---------------------------------------------------------------------
+
+
+def diagnose(
+    profile: profiles.ModelProfile,
+    inventory: inv.Inventory,
+    *,
+    workload: cost.Workload,
+    placement: Placement,
+) -> PlanInfeasible:
+    """The most specific reason no chain fits, with the numbers a user can act on."""
+    weights = profile.total_weight_bytes
+    kv = workload.kv_tokens * profile.kv_bytes_per_token_per_layer * profile.num_layers
+    nodes = eligible_nodes(profile, inventory, workload)
+    overhead = workload.runtime_overhead_bytes
+    rooms = sorted((n.memory_bytes - overhead for n in nodes), reverse=True)
+    available = sum(rooms)
+    needs = f"needs {cost.human_bytes(weights)} of weights + {cost.human_bytes(kv)} of KV cache"
+    offer = (
+        f"the {len(nodes)} eligible node{'s' * (len(nodes) != 1)} offer "
+        f"{cost.human_bytes(available)} in total after "
+        f"{cost.human_bytes(overhead)} runtime overhead each"
+    )
+    facts = {
+        "needed_bytes": weights + kv,
+        "available_bytes": available,
+        "weight_bytes": weights,
+        "kv_cache_bytes": kv,
+        "eligible_nodes": len(nodes),
+    }
+    reason, detail = _shortfall(profile, inventory, workload, placement, nodes, rooms)
+    message = f"{needs}; {offer}" + (f"; {detail}" if detail else "")
+    return PlanInfeasible(message, reason=reason, **facts)
+
+
+def _shortfall(
+    profile: profiles.ModelProfile,
+    inventory: inv.Inventory,
+    workload: cost.Workload,
+    placement: Placement,
+    nodes: list[inv.Node],
+    rooms: list[int],
+) -> tuple[str, str]:
+    """(reason code, the sentence that says what is short)."""
+    kv_layer = workload.kv_tokens * profile.kv_bytes_per_token_per_layer
+    largest = max(profile.layer_bytes)
+    if not inventory.nodes:
+        return "no-nodes", "the cluster has no nodes"
+    if not nodes or largest + kv_layer > max(rooms):
+        biggest = max(n.memory_bytes for n in inventory.nodes)
+        return "largest-layer", (
+            f"the largest single layer ({cost.human_bytes(largest)} + "
+            f"{cost.human_bytes(kv_layer)} KV cache + "
+            f"{cost.human_bytes(workload.runtime_overhead_bytes)} overhead) fits nowhere "
+            f"(largest node: {cost.human_bytes(biggest)})"
+        )
+    need = profile.total_weight_bytes + kv_layer * profile.num_layers
+    rooms_by_node = [n.memory_bytes - workload.runtime_overhead_bytes for n in nodes]
+    if sum(rooms) < need:
+        return "total-memory", f"short by {cost.human_bytes(need - sum(rooms))}"
+    for rule, end, layer, part in (
+        (placement.first_stage, "first", 0, profile.embed_bytes),
+        (placement.last_stage, "last", profile.num_layers - 1, profile.head_bytes),
+    ):
+        edge_rooms = [r for r, n in zip(rooms_by_node, nodes, strict=True) if n.tier == "edge"]
+        smallest_end = part + profile.layer_bytes[layer] + kv_layer
+        if rule == "edge" and max(edge_rooms, default=-1) < smallest_end:
+            what = "embeddings" if end == "first" else "head"
+            return f"{end}-stage", (
+                f"the {end} stage must run on an edge node, and no edge node has room for "
+                f"the {what} ({cost.human_bytes(part)}) + one layer "
+                f"({cost.human_bytes(profile.layer_bytes[layer] + kv_layer)} with KV cache)"
+            )
+    if placement.max_stages is not None and sum(rooms[: placement.max_stages]) < need:
+        top = sum(rooms[: placement.max_stages])
+        return "max-stages", (
+            f"with at most {placement.max_stages} stages the largest nodes offer "
+            f"{cost.human_bytes(top)}, short by {cost.human_bytes(need - top)}"
+        )
+    return "fragmented", (
+        "the memory adds up, but no ordered chain of nodes fits every stage "
+        "(whole layers do not pack into the free memory of the nodes)"
+    )

@@ -1,0 +1,526 @@
+"""The partition search: which ordered chain of nodes holds which layers.
+
+- `exact`: dynamic programming over (used nodes, last node, first node, layers covered);
+  every ordered subset and every split is covered, so the result is the optimum of cost
+  model v1. Fine up to about 8 nodes (2^n masks).
+- `heuristic`: for larger clusters. Bisection on the bottleneck with a greedy chain that
+  always takes the node reaching furthest, exact DP on small subsets of the strongest
+  nodes, and an exact re-split of every candidate chain.
+- `lower_bound`: a bound no plan can beat, so a heuristic plan reports how far it may be
+  from the optimum.
+
+Costs are linear in the bytes a stage holds (compute_s = weights_s * seconds-per-byte of
+the node at the batch), which is what lets numpy evaluate all splits at once. Pure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from llmpipe_operator.planning import cost, profiles
+from llmpipe_operator.planning import inventory as inv
+
+FloatArray = npt.NDArray[np.float64]
+BoolArray = npt.NDArray[np.bool_]
+Combine = Literal["max", "sum"]
+INF = math.inf
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Chain:
+    """Stage s on nodes[s] (an index into Problem.names) holding [bounds[s], bounds[s+1])."""
+
+    nodes: tuple[int, ...]
+    bounds: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SearchSettings:
+    """Knobs of the heuristic; the defaults meet the planning-time targets of issue 2."""
+
+    exact_limit: int = 8
+    """Up to this many eligible nodes the search is exact: 2^8 masks take ~0.1 s."""
+    subset_size: int = 6
+    """Nodes in each strong subset searched exactly above the limit; 6 keeps one subset
+    search near 10 ms so that 128 nodes plan in well under 100 ms."""
+    bisection_tolerance: float = 1e-3
+    """Stop bisecting on the bottleneck when the interval is within 0.1 %."""
+    bisection_steps: int = 40
+    """Upper bound on the greedy chains built per bisection."""
+
+
+class Problem:
+    """The planning instance as arrays over the eligible nodes."""
+
+    def __init__(
+        self,
+        profile: profiles.ModelProfile,
+        inventory: inv.Inventory,
+        workload: cost.Workload,
+        *,
+        nodes: Sequence[inv.Node],
+        first_edge: bool,
+        last_edge: bool,
+        max_stages: int,
+    ) -> None:
+        self.profile, self.inventory, self.workload = profile, inventory, workload
+        self.names = [n.name for n in nodes]
+        self.size = len(nodes)
+        self.layers = profile.num_layers
+        self.max_stages = max_stages
+        batch = workload.max_sequences
+        bandwidth = np.array([n.memory_bandwidth_gbps * 1e9 for n in nodes])
+        flops = np.array([n.tflops * 1e12 for n in nodes])
+        per_param = 2 / profile.weight_bytes_per_param
+        # seconds per stored byte: compute_s(batch) = weights_s * per_byte(batch)
+        self.per_byte_batch = np.maximum(1 / bandwidth, per_param * batch / flops)
+        self.per_byte_single = np.maximum(1 / bandwidth, per_param / flops)
+        self.capacity = np.array(
+            [n.memory_bytes - workload.runtime_overhead_bytes for n in nodes], dtype=np.float64
+        )
+        edge = np.array([n.tier == "edge" for n in nodes])
+        everyone = np.ones(self.size, dtype=bool)
+        self.first_ok: BoolArray = edge if first_edge else everyone
+        self.last_ok: BoolArray = edge if last_edge else everyone
+        self.uplink = np.array([n.uplink_mbps for n in nodes])
+        self.tier = np.array([0 if n.tier == "edge" else 1 for n in nodes])
+        self.rtt_table = np.array(
+            [[inventory.rtt_ms_defaults[inv.tier_pair(a, b)] for b in inv.TIERS] for a in inv.TIERS]
+        )
+        index = {name: i for i, name in enumerate(self.names)}
+        self.overrides: dict[int, list[tuple[int, float, float]]] = {}
+        for link in inventory.links:
+            if link.a in index and link.b in index:
+                i, j = index[link.a], index[link.b]
+                self.overrides.setdefault(i, []).append((j, link.mbps, link.rtt_ms))
+                self.overrides.setdefault(j, []).append((i, link.mbps, link.rtt_ms))
+        self.prefix = np.concatenate(([0.0], np.cumsum(profile.layer_bytes, dtype=np.float64)))
+        self.kv_per_layer = float(workload.kv_tokens * profile.kv_bytes_per_token_per_layer)
+        self.weights, self.memory = self._split_matrices()
+
+    def _split_matrices(self) -> tuple[FloatArray, FloatArray]:
+        """weights[a, c] and memory-less-R[a, c] of a stage holding [a, c); inf if c <= a."""
+        span = np.arange(self.layers + 1)
+        weights = self.prefix[None, :] - self.prefix[:, None]
+        weights[0, :] += self.profile.embed_bytes
+        weights[:, self.layers] += self.profile.head_bytes
+        empty = span[None, :] <= span[:, None]
+        weights[empty] = INF
+        memory = weights + self.kv_per_layer * (span[None, :] - span[:, None])
+        return weights, memory
+
+    # links ---------------------------------------------------------------------------
+
+    def mbps_row(self, u: int) -> FloatArray:
+        row: FloatArray = np.minimum(self.uplink[u], self.uplink)
+        for j, mbps, _ in self.overrides.get(u, ()):
+            row[j] = mbps
+        return row
+
+    def rtt_row(self, u: int) -> FloatArray:
+        row: FloatArray = self.rtt_table[self.tier[u], self.tier].astype(np.float64)
+        for j, _, rtt in self.overrides.get(u, ()):
+            row[j] = rtt
+        return row
+
+    def forward_row(self, u: int, *, batch: int, with_hop: bool) -> FloatArray:
+        """xfer_u(batch) (+ hop_u) for every possible next node."""
+        act = self.profile.hidden_size * self.profile.activation_bytes
+        seconds = 8 * batch * act / (self.mbps_row(u) * 1e6)
+        return seconds + self.rtt_row(u) / 2 / 1000 if with_hop else seconds
+
+    def return_row(self, u: int, *, batch: int, with_hop: bool) -> FloatArray:
+        """xfer_last(batch) (+ hop) from u back to every possible stage 0."""
+        seconds = 8 * batch * profiles.TOKEN_ID_BYTES / (self.mbps_row(u) * 1e6)
+        return seconds + self.rtt_row(u) / 2 / 1000 if with_hop else seconds
+
+    def edge_matrices(self, *, single: bool) -> tuple[FloatArray, FloatArray]:
+        """(forward[u, v], return[u, f]) at batch S (throughput) or 1 + hop (latency)."""
+        batch = 1 if single else self.workload.max_sequences
+        rows = range(self.size)
+        forward = np.array([self.forward_row(u, batch=batch, with_hop=single) for u in rows])
+        back = np.array([self.return_row(u, batch=batch, with_hop=single) for u in rows])
+        np.fill_diagonal(forward, INF)
+        np.fill_diagonal(back, INF)
+        return forward, back
+
+    def stage_costs(self, node: int, *, single: bool) -> FloatArray:
+        """compute_s of node holding [a, c) for all a, c; inf where it does not fit."""
+        per_byte = self.per_byte_single[node] if single else self.per_byte_batch[node]
+        fits = self.memory <= self.capacity[node]
+        return np.where(fits, self.weights * per_byte, INF)
+
+    # costing a chain ---------------------------------------------------------------
+
+    def evaluate(self, chain: Chain) -> cost.ChainCost:
+        return cost.evaluate(
+            self.profile,
+            self.inventory,
+            self.workload,
+            nodes=[self.names[i] for i in chain.nodes],
+            bounds=chain.bounds,
+        )
+
+
+def score(problem: Problem, chain: Chain) -> tuple[float, float]:
+    """(objective, the other objective): lower is better; the second breaks ties."""
+    costed = problem.evaluate(chain)
+    pair = (costed.bottleneck_seconds, costed.token_latency_seconds)
+    return pair if problem.workload.objective == "throughput" else (pair[1], pair[0])
+
+
+# exact search ----------------------------------------------------------------------
+
+
+def exact(problem: Problem, *, subset: Sequence[int] | None = None) -> Chain | None:
+    """The optimal chain over `subset` (default: all nodes), or None if nothing fits.
+
+    Throughput: first the least bottleneck T*, then among chains with bottleneck <= T*
+    the least token latency. Latency: the least token latency.
+    """
+    members = list(range(problem.size)) if subset is None else list(subset)
+    single = [problem.stage_costs(v, single=True) for v in members]
+    fwd_single, ret_single = _sub(problem.edge_matrices(single=True), members)
+    if problem.workload.objective == "latency":
+        found = _dp(problem, members, np.array(single), fwd_single, ret_single, "sum")
+        return None if found is None else found[1]
+    batch = np.array([problem.stage_costs(v, single=False) for v in members])
+    fwd_batch, ret_batch = _sub(problem.edge_matrices(single=False), members)
+    found = _dp(problem, members, batch, fwd_batch, ret_batch, "max")
+    if found is None:
+        return None
+    best = found[0]
+    tied = _dp(
+        problem,
+        members,
+        np.where(batch <= best, np.array(single), INF),
+        np.where(fwd_batch <= best, fwd_single, INF),
+        np.where(ret_batch <= best, ret_single, INF),
+        "sum",
+    )
+    return found[1] if tied is None else tied[1]
+
+
+def _sub(matrices: tuple[FloatArray, FloatArray], members: list[int]) -> tuple[FloatArray, ...]:
+    grid = np.ix_(members, members)
+    return tuple(m[grid] for m in matrices)
+
+
+def _combine(how: Combine, a: FloatArray, b: FloatArray) -> FloatArray:
+    return np.maximum(a, b) if how == "max" else a + b
+
+
+def _dp(
+    problem: Problem,
+    members: list[int],
+    stages: FloatArray,
+    forward: FloatArray,
+    back: FloatArray,
+    how: Combine,
+) -> tuple[float, Chain] | None:
+    """Min over chains of combine(stage costs, forward edges, return edge).
+
+    best[mask, u, f, c]: the best chain using the nodes in mask, starting at f (stage 0,
+    needed for the return edge) and ending with u's stage at layer c.
+    """
+    n, end = len(members), problem.layers
+    first_ok = problem.first_ok[members]
+    width = end + 1
+    best = np.full((1 << n, n, n, width), INF)
+    parent_u = np.zeros((1 << n, n, n, width), dtype=np.int16)
+    parent_b = np.zeros((1 << n, n, n, width), dtype=np.int16)
+    for f in range(n):
+        if first_ok[f]:
+            best[1 << f, f, f, :] = stages[f, 0, :]
+    for mask in range(1, 1 << n):
+        if mask.bit_count() >= problem.max_stages:
+            continue
+        current = best[mask]  # [u, f, b]
+        if not np.isfinite(current).any():
+            continue
+        for v in range(n):
+            if mask >> v & 1:
+                continue
+            via = _combine(how, current, forward[:, v][:, None, None])  # [u, f, b]
+            via_u = via.argmin(axis=0)  # [f, b]
+            arrive = via.min(axis=0)  # [f, b]
+            total = _combine(how, arrive[:, :, None], stages[v][None, :, :])  # [f, b, c]
+            from_b = total.argmin(axis=1)  # [f, c]
+            grown = mask | 1 << v
+            best[grown, v] = total.min(axis=1)
+            parent_b[grown, v] = from_b
+            parent_u[grown, v] = np.take_along_axis(via_u, from_b, axis=1)
+    return _best_ending(problem, members, best, parent_u, parent_b, back, how)
+
+
+def _best_ending(
+    problem: Problem,
+    members: list[int],
+    best: FloatArray,
+    parent_u: npt.NDArray[np.int16],
+    parent_b: npt.NDArray[np.int16],
+    back: FloatArray,
+    how: Combine,
+) -> tuple[float, Chain] | None:
+    n, end = len(members), problem.layers
+    done = best[:, :, :, end]  # [mask, u, f]
+    totals = _combine(how, done, back[None, :, :])
+    for f in range(n):  # one stage: no transfer, no hop
+        totals[1 << f, f, f] = done[1 << f, f, f]
+    totals[:, ~problem.last_ok[members], :] = INF
+    flat = int(np.argmin(totals))
+    value = float(totals.flat[flat])
+    if not math.isfinite(value):
+        return None
+    mask, u, f = (int(i) for i in np.unravel_index(flat, totals.shape))
+    order, bounds = [u], [end]
+    c = end
+    while mask != 1 << u:
+        b = int(parent_b[mask, u, f, c])
+        prev = int(parent_u[mask, u, f, c])
+        mask, u, c = mask ^ 1 << u, prev, b
+        order.append(u)
+        bounds.append(c)
+    bounds.append(0)
+    nodes = tuple(members[i] for i in reversed(order))
+    return value, Chain(nodes=nodes, bounds=tuple(reversed(bounds)))
+
+
+# exact split of a fixed chain -------------------------------------------------------
+
+
+def resplit(problem: Problem, nodes: Sequence[int]) -> Chain | None:
+    """The best split of the layers over exactly these nodes in this order."""
+    if problem.workload.objective == "latency":
+        found = _chain_dp(problem, nodes, single=True, limit=None)
+        return None if found is None else found[1]
+    found = _chain_dp(problem, nodes, single=False, limit=None)
+    if found is None:
+        return None
+    tied = _chain_dp(problem, nodes, single=True, limit=found[0])
+    return found[1] if tied is None else tied[1]
+
+
+def _chain_dp(
+    problem: Problem, nodes: Sequence[int], *, single: bool, limit: float | None
+) -> tuple[float, Chain] | None:
+    """Min bottleneck (single=False) or min latency (single=True, bottleneck <= limit)."""
+    how: Combine = "sum" if single else "max"
+    value = np.full(problem.layers + 1, INF)
+    value[0] = 0.0
+    choices = []
+    batch = problem.workload.max_sequences
+    for s, v in enumerate(nodes):
+        stage = problem.stage_costs(v, single=single)
+        if limit is not None:
+            stage = np.where(problem.stage_costs(v, single=False) <= limit, stage, INF)
+        incoming = value.copy()
+        if s > 0:
+            u = nodes[s - 1]
+            edge = problem.forward_row(u, batch=1 if single else batch, with_hop=single)[v]
+            if limit is not None:
+                slow = problem.forward_row(u, batch=batch, with_hop=False)[v] > limit
+                edge = INF if slow else edge
+            incoming = _combine(how, incoming, np.full_like(incoming, edge))
+        total = _combine(how, incoming[:, None], stage)  # [b, c]
+        choices.append(total.argmin(axis=0))
+        value = total.min(axis=0)
+    result = float(value[problem.layers])
+    if len(nodes) > 1:
+        last, first = nodes[-1], nodes[0]
+        back = problem.return_row(last, batch=1 if single else batch, with_hop=single)[first]
+        if limit is not None:
+            slow = problem.return_row(last, batch=batch, with_hop=False)[first] > limit
+            back = INF if slow else back
+        result = max(result, back) if how == "max" else result + back
+    if not math.isfinite(result):
+        return None
+    bounds = [problem.layers]
+    for choice in reversed(choices):
+        bounds.append(int(choice[bounds[-1]]))
+    return result, Chain(nodes=tuple(nodes), bounds=tuple(reversed(bounds)))
+
+
+# heuristic --------------------------------------------------------------------------
+
+
+def heuristic(problem: Problem, settings: SearchSettings) -> Chain | None:
+    """A good feasible chain over many nodes (no optimality guarantee)."""
+    candidates: list[Chain] = []
+    for subset in _strong_subsets(problem, settings.subset_size):
+        found = exact(problem, subset=subset)
+        if found is not None:
+            candidates.append(found)
+    for chain in _bisect_bottleneck(problem, settings):
+        better = resplit(problem, chain.nodes)
+        candidates.append(chain if better is None else better)
+    if not candidates:
+        return None
+    return min(candidates, key=lambda chain: score(problem, chain))
+
+
+def _strong_subsets(problem: Problem, size: int) -> list[list[int]]:
+    """Small node sets worth an exact search: the fastest, and the roomiest, nodes."""
+    per_byte = (
+        problem.per_byte_batch
+        if problem.workload.objective == "throughput"
+        else problem.per_byte_single
+    )
+    fastest = np.lexsort((-problem.capacity, per_byte))
+    roomiest = np.lexsort((per_byte, -problem.capacity))
+    subsets = []
+    for ranking in (fastest, roomiest):
+        chosen = [int(i) for i in ranking[:size]]
+        for need in (problem.first_ok, problem.last_ok):
+            if not need[chosen].any():
+                extra = [int(i) for i in ranking if need[i]][:1]
+                chosen = chosen[: size - 1] + extra
+        subsets.append(sorted(set(chosen)))
+    return [s for i, s in enumerate(subsets) if s not in subsets[:i]]
+
+
+def _bisect_bottleneck(problem: Problem, settings: SearchSettings) -> list[Chain]:
+    """Chains from the greedy builder: the roomiest (no time limit) and the fastest found."""
+    loose = _greedy(problem, INF)
+    if loose is None:
+        return []
+    found = [loose]
+    low = bottleneck_lower_bound(problem)
+    high = problem.evaluate(loose).bottleneck_seconds
+    for _ in range(settings.bisection_steps):
+        if high <= low * (1 + settings.bisection_tolerance):
+            break
+        middle = math.sqrt(low * high) if low > 0 else high / 2
+        chain = _greedy(problem, middle)
+        if chain is None:
+            low = middle
+            continue
+        found.append(chain)
+        high = min(middle, problem.evaluate(chain).bottleneck_seconds)
+    return found if len(found) == 1 else [found[0], found[-1]]
+
+
+def _greedy(problem: Problem, limit: float) -> Chain | None:
+    """Build a chain whose every stage and edge costs <= limit at batch S, or None.
+
+    Each step takes the unused node that covers the most further layers; as soon as a
+    node may finish the chain (last-stage rule, return edge within limit) it does.
+    """
+    batch, end = problem.workload.max_sequences, problem.layers
+    used = np.zeros(problem.size, dtype=bool)
+    nodes: list[int] = []
+    bounds = [0]
+    while len(nodes) < problem.max_stages:
+        start = bounds[-1]
+        open_ = ~used & (problem.first_ok if not nodes else True)
+        if nodes:
+            open_ &= problem.forward_row(nodes[-1], batch=batch, with_hop=False) <= limit
+        partial, full = _reach(problem, start, limit)
+        finish = open_ & full & problem.last_ok
+        if nodes:  # the return edge to stage 0 must stay within the limit too
+            finish &= problem.return_row(nodes[0], batch=batch, with_hop=False) <= limit
+        if finish.any():
+            candidates = np.flatnonzero(finish)
+            nodes.append(int(candidates[np.argmin(problem.per_byte_batch[candidates])]))
+            bounds.append(end)
+            return Chain(nodes=tuple(nodes), bounds=tuple(bounds))
+        reach = np.where(open_, partial, start)
+        order = np.lexsort((problem.per_byte_batch, -reach))
+        pick = int(order[0])
+        if reach[pick] <= start:
+            return None
+        used[pick] = True
+        nodes.append(pick)
+        bounds.append(int(reach[pick]))
+    return None
+
+
+def _reach(problem: Problem, start: int, limit: float) -> tuple[npt.NDArray[np.int64], BoolArray]:
+    """Per node: the furthest layer c < L a stage from `start` can reach within limit
+    (start if none), and whether it could hold [start, L) with the head."""
+    end = problem.layers
+    weights = problem.weights[start, start + 1 : end + 1]
+    memory = problem.memory[start, start + 1 : end + 1]
+    within = (weights[None, :] * problem.per_byte_batch[:, None] <= limit) & (
+        memory[None, :] <= problem.capacity[:, None]
+    )
+    partial = start + within[:, :-1].sum(axis=1)
+    return partial, within[:, -1]
+
+
+# lower bounds -----------------------------------------------------------------------
+
+
+def bottleneck_lower_bound(problem: Problem) -> float:
+    """No chain over these nodes has a bottleneck below this."""
+    total = float(problem.weights[0, problem.layers])
+    limit = min(problem.size, problem.max_stages)
+    rate = 1 / problem.per_byte_batch
+    room = np.maximum(problem.capacity, 0.0)
+
+    def holds(t: float) -> bool:
+        can = np.minimum(rate * t, room)
+        return float(np.sort(can)[::-1][:limit].sum()) >= total
+
+    low, high = 0.0, float(total * problem.per_byte_batch.max())
+    for _ in range(60):
+        middle = (low + high) / 2
+        low, high = (low, middle) if holds(middle) else (middle, high)
+    bound = low
+    largest = float(max(problem.profile.layer_bytes))
+    bound = max(bound, largest * float(problem.per_byte_batch.min()))
+    if _needs_several_stages(problem):
+        act = 8 * problem.workload.max_sequences * problem.profile.hidden_size
+        act *= problem.profile.activation_bytes
+        bound = max(bound, act / (_max_mbps(problem) * 1e6))
+    return bound
+
+
+def latency_lower_bound(problem: Problem) -> float:
+    """No chain over these nodes has a token latency below this."""
+    remaining = float(problem.weights[0, problem.layers])
+    bound = 0.0
+    for i in np.argsort(problem.per_byte_single):
+        take = min(remaining, max(float(problem.capacity[i]), 0.0))
+        bound += take * float(problem.per_byte_single[i])
+        remaining -= take
+        if remaining <= 0:
+            break
+    if _needs_several_stages(problem):
+        mbps = _max_mbps(problem) * 1e6
+        hop = _min_rtt(problem) / 2 / 1000
+        act = 8 * problem.profile.hidden_size * problem.profile.activation_bytes
+        bound += act / mbps + hop + 8 * profiles.TOKEN_ID_BYTES / mbps + hop
+    return bound
+
+
+def lower_bound(problem: Problem) -> float:
+    if problem.workload.objective == "throughput":
+        return bottleneck_lower_bound(problem)
+    return latency_lower_bound(problem)
+
+
+def _needs_several_stages(problem: Problem) -> bool:
+    whole = float(problem.memory[0, problem.layers])
+    alone = (problem.capacity >= whole) & problem.first_ok & problem.last_ok
+    return not bool(alone.any())
+
+
+def _max_mbps(problem: Problem) -> float:
+    uplinks = np.sort(problem.uplink)
+    best = float(uplinks[-2]) if problem.size > 1 else float(uplinks[-1])
+    links = [mbps for rows in problem.overrides.values() for _, mbps, _ in rows]
+    return max([best, *links])
+
+
+def _min_rtt(problem: Problem) -> float:
+    tiers = set(problem.tier.tolist())
+    defaults = [float(problem.rtt_table[a, b]) for a in tiers for b in tiers]
+    links = [rtt for rows in problem.overrides.values() for _, _, rtt in rows]
+    return min([*defaults, *links])
