@@ -1,1 +1,1 @@
-"""k8s: the only code that talks to the Kubernetes API server."""
+"""k8s: the only code that talks to the Kubernetes API server (lightkube, async)."""

@@ -1,0 +1,90 @@
+"""`python -m llmpipe_operator`: run the operator (Kopf) with its health and metrics ports.
+
+    python -m llmpipe_operator --namespace team-a [--namespace team-b ...]
+    python -m llmpipe_operator --all-namespaces
+        [--health-port 8081] [--metrics-port 8080] [--verbose]
+
+Credentials: $KUBECONFIG (or ~/.kube/config), else the in-cluster ServiceAccount.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+import kopf
+
+from llmpipe_operator import main as handlers  # noqa: F401  (registers the handlers)
+from llmpipe_operator import telemetry
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m llmpipe_operator", description="Run the llmpipe operator."
+    )
+    scope = parser.add_mutually_exclusive_group(required=True)
+    scope.add_argument(
+        "--namespace",
+        "-n",
+        action="append",
+        metavar="NS",
+        help="watch LLMPipelines in this namespace (repeatable)",
+    )
+    scope.add_argument(
+        "--all-namespaces",
+        "-A",
+        action="store_true",
+        help="watch LLMPipelines in every namespace (needs cluster-wide RBAC)",
+    )
+    parser.add_argument(
+        "--health-port",
+        type=int,
+        default=8081,
+        help="liveness endpoint GET /healthz (0 = off; default 8081)",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=8080,
+        help="Prometheus metrics GET /metrics (0 = off; default 8080)",
+    )
+    parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    args = parser.parse_args(argv)
+    for port in (args.health_port, args.metrics_port):
+        if not 0 <= port <= 65535:
+            parser.error(f"port {port} is out of range 0-65535")
+    return args
+
+
+async def run(args: argparse.Namespace) -> None:
+    metrics = await telemetry.serve(args.metrics_port) if args.metrics_port else None
+    try:
+        await kopf.operator(
+            clusterwide=args.all_namespaces,
+            namespaces=args.namespace or (),
+            standalone=True,
+            liveness_endpoint=(
+                f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None
+            ),
+        )
+    finally:
+        if metrics is not None:
+            await metrics.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # Kopf's own debug logs are noisy; keep them at INFO unless asked.
+    kopf.configure(verbose=args.verbose, log_prefix=True)
+    asyncio.run(run(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Builder for the plan ConfigMap the stages mount at /etc/llmpipe. Pure.
+
+Keys (the stage container contract): `plan.json` is exactly the DESIGN plan JSON;
+`pipeline.json` names the model, the workload and every stage's gRPC address.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from llmpipe_operator import spec as spec_mod
+from llmpipe_operator.manifests import names
+
+
+def build_pipeline_config(
+    pipeline: names.PipelineRef,
+    spec: spec_mod.PipelineSpec,
+    plan: Mapping[str, Any],
+    *,
+    digest: str,
+) -> dict[str, Any]:
+    """The `pipeline.json` document: what a stage needs beyond its own layers."""
+    return {
+        "model": {"name": spec.model.name, "dtype": spec.model.dtype},
+        "workload": {
+            "maxSequences": spec.workload.max_sequences,
+            "maxContextTokens": spec.workload.max_context_tokens,
+        },
+        "stages": [
+            {
+                "index": int(stage["index"]),
+                "address": names.stage_address(pipeline, digest, int(stage["index"])),
+            }
+            for stage in plan["stages"]
+        ],
+    }
+
+
+def build_plan_configmap(
+    pipeline: names.PipelineRef,
+    spec: spec_mod.PipelineSpec,
+    plan: Mapping[str, Any],
+    *,
+    digest: str,
+) -> dict[str, Any]:
+    config = build_pipeline_config(pipeline, spec, plan, digest=digest)
+    labels = {**names.plan_labels(pipeline, digest), names.LABEL_COMPONENT: "plan"}
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": names.metadata(pipeline, names.plan_configmap_name(pipeline, digest), labels),
+        # Immutable: a plan never changes under its hash; a new plan is a new ConfigMap.
+        "immutable": True,
+        "data": {
+            "plan.json": json.dumps(plan, indent=2, sort_keys=True) + "\n",
+            "pipeline.json": json.dumps(config, indent=2, sort_keys=True) + "\n",
+        },
+    }

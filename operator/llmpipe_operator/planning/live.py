@@ -1,0 +1,240 @@
+"""Live inventory: Kubernetes Node objects (plain dicts) -> the planner's `Inventory`.
+
+Pure: takes the node dicts `k8s` listed and, optionally, the memory usage metrics.k8s.io
+reported; returns the eligible nodes plus, for every node left out, the reason. No API
+calls. The facts come from the node (DESIGN.md):
+
+- tier, TFLOP/s, memory bandwidth, uplink: the `llmpipe.io/*` labels (defaults below when
+  a label is absent, so an unlabelled cluster still plans, conservatively);
+- memory: `status.allocatable.memory` minus the usage metrics.k8s.io reports, if served;
+- links: the `llmpipe.io/links` annotation, JSON `{"<peer>": {"mbps": 940, "rttMs": 0.4}}`.
+
+A node is eligible when it is Ready, schedulable, matches the pipeline's nodeSelector, is
+not excluded by name, and every NoSchedule/NoExecute taint on it is tolerated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from llmpipe_operator.planning import inventory
+
+LABEL_TIER = "llmpipe.io/tier"
+LABEL_TFLOPS = "llmpipe.io/tflops"
+LABEL_BANDWIDTH = "llmpipe.io/memory-bandwidth-gbps"
+LABEL_UPLINK = "llmpipe.io/uplink-mbps"
+ANNOTATION_LINKS = "llmpipe.io/links"
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeDefaults:
+    """What an unlabelled node is assumed to offer: a modest machine, so plans err safe."""
+
+    tier: inventory.Tier = "cloud"
+    """Only nodes labelled edge count as edge: `firstStage: edge` is a privacy promise."""
+    tflops: float = 1.0
+    """About a Jetson-class GPU or a few CPU cores' effective fp16 rate."""
+    memory_bandwidth_gbps: float = 50.0
+    """A dual-channel DDR4/LPDDR5 board."""
+    uplink_mbps: float = 1000.0
+    """Gigabit Ethernet, the common wired link."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Eligibility:
+    """Which nodes the pipeline may use (the CRD's `spec.placement`, minus layout rules)."""
+
+    node_selector: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    exclude_nodes: frozenset[str] = frozenset()
+    tolerates: Callable[[Mapping[str, Any]], bool] = lambda _taint: False
+    """True when the pipeline's tolerations cover this taint."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LiveInventory:
+    inventory: inventory.Inventory
+    excluded: Mapping[str, str]
+    """Node name -> why it is not eligible (for status messages and Events)."""
+    notes: tuple[str, ...] = ()
+    """Problems that did not exclude a node (e.g. a malformed links annotation)."""
+
+
+def build_inventory(
+    nodes: Iterable[Mapping[str, Any]],
+    *,
+    eligibility: Eligibility,
+    memory_usage: Mapping[str, int] | None = None,
+    defaults: NodeDefaults = NodeDefaults(),
+) -> LiveInventory:
+    """The eligible nodes as the planner's Inventory; `memory_usage` is bytes in use by node."""
+    usage = memory_usage or {}
+    planned: list[inventory.Node] = []
+    excluded: dict[str, str] = {}
+    raw_by_name: dict[str, Mapping[str, Any]] = {}
+    for raw in nodes:
+        name = str(raw.get("metadata", {}).get("name", ""))
+        reason = ineligibility(raw, eligibility)
+        node = None
+        if reason is None:
+            try:
+                node = to_node(raw, defaults=defaults, used_bytes=usage.get(name, 0))
+            except inventory.InventoryError as error:
+                reason = str(error)
+        if node is None:
+            excluded[name] = reason or "not usable"
+            continue
+        planned.append(node)
+        raw_by_name[name] = raw
+    links, notes = _links(raw_by_name)
+    return LiveInventory(
+        inventory=inventory.Inventory(
+            nodes=tuple(sorted(planned, key=lambda n: n.name)), links=links
+        ),
+        excluded=excluded,
+        notes=notes,
+    )
+
+
+def ineligibility(node: Mapping[str, Any], eligibility: Eligibility) -> str | None:
+    """Why the pipeline may not use this node, or None when it may."""
+    meta = node.get("metadata", {})
+    name = meta.get("name", "")
+    labels = meta.get("labels") or {}
+    spec = node.get("spec") or {}
+    if name in eligibility.exclude_nodes:
+        return "excluded by spec.placement.excludeNodes"
+    if not is_ready(node):
+        return "not Ready"
+    if spec.get("unschedulable"):
+        return "cordoned (unschedulable)"
+    for key, value in eligibility.node_selector.items():
+        if labels.get(key) != value:
+            return f"does not match nodeSelector {key}={value}"
+    for taint in spec.get("taints") or []:
+        if taint.get("effect") in ("NoSchedule", "NoExecute") and not eligibility.tolerates(taint):
+            return f"taint {_taint_text(taint)} not tolerated"
+    return None
+
+
+def is_ready(node: Mapping[str, Any]) -> bool:
+    conditions = (node.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+
+def to_node(
+    raw: Mapping[str, Any], *, defaults: NodeDefaults = NodeDefaults(), used_bytes: int = 0
+) -> inventory.Node:
+    """One Node object as the planner sees it; InventoryError names the node and field."""
+    meta = raw.get("metadata", {})
+    name = str(meta.get("name", ""))
+    labels = {str(k): str(v) for k, v in (meta.get("labels") or {}).items()}
+    tier = labels.get(LABEL_TIER, defaults.tier)
+    if tier not in inventory.TIERS:
+        raise inventory.InventoryError(
+            f"node {name!r}: label {LABEL_TIER} must be edge or cloud, got {tier!r}"
+        )
+    return inventory.Node(
+        name=name,
+        tier=tier,
+        memory_bytes=_free_memory(raw, name, used_bytes),
+        tflops=_label_number(labels, LABEL_TFLOPS, name, defaults.tflops),
+        memory_bandwidth_gbps=_label_number(
+            labels, LABEL_BANDWIDTH, name, defaults.memory_bandwidth_gbps
+        ),
+        uplink_mbps=_label_number(labels, LABEL_UPLINK, name, defaults.uplink_mbps),
+        labels=labels,
+    )
+
+
+def _free_memory(raw: Mapping[str, Any], name: str, used_bytes: int) -> int:
+    allocatable = ((raw.get("status") or {}).get("allocatable") or {}).get("memory")
+    if allocatable is None:
+        raise inventory.InventoryError(f"node {name!r}: status.allocatable.memory is missing")
+    try:
+        total = inventory.parse_quantity(allocatable)
+    except ValueError as error:
+        raise inventory.InventoryError(
+            f"node {name!r}: status.allocatable.memory: {error}"
+        ) from error
+    free = total - max(used_bytes, 0)
+    if free <= 0:
+        raise inventory.InventoryError(f"node {name!r}: no free memory ({used_bytes} B in use)")
+    return free
+
+
+def _label_number(labels: Mapping[str, str], key: str, name: str, default: float) -> float:
+    if key not in labels:
+        return default
+    try:
+        value = float(labels[key])
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise inventory.InventoryError(
+            f"node {name!r}: label {key} must be a positive number, got {labels[key]!r}"
+        )
+    return value
+
+
+def _links(
+    raw_by_name: Mapping[str, Mapping[str, Any]],
+) -> tuple[tuple[inventory.Link, ...], tuple[str, ...]]:
+    """Links between eligible nodes; when both ends annotate a link, the slower one wins."""
+    found: dict[frozenset[str], inventory.Link] = {}
+    notes: list[str] = []
+    for name in sorted(raw_by_name):
+        annotations = raw_by_name[name].get("metadata", {}).get("annotations") or {}
+        text = annotations.get(ANNOTATION_LINKS)
+        if not text:
+            continue
+        try:
+            peers = _parse_links_annotation(name, text)
+        except ValueError as error:
+            notes.append(str(error))
+            continue
+        for link in peers:
+            if link.b not in raw_by_name:
+                continue
+            key = frozenset((link.a, link.b))
+            earlier = found.get(key)
+            if earlier is None or link.mbps < earlier.mbps:
+                found[key] = link
+    return tuple(found[k] for k in sorted(found, key=sorted)), tuple(notes)
+
+
+def _parse_links_annotation(name: str, text: str) -> Sequence[inventory.Link]:
+    where = f"node {name!r}: annotation {ANNOTATION_LINKS}"
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{where} is not JSON ({error.msg}); links ignored") from error
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{where} must map peer node names to {{mbps, rttMs}}; links ignored")
+    links = []
+    for peer, facts in data.items():
+        if peer == name or not isinstance(facts, Mapping):
+            raise ValueError(f"{where}: bad entry for {peer!r}; links ignored")
+        mbps: Any = facts.get("mbps")
+        rtt: Any = facts.get("rttMs", 0)
+        if not _positive(mbps) or not (_positive(rtt) or rtt == 0):
+            raise ValueError(f"{where}: {peer!r} needs mbps > 0 and rttMs >= 0; links ignored")
+        links.append(inventory.Link(a=name, b=str(peer), mbps=float(mbps), rtt_ms=float(rtt)))
+    return links
+
+
+def _positive(value: Any) -> bool:
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    )
+
+
+def _taint_text(taint: Mapping[str, Any]) -> str:
+    value = f"={taint['value']}" if taint.get("value") else ""
+    return f"{taint.get('key', '')}{value}:{taint.get('effect', '')}"

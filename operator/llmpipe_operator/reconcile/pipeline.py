@@ -1,0 +1,197 @@
+"""Reconcile one LLMPipeline: observe nodes -> plan -> render -> apply -> report.
+
+Called for a spec change (create, update, resume) and, by the re-planning code, for node
+changes. The pieces are separate functions (`observe_nodes`, `make_plan`, `deploy_plan`)
+so a caller can put its own decision between planning and deploying (re-planning's
+hysteresis). Everything that touches a pipeline's objects runs under its lock.
+
+A new plan never replaces a running one in place: its objects carry a new plan hash, and
+`switch.advance` moves the user-facing Service only when they are all available.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+from lightkube import AsyncClient
+
+from llmpipe_operator import spec as spec_mod
+from llmpipe_operator import status, telemetry
+from llmpipe_operator.k8s import api
+from llmpipe_operator.manifests import endpoint, names, render
+from llmpipe_operator.planning import live, planner
+from llmpipe_operator.reconcile import errors, fetch, locks, switch
+
+
+class NoEligibleNodes(Exception):
+    """No node passes the pipeline's placement filters (or none is Ready)."""
+
+
+async def reconcile_pipeline(
+    client: AsyncClient, *, namespace: str, name: str, memory_usage: Mapping[str, int] | None = None
+) -> str | None:
+    """Plan and deploy the pipeline as its spec says; returns the plan hash (None: no plan)."""
+    async with locks.pipeline_lock(namespace, name):
+        pipeline = await fetch.fetch_pipeline(client, namespace=namespace, name=name)
+        if pipeline is None:
+            return None
+        # 1. observe nodes
+        nodes = await observe_nodes(client, pipeline.spec, memory_usage=memory_usage)
+        # 2. plan
+        try:
+            plan = make_plan(pipeline.spec, nodes)
+        except (planner.PlanInfeasible, NoEligibleNodes) as error:
+            await report_infeasible(client, pipeline, nodes, error)
+            return None
+        # 3. render  4. apply  5. report
+        digest = await deploy_plan(client, pipeline, plan)
+    await switch.advance(client, namespace=namespace, name=name)
+    return digest
+
+
+async def observe_nodes(
+    client: AsyncClient,
+    spec: spec_mod.PipelineSpec,
+    *,
+    memory_usage: Mapping[str, int] | None = None,
+) -> live.LiveInventory:
+    """The eligible nodes. `memory_usage` (bytes in use per node, from metrics.k8s.io via
+    `k8s.metrics_api`) is subtracted from allocatable memory when the caller has it."""
+    async with errors.classified("list nodes"):
+        raw_nodes = await api.list_nodes(client)
+    tolerations = spec.placement.tolerations
+    eligibility = live.Eligibility(
+        node_selector=spec.placement.node_selector,
+        exclude_nodes=spec.placement.exclude_nodes,
+        tolerates=lambda taint: any(t.tolerates(taint) for t in tolerations),
+    )
+    return live.build_inventory(raw_nodes, eligibility=eligibility, memory_usage=memory_usage)
+
+
+def make_plan(spec: spec_mod.PipelineSpec, nodes: live.LiveInventory) -> dict[str, Any]:
+    """The DESIGN plan JSON for this spec on these nodes; raises planner.PlanInfeasible
+    (naming the memory shortfall) or NoEligibleNodes."""
+    if not nodes.inventory.nodes:
+        raise NoEligibleNodes(
+            "no eligible node: none is Ready, schedulable, tolerated and matching spec.placement"
+        )
+    workload = planner.Workload(
+        objective=spec.workload.objective,
+        max_sequences=spec.workload.max_sequences,
+        max_context_tokens=spec.workload.max_context_tokens,
+        runtime_overhead_bytes=spec.runtime.runtime_overhead_bytes,
+    )
+    placement = planner.Placement(
+        first_stage=spec.placement.first_stage,
+        last_stage=spec.placement.last_stage,
+        max_stages=spec.placement.max_stages,
+    )
+    with telemetry.timed_plan():
+        try:
+            plan = planner.plan_pipeline(
+                spec.profile(), nodes.inventory, workload=workload, placement=placement
+            )
+        except planner.PlanInfeasible:
+            telemetry.plan_computed(feasible=False)
+            raise
+    telemetry.plan_computed(feasible=True)
+    return dict(plan.to_dict())
+
+
+async def deploy_plan(
+    client: AsyncClient, pipeline: fetch.Pipeline, plan: Mapping[str, Any]
+) -> str:
+    """Steps 3-5 for a feasible plan: render, apply, report. Call under the pipeline's lock.
+
+    The plan's objects are applied next to whatever serves now; only the first plan of a
+    pipeline gets the user-facing Service right away (nothing else could serve).
+    """
+    ref, spec = pipeline.ref, pipeline.spec
+    digest = names.plan_hash(plan, spec)
+    # 3. render
+    objects = render.render_plan(ref, spec, plan, digest=digest)
+    # 4. apply
+    async with errors.classified("apply the plan's objects"):
+        current = await api.get_service(
+            client, namespace=ref.namespace, name=names.endpoint_service_name(ref)
+        )
+        serving = endpoint.serving_digest(current) or digest
+        await api.apply_objects(client, objects)
+        await api.apply_objects(
+            client, [endpoint.build_endpoint_service(ref, spec, serving_digest=serving)]
+        )
+    # 5. report
+    new = pipeline.status.get("planHash") != digest
+    patch = status.planned(
+        plan,
+        digest=digest,
+        generation=pipeline.generation,
+        now=fetch.now(),
+        endpoint=names.endpoint_url(ref, spec.service.port),
+        previous=pipeline.conditions,
+    )
+    if new:
+        patch["phase"] = "Deploying"
+        patch["rolloutStarted"] = fetch.now()
+    async with errors.classified("report the plan"):
+        await api.patch_status(client, namespace=ref.namespace, name=ref.name, status=patch)
+    if new:
+        kopf.info(
+            fetch.events_body(pipeline.body),
+            reason="Planned",
+            message=f"plan {digest}: {status.describe_plan(plan)}",
+        )
+    return digest
+
+
+async def report_infeasible(
+    client: AsyncClient, pipeline: fetch.Pipeline, nodes: live.LiveInventory, error: Exception
+) -> None:
+    """Planned=False naming the shortfall; a plan that is not serving is removed (no
+    half-deployed pipeline), one that serves keeps serving. Call under the lock."""
+    ref = pipeline.ref
+    message = str(error)
+    if nodes.excluded:
+        left_out = ", ".join(f"{n} ({why})" for n, why in sorted(nodes.excluded.items()))
+        message = f"{message}; nodes not eligible: {left_out}"
+    async with errors.classified("remove the unfinished plan"):
+        serving = await switch.remove_unserved(client, ref)
+    if isinstance(error, NoEligibleNodes):
+        patch = status.no_nodes(
+            message,
+            generation=pipeline.generation,
+            now=fetch.now(),
+            serving=serving is not None,
+            previous=pipeline.conditions,
+        )
+    else:
+        patch = status.infeasible(
+            message,
+            generation=pipeline.generation,
+            now=fetch.now(),
+            serving=serving is not None,
+            previous=pipeline.conditions,
+        )
+    if serving is None:
+        patch.update(
+            {
+                "planHash": None,
+                "servingPlanHash": None,
+                "stageCount": 0,
+                "ready": None,
+                "bottleneck": None,
+                "estimates": None,
+                "plan": None,
+                "endpoint": None,
+            }
+        )
+    async with errors.classified("report the infeasible plan"):
+        await api.patch_status(client, namespace=ref.namespace, name=ref.name, status=patch)
+    telemetry.set_phase(ref.namespace, ref.name, str(patch["phase"]))
+    kopf.warn(
+        fetch.events_body(pipeline.body),
+        reason=str(patch["conditions"][0]["reason"]),
+        message=message,
+    )

@@ -1,0 +1,428 @@
+"""Node-change driven re-planning: from a node event to a new plan serving, or a reason not to.
+
+One `Replanner` per operator process (kept in Kopf's memo). Kopf handlers feed it and
+return at once: every Node event (`node_event`) and every LLMPipeline event
+(`pipeline_event`, so that routing a node change needs no API call). Its `run()` task,
+owned by the operator (started at startup, cancelled at cleanup), wakes when a burst of
+changes is due and re-plans the pipelines it affects; no handler ever sleeps.
+
+A re-plan, as numbered steps (`replan_pipeline`):
+  1. observe the pipeline, its running plan and the eligible nodes (with metrics.k8s.io
+     memory usage by others, when served);
+  2. plan from scratch on today's nodes;
+  3. decide (planning.replan.decide_switch): a broken running plan is always replaced, a
+     feasible one only for the improvement margin;
+  4. deploy the new plan next to the old one (reconcile.pipeline.deploy_plan); the
+     zero-downtime switch itself is reconcile.switch.advance's;
+  5. report: status.replan, an Event with the cause, the re-plan metric.
+
+`stalled_switch` is the switch timeout: a new plan that is not available after
+`spec.replan.switchTimeoutSeconds` leaves the old plan serving and the pipeline Degraded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import kopf
+from lightkube import AsyncClient
+
+from llmpipe_operator import spec as spec_mod
+from llmpipe_operator import status, telemetry
+from llmpipe_operator.k8s import api, metrics_api
+from llmpipe_operator.planning import live, planner, replan
+from llmpipe_operator.reconcile import errors, fetch, locks, pipeline, switch
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, str]
+"""(namespace, name) of an LLMPipeline."""
+
+RETRY_SECONDS = 5.0
+"""A re-plan that failed on the API (conflict, restarting server) is tried again this much
+later, with the same changes: nothing is lost, and a broken API is not hammered."""
+
+IDLE_CHECK_SECONDS = 5.0
+"""How often the loop looks at switch deadlines when no node change wakes it."""
+
+
+@dataclasses.dataclass
+class Tracked:
+    """What the re-planner knows about one pipeline between events."""
+
+    eligibility: live.Eligibility
+    planned: frozenset[str]
+    settings: replan.ReplanSettings
+    debouncer: replan.Debouncer
+    body: Mapping[str, Any]
+    not_before: float = 0.0
+    """Monotonic time before which a failed re-plan is not retried."""
+    stall_reported: str | None = None
+    """Plan hash whose stalled switch was already reported (one Event per stall)."""
+
+
+class Replanner:
+    """Routes node changes to the pipelines they affect and re-plans them when due."""
+
+    def __init__(
+        self,
+        client: AsyncClient,
+        *,
+        usage: metrics_api.NodeUsagePoller | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.client = client
+        self.usage = usage
+        self.clock = clock
+        self.nodes: dict[str, Mapping[str, Any]] = {}
+        self.pipelines: dict[Key, Tracked] = {}
+        self._wake = asyncio.Event()
+
+    # --- feeding (called from Kopf handlers; cheap, never blocks) -------------------------
+
+    def pipeline_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        """Remember a pipeline's placement, planned nodes and settings; forget a deleted one."""
+        meta = body.get("metadata") or {}
+        key = (str(meta.get("namespace")), str(meta.get("name")))
+        if event_type == "DELETED":
+            self.pipelines.pop(key, None)
+            return
+        raw_spec = body.get("spec") or {}
+        try:
+            parsed = spec_mod.parse_spec(raw_spec)
+            settings = replan.ReplanSettings.from_spec(raw_spec.get("replan"))
+        except (spec_mod.SpecError, ValueError) as error:
+            # The spec handler reports an invalid spec on the resource; nothing to re-plan.
+            log.debug("not tracking %s/%s for re-planning: %s", *key, error)
+            self.pipelines.pop(key, None)
+            return
+        tracked = self.pipelines.get(key)
+        eligibility = eligibility_of(parsed)
+        planned = planned_nodes(body)
+        if tracked is None:
+            debouncer = replan.Debouncer(settings.debounce_seconds)
+            self.pipelines[key] = Tracked(eligibility, planned, settings, debouncer, body)
+            return
+        tracked.eligibility, tracked.planned, tracked.body = eligibility, planned, body
+        tracked.settings = settings
+        tracked.debouncer.window_seconds = settings.debounce_seconds
+
+    def node_event(self, event_type: str | None, body: Mapping[str, Any]) -> list[Key]:
+        """Classify a Node event and queue it for the pipelines it affects (returned)."""
+        name = str((body.get("metadata") or {}).get("name", ""))
+        old = self.nodes.get(name)
+        new = None if event_type == "DELETED" else dict(body)
+        if new is None:
+            self.nodes.pop(name, None)
+        else:
+            self.nodes[name] = new
+        if old is None and event_type is None:
+            return []  # the initial listing (or a re-list) introduces a node, it did not join
+        change = replan.classify_change(
+            None if old is None else replan.node_state(old),
+            None if new is None else replan.node_state(new),
+        )
+        if change is None:
+            return []
+        affected = self._route(change, old, new)
+        if affected:
+            log.info("%s: queued for %s", change.text, ", ".join("/".join(k) for k in affected))
+            self._wake.set()
+        return affected
+
+    def _route(
+        self, change: replan.NodeChange, old: Mapping[str, Any] | None, new: Mapping[str, Any] | None
+    ) -> list[Key]:
+        now, affected = self.clock(), []
+        for key, tracked in self.pipelines.items():
+            relevant = replan.is_relevant(
+                change,
+                planned_nodes=tracked.planned,
+                eligible_before=is_eligible(old, tracked.eligibility),
+                eligible_after=is_eligible(new, tracked.eligibility),
+            )
+            if relevant:
+                urgent = replan.is_urgent(change, tracked.planned)
+                tracked.debouncer.add(change, now=now, urgent=urgent)
+                affected.append(key)
+        return affected
+
+    # --- the loop (a task owned by the operator) -----------------------------------------
+
+    async def run(self) -> None:
+        """Re-plan bursts as they fall due, and watch switch deadlines, until cancelled."""
+        while True:
+            await self._sleep_until_due()
+            await self.replan_due()
+            await self.check_switch_deadlines()
+
+    async def _sleep_until_due(self) -> None:
+        now = self.clock()
+        due = [
+            max(at, t.not_before)
+            for t in self.pipelines.values()
+            if (at := t.debouncer.due_at()) is not None
+        ]
+        timeout = min([IDLE_CHECK_SECONDS, *(max(0.0, at - now) for at in due)])
+        self._wake.clear()
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout=timeout)
+        except TimeoutError:
+            pass
+
+    async def replan_due(self) -> list[Key]:
+        """Re-plan every pipeline whose burst is due; returns their keys."""
+        now = self.clock()
+        due = [
+            key
+            for key, t in self.pipelines.items()
+            if t.debouncer.due(now) and now >= t.not_before
+        ]
+        await asyncio.gather(*(self._replan_tracked(key) for key in due))
+        return due
+
+    async def _replan_tracked(self, key: Key) -> None:
+        tracked = self.pipelines.get(key)
+        if tracked is None:
+            return
+        changes = tracked.debouncer.take()
+        try:
+            await replan_pipeline(
+                self.client, namespace=key[0], name=key[1], changes=changes, usage=self.node_usage()
+            )
+        except kopf.PermanentError as error:
+            log.warning("re-plan of %s/%s dropped: %s", *key, error)
+        except kopf.TemporaryError as error:
+            log.warning("re-plan of %s/%s failed, retrying in %.0fs: %s", *key, RETRY_SECONDS, error)
+            for change in changes:  # keep them: the next attempt still needs to know why
+                tracked.debouncer.add(change, now=self.clock(), urgent=True)
+            tracked.not_before = self.clock() + RETRY_SECONDS
+
+    def node_usage(self) -> metrics_api.NodeUsage:
+        return metrics_api.NOT_POLLED if self.usage is None else self.usage.latest
+
+    async def check_switch_deadlines(self) -> None:
+        """Let `switch.advance` report a switch that ran past its timeout (once per plan)."""
+        now = utcnow()
+        for key, tracked in list(self.pipelines.items()):
+            target = (tracked.body.get("status") or {}).get("planHash")
+            if target == tracked.stall_reported or not switch_overdue(tracked.body, now=now):
+                continue
+            tracked.stall_reported = target
+            await switch.advance(self.client, namespace=key[0], name=key[1])
+
+
+# --- one re-plan ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """What a re-plan did, for the caller (and tests)."""
+
+    outcome: str
+    """switched | kept | unchanged | infeasible"""
+    cause: str
+    decision: str
+    digest: str | None = None
+
+
+async def replan_pipeline(
+    client: AsyncClient,
+    *,
+    namespace: str,
+    name: str,
+    changes: Sequence[replan.NodeChange],
+    usage: metrics_api.NodeUsage = metrics_api.NOT_POLLED,
+) -> Outcome | None:
+    """Re-plan one pipeline after node changes; None when the pipeline is gone."""
+    async with locks.pipeline_lock(namespace, name):
+        # 1. observe
+        current_pipeline = await fetch.fetch_pipeline(client, namespace=namespace, name=name)
+        if current_pipeline is None:
+            return None
+        settings = replan.ReplanSettings.from_spec((current_pipeline.body.get("spec") or {}).get("replan"))
+        current = await running_plan(client, current_pipeline)
+        own = replan_own_usage(current)
+        memory_usage = others_usage(usage, own) if usage.served else None
+        nodes = await pipeline.observe_nodes(client, current_pipeline.spec, memory_usage=memory_usage)
+        # 2. plan
+        try:
+            candidate = pipeline.make_plan(current_pipeline.spec, nodes)
+        except (planner.PlanInfeasible, pipeline.NoEligibleNodes) as error:
+            outcome = Outcome("infeasible", f"{replan.summarize_changes(changes)}: {error}", str(error))
+            await pipeline.report_infeasible(client, current_pipeline, nodes, error)
+            await record(client, current_pipeline, outcome, changes=changes, usage=usage)
+            return outcome
+        # 3. decide
+        available = {n.name: n.memory_bytes for n in nodes.inventory.nodes}
+        problems = replan.plan_problems(current, available) if current else []
+        decision = replan.decide_switch(
+            current, candidate, problems=problems, margin=settings.improvement_margin
+        )
+        cause = replan.describe(changes, current, candidate)
+        # 4. deploy (the switch proper is switch.advance's, below, outside the lock)
+        digest = None
+        if decision.switch:
+            digest = await pipeline.deploy_plan(client, current_pipeline, candidate)
+            kind = "switched"
+        else:
+            kind = "unchanged" if current and replan.layout(current) == replan.layout(candidate) else "kept"
+        outcome = Outcome(kind, cause, decision.reason, digest)
+        # 5. report
+        await record(client, current_pipeline, outcome, changes=changes, usage=usage)
+    if decision.switch:
+        await switch.advance(client, namespace=namespace, name=name)
+    return outcome
+
+
+async def running_plan(client: AsyncClient, current: fetch.Pipeline) -> dict[str, Any] | None:
+    """The plan JSON of the plan being served or rolled out (`status.planHash`)."""
+    digest = current.status.get("planHash")
+    if not digest:
+        return None
+    async with errors.classified("read the running plan"):
+        children = await api.list_children(
+            client, namespace=current.ref.namespace, pipeline=current.ref.name, kinds=("ConfigMap",)
+        )
+    return switch.plan_of(children, digest)
+
+
+def replan_own_usage(plan: Mapping[str, Any] | None) -> dict[str, int]:
+    """Bytes the running plan gives its stages, per node."""
+    own: dict[str, int] = {}
+    for stage in (plan or {}).get("stages", []):
+        own[str(stage["node"])] = own.get(str(stage["node"]), 0) + int(stage["memoryBytes"])
+    return own
+
+
+def others_usage(usage: metrics_api.NodeUsage, own: Mapping[str, int]) -> dict[str, int]:
+    """Memory in use by everything but this pipeline's stages (see metrics_api.usable_memory)."""
+    return {node: max(0, used - own.get(node, 0)) for node, used in usage.memory_bytes.items()}
+
+
+async def record(
+    client: AsyncClient,
+    current: fetch.Pipeline,
+    outcome: Outcome,
+    *,
+    changes: Sequence[replan.NodeChange],
+    usage: metrics_api.NodeUsage,
+) -> None:
+    """status.replan, an Event on the pipeline, and the re-plan metric."""
+    previous = current.status.get("replan") or {}
+    patch = {
+        "replan": {
+            "count": int(previous.get("count") or 0) + 1,
+            "lastTime": fetch.now(),
+            "lastCause": outcome.cause,
+            "lastDecision": f"{outcome.outcome}: {outcome.decision}",
+            "nodeMetrics": usage.note,
+        }
+    }
+    async with errors.classified("report the re-plan"):
+        await api.patch_status(
+            client, namespace=current.ref.namespace, name=current.ref.name, status=patch
+        )
+    reason, kind = EVENT_REASONS[outcome.outcome]
+    message = outcome.cause if outcome.outcome == "switched" else f"{outcome.cause} ({outcome.decision})"
+    kopf.event(dict(current.body), type=kind, reason=reason, message=message)
+    cause = replan.primary_kind(changes)
+    telemetry.replanned(cause=cause.value if cause else "unknown", outcome=outcome.outcome)
+    log.info("%s/%s re-planned (%s): %s", current.ref.namespace, current.ref.name,
+             outcome.outcome, message)
+
+
+EVENT_REASONS = {
+    "switched": ("Replanned", "Normal"),
+    "kept": ("ReplanSkipped", "Normal"),
+    "unchanged": ("ReplanSkipped", "Normal"),
+    "infeasible": ("ReplanInfeasible", "Warning"),
+}
+
+
+# --- the switch timeout --------------------------------------------------------------------
+
+
+def switch_overdue(body: Mapping[str, Any], *, now: datetime.datetime) -> bool:
+    """A new plan is rolling out while an old one serves, for longer than the timeout."""
+    return switch_wait(body, now=now) is not None
+
+
+def switch_wait(body: Mapping[str, Any], *, now: datetime.datetime) -> tuple[float, float] | None:
+    """(seconds waited, timeout) of an overdue switch, else None."""
+    st = body.get("status") or {}
+    target, serving = st.get("planHash"), st.get("servingPlanHash")
+    started = parse_time(st.get("rolloutStarted"))
+    if not target or not serving or target == serving or started is None:
+        return None
+    try:
+        timeout = replan.ReplanSettings.from_spec((body.get("spec") or {}).get("replan"))
+    except ValueError:
+        timeout = replan.ReplanSettings()
+    waited = (now - started).total_seconds()
+    if waited < timeout.switch_timeout_seconds:
+        return None
+    return waited, timeout.switch_timeout_seconds
+
+
+def stalled_switch(
+    body: Mapping[str, Any],
+    target: Sequence[status.StageAvailability],
+    *,
+    now: datetime.datetime | None = None,
+) -> str | None:
+    """The Degraded message for a switch past its timeout, or None.
+
+    The old plan keeps serving; the new plan's objects stay, so a late stage (an image
+    still pulling) can still complete the switch, and the next re-plan replaces them.
+    """
+    wait = switch_wait(body, now=now or utcnow())
+    if wait is None or all(a.available for a in target):
+        return None
+    st = body.get("status") or {}
+    waiting = "; ".join(f"s{a.index}: {a.reason or 'not available'}" for a in target if not a.available)
+    return (
+        f"plan {st.get('planHash')} is not available after {wait[0]:.0f}s "
+        f"(spec.replan.switchTimeoutSeconds={wait[1]:g}): {waiting}; "
+        f"plan {st.get('servingPlanHash')} keeps serving"
+    )
+
+
+# --- small helpers ---------------------------------------------------------------------------
+
+
+def eligibility_of(parsed: spec_mod.PipelineSpec) -> live.Eligibility:
+    tolerations = parsed.placement.tolerations
+    return live.Eligibility(
+        node_selector=parsed.placement.node_selector,
+        exclude_nodes=parsed.placement.exclude_nodes,
+        tolerates=lambda taint: any(t.tolerates(taint) for t in tolerations),
+    )
+
+
+def is_eligible(node: Mapping[str, Any] | None, eligibility: live.Eligibility) -> bool:
+    return node is not None and live.ineligibility(node, eligibility) is None
+
+
+def planned_nodes(body: Mapping[str, Any]) -> frozenset[str]:
+    stages = ((body.get("status") or {}).get("plan") or {}).get("stages") or []
+    return frozenset(str(s["node"]) for s in stages if s.get("node"))
+
+
+def utcnow() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def parse_time(value: Any) -> datetime.datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None

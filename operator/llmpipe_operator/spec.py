@@ -1,0 +1,390 @@
+"""The LLMPipeline spec as frozen dataclasses, and the one parser that builds them.
+
+Pure: data in, data out. The schema in `crds/llmpipeline.yaml` is the source of truth; these
+dataclasses mirror it field for field and the parser applies the same defaults (a unit test
+compares them with the CRD's), so code that builds a spec by hand -- tests, the CLI -- gets
+the values `kubectl apply` would have stored. The API server already refuses most bad specs
+(OpenAPI + CEL); the parser re-checks what the operator relies on and raises `SpecError`
+with the field's path, which the handlers turn into a `kopf.PermanentError`.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from llmpipe_operator.planning import inventory, profiles
+from llmpipe_operator.planning import replan as replanning
+
+Objective = Literal["throughput", "latency"]
+StageRule = Literal["any", "edge"]
+ServiceType = Literal["ClusterIP", "NodePort", "LoadBalancer"]
+
+DTYPES = ("bfloat16", "float16", "float32")
+MODELS_MOUNT = "/models"
+
+
+class SpecError(ValueError):
+    """A spec the operator cannot act on; the message names the field and what to change."""
+
+
+@dataclass(frozen=True)
+class PvcSource:
+    claim_name: str
+    """PersistentVolumeClaim in the pipeline's namespace holding the model."""
+    path: str = ""
+    """Model directory relative to the volume root; "" is the root."""
+
+
+@dataclass(frozen=True)
+class HostPathSource:
+    path: str
+    """Absolute directory on every eligible node."""
+
+
+@dataclass(frozen=True)
+class HuggingFaceSource:
+    id: str
+    revision: str = "main"
+    """A branch follows upstream; pin a commit for reproducible deployments."""
+    token_secret_name: str | None = None
+    """Secret with a Hub token, only for gated/private models (most public ones need none)."""
+    token_secret_key: str = "token"
+
+
+ModelSource = PvcSource | HostPathSource | HuggingFaceSource
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    source: ModelSource
+    config: Mapping[str, Any]
+    dtype: str = "bfloat16"
+    """bfloat16 halves the memory of float32 and is what most checkpoints ship in."""
+
+    @property
+    def model_dir(self) -> str:
+        """Where the stage container finds config.json and the weights."""
+        if isinstance(self.source, PvcSource) and self.source.path:
+            return posixpath.join(MODELS_MOUNT, self.source.path)
+        if isinstance(self.source, HuggingFaceSource):
+            return posixpath.join(MODELS_MOUNT, "model")
+        return MODELS_MOUNT
+
+
+@dataclass(frozen=True)
+class Toleration:
+    key: str | None = None
+    operator: str = "Equal"
+    value: str | None = None
+    effect: str | None = None
+    toleration_seconds: int | None = None
+
+    def tolerates(self, taint: Mapping[str, Any]) -> bool:
+        """Kubernetes' matching rule (v1/toleration.go ToleratesTaint)."""
+        if self.effect and self.effect != taint.get("effect"):
+            return False
+        if self.key is None:
+            return self.operator == "Exists"
+        if self.key != taint.get("key"):
+            return False
+        if self.operator == "Exists":
+            return True
+        return (self.value or "") == (taint.get("value") or "")
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"operator": self.operator}
+        if self.key is not None:
+            out["key"] = self.key
+        if self.value is not None:
+            out["value"] = self.value
+        if self.effect is not None:
+            out["effect"] = self.effect
+        if self.toleration_seconds is not None:
+            out["tolerationSeconds"] = self.toleration_seconds
+        return out
+
+
+@dataclass(frozen=True)
+class PlacementSpec:
+    node_selector: Mapping[str, str] = field(default_factory=dict)
+    tolerations: tuple[Toleration, ...] = ()
+    first_stage: StageRule = "any"
+    """"any" lets the planner put stage 0 wherever it is fastest; "edge" keeps prompts local."""
+    last_stage: StageRule = "any"
+    max_stages: int | None = None
+    """None: as many stages as improve the objective."""
+    exclude_nodes: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    objective: Objective = "throughput"
+    """Serving many users is the common case; latency suits one interactive user."""
+    max_sequences: int = 4
+    """A few sequences in flight keep every stage busy without a large KV reservation."""
+    max_context_tokens: int = 2048
+    """Enough for chat with small models; raise it knowing the KV cache grows with it."""
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    image: str = "ghcr.io/llmpipe/llmpipe-stage:0.1.0"
+    image_pull_policy: str = "IfNotPresent"
+    """Images imported with `k3s ctr images import` need no registry."""
+    resources: Mapping[str, Any] = field(default_factory=dict)
+    env: tuple[Mapping[str, Any], ...] = ()
+    runtime_overhead_bytes: int = 512 * 1024**2
+    """Python + torch + buffers take about half a GiB beyond weights and KV cache."""
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    port: int = 8000
+    """The stage's own HTTP port, so port-forwarding and in-cluster URLs look the same."""
+    type: ServiceType = "ClusterIP"
+    """Private by default; expose on purpose."""
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    model: ModelSpec
+    placement: PlacementSpec = PlacementSpec()
+    workload: WorkloadSpec = WorkloadSpec()
+    runtime: RuntimeSpec = RuntimeSpec()
+    service: ServiceSpec = ServiceSpec()
+    replan: replanning.ReplanSettings = field(default_factory=replanning.ReplanSettings)
+
+    def profile(self) -> profiles.ModelProfile:
+        """The planner's view of the model (exact per-layer byte sizes from config.json)."""
+        try:
+            return profiles.from_config(
+                self.model.config, dtype=self.model.dtype, name=self.model.name
+            )
+        except (ValueError, KeyError, TypeError) as error:
+            raise SpecError(f"spec.model.config: {error}") from error
+
+
+def parse_spec(raw: Mapping[str, Any]) -> PipelineSpec:
+    """Build the typed spec from the resource's `spec`; raise SpecError naming the field."""
+    if not isinstance(raw, Mapping):
+        raise SpecError("spec must be an object")
+    spec = PipelineSpec(
+        model=_parse_model(_object(raw, "model", "spec", required=True)),
+        placement=_parse_placement(_object(raw, "placement", "spec")),
+        workload=_parse_workload(_object(raw, "workload", "spec")),
+        runtime=_parse_runtime(_object(raw, "runtime", "spec")),
+        service=_parse_service(_object(raw, "service", "spec")),
+        replan=_parse_replan(_object(raw, "replan", "spec")),
+    )
+    spec.profile()  # an unusable config.json is a spec error, found before planning
+    return spec
+
+
+def _parse_model(raw: Mapping[str, Any]) -> ModelSpec:
+    where = "spec.model"
+    config = _object(raw, "config", where, required=True)
+    return ModelSpec(
+        name=_string(raw, "name", where, required=True),
+        source=_parse_source(_object(raw, "source", where, required=True)),
+        config=dict(config),
+        dtype=_choice(raw, "dtype", where, DTYPES, default="bfloat16"),
+    )
+
+
+def _parse_source(raw: Mapping[str, Any]) -> ModelSource:
+    where = "spec.model.source"
+    kinds = [kind for kind in ("pvc", "hostPath", "huggingFace") if raw.get(kind) is not None]
+    if len(kinds) != 1:
+        raise SpecError(
+            f"{where} must set exactly one of pvc, hostPath or huggingFace (got {kinds or 'none'})"
+        )
+    body = _object(raw, kinds[0], where, required=True)
+    if kinds[0] == "pvc":
+        path = _string(body, "path", f"{where}.pvc", default="") or ""
+        if path.startswith("/") or ".." in path.split("/"):
+            raise SpecError(f"{where}.pvc.path must be relative and without '..' (got {path!r})")
+        return PvcSource(
+            claim_name=_string(body, "claimName", f"{where}.pvc", required=True),
+            path=path.strip("/"),
+        )
+    if kinds[0] == "hostPath":
+        path = _string(body, "path", f"{where}.hostPath", required=True)
+        if not path.startswith("/"):
+            raise SpecError(f"{where}.hostPath.path must be absolute (got {path!r})")
+        return HostPathSource(path=path)
+    secret = _object(body, "tokenSecret", f"{where}.huggingFace")
+    return HuggingFaceSource(
+        id=_string(body, "id", f"{where}.huggingFace", required=True),
+        revision=_string(body, "revision", f"{where}.huggingFace", default="main"),
+        token_secret_name=(
+            _string(secret, "name", f"{where}.huggingFace.tokenSecret", required=True)
+            if secret
+            else None
+        ),
+        token_secret_key=_string(
+            secret, "key", f"{where}.huggingFace.tokenSecret", default="token"
+        ),
+    )
+
+
+def _parse_placement(raw: Mapping[str, Any]) -> PlacementSpec:
+    where = "spec.placement"
+    selector = _object(raw, "nodeSelector", where)
+    max_stages = raw.get("maxStages")
+    if max_stages is not None and (not _is_int(max_stages) or max_stages < 1):
+        raise SpecError(f"{where}.maxStages must be an integer >= 1 (got {max_stages!r})")
+    return PlacementSpec(
+        node_selector={str(k): str(v) for k, v in selector.items()},
+        tolerations=tuple(
+            _parse_toleration(item, f"{where}.tolerations[{i}]")
+            for i, item in enumerate(_list(raw, "tolerations", where))
+        ),
+        first_stage=_choice(raw, "firstStage", where, ("any", "edge"), default="any"),  # type: ignore[arg-type]
+        last_stage=_choice(raw, "lastStage", where, ("any", "edge"), default="any"),  # type: ignore[arg-type]
+        max_stages=max_stages,
+        exclude_nodes=frozenset(str(n) for n in _list(raw, "excludeNodes", where)),
+    )
+
+
+def _parse_toleration(raw: Any, where: str) -> Toleration:
+    if not isinstance(raw, Mapping):
+        raise SpecError(f"{where} must be an object")
+    operator = _choice(raw, "operator", where, ("Exists", "Equal"), default="Equal")
+    key = raw.get("key")
+    if key is None and operator != "Exists":
+        raise SpecError(f"{where}: a toleration without a key must use operator Exists")
+    seconds = raw.get("tolerationSeconds")
+    return Toleration(
+        key=key,
+        operator=operator,
+        value=raw.get("value"),
+        effect=raw.get("effect"),
+        toleration_seconds=int(seconds) if seconds is not None else None,
+    )
+
+
+def _parse_workload(raw: Mapping[str, Any]) -> WorkloadSpec:
+    where = "spec.workload"
+    return WorkloadSpec(
+        objective=_choice(
+            raw,
+            "objective",
+            where,
+            ("throughput", "latency"),  # type: ignore[arg-type]
+            default="throughput",
+        ),
+        max_sequences=_positive_int(raw, "maxSequences", where, default=4),
+        max_context_tokens=_positive_int(raw, "maxContextTokens", where, default=2048),
+    )
+
+
+def _parse_runtime(raw: Mapping[str, Any]) -> RuntimeSpec:
+    where = "spec.runtime"
+    overhead = raw.get("runtimeOverhead", "512Mi")
+    try:
+        overhead_bytes = inventory.parse_quantity(overhead)
+    except ValueError as error:
+        raise SpecError(f"{where}.runtimeOverhead: {error}") from error
+    env = _list(raw, "env", where)
+    for i, item in enumerate(env):
+        if not isinstance(item, Mapping) or not item.get("name"):
+            raise SpecError(f"{where}.env[{i}] must be an object with a name")
+    return RuntimeSpec(
+        image=_string(raw, "image", where, default=RuntimeSpec.image),
+        image_pull_policy=_choice(
+            raw,
+            "imagePullPolicy",
+            where,
+            ("Always", "IfNotPresent", "Never"),
+            default="IfNotPresent",
+        ),
+        resources=dict(_object(raw, "resources", where)),
+        env=tuple(dict(item) for item in env),
+        runtime_overhead_bytes=overhead_bytes,
+    )
+
+
+def _parse_service(raw: Mapping[str, Any]) -> ServiceSpec:
+    where = "spec.service"
+    port = _positive_int(raw, "port", where, default=8000)
+    if port > 65535:
+        raise SpecError(f"{where}.port must be at most 65535 (got {port})")
+    return ServiceSpec(
+        port=port,
+        type=_choice(
+            raw,
+            "type",
+            where,
+            ("ClusterIP", "NodePort", "LoadBalancer"),  # type: ignore[arg-type]
+            default="ClusterIP",
+        ),
+    )
+
+
+def _parse_replan(raw: Mapping[str, Any]) -> replanning.ReplanSettings:
+    try:
+        return replanning.ReplanSettings.from_spec(raw)
+    except ValueError as error:
+        raise SpecError(str(error)) from error
+
+
+# --- field readers: each names the field's path in its error ---------------------------------
+
+
+def _object(
+    raw: Mapping[str, Any], key: str, where: str, *, required: bool = False
+) -> Mapping[str, Any]:
+    value = raw.get(key)
+    if value is None:
+        if required:
+            raise SpecError(f"{where}.{key} is required")
+        return {}
+    if not isinstance(value, Mapping):
+        raise SpecError(f"{where}.{key} must be an object (got {type(value).__name__})")
+    return value
+
+
+def _list(raw: Mapping[str, Any], key: str, where: str) -> Sequence[Any]:
+    value = raw.get(key)
+    if value is None:
+        return ()
+    if not isinstance(value, list | tuple):
+        raise SpecError(f"{where}.{key} must be a list (got {type(value).__name__})")
+    return value
+
+
+def _string(
+    raw: Mapping[str, Any], key: str, where: str, *, required: bool = False, default: str = ""
+) -> str:
+    value = raw.get(key)
+    if value is None or value == "":
+        if required:
+            raise SpecError(f"{where}.{key} is required")
+        return default
+    if not isinstance(value, str):
+        raise SpecError(f"{where}.{key} must be a string (got {value!r})")
+    return value
+
+
+def _choice(
+    raw: Mapping[str, Any], key: str, where: str, allowed: Sequence[str], *, default: str
+) -> str:
+    value = raw.get(key, default)
+    if value not in allowed:
+        raise SpecError(f"{where}.{key} must be one of {', '.join(allowed)} (got {value!r})")
+    return str(value)
+
+
+def _positive_int(raw: Mapping[str, Any], key: str, where: str, *, default: int) -> int:
+    value = raw.get(key, default)
+    if not _is_int(value) or value < 1:
+        raise SpecError(f"{where}.{key} must be an integer >= 1 (got {value!r})")
+    return int(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

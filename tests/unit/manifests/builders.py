@@ -1,0 +1,104 @@
+"""Fluent builders for LLMPipeline specs, nodes and plans used by the operator unit tests."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from llmpipe_operator import spec as spec_mod
+from llmpipe_operator.manifests import names
+from llmpipe_operator.planning import inventory, planner
+
+TINY_LLAMA_CONFIG: dict[str, Any] = {
+    "model_type": "llama",
+    "num_hidden_layers": 8,
+    "hidden_size": 256,
+    "intermediate_size": 688,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "vocab_size": 32000,
+    "tie_word_embeddings": False,
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-5,
+}
+
+REF = names.PipelineRef(name="chat", namespace="team-a", uid="0000-uid")
+
+
+class SpecBuilder:
+    """`a_spec().pvc("models", "tiny").max_stages(2).build()`"""
+
+    def __init__(self) -> None:
+        self.raw: dict[str, Any] = {
+            "model": {
+                "name": "tiny-llama",
+                "source": {"hostPath": {"path": "/var/lib/models/tiny"}},
+                "config": copy.deepcopy(TINY_LLAMA_CONFIG),
+            }
+        }
+
+    def source(self, **source: Any) -> SpecBuilder:
+        self.raw["model"]["source"] = source
+        return self
+
+    def pvc(self, claim: str, path: str = "") -> SpecBuilder:
+        return self.source(pvc={"claimName": claim, "path": path})
+
+    def hugging_face(self, repo: str, secret: str | None = None) -> SpecBuilder:
+        body: dict[str, Any] = {"id": repo, "revision": "abc123"}
+        if secret:
+            body["tokenSecret"] = {"name": secret}
+        return self.source(huggingFace=body)
+
+    def placement(self, **fields: Any) -> SpecBuilder:
+        self.raw.setdefault("placement", {}).update(fields)
+        return self
+
+    def workload(self, **fields: Any) -> SpecBuilder:
+        self.raw.setdefault("workload", {}).update(fields)
+        return self
+
+    def runtime(self, **fields: Any) -> SpecBuilder:
+        self.raw.setdefault("runtime", {}).update(fields)
+        return self
+
+    def service(self, **fields: Any) -> SpecBuilder:
+        self.raw.setdefault("service", {}).update(fields)
+        return self
+
+    def build(self) -> spec_mod.PipelineSpec:
+        return spec_mod.parse_spec(self.raw)
+
+
+def a_spec() -> SpecBuilder:
+    return SpecBuilder()
+
+
+def three_nodes() -> inventory.Inventory:
+    """Three small nodes: the tiny model spreads over all of them when maxStages allows."""
+    return inventory.parse_cluster(
+        {
+            "nodes": [
+                {"name": "edge-a", "tier": "edge", "memory": "700Mi", "tflops": 1.0,
+                 "memoryBandwidthGBps": 50, "uplinkMbps": 1000},
+                {"name": "edge-b", "tier": "edge", "memory": "700Mi", "tflops": 1.0,
+                 "memoryBandwidthGBps": 50, "uplinkMbps": 1000},
+                {"name": "cloud-a", "tier": "cloud", "memory": "8Gi", "tflops": 20.0,
+                 "memoryBandwidthGBps": 400, "uplinkMbps": 10000},
+            ]
+        }
+    )
+
+
+def a_plan(spec: spec_mod.PipelineSpec, *, max_stages: int | None = 3,
+           first_stage: str = "edge") -> dict[str, Any]:
+    """A real plan from the real planner for `spec` on `three_nodes()`."""
+    workload = planner.Workload(
+        objective=spec.workload.objective,
+        max_sequences=spec.workload.max_sequences,
+        max_context_tokens=spec.workload.max_context_tokens,
+        runtime_overhead_bytes=spec.runtime.runtime_overhead_bytes,
+    )
+    placement = planner.Placement(first_stage=first_stage, max_stages=max_stages)  # type: ignore[arg-type]
+    return planner.plan_pipeline(spec.profile(), three_nodes(), workload=workload,
+                                 placement=placement).to_dict()

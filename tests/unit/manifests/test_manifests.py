@@ -1,0 +1,182 @@
+"""Manifests: what one plan renders to (names by plan hash, pinning, wiring, security, owners).
+
+Covers: stage Deployments pinned to their planned node with the pipeline's tolerations,
+probes, ports and the restricted securityContext; the command of the stage contract; the
+model source (PVC, hostPath, Hugging Face init container with the token Secret); the plan
+ConfigMap's plan.json and pipeline.json; stage Services; the user-facing Service's
+selector; owner references on everything; the plan hash's sensitivity.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from llmpipe_operator.manifests import endpoint, names, render, stages
+from tests.unit.manifests.builders import REF, a_plan, a_spec
+
+sources = pytest.mark.parametrize(
+    "builder, volume_key, model_dir",
+    [
+        (lambda: a_spec().pvc("models", "llama/tiny"), "persistentVolumeClaim",
+         "/models/llama/tiny"),
+        (lambda: a_spec(), "hostPath", "/models"),
+        (lambda: a_spec().hugging_face("org/tiny", secret="hf"), "emptyDir", "/models/model"),
+    ],
+    ids=["pvc", "hostPath", "huggingFace"],
+)
+
+
+def by_kind(objects: list[dict], kind: str) -> list[dict]:
+    return [o for o in objects if o["kind"] == kind]
+
+
+def test_every_stage_gets_a_deployment_and_service_named_by_plan_hash() -> None:
+    spec = a_spec().build()
+    plan = a_plan(spec)
+    digest = names.plan_hash(plan, spec)
+    objects = render.render_plan(REF, spec, plan, digest=digest)
+    count = len(plan["stages"])
+    assert [o["kind"] for o in objects] == ["ConfigMap"] + ["Service"] * count + [
+        "Deployment"] * count
+    for i, deployment in enumerate(by_kind(objects, "Deployment")):
+        assert deployment["metadata"]["name"] == f"chat-{digest}-s{i}"
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert labels[names.LABEL_PIPELINE] == "chat"
+        assert labels[names.LABEL_PLAN_HASH] == digest
+        assert labels[names.LABEL_STAGE_INDEX] == str(i)
+        assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    for o in objects:
+        assert o["metadata"]["namespace"] == "team-a"
+        assert o["metadata"]["ownerReferences"] == [
+            {"apiVersion": "llmpipe.io/v1alpha1", "kind": "LLMPipeline", "name": "chat",
+             "uid": "0000-uid", "controller": True}]
+
+
+def test_stage_is_pinned_to_its_planned_node_with_the_pipelines_tolerations() -> None:
+    spec = a_spec().placement(
+        tolerations=[{"key": "edge", "operator": "Exists", "effect": "NoSchedule"}]).build()
+    plan = a_plan(spec)
+    for stage in plan["stages"]:
+        pod = stages.build_stage_deployment(REF, spec, stage, digest="abcd1234")["spec"][
+            "template"]["spec"]
+        terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+            "nodeSelectorTerms"]
+        assert terms == [{"matchExpressions": [
+            {"key": "kubernetes.io/hostname", "operator": "In", "values": [stage["node"]]}]}]
+        assert pod["tolerations"] == [
+            {"key": "edge", "operator": "Exists", "effect": "NoSchedule"}]
+
+
+def test_stage_container_follows_the_stage_contract_and_is_restricted() -> None:
+    spec = a_spec().runtime(
+        image="registry.local/stage:1", env=[{"name": "LOG", "value": "debug"}],
+        resources={"limits": {"memory": "2Gi"}}).build()
+    stage = a_plan(spec)["stages"][1]
+    deployment = stages.build_stage_deployment(REF, spec, stage, digest="abcd1234")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert container["image"] == "registry.local/stage:1"
+    assert container["command"] == ["python", "-m", "llmpipe_stage", "--config-dir",
+                                    "/etc/llmpipe", "--stage-index", "1", "--model-dir",
+                                    "/models"]
+    assert {"name": "LLMPIPE_STAGE_INDEX", "value": "1"} in container["env"]
+    assert {"name": "LOG", "value": "debug"} in container["env"]
+    assert container["resources"] == {"limits": {"memory": "2Gi"}}
+    assert {(p["name"], p["containerPort"]) for p in container["ports"]} == {
+        ("grpc", 50051), ("http", 8000)}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    security = container["securityContext"]
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert mounts["/models"]["readOnly"] is True
+    assert mounts["/etc/llmpipe"]["readOnly"] is True
+    assert "/tmp" in mounts
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["plan"]["configMap"]["name"] == "chat-abcd1234-plan"
+    assert volumes["tmp"] == {"name": "tmp", "emptyDir": {}}
+
+
+@sources
+def test_model_source_is_mounted_read_only_or_fetched(builder, volume_key, model_dir) -> None:
+    spec = builder().build()
+    stage = a_plan(spec)["stages"][0]
+    pod = stages.build_stage_deployment(REF, spec, stage, digest="abcd1234")["spec"][
+        "template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volume_key in volumes["model"]
+    assert pod["containers"][0]["command"][-1] == model_dir
+    if volume_key == "persistentVolumeClaim":
+        assert volumes["model"]["persistentVolumeClaim"] == {"claimName": "models",
+                                                             "readOnly": True}
+    if volume_key == "emptyDir":
+        (init,) = pod["initContainers"]
+        assert init["command"][-3:] == ["org/tiny", "abc123", "/models/model"]
+        token = next(e for e in init["env"] if e["name"] == "HF_TOKEN")
+        assert token["valueFrom"] == {"secretKeyRef": {"name": "hf", "key": "token"}}
+        # only the init container sees the token
+        assert all(e["name"] != "HF_TOKEN" for e in pod["containers"][0]["env"])
+    else:
+        assert "initContainers" not in pod
+
+
+def test_plan_configmap_carries_plan_json_and_every_stage_address() -> None:
+    spec = a_spec().workload(maxSequences=6, maxContextTokens=512).build()
+    plan = a_plan(spec)
+    digest = names.plan_hash(plan, spec)
+    objects = render.render_plan(REF, spec, plan, digest=digest)
+    (configmap,) = by_kind(objects, "ConfigMap")
+    assert configmap["metadata"]["name"] == f"chat-{digest}-plan"
+    assert json.loads(configmap["data"]["plan.json"]) == plan
+    pipeline = json.loads(configmap["data"]["pipeline.json"])
+    assert pipeline["model"] == {"name": "tiny-llama", "dtype": "bfloat16"}
+    assert pipeline["workload"] == {"maxSequences": 6, "maxContextTokens": 512}
+    services = {s["metadata"]["name"]: s for s in by_kind(objects, "Service")}
+    for entry in pipeline["stages"]:
+        host, port = entry["address"].rsplit(":", 1)
+        name, namespace, svc = host.split(".")
+        assert (namespace, svc, port) == ("team-a", "svc", "50051")
+        service = services[name]
+        assert service["spec"]["selector"][names.LABEL_STAGE_INDEX] == str(entry["index"])
+        assert {"name": "grpc", "port": 50051, "targetPort": "grpc", "protocol": "TCP",
+                "appProtocol": "grpc"} in service["spec"]["ports"]
+
+
+def test_endpoint_service_selects_one_plans_stage_zero() -> None:
+    spec = a_spec().service(port=80, type="NodePort").build()
+    service = endpoint.build_endpoint_service(REF, spec, serving_digest="abcd1234")
+    assert service["metadata"]["name"] == "chat"
+    assert service["spec"]["type"] == "NodePort"
+    assert service["spec"]["selector"] == {names.LABEL_PIPELINE: "chat",
+                                           names.LABEL_PLAN_HASH: "abcd1234",
+                                           names.LABEL_STAGE_INDEX: "0"}
+    assert service["spec"]["ports"] == [{"name": "http", "port": 80, "targetPort": "http",
+                                         "protocol": "TCP"}]
+    assert endpoint.serving_digest(service) == "abcd1234"
+    assert endpoint.serving_digest(None) is None
+
+
+def test_plan_hash_follows_what_the_stage_pods_are_built_from() -> None:
+    spec = a_spec().build()
+    plan = a_plan(spec)
+    base = names.plan_hash(plan, spec)
+    assert len(base) == 8
+    assert names.plan_hash(plan, a_spec().build()) == base  # deterministic
+    assert names.plan_hash(plan, a_spec().service(port=9000).build()) == base
+    assert names.plan_hash(plan, a_spec().runtime(image="other:2").build()) != base
+    other_plan = a_plan(spec, max_stages=1)
+    assert names.plan_hash(other_plan, spec) != base
+
+
+def test_stage_names_fit_a_dns_label_for_the_longest_allowed_pipeline_name() -> None:
+    ref = names.PipelineRef(name="p" * 45, namespace="ns", uid="u")
+    assert len(names.stage_name(ref, "abcd1234", 63)) <= 63
+    assert len(names.plan_configmap_name(ref, "abcd1234")) <= 63
