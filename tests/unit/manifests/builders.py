@@ -79,19 +79,38 @@ def three_nodes() -> inventory.Inventory:
     return inventory.parse_cluster(
         {
             "nodes": [
-                {"name": "edge-a", "tier": "edge", "memory": "700Mi", "tflops": 1.0,
-                 "memoryBandwidthGBps": 50, "uplinkMbps": 1000},
-                {"name": "edge-b", "tier": "edge", "memory": "700Mi", "tflops": 1.0,
-                 "memoryBandwidthGBps": 50, "uplinkMbps": 1000},
-                {"name": "cloud-a", "tier": "cloud", "memory": "8Gi", "tflops": 20.0,
-                 "memoryBandwidthGBps": 400, "uplinkMbps": 10000},
+                {
+                    "name": "edge-a",
+                    "tier": "edge",
+                    "memory": "700Mi",
+                    "tflops": 1.0,
+                    "memoryBandwidthGBps": 50,
+                    "uplinkMbps": 1000,
+                },
+                {
+                    "name": "edge-b",
+                    "tier": "edge",
+                    "memory": "700Mi",
+                    "tflops": 1.0,
+                    "memoryBandwidthGBps": 50,
+                    "uplinkMbps": 1000,
+                },
+                {
+                    "name": "cloud-a",
+                    "tier": "cloud",
+                    "memory": "8Gi",
+                    "tflops": 20.0,
+                    "memoryBandwidthGBps": 400,
+                    "uplinkMbps": 10000,
+                },
             ]
         }
     )
 
 
-def a_plan(spec: spec_mod.PipelineSpec, *, max_stages: int | None = 3,
-           first_stage: str = "edge") -> dict[str, Any]:
+def a_plan(
+    spec: spec_mod.PipelineSpec, *, max_stages: int | None = 3, first_stage: str = "edge"
+) -> dict[str, Any]:
     """A real plan from the real planner for `spec` on `three_nodes()`."""
     workload = planner.Workload(
         objective=spec.workload.objective,
@@ -100,5 +119,6 @@ def a_plan(spec: spec_mod.PipelineSpec, *, max_stages: int | None = 3,
         runtime_overhead_bytes=spec.runtime.runtime_overhead_bytes,
     )
     placement = planner.Placement(first_stage=first_stage, max_stages=max_stages)  # type: ignore[arg-type]
-    return planner.plan_pipeline(spec.profile(), three_nodes(), workload=workload,
-                                 placement=placement).to_dict()
+    return planner.plan_pipeline(
+        spec.profile(), three_nodes(), workload=workload, placement=placement
+    ).to_dict()

@@ -19,8 +19,11 @@ from tests.unit.manifests.builders import REF, a_plan, a_spec
 sources = pytest.mark.parametrize(
     "builder, volume_key, model_dir",
     [
-        (lambda: a_spec().pvc("models", "llama/tiny"), "persistentVolumeClaim",
-         "/models/llama/tiny"),
+        (
+            lambda: a_spec().pvc("models", "llama/tiny"),
+            "persistentVolumeClaim",
+            "/models/llama/tiny",
+        ),
         (lambda: a_spec(), "hostPath", "/models"),
         (lambda: a_spec().hugging_face("org/tiny", secret="hf"), "emptyDir", "/models/model"),
     ],
@@ -39,7 +42,8 @@ def test_every_stage_gets_a_deployment_and_service_named_by_plan_hash() -> None:
     objects = render.render_plan(REF, spec, plan, digest=digest)
     count = len(plan["stages"])
     assert [o["kind"] for o in objects] == ["ConfigMap"] + ["Service"] * count + [
-        "Deployment"] * count
+        "Deployment"
+    ] * count
     for i, deployment in enumerate(by_kind(objects, "Deployment")):
         assert deployment["metadata"]["name"] == f"chat-{digest}-s{i}"
         labels = deployment["spec"]["template"]["metadata"]["labels"]
@@ -50,29 +54,50 @@ def test_every_stage_gets_a_deployment_and_service_named_by_plan_hash() -> None:
     for o in objects:
         assert o["metadata"]["namespace"] == "team-a"
         assert o["metadata"]["ownerReferences"] == [
-            {"apiVersion": "llmpipe.io/v1alpha1", "kind": "LLMPipeline", "name": "chat",
-             "uid": "0000-uid", "controller": True}]
+            {
+                "apiVersion": "llmpipe.io/v1alpha1",
+                "kind": "LLMPipeline",
+                "name": "chat",
+                "uid": "0000-uid",
+                "controller": True,
+            }
+        ]
 
 
 def test_stage_is_pinned_to_its_planned_node_with_the_pipelines_tolerations() -> None:
-    spec = a_spec().placement(
-        tolerations=[{"key": "edge", "operator": "Exists", "effect": "NoSchedule"}]).build()
+    spec = (
+        a_spec()
+        .placement(tolerations=[{"key": "edge", "operator": "Exists", "effect": "NoSchedule"}])
+        .build()
+    )
     plan = a_plan(spec)
     for stage in plan["stages"]:
         pod = stages.build_stage_deployment(REF, spec, stage, digest="abcd1234")["spec"][
-            "template"]["spec"]
+            "template"
+        ]["spec"]
         terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
-            "nodeSelectorTerms"]
-        assert terms == [{"matchExpressions": [
-            {"key": "kubernetes.io/hostname", "operator": "In", "values": [stage["node"]]}]}]
-        assert pod["tolerations"] == [
-            {"key": "edge", "operator": "Exists", "effect": "NoSchedule"}]
+            "nodeSelectorTerms"
+        ]
+        assert terms == [
+            {
+                "matchExpressions": [
+                    {"key": "kubernetes.io/hostname", "operator": "In", "values": [stage["node"]]}
+                ]
+            }
+        ]
+        assert pod["tolerations"] == [{"key": "edge", "operator": "Exists", "effect": "NoSchedule"}]
 
 
 def test_stage_container_follows_the_stage_contract_and_is_restricted() -> None:
-    spec = a_spec().runtime(
-        image="registry.local/stage:1", env=[{"name": "LOG", "value": "debug"}],
-        resources={"limits": {"memory": "2Gi"}}).build()
+    spec = (
+        a_spec()
+        .runtime(
+            image="registry.local/stage:1",
+            env=[{"name": "LOG", "value": "debug"}],
+            resources={"limits": {"memory": "2Gi"}},
+        )
+        .build()
+    )
     stage = a_plan(spec)["stages"][1]
     deployment = stages.build_stage_deployment(REF, spec, stage, digest="abcd1234")
     pod = deployment["spec"]["template"]["spec"]
@@ -80,14 +105,24 @@ def test_stage_container_follows_the_stage_contract_and_is_restricted() -> None:
     assert deployment["spec"]["replicas"] == 1
     assert deployment["spec"]["strategy"] == {"type": "Recreate"}
     assert container["image"] == "registry.local/stage:1"
-    assert container["command"] == ["python", "-m", "llmpipe_stage", "--config-dir",
-                                    "/etc/llmpipe", "--stage-index", "1", "--model-dir",
-                                    "/models"]
+    assert container["command"] == [
+        "python",
+        "-m",
+        "llmpipe_stage",
+        "--config-dir",
+        "/etc/llmpipe",
+        "--stage-index",
+        "1",
+        "--model-dir",
+        "/models",
+    ]
     assert {"name": "LLMPIPE_STAGE_INDEX", "value": "1"} in container["env"]
     assert {"name": "LOG", "value": "debug"} in container["env"]
     assert container["resources"] == {"limits": {"memory": "2Gi"}}
     assert {(p["name"], p["containerPort"]) for p in container["ports"]} == {
-        ("grpc", 50051), ("http", 8000)}
+        ("grpc", 50051),
+        ("http", 8000),
+    }
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     security = container["securityContext"]
@@ -109,14 +144,17 @@ def test_stage_container_follows_the_stage_contract_and_is_restricted() -> None:
 def test_model_source_is_mounted_read_only_or_fetched(builder, volume_key, model_dir) -> None:
     spec = builder().build()
     stage = a_plan(spec)["stages"][0]
-    pod = stages.build_stage_deployment(REF, spec, stage, digest="abcd1234")["spec"][
-        "template"]["spec"]
+    pod = stages.build_stage_deployment(REF, spec, stage, digest="abcd1234")["spec"]["template"][
+        "spec"
+    ]
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volume_key in volumes["model"]
     assert pod["containers"][0]["command"][-1] == model_dir
     if volume_key == "persistentVolumeClaim":
-        assert volumes["model"]["persistentVolumeClaim"] == {"claimName": "models",
-                                                             "readOnly": True}
+        assert volumes["model"]["persistentVolumeClaim"] == {
+            "claimName": "models",
+            "readOnly": True,
+        }
     if volume_key == "emptyDir":
         (init,) = pod["initContainers"]
         assert init["command"][-3:] == ["org/tiny", "abc123", "/models/model"]
@@ -146,8 +184,13 @@ def test_plan_configmap_carries_plan_json_and_every_stage_address() -> None:
         assert (namespace, svc, port) == ("team-a", "svc", "50051")
         service = services[name]
         assert service["spec"]["selector"][names.LABEL_STAGE_INDEX] == str(entry["index"])
-        assert {"name": "grpc", "port": 50051, "targetPort": "grpc", "protocol": "TCP",
-                "appProtocol": "grpc"} in service["spec"]["ports"]
+        assert {
+            "name": "grpc",
+            "port": 50051,
+            "targetPort": "grpc",
+            "protocol": "TCP",
+            "appProtocol": "grpc",
+        } in service["spec"]["ports"]
 
 
 def test_endpoint_service_selects_one_plans_stage_zero() -> None:
@@ -155,11 +198,14 @@ def test_endpoint_service_selects_one_plans_stage_zero() -> None:
     service = endpoint.build_endpoint_service(REF, spec, serving_digest="abcd1234")
     assert service["metadata"]["name"] == "chat"
     assert service["spec"]["type"] == "NodePort"
-    assert service["spec"]["selector"] == {names.LABEL_PIPELINE: "chat",
-                                           names.LABEL_PLAN_HASH: "abcd1234",
-                                           names.LABEL_STAGE_INDEX: "0"}
-    assert service["spec"]["ports"] == [{"name": "http", "port": 80, "targetPort": "http",
-                                         "protocol": "TCP"}]
+    assert service["spec"]["selector"] == {
+        names.LABEL_PIPELINE: "chat",
+        names.LABEL_PLAN_HASH: "abcd1234",
+        names.LABEL_STAGE_INDEX: "0",
+    }
+    assert service["spec"]["ports"] == [
+        {"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}
+    ]
     assert endpoint.serving_digest(service) == "abcd1234"
     assert endpoint.serving_digest(None) is None
 
