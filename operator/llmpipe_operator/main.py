@@ -3,6 +3,8 @@
 - create / update of spec / resume -> reconcile.pipeline.reconcile_pipeline (plan + deploy)
 - a stage Deployment or the endpoint's EndpointSlice changes -> reconcile.switch.advance
 - every pipeline, every 30 s -> reconcile.switch.advance (safety net for missed events)
+- every Node event and every LLMPipeline event -> reconcile.replan.Replanner (routes node
+  changes to the pipelines they affect; its own task debounces and re-plans)
 
 No finalizers: children are deleted by the garbage collector through owner references, so
 deleting a pipeline never waits on the operator.
@@ -10,15 +12,17 @@ deleting a pipeline never waits on the operator.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 from typing import Any
 
 import kopf
 
-from llmpipe_operator.k8s import api
+from llmpipe_operator.k8s import api, metrics_api
 from llmpipe_operator.manifests import names
 from llmpipe_operator.reconcile import pipeline, switch
+from llmpipe_operator.reconcile import replan as replanning
 
 RESOURCE = (names.GROUP, names.VERSION, names.PLURAL)
 SAFETY_NET_SECONDS = 30.0
@@ -41,13 +45,53 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.watching.connect_timeout = 30
+    settings.watching.reconnect_backoff = 1.0  # a flapping API server is not hammered
     settings.networking.request_timeout = 60
     memo.client = api.make_client()
+
+
+@kopf.on.startup()
+async def start_replanning(memo: kopf.Memo, **_: Any) -> None:
+    """The node-metrics poller and the re-planner run as tasks owned by the operator."""
+    memo.node_usage = metrics_api.NodeUsagePoller(memo.client)
+    memo.replanner = replanning.Replanner(memo.client, usage=memo.node_usage)
+    memo.replan_tasks = [
+        asyncio.create_task(memo.node_usage.run(), name="node-metrics"),
+        asyncio.create_task(memo.replanner.run(), name="replanner"),
+    ]
+
+
+@kopf.on.cleanup()
+async def stop_replanning(memo: kopf.Memo, **_: Any) -> None:
+    for task in memo.replan_tasks:
+        task.cancel()
+    await asyncio.gather(*memo.replan_tasks, return_exceptions=True)
 
 
 @kopf.on.cleanup()
 async def close(memo: kopf.Memo, **_: Any) -> None:
     await memo.client.close()
+
+
+@kopf.on.probe(id="replanner")
+async def replanner_alive(memo: kopf.Memo, **_: Any) -> str:
+    """Liveness: fails (and the kubelet restarts the operator) if a re-planning task died."""
+    for task in memo.replan_tasks:
+        if task.done():
+            error = None if task.cancelled() else task.exception()
+            raise RuntimeError(f"task {task.get_name()} stopped: {error!r}")
+    return "running"
+
+
+# Async on purpose: Kopf runs sync handlers in threads, and the re-planner is not thread-safe.
+@kopf.on.event("", "v1", "nodes")
+async def node_changed(event: Mapping[str, Any], memo: kopf.Memo, **_: Any) -> None:
+    memo.replanner.node_event(event.get("type"), event["object"])
+
+
+@kopf.on.event(*RESOURCE)
+async def pipeline_seen(event: Mapping[str, Any], memo: kopf.Memo, **_: Any) -> None:
+    memo.replanner.pipeline_event(event.get("type"), event["object"])
 
 
 @kopf.on.resume(*RESOURCE)

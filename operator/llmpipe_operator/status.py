@@ -30,6 +30,7 @@ REASON_STAGES_PENDING = "StagesPending"
 REASON_STAGE_UNAVAILABLE = "StageUnavailable"
 REASON_SWITCHING = "SwitchingPlan"
 REASON_AS_PLANNED = "AsPlanned"
+REASON_SWITCH_TIMED_OUT = "SwitchTimedOut"
 
 
 @dataclass(frozen=True)
@@ -333,11 +334,14 @@ def rollout(
     generation: int,
     now: str,
     previous: Sequence[Mapping[str, Any]] = (),
+    stalled: str | None = None,
 ) -> dict[str, Any]:
     """Ready/Degraded/Deploying from the availability of the target and the served plan.
 
     `target` is the plan being rolled out (= `digest`); `serving` the one the endpoint
-    routes to (empty when it is the same plan or there is none).
+    routes to (empty when it is the same plan or there is none). `stalled` is set when the
+    switch ran past its timeout (planning.replan.stalled_switch): the served plan keeps
+    serving and the pipeline is Degraded with that message.
     """
     total = len(plan["stages"])
     up = sum(1 for a in target if a.available)
@@ -381,13 +385,15 @@ def rollout(
         )
         degraded = condition(
             DEGRADED,
-            False,
-            REASON_SWITCHING,
-            "previous plan serving",
+            stalled is not None,
+            REASON_SWITCH_TIMED_OUT if stalled else REASON_SWITCHING,
+            stalled or "previous plan serving",
             generation=generation,
             now=now,
             previous=previous,
         )
+        if stalled:
+            phase = "Degraded"
     else:
         ready_was_true = any(c.get("type") == READY and c.get("status") == "True" for c in previous)
         waiting = "; ".join(f"s{a.index}: {a.reason or 'not available'}" for a in missing)

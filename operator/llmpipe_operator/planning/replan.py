@@ -22,6 +22,7 @@ The pieces, in the order the reconcile loop uses them:
 
 from __future__ import annotations
 
+import datetime
 import enum
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -437,3 +438,63 @@ def _number(data: Mapping[str, Any], key: str, default: float) -> float:
         return float(value)
     except ValueError:
         raise ValueError(f"spec.replan.{key} must be a number, got {value!r}") from None
+
+
+def switch_overdue(
+    status: Mapping[str, Any],
+    replan_spec: Mapping[str, Any] | None,
+    *,
+    now: datetime.datetime,
+) -> tuple[float, float] | None:
+    """(seconds waited, timeout) when a new plan has been rolling out past the switch
+    timeout while an old plan serves; None otherwise (no switch, or still in time).
+
+    `status` is the LLMPipeline's status (`planHash`, `servingPlanHash`, `rolloutStarted`),
+    `replan_spec` its `spec.replan`.
+    """
+    target, serving = status.get("planHash"), status.get("servingPlanHash")
+    started = _parse_time(status.get("rolloutStarted"))
+    if not target or not serving or target == serving or started is None:
+        return None
+    try:
+        timeout = ReplanSettings.from_spec(replan_spec).switch_timeout_seconds
+    except ValueError:
+        timeout = ReplanSettings().switch_timeout_seconds
+    waited = (now - started).total_seconds()
+    return (waited, timeout) if waited >= timeout else None
+
+
+def stalled_switch(
+    status: Mapping[str, Any],
+    replan_spec: Mapping[str, Any] | None,
+    not_ready: Sequence[str],
+    *,
+    now: datetime.datetime,
+) -> str | None:
+    """The Degraded message for a switch past its timeout, or None.
+
+    `not_ready` says, per stage of the new plan that is not available, why ("s1:
+    Unschedulable: ..."). The old plan keeps serving; the new plan's objects stay, so a
+    late stage (an image still pulling) can still complete the switch, and the next
+    re-plan replaces them.
+    """
+    overdue = switch_overdue(status, replan_spec, now=now)
+    if overdue is None or not not_ready:
+        return None
+    # The message stays the same while nothing changes (no seconds counter), so status is
+    # not rewritten on every look.
+    return (
+        f"plan {status.get('planHash')} is not available within "
+        f"spec.replan.switchTimeoutSeconds={overdue[1]:g}: {'; '.join(not_ready)}; "
+        f"plan {status.get('servingPlanHash')} keeps serving"
+    )
+
+
+def _parse_time(value: Any) -> datetime.datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        parsed = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=datetime.UTC)

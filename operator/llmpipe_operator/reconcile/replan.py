@@ -16,13 +16,15 @@ A re-plan, as numbered steps (`replan_pipeline`):
      zero-downtime switch itself is reconcile.switch.advance's;
   5. report: status.replan, an Event with the cause, the re-plan metric.
 
-`stalled_switch` is the switch timeout: a new plan that is not available after
-`spec.replan.switchTimeoutSeconds` leaves the old plan serving and the pipeline Degraded.
+The switch timeout (planning.replan.stalled_switch, applied by switch.advance): a new plan
+not available within `spec.replan.switchTimeoutSeconds` leaves the old plan serving and the
+pipeline Degraded; `check_switch_deadlines` makes sure that is reported when the time is up.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime
 import logging
@@ -137,7 +139,10 @@ class Replanner:
         return affected
 
     def _route(
-        self, change: replan.NodeChange, old: Mapping[str, Any] | None, new: Mapping[str, Any] | None
+        self,
+        change: replan.NodeChange,
+        old: Mapping[str, Any] | None,
+        new: Mapping[str, Any] | None,
     ) -> list[Key]:
         now, affected = self.clock(), []
         for key, tracked in self.pipelines.items():
@@ -171,18 +176,14 @@ class Replanner:
         ]
         timeout = min([IDLE_CHECK_SECONDS, *(max(0.0, at - now) for at in due)])
         self._wake.clear()
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout=timeout)
-        except TimeoutError:
-            pass
 
     async def replan_due(self) -> list[Key]:
         """Re-plan every pipeline whose burst is due; returns their keys."""
         now = self.clock()
         due = [
-            key
-            for key, t in self.pipelines.items()
-            if t.debouncer.due(now) and now >= t.not_before
+            key for key, t in self.pipelines.items() if t.debouncer.due(now) and now >= t.not_before
         ]
         await asyncio.gather(*(self._replan_tracked(key) for key in due))
         return due
@@ -199,7 +200,9 @@ class Replanner:
         except kopf.PermanentError as error:
             log.warning("re-plan of %s/%s dropped: %s", *key, error)
         except kopf.TemporaryError as error:
-            log.warning("re-plan of %s/%s failed, retrying in %.0fs: %s", *key, RETRY_SECONDS, error)
+            log.warning(
+                "re-plan of %s/%s failed, retrying in %.0fs: %s", *key, RETRY_SECONDS, error
+            )
             for change in changes:  # keep them: the next attempt still needs to know why
                 tracked.debouncer.add(change, now=self.clock(), urgent=True)
             tracked.not_before = self.clock() + RETRY_SECONDS
@@ -211,11 +214,15 @@ class Replanner:
         """Let `switch.advance` report a switch that ran past its timeout (once per plan)."""
         now = utcnow()
         for key, tracked in list(self.pipelines.items()):
-            target = (tracked.body.get("status") or {}).get("planHash")
-            if target == tracked.stall_reported or not switch_overdue(tracked.body, now=now):
+            st = tracked.body.get("status") or {}
+            replan_spec = (tracked.body.get("spec") or {}).get("replan")
+            target = st.get("planHash")
+            if target == tracked.stall_reported or not replan.switch_overdue(
+                st, replan_spec, now=now
+            ):
                 continue
             tracked.stall_reported = target
-            await switch.advance(self.client, namespace=key[0], name=key[1])
+            await report_stall(self.client, namespace=key[0], name=key[1])
 
 
 # --- one re-plan ---------------------------------------------------------------------------
@@ -246,16 +253,22 @@ async def replan_pipeline(
         current_pipeline = await fetch.fetch_pipeline(client, namespace=namespace, name=name)
         if current_pipeline is None:
             return None
-        settings = replan.ReplanSettings.from_spec((current_pipeline.body.get("spec") or {}).get("replan"))
+        settings = replan.ReplanSettings.from_spec(
+            (current_pipeline.body.get("spec") or {}).get("replan")
+        )
         current = await running_plan(client, current_pipeline)
-        own = replan_own_usage(current)
+        own = own_stage_memory(current)
         memory_usage = others_usage(usage, own) if usage.served else None
-        nodes = await pipeline.observe_nodes(client, current_pipeline.spec, memory_usage=memory_usage)
+        nodes = await pipeline.observe_nodes(
+            client, current_pipeline.spec, memory_usage=memory_usage
+        )
         # 2. plan
         try:
             candidate = pipeline.make_plan(current_pipeline.spec, nodes)
         except (planner.PlanInfeasible, pipeline.NoEligibleNodes) as error:
-            outcome = Outcome("infeasible", f"{replan.summarize_changes(changes)}: {error}", str(error))
+            outcome = Outcome(
+                "infeasible", f"{replan.summarize_changes(changes)}: {error}", str(error)
+            )
             await pipeline.report_infeasible(client, current_pipeline, nodes, error)
             await record(client, current_pipeline, outcome, changes=changes, usage=usage)
             return outcome
@@ -272,7 +285,11 @@ async def replan_pipeline(
             digest = await pipeline.deploy_plan(client, current_pipeline, candidate)
             kind = "switched"
         else:
-            kind = "unchanged" if current and replan.layout(current) == replan.layout(candidate) else "kept"
+            kind = (
+                "unchanged"
+                if current and replan.layout(current) == replan.layout(candidate)
+                else "kept"
+            )
         outcome = Outcome(kind, cause, decision.reason, digest)
         # 5. report
         await record(client, current_pipeline, outcome, changes=changes, usage=usage)
@@ -293,7 +310,7 @@ async def running_plan(client: AsyncClient, current: fetch.Pipeline) -> dict[str
     return switch.plan_of(children, digest)
 
 
-def replan_own_usage(plan: Mapping[str, Any] | None) -> dict[str, int]:
+def own_stage_memory(plan: Mapping[str, Any] | None) -> dict[str, int]:
     """Bytes the running plan gives its stages, per node."""
     own: dict[str, int] = {}
     for stage in (plan or {}).get("stages", []):
@@ -330,12 +347,19 @@ async def record(
             client, namespace=current.ref.namespace, name=current.ref.name, status=patch
         )
     reason, kind = EVENT_REASONS[outcome.outcome]
-    message = outcome.cause if outcome.outcome == "switched" else f"{outcome.cause} ({outcome.decision})"
-    kopf.event(dict(current.body), type=kind, reason=reason, message=message)
+    message = (
+        outcome.cause if outcome.outcome == "switched" else f"{outcome.cause} ({outcome.decision})"
+    )
+    kopf.event(fetch.events_body(current.body), type=kind, reason=reason, message=message)
     cause = replan.primary_kind(changes)
     telemetry.replanned(cause=cause.value if cause else "unknown", outcome=outcome.outcome)
-    log.info("%s/%s re-planned (%s): %s", current.ref.namespace, current.ref.name,
-             outcome.outcome, message)
+    log.info(
+        "%s/%s re-planned (%s): %s",
+        current.ref.namespace,
+        current.ref.name,
+        outcome.outcome,
+        message,
+    )
 
 
 EVENT_REASONS = {
@@ -346,52 +370,30 @@ EVENT_REASONS = {
 }
 
 
-# --- the switch timeout --------------------------------------------------------------------
-
-
-def switch_overdue(body: Mapping[str, Any], *, now: datetime.datetime) -> bool:
-    """A new plan is rolling out while an old one serves, for longer than the timeout."""
-    return switch_wait(body, now=now) is not None
-
-
-def switch_wait(body: Mapping[str, Any], *, now: datetime.datetime) -> tuple[float, float] | None:
-    """(seconds waited, timeout) of an overdue switch, else None."""
-    st = body.get("status") or {}
-    target, serving = st.get("planHash"), st.get("servingPlanHash")
-    started = parse_time(st.get("rolloutStarted"))
-    if not target or not serving or target == serving or started is None:
-        return None
-    try:
-        timeout = replan.ReplanSettings.from_spec((body.get("spec") or {}).get("replan"))
-    except ValueError:
-        timeout = replan.ReplanSettings()
-    waited = (now - started).total_seconds()
-    if waited < timeout.switch_timeout_seconds:
-        return None
-    return waited, timeout.switch_timeout_seconds
-
-
-def stalled_switch(
-    body: Mapping[str, Any],
-    target: Sequence[status.StageAvailability],
-    *,
-    now: datetime.datetime | None = None,
-) -> str | None:
-    """The Degraded message for a switch past its timeout, or None.
-
-    The old plan keeps serving; the new plan's objects stay, so a late stage (an image
-    still pulling) can still complete the switch, and the next re-plan replaces them.
-    """
-    wait = switch_wait(body, now=now or utcnow())
-    if wait is None or all(a.available for a in target):
-        return None
-    st = body.get("status") or {}
-    waiting = "; ".join(f"s{a.index}: {a.reason or 'not available'}" for a in target if not a.available)
-    return (
-        f"plan {st.get('planHash')} is not available after {wait[0]:.0f}s "
-        f"(spec.replan.switchTimeoutSeconds={wait[1]:g}): {waiting}; "
-        f"plan {st.get('servingPlanHash')} keeps serving"
+async def report_stall(client: AsyncClient, *, namespace: str, name: str) -> None:
+    """Let switch.advance mark the overdue switch Degraded, then say so in an Event."""
+    await switch.advance(client, namespace=namespace, name=name)
+    async with errors.classified("read the LLMPipeline"):
+        body = await api.get_pipeline(client, namespace=namespace, name=name)
+    if body is None:
+        return
+    degraded = next(
+        (
+            c
+            for c in (body.get("status") or {}).get("conditions") or []
+            if c.get("type") == status.DEGRADED
+            and c.get("reason") == status.REASON_SWITCH_TIMED_OUT
+        ),
+        None,
     )
+    if degraded is not None:
+        kopf.event(
+            fetch.events_body(body),
+            type="Warning",
+            reason=status.REASON_SWITCH_TIMED_OUT,
+            message=str(degraded.get("message")),
+        )
+        telemetry.replanned(cause="switch-timeout", outcome="timed-out")
 
 
 # --- small helpers ---------------------------------------------------------------------------
@@ -417,12 +419,3 @@ def planned_nodes(body: Mapping[str, Any]) -> frozenset[str]:
 
 def utcnow() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
-
-
-def parse_time(value: Any) -> datetime.datetime | None:
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        return datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None

@@ -17,6 +17,7 @@ Service never has an empty endpoint set because of a switch.
 
 from __future__ import annotations
 
+import datetime
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -27,6 +28,7 @@ from lightkube import AsyncClient
 from llmpipe_operator import status, telemetry
 from llmpipe_operator.k8s import api
 from llmpipe_operator.manifests import endpoint, names
+from llmpipe_operator.planning import replan
 from llmpipe_operator.reconcile import errors, fetch, locks
 
 _DELETE_ORDER = {"Deployment": 0, "Service": 1, "ConfigMap": 2}
@@ -78,12 +80,23 @@ async def advance(client: AsyncClient, *, namespace: str, name: str) -> str | No
             generation=pipeline.generation,
             now=fetch.now(),
             previous=pipeline.conditions,
+            stalled=stalled_switch(pipeline, ready_target) if serving != target else None,
         )
         if patch["phase"] != pipeline.status.get("phase") or _changed(patch, pipeline.status):
             async with errors.classified("report the rollout"):
                 await api.patch_status(client, namespace=namespace, name=name, status=patch)
         telemetry.set_phase(namespace, name, str(patch["phase"]))
         return serving
+
+
+def stalled_switch(
+    pipeline: fetch.Pipeline, target: Sequence[status.StageAvailability]
+) -> str | None:
+    """Degraded message when the switch ran past spec.replan.switchTimeoutSeconds."""
+    not_ready = [f"s{a.index}: {a.reason or 'not available'}" for a in target if not a.available]
+    spec_replan = (pipeline.body.get("spec") or {}).get("replan")
+    now = datetime.datetime.now(datetime.UTC)
+    return replan.stalled_switch(pipeline.status, spec_replan, not_ready, now=now)
 
 
 async def switch_to(

@@ -1,0 +1,167 @@
+"""The re-planner's routing: which node events reach which pipelines, and how urgently.
+
+Covers (no API calls are made by these paths; the clock is injected): the initial node
+listing is not a change; a change on a planned node is urgent for its pipeline only; a node
+outside a pipeline's placement never reaches it; a node becoming eligible does; flapping
+labels collect into one burst per window; deleted pipelines and invalid specs are not
+tracked; the spec's debounce window is honoured.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from llmpipe_operator.planning.replan import ChangeKind
+from llmpipe_operator.reconcile import replan as replanning
+from tests.unit.manifests.builders import TINY_LLAMA_CONFIG
+
+from .builders import a_node
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def a_pipeline(
+    name: str,
+    *,
+    planned: tuple[str, ...] = (),
+    selector: dict[str, str] | None = None,
+    debounce: float = 10.0,
+    namespace: str = "team-a",
+) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "model": {
+            "name": "tiny",
+            "source": {"hostPath": {"path": "/models/tiny"}},
+            "config": copy.deepcopy(TINY_LLAMA_CONFIG),
+        },
+        "replan": {"debounceSeconds": debounce},
+    }
+    if selector:
+        spec["placement"] = {"nodeSelector": selector}
+    return {
+        "apiVersion": "llmpipe.io/v1alpha1",
+        "kind": "LLMPipeline",
+        "metadata": {"name": name, "namespace": namespace, "uid": f"uid-{name}"},
+        "spec": spec,
+        "status": {"plan": {"stages": [{"index": i, "node": n} for i, n in enumerate(planned)]}},
+    }
+
+
+def replanner_with(*pipelines: dict[str, Any], nodes: list[dict[str, Any]]):
+    clock = FakeClock()
+    rp = replanning.Replanner(client=None, clock=clock)  # type: ignore[arg-type]
+    for body in pipelines:
+        rp.pipeline_event("ADDED", body)
+    for node in nodes:
+        assert rp.node_event(None, node) == []  # the initial listing changes nothing
+    return rp, clock
+
+
+def edge(name: str) -> Any:
+    return a_node(name).label("llmpipe.io/tier", "edge")
+
+
+def test_a_planned_node_going_not_ready_is_urgent_for_its_pipeline_only() -> None:
+    rp, clock = replanner_with(
+        a_pipeline("chat", planned=("orin-a", "orin-b")),
+        a_pipeline("other", planned=("gpu-1",), selector={"pool": "gpu"}),
+        nodes=[edge("orin-a").build(), edge("orin-b").build()],
+    )
+    affected = rp.node_event("MODIFIED", edge("orin-b").not_ready().build())
+    assert affected == [("team-a", "chat")]
+    chat = rp.pipelines[("team-a", "chat")]
+    assert chat.debouncer.due(clock.now)  # at once, no debounce
+    assert [c.kind for c in chat.debouncer.pending] == [ChangeKind.NOT_READY]
+    assert rp.pipelines[("team-a", "other")].debouncer.pending == ()
+
+
+def test_a_removed_planned_node_is_urgent() -> None:
+    rp, clock = replanner_with(
+        a_pipeline("chat", planned=("orin-a", "orin-b")),
+        nodes=[edge("orin-a").build(), edge("orin-b").build()],
+    )
+    assert rp.node_event("DELETED", edge("orin-b").build()) == [("team-a", "chat")]
+    assert rp.pipelines[("team-a", "chat")].debouncer.due(clock.now)
+    assert "orin-b" not in rp.nodes
+
+
+def test_a_new_eligible_node_waits_for_the_window() -> None:
+    rp, clock = replanner_with(
+        a_pipeline("chat", planned=("orin-a",), debounce=10.0), nodes=[edge("orin-a").build()]
+    )
+    assert rp.node_event("ADDED", edge("gpu-9").build()) == [("team-a", "chat")]
+    chat = rp.pipelines[("team-a", "chat")]
+    assert not chat.debouncer.due(clock.now)
+    clock.now += 10.0
+    assert chat.debouncer.due(clock.now)
+
+
+def test_a_node_outside_the_placement_never_reaches_the_pipeline() -> None:
+    rp, _ = replanner_with(
+        a_pipeline("chat", planned=("gpu-1",), selector={"pool": "gpu"}),
+        nodes=[a_node("gpu-1").label("pool", "gpu").build(), a_node("cpu-1").build()],
+    )
+    assert rp.node_event("MODIFIED", a_node("cpu-1").memory("64Gi").build()) == []
+    assert rp.node_event("ADDED", a_node("cpu-2").build()) == []
+
+
+def test_a_node_that_starts_matching_the_selector_is_routed() -> None:
+    rp, _ = replanner_with(
+        a_pipeline("chat", planned=("gpu-1",), selector={"pool": "gpu"}),
+        nodes=[a_node("gpu-1").label("pool", "gpu").build(), a_node("cpu-1").build()],
+    )
+    labelled = a_node("cpu-1").label("pool", "gpu").build()
+    assert rp.node_event("MODIFIED", labelled) == [("team-a", "chat")]
+
+
+def test_a_flapping_label_collects_into_one_burst() -> None:
+    rp, clock = replanner_with(
+        a_pipeline("chat", planned=("orin-a",), debounce=10.0),
+        nodes=[edge("orin-a").build(), edge("orin-b").build()],
+    )
+    chat = rp.pipelines[("team-a", "chat")]
+    for i in range(8):
+        clock.now += 1.0
+        flap = edge("orin-b").label("llmpipe.io/uplink-mbps", str(100 if i % 2 else 40))
+        rp.node_event("MODIFIED", flap.build())
+        assert not chat.debouncer.due(clock.now)
+    assert len(chat.debouncer.pending) == 8
+    assert chat.debouncer.due_at() == 101.0 + 10.0
+
+
+def test_heartbeats_reach_nobody() -> None:
+    rp, _ = replanner_with(a_pipeline("chat", planned=("orin-a",)), nodes=[edge("orin-a").build()])
+    assert rp.node_event("MODIFIED", edge("orin-a").heartbeat("t9").build()) == []
+
+
+def test_deleted_pipelines_and_invalid_specs_are_not_tracked() -> None:
+    rp, _ = replanner_with(a_pipeline("chat", planned=("orin-a",)), nodes=[edge("orin-a").build()])
+    rp.pipeline_event("DELETED", a_pipeline("chat"))
+    assert rp.pipelines == {}
+    broken = a_pipeline("broken")
+    broken["spec"]["replan"] = {"improvementMargin": 5}
+    rp.pipeline_event("ADDED", broken)
+    assert rp.pipelines == {}
+
+
+def test_planned_nodes_follow_the_status() -> None:
+    rp, _ = replanner_with(a_pipeline("chat", planned=("orin-a",)), nodes=[edge("orin-a").build()])
+    rp.pipeline_event("MODIFIED", a_pipeline("chat", planned=("orin-a", "orin-b"), debounce=3))
+    chat = rp.pipelines[("team-a", "chat")]
+    assert chat.planned == {"orin-a", "orin-b"}
+    assert chat.debouncer.window_seconds == 3
+
+
+def test_usage_by_others_leaves_the_pipelines_own_stages_in_the_budget() -> None:
+    from llmpipe_operator.k8s import metrics_api
+
+    usage = metrics_api.NodeUsage(True, {"orin-a": 5 << 30, "gpu-1": 1 << 30}, "", 0.0)
+    own = replanning.own_stage_memory({"stages": [{"node": "orin-a", "memoryBytes": 3 << 30}]})
+    assert replanning.others_usage(usage, own) == {"orin-a": 2 << 30, "gpu-1": 1 << 30}
