@@ -37,6 +37,8 @@ async def reconcile_pipeline(
         pipeline = await fetch.fetch_pipeline(client, namespace=namespace, name=name)
         if pipeline is None:
             return None
+        if pipeline.status.get("observedGeneration") != pipeline.generation:
+            await report_phase(client, pipeline, "Planning")
         # 1. observe nodes
         nodes = await observe_nodes(client, pipeline.spec, memory_usage=memory_usage)
         # 2. plan
@@ -144,6 +146,16 @@ async def deploy_plan(
             message=f"plan {digest}: {status.describe_plan(plan)}",
         )
     return digest
+
+
+async def report_phase(client: AsyncClient, pipeline: fetch.Pipeline, phase: str) -> None:
+    async with errors.classified("report the phase"):
+        await api.patch_status(
+            client,
+            namespace=pipeline.ref.namespace,
+            name=pipeline.ref.name,
+            status={"phase": phase},
+        )
 
 
 async def report_infeasible(
