@@ -69,7 +69,7 @@ async def fetch_pipeline(client: AsyncClient, *, namespace: str, name: str) -> P
                     str(error), generation=generation, now=now(), previous=previous
                 ),
             )
-        kopf.warn(events_body(body), reason="InvalidSpec", message=str(error))
+        kopf.event(events_body(body), type="Warning", reason="InvalidSpec", message=str(error))
         raise kopf.PermanentError(f"invalid spec: {error}") from error
     ref = names.PipelineRef(name=name, namespace=namespace, uid=str(meta["uid"]))
     return Pipeline(ref=ref, spec=parsed, generation=generation, body=body)

@@ -140,8 +140,9 @@ async def deploy_plan(
     async with errors.classified("report the plan"):
         await api.patch_status(client, namespace=ref.namespace, name=ref.name, status=patch)
     if new:
-        kopf.info(
+        kopf.event(
             fetch.events_body(pipeline.body),
+            type="Normal",
             reason="Planned",
             message=f"plan {digest}: {status.describe_plan(plan)}",
         )
@@ -202,8 +203,9 @@ async def report_infeasible(
     async with errors.classified("report the infeasible plan"):
         await api.patch_status(client, namespace=ref.namespace, name=ref.name, status=patch)
     telemetry.set_phase(ref.namespace, ref.name, str(patch["phase"]))
-    kopf.warn(
+    kopf.event(
         fetch.events_body(pipeline.body),
+        type="Warning",
         reason=str(patch["conditions"][0]["reason"]),
         message=message,
     )

@@ -112,8 +112,9 @@ async def switch_to(
     async with errors.classified("switch the endpoint Service"):
         await api.apply_objects(client, [service])
     if previous:
-        kopf.info(
+        kopf.event(
             fetch.events_body(pipeline.body),
+            type="Normal",
             reason="Switched",
             message=f"endpoint moved from plan {previous} to plan {digest} "
             f"({len(plan['stages'])} stages available)",
