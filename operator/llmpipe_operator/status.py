@@ -421,6 +421,9 @@ def rollout(
         "phase": phase,
         "ready": f"{up}/{total}",
         "servingPlanHash": serving_digest,
+        "stageCount": total,
+        "bottleneck": bottleneck_text(plan),
+        "estimates": estimates(plan),
         "plan": plan_summary(plan, availability=target),
         "conditions": merge_conditions(previous, [ready, degraded]),
     }

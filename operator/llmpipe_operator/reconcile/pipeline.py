@@ -187,7 +187,9 @@ async def report_infeasible(
             serving=serving is not None,
             previous=pipeline.conditions,
         )
-    if serving is None:
+    if serving is not None:
+        patch["planHash"] = serving  # a plan that was still coming up is gone
+    else:
         patch.update(
             {
                 "planHash": None,

@@ -241,7 +241,7 @@ def _endpoint_service(
 
 def _changed(patch: Mapping[str, Any], current: Mapping[str, Any]) -> bool:
     """Skip a status write that would change nothing but timestamps."""
-    keys = ("ready", "servingPlanHash", "plan")
+    keys = ("ready", "servingPlanHash", "plan", "stageCount", "bottleneck", "estimates")
     if any(patch.get(k) != current.get(k) for k in keys):
         return True
 
