@@ -43,8 +43,9 @@ REPLANS = prometheus_client.Counter(
 )
 SWITCH_DURATION = prometheus_client.Histogram(
     "llmpipe_switch_duration_seconds",
-    "Time from deciding a switch to the new plan serving (all stages available).",
-    buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300, 600),
+    "Time from a new plan's rollout start to the user-facing Service routing to it "
+    "(switches from a serving plan only; status timestamps have 1 s resolution).",
+    buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800),
     registry=REGISTRY,
 )
 PIPELINES = prometheus_client.Gauge(

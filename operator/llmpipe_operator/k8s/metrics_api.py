@@ -21,6 +21,7 @@ import httpx2  # lightkube 1.x transport (its ApiError derives from httpx2.HTTPS
 from lightkube import ApiError, AsyncClient
 from lightkube.generic_resource import create_global_resource
 
+from llmpipe_operator import telemetry
 from llmpipe_operator.planning import inventory
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,7 @@ class NodeUsagePoller:
     async def poll_once(self) -> NodeUsage:
         previous = self.latest
         self.latest = await read_node_usage(self.client)
+        telemetry.NODE_METRICS_SERVED.set(1 if self.latest.served else 0)
         if self.latest.note != previous.note:
             log.info("node metrics: %s", self.latest.note)
         return self.latest

@@ -111,6 +111,7 @@ class Replanner:
             debouncer = replan.Debouncer(settings.debounce_seconds)
             self.pipelines[key] = Tracked(eligibility, planned, settings, debouncer, body)
             return
+        observe_switch(tracked.body, body)
         tracked.eligibility, tracked.planned, tracked.body = eligibility, planned, body
         tracked.settings = settings
         tracked.debouncer.window_seconds = settings.debounce_seconds
@@ -415,6 +416,26 @@ def is_eligible(node: Mapping[str, Any] | None, eligibility: live.Eligibility) -
 def planned_nodes(body: Mapping[str, Any]) -> frozenset[str]:
     stages = ((body.get("status") or {}).get("plan") or {}).get("stages") or []
     return frozenset(str(s["node"]) for s in stages if s.get("node"))
+
+
+def observe_switch(before: Mapping[str, Any], after: Mapping[str, Any]) -> None:
+    """Time a completed switch (rollout start -> the Service routes to the new plan)."""
+    old, new = before.get("status") or {}, after.get("status") or {}
+    serving = new.get("servingPlanHash")
+    if not serving or serving == old.get("servingPlanHash") or serving != new.get("planHash"):
+        return
+    started = _parse_time(new.get("rolloutStarted"))
+    if started is not None and old.get("servingPlanHash"):
+        telemetry.SWITCH_DURATION.observe(max(0.0, (utcnow() - started).total_seconds()))
+
+
+def _parse_time(value: Any) -> datetime.datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
 
 
 def utcnow() -> datetime.datetime:

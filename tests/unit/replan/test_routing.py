@@ -165,3 +165,33 @@ def test_usage_by_others_leaves_the_pipelines_own_stages_in_the_budget() -> None
     usage = metrics_api.NodeUsage(True, {"orin-a": 5 << 30, "gpu-1": 1 << 30}, "", 0.0)
     own = replanning.own_stage_memory({"stages": [{"node": "orin-a", "memoryBytes": 3 << 30}]})
     assert replanning.others_usage(usage, own) == {"orin-a": 2 << 30, "gpu-1": 1 << 30}
+
+
+def test_a_completed_switch_is_timed() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from llmpipe_operator import telemetry
+
+    def switches() -> float:
+        families = text_string_to_metric_families(telemetry.exposition().decode())
+        return next(
+            s.value
+            for f in families
+            for s in f.samples
+            if s.name == "llmpipe_switch_duration_seconds_count"
+        )
+
+    rp, _ = replanner_with(a_pipeline("chat", planned=("orin-a",)), nodes=[])
+    before = switches()
+    rolling = a_pipeline("chat", planned=("orin-b",))
+    rolling["status"].update(
+        planHash="new", servingPlanHash="old", rolloutStarted="2026-01-01T00:00:00Z"
+    )
+    rp.pipeline_event("MODIFIED", rolling)
+    assert switches() == before  # still switching
+    done = copy.deepcopy(rolling)
+    done["status"]["servingPlanHash"] = "new"
+    rp.pipeline_event("MODIFIED", done)
+    assert switches() == before + 1
+    rp.pipeline_event("MODIFIED", done)  # the same state again is not another switch
+    assert switches() == before + 1
