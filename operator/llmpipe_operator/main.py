@@ -98,7 +98,10 @@ async def pipeline_seen(event: Mapping[str, Any], memo: kopf.Memo, **_: Any) -> 
 @kopf.on.create(*RESOURCE)
 @kopf.on.update(*RESOURCE, field="spec")
 async def reconcile_spec(name: str, namespace: str | None, memo: Any, **_: Any) -> None:
-    await pipeline.reconcile_pipeline(memo.client, namespace=_ns(namespace), name=name)
+    usage = memo.replanner.memory_usage_for(_ns(namespace), name)
+    await pipeline.reconcile_pipeline(
+        memo.client, namespace=_ns(namespace), name=name, memory_usage=usage
+    )
 
 
 @kopf.on.event(

@@ -211,6 +211,16 @@ class Replanner:
     def node_usage(self) -> metrics_api.NodeUsage:
         return metrics_api.NOT_POLLED if self.usage is None else self.usage.latest
 
+    def memory_usage_for(self, namespace: str, name: str) -> dict[str, int] | None:
+        """Memory in use per node by everything but this pipeline's own stages (as its
+        status.plan gives them), for a spec-driven plan; None without metrics.k8s.io."""
+        usage = self.node_usage()
+        if not usage.served:
+            return None
+        tracked = self.pipelines.get((namespace, name))
+        plan = ((tracked.body.get("status") or {}).get("plan") if tracked else None) or {}
+        return others_usage(usage, own_stage_memory(plan))
+
     async def check_switch_deadlines(self) -> None:
         """Let `switch.advance` report a switch that ran past its timeout (once per plan)."""
         now = utcnow()
@@ -312,10 +322,11 @@ async def running_plan(client: AsyncClient, current: fetch.Pipeline) -> dict[str
 
 
 def own_stage_memory(plan: Mapping[str, Any] | None) -> dict[str, int]:
-    """Bytes the running plan gives its stages, per node."""
+    """Bytes the running plan gives its stages, per node (plan JSON or status.plan)."""
     own: dict[str, int] = {}
-    for stage in (plan or {}).get("stages", []):
-        own[str(stage["node"])] = own.get(str(stage["node"]), 0) + int(stage["memoryBytes"])
+    for stage in (plan or {}).get("stages") or []:
+        node = str(stage["node"])
+        own[node] = own.get(node, 0) + int(stage.get("memoryBytes") or 0)
     return own
 
 

@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from lightkube import ApiError
 from lightkube.generic_resource import create_namespaced_resource
 from lightkube.resources.apps_v1 import Deployment
@@ -66,26 +67,34 @@ def apply_crd(plane: cp.ControlPlane) -> None:
 
 @dataclass
 class OperatorProcess:
-    """`python -m llmpipe_operator --namespace NS` with its health and metrics ports."""
+    """`python -m llmpipe_operator --namespace NS` with its health and metrics ports, run as
+    the chart's ServiceAccount under the chart's RBAC (rendered by the real helm), never as
+    admin: the re-planner's node watch and metrics.k8s.io reads need those permissions."""
 
     process: subprocess.Popen[bytes]
     health_port: int
     metrics_port: int
     log_path: Path
+    plane: cp.ControlPlane
+    cluster_objects: list[str] = field(default_factory=list)
 
     @classmethod
     def start(cls, plane: cp.ControlPlane, namespace: str, log_path: Path) -> OperatorProcess:
+        kubeconfig, cluster_objects = _operator_account(plane, namespace, log_path.parent)
         health, metrics = cp.free_port(), cp.free_port()
         env = {
             **plane.env,
-            "PYTHONPATH": f"{ROOT / 'operator'}{os.pathsep}{ROOT / 'stage_image'}",
+            "KUBECONFIG": str(kubeconfig),
+            "PYTHONPATH": f"{ROOT / 'operator'}",
             "PYTHONUNBUFFERED": "1",
         }
         argv = [sys.executable, "-m", "llmpipe_operator", "--namespace", namespace,
                 "--health-port", str(health), "--metrics-port", str(metrics)]  # fmt: skip
-        log = log_path.open("wb")
-        process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        operator = cls(process, health, metrics, log_path)
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
+            )
+        operator = cls(process, health, metrics, log_path, plane, cluster_objects)
         wait.until(
             operator.healthy, what="the operator's /healthz", timeout=60, seen=operator.log_tail
         )
@@ -120,6 +129,32 @@ class OperatorProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(timeout=10)
+        for obj in self.cluster_objects:
+            self.plane.kubectl("delete", "--ignore-not-found", obj, check=False)
+
+
+def _operator_account(
+    plane: cp.ControlPlane, namespace: str, workdir: Path
+) -> tuple[Path, list[str]]:
+    """Apply the chart's ServiceAccount and RBAC for `namespace`; a kubeconfig acting as it."""
+    from tests.cluster.operator.conftest import render_rbac
+
+    docs = render_rbac(
+        plane, release=f"llmpipe-{uuid.uuid4().hex[:6]}", namespace=namespace, watch=[namespace]
+    )
+    manifest = workdir / f"rbac-{namespace}.yaml"
+    manifest.write_text(yaml.safe_dump_all(docs))
+    plane.kubectl("apply", "-f", str(manifest))
+    (account,) = [d["metadata"]["name"] for d in docs if d["kind"] == "ServiceAccount"]
+    kubeconfig = plane.service_account_kubeconfig(
+        namespace, account, path=workdir / f"operator-{namespace}.kubeconfig"
+    )
+    cluster = [
+        f"{d['kind'].lower()}/{d['metadata']['name']}"
+        for d in docs
+        if d["kind"] in ("ClusterRole", "ClusterRoleBinding")
+    ]
+    return kubeconfig, cluster
 
 
 @dataclass
