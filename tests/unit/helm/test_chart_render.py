@@ -1,0 +1,244 @@
+"""The chart renders what a user and the operator need, with the real helm binary.
+
+Covers: `helm lint --strict`; the default install (CRD, ServiceAccount, one operator Deployment
+with Recreate, liveness probe, restricted securityContext, resources, `--all-namespaces`);
+namespace scoping (`--namespace` per watched namespace); the optional metrics Service and
+ServiceMonitor (off by default, refused without the Prometheus Operator API); values the
+schema refuses with a message naming them; an existing ServiceAccount; the RBAC bindings'
+subject is the chart's ServiceAccount. The API server's acceptance of the same output is in
+tests/cluster/helm.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.unit.helm.conftest import CHART, Render, by_kind, one, run_helm
+
+WRITE_VERBS = {"create", "update", "patch", "delete", "deletecollection", "*"}
+
+
+def _container(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    return container
+
+
+def test_lint_is_clean(helm: str) -> None:
+    done = run_helm(helm, "lint", "--strict", str(CHART))
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_lint_is_clean_with_every_option_on(helm: str) -> None:
+    done = run_helm(
+        helm,
+        "lint",
+        "--strict",
+        str(CHART),
+        "--set",
+        "watch.namespaces={team-a,team-b}",
+        "--set",
+        "metrics.service.enabled=true",
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_default_install_objects(render: Render) -> None:
+    objects = render()
+    kinds = {o["kind"] for o in objects}
+    assert {"CustomResourceDefinition", "ServiceAccount", "Deployment"} <= kinds
+    assert "ServiceMonitor" not in kinds and "Service" not in kinds
+    crd = one(objects, "CustomResourceDefinition")
+    assert crd["metadata"]["name"] == "llmpipelines.llmpipe.io"
+
+
+def test_operator_deployment_shape(render: Render) -> None:
+    objects = render()
+    deployment = one(objects, "Deployment")
+    assert deployment["metadata"]["namespace"] == "llmpipe-system"
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    container = _container(objects)
+    assert container["image"] == "ghcr.io/llmpipe/llmpipe-operator:0.1.0"
+    assert container["command"] == ["python", "-m", "llmpipe_operator"]
+    assert container["args"] == [
+        "--all-namespaces",
+        "--health-port",
+        "8081",
+        "--metrics-port",
+        "8080",
+    ]
+    assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
+
+
+def test_liveness_probe_targets_the_health_port(render: Render) -> None:
+    container = _container(render("operator.healthPort=9090"))
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["health"] == 9090
+    probe = container["livenessProbe"]
+    assert probe["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert "--health-port" in container["args"]
+    assert container["args"][container["args"].index("--health-port") + 1] == "9090"
+
+
+def test_security_context_meets_the_restricted_pod_security_standard(render: Render) -> None:
+    objects = render()
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    context = _container(objects)["securityContext"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert context["allowPrivilegeEscalation"] is False
+    assert context["capabilities"] == {"drop": ["ALL"]}
+    assert context["readOnlyRootFilesystem"] is True
+    assert "hostNetwork" not in pod and "hostPID" not in pod
+
+
+def test_watched_namespaces_become_namespace_flags(render: Render) -> None:
+    args = _container(render("watch.namespaces={team-a,team-b}"))["args"]
+    assert "--all-namespaces" not in args
+    assert args[:4] == ["--namespace", "team-a", "--namespace", "team-b"]
+
+
+def test_extra_args_and_env_are_appended(render: Render) -> None:
+    container = _container(
+        render(
+            "operator.extraArgs={--verbose}",
+            "operator.extraEnv[0].name=X",
+            extra=("--set-string", "operator.extraEnv[0].value=1"),
+        )
+    )
+    assert container["args"][-1] == "--verbose"
+    assert {"name": "X", "value": "1"} in container["env"]
+
+
+def test_metrics_service_selects_the_operator_pod(render: Render) -> None:
+    objects = render("metrics.service.enabled=true")
+    service = one(objects, "Service")
+    pod_labels = one(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert service["spec"]["ports"][0]["targetPort"] == "metrics"
+
+
+def test_service_monitor_needs_the_prometheus_operator_api(helm: str) -> None:
+    done = run_helm(helm, "template", "demo", str(CHART), "--set", "serviceMonitor.enabled=true")
+    assert done.returncode != 0
+    assert "monitoring.coreos.com/v1 ServiceMonitor" in done.stderr
+
+
+def test_service_monitor_scrapes_the_metrics_service(render: Render) -> None:
+    objects = render(
+        "serviceMonitor.enabled=true",
+        "serviceMonitor.labels.release=prom",
+        extra=("--api-versions", "monitoring.coreos.com/v1/ServiceMonitor"),
+    )
+    monitor = one(objects, "ServiceMonitor")
+    service = one(objects, "Service")
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+    assert (
+        monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    )
+    assert monitor["spec"]["endpoints"][0]["port"] == service["spec"]["ports"][0]["name"]
+
+
+refused = pytest.mark.parametrize(
+    ("value", "named"),
+    [
+        ("replicas=2", "replicas"),
+        ("watch.namespaces={Team_A}", "namespaces"),
+        ("image.pullPolicy=Sometimes", "pullPolicy"),
+        ("operator.healthPort=0", "healthPort"),
+        ("serviceMonitor.interval=often", "interval"),
+        ("operator.extraEnv[0].name=X,operator.extraEnv[0].value=1", "value"),
+    ],
+    ids=[
+        "unknown-key",
+        "bad-namespace",
+        "bad-pull-policy",
+        "bad-port",
+        "bad-duration",
+        "env-value-not-string",
+    ],
+)
+
+
+@refused
+def test_schema_refuses_bad_values_naming_them(helm: str, value: str, named: str) -> None:
+    done = run_helm(helm, "template", "demo", str(CHART), "--set", value)
+    assert done.returncode != 0
+    assert "values don't meet the specifications of the schema" in done.stderr
+    assert named in done.stderr
+
+
+def test_existing_service_account_is_used_and_not_created(render: Render) -> None:
+    objects = render("serviceAccount.create=false", "serviceAccount.name=my-operator")
+    assert by_kind(objects, "ServiceAccount") == []
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "my-operator"
+
+
+def test_existing_service_account_needs_a_name(helm: str) -> None:
+    done = run_helm(helm, "template", "demo", str(CHART), "--set", "serviceAccount.create=false")
+    assert done.returncode != 0
+    assert "serviceAccount.name must name an existing ServiceAccount" in done.stderr
+
+
+def test_release_named_llmpipe_is_not_doubled(helm: str) -> None:
+    done = run_helm(helm, "template", "llmpipe", str(CHART))
+    assert done.returncode == 0, done.stderr
+    assert "name: llmpipe\n" in done.stdout and "llmpipe-llmpipe" not in done.stdout
+
+
+# RBAC: rbac.yaml is the operator's file; the chart's side of the contract is the subject.
+
+
+def _bindings(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return by_kind(objects, "RoleBinding") + by_kind(objects, "ClusterRoleBinding")
+
+
+def _need_rbac(objects: list[dict[str, Any]]) -> None:
+    if not _bindings(objects):
+        pytest.skip("helm/llmpipe/templates/rbac.yaml (operator's file) renders no bindings yet")
+
+
+@pytest.mark.parametrize("sets", [(), ("watch.namespaces={team-a,team-b}",)], ids=["all", "scoped"])
+def test_every_binding_names_the_chart_service_account(
+    render: Render, sets: tuple[str, ...]
+) -> None:
+    objects = render(*sets)
+    _need_rbac(objects)
+    account = one(objects, "ServiceAccount")["metadata"]
+    for binding in _bindings(objects):
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": account["name"], "namespace": account["namespace"]}
+        ], binding["metadata"]["name"]
+
+
+def test_rbac_off_renders_no_rbac(render: Render) -> None:
+    objects = render("rbac.create=false")
+    assert not [
+        o
+        for o in objects
+        if o["kind"] in {"Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding"}
+    ]
+
+
+def test_scoped_install_writes_only_in_watched_namespaces(render: Render) -> None:
+    objects = render("watch.namespaces={team-a,team-b}")
+    _need_rbac(objects)
+    for role in by_kind(objects, "ClusterRole"):
+        for rule in role.get("rules", []):
+            writes = WRITE_VERBS & set(rule.get("verbs", []))
+            # Scoped: the children (Deployments, Services, ConfigMaps) are writable only
+            # through per-namespace Roles, never through a ClusterRole.
+            assert not (
+                writes
+                and {"apps", ""} & set(rule.get("apiGroups", []))
+                and set(rule.get("resources", [])) & {"deployments", "services", "configmaps"}
+            ), role
+    namespaces = {r["metadata"]["namespace"] for r in by_kind(objects, "RoleBinding")}
+    assert {"team-a", "team-b"} <= namespaces
