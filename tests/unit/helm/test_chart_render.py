@@ -242,3 +242,21 @@ def test_scoped_install_writes_only_in_watched_namespaces(render: Render) -> Non
             ), role
     namespaces = {r["metadata"]["namespace"] for r in by_kind(objects, "RoleBinding")}
     assert {"team-a", "team-b"} <= namespaces
+
+
+@pytest.mark.parametrize(
+    ("sets", "namespaces"),
+    [((), None), (("watch.namespaces={team-a,team-b}",), ["team-a", "team-b"])],
+    ids=["all", "scoped"],
+)
+def test_operator_runner_accepts_the_rendered_args(
+    render: Render, sets: tuple[str, ...], namespaces: list[str] | None
+) -> None:
+    from llmpipe_operator import __main__ as runner
+
+    container = _container(render("operator.healthPort=9091", *sets))
+    assert container["command"][-1] == runner.__spec__.parent
+    args = runner.parse_args(container["args"])
+    assert args.namespace == namespaces
+    assert args.all_namespaces is (namespaces is None)
+    assert (args.health_port, args.metrics_port) == (9091, 8080)
