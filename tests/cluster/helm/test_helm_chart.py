@@ -161,11 +161,15 @@ def test_template_passes_server_side_dry_run(release: Release, values: tuple[str
 
 
 def test_install_creates_the_operator_deployment(release: Release) -> None:
-    ok(
+    notes = ok(
         release.helm(
             "install", release.name, str(CHART), *release.pin, "--wait", "--timeout", "120s"
         )
     )
+    # NOTES.txt: what to do next, with this release's names filled in.
+    assert f"kubectl -n {release.namespace} rollout status deployment/{release.name}" in notes
+    assert "The operator watches LLMPipelines in every namespace." in notes
+    assert "kubectl apply -f examples/pipelines/edge-cloud-privacy.yaml" in notes
     client = release.plane.client()
     deployment = wait.deployment_available(client, release.name, release.namespace, timeout=60)
     assert deployment.spec.strategy.type == "Recreate"
@@ -269,6 +273,7 @@ def test_upgrade_to_namespace_scoping(release: Release) -> None:
     assert "--all-namespaces" not in container.args
     status = json.loads(ok(release.helm("status", release.name, "-o", "json")))
     assert status["info"]["status"] == "deployed" and status["version"] == 2
+    assert f"The operator watches LLMPipelines in: {a}, {b}." in status["info"]["notes"]
     for namespace in release.watched:
         assert release.can("create", "deployments.apps", namespace)
         assert release.can("patch", "llmpipelines.llmpipe.io/status", namespace)
