@@ -15,6 +15,8 @@
 #                        --build-arg STAGE_BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 #                        --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
 #                      (a base without Python gets the distribution's python3 installed).
+#                      Note: the stage runtime computes on the CPU for now; a CUDA image
+#                      only prepares for GPU support (README, Known limits).
 #   TORCH_INDEX_URL    where torch comes from; the default CPU index keeps the image free of
 #                      the CUDA libraries (about 1 GB instead of 5 GB).
 #
