@@ -455,61 +455,102 @@ def _reach(problem: Problem, start: int, limit: float) -> tuple[npt.NDArray[np.i
 
 
 # lower bounds -----------------------------------------------------------------------
-
-
-def bottleneck_lower_bound(problem: Problem) -> float:
-    """No chain over these nodes has a bottleneck below this."""
-    total = float(problem.weights[0, problem.layers])
-    limit = min(problem.size, problem.max_stages)
-    rate = 1 / problem.per_byte_batch
-    room = np.maximum(problem.capacity, 0.0)
-
-    def holds(t: float) -> bool:
-        can = np.minimum(rate * t, room)
-        return float(np.sort(can)[::-1][:limit].sum()) >= total
-
-    low, high = 0.0, float(total * problem.per_byte_batch.max())
-    for _ in range(60):
-        middle = (low + high) / 2
-        low, high = (low, middle) if holds(middle) else (middle, high)
-    bound = low
-    largest = float(max(problem.profile.layer_bytes))
-    bound = max(bound, largest * float(problem.per_byte_batch.min()))
-    if _needs_several_stages(problem):
-        act = 8 * problem.workload.max_sequences * problem.profile.hidden_size
-        act *= problem.profile.activation_bytes
-        bound = max(bound, act / (_max_mbps(problem) * 1e6))
-    return bound
-
-
-def latency_lower_bound(problem: Problem) -> float:
-    """No chain over these nodes has a token latency below this."""
-    remaining = float(problem.weights[0, problem.layers])
-    bound = 0.0
-    for i in np.argsort(problem.per_byte_single):
-        take = min(remaining, max(float(problem.capacity[i]), 0.0))
-        bound += take * float(problem.per_byte_single[i])
-        remaining -= take
-        if remaining <= 0:
-            break
-    if _needs_several_stages(problem):
-        mbps = _max_mbps(problem) * 1e6
-        hop = _min_rtt(problem) / 2 / 1000
-        act = 8 * problem.profile.hidden_size * problem.profile.activation_bytes
-        bound += act / mbps + hop + 8 * profiles.TOKEN_ID_BYTES / mbps + hop
-    return bound
+#
+# Either the whole model runs as one stage (its cost is known exactly), or there are at
+# least two stages: then stage 0 holds the embeddings + layer 0 on a node allowed to be
+# first, the last stage the head + the last layer on a node allowed to be last, every
+# byte is processed by some node no faster than the fastest, and there is at least one
+# forward edge and one return edge. Relaxing everything else gives a valid bound.
 
 
 def lower_bound(problem: Problem) -> float:
+    """No chain over these nodes has a better objective than this."""
     if problem.workload.objective == "throughput":
         return bottleneck_lower_bound(problem)
     return latency_lower_bound(problem)
 
 
-def _needs_several_stages(problem: Problem) -> bool:
-    whole = float(problem.memory[0, problem.layers])
+def bottleneck_lower_bound(problem: Problem) -> float:
+    alone = _single_stage_cost(problem, problem.per_byte_batch)
+    if not _may_have_several(problem):
+        return alone
+    return min(alone, _bottleneck_several(problem))
+
+
+def latency_lower_bound(problem: Problem) -> float:
+    alone = _single_stage_cost(problem, problem.per_byte_single)
+    if not _may_have_several(problem):
+        return alone
+    return min(alone, _latency_several(problem))
+
+
+def _may_have_several(problem: Problem) -> bool:
+    return problem.max_stages >= 2 and problem.size >= 2 and problem.layers >= 2
+
+
+def _single_stage_cost(problem: Problem, per_byte: FloatArray) -> float:
+    whole = problem.memory[0, problem.layers]
     alone = (problem.capacity >= whole) & problem.first_ok & problem.last_ok
-    return not bool(alone.any())
+    if not alone.any():
+        return INF
+    return float(problem.weights[0, problem.layers] * per_byte[alone].min())
+
+
+def _end_costs(problem: Problem, per_byte: FloatArray) -> tuple[float, float]:
+    """Least compute of stage 0 (embeddings + layer 0) and of the last stage."""
+    end = problem.layers
+    first = (
+        problem.weights[0, 1]
+        * per_byte[problem.first_ok & (problem.capacity >= problem.memory[0, 1])]
+    )
+    last = (
+        problem.weights[end - 1, end]
+        * per_byte[problem.last_ok & (problem.capacity >= problem.memory[end - 1, end])]
+    )
+    return float(first.min(initial=INF)), float(last.min(initial=INF))
+
+
+def _bottleneck_several(problem: Problem) -> float:
+    total = float(problem.weights[0, problem.layers])
+    limit = min(problem.size, problem.max_stages, problem.layers)
+    rate = 1 / problem.per_byte_batch
+    room = np.maximum(problem.capacity, 0.0)
+
+    def holds(t: float) -> bool:
+        can = np.sort(np.minimum(rate * t, room))[::-1]
+        return float(can[:limit].sum()) >= total
+
+    low, high = 0.0, float(total * problem.per_byte_batch.max())
+    for _ in range(60):
+        middle = (low + high) / 2
+        low, high = (low, middle) if holds(middle) else (middle, high)
+    first, last = _end_costs(problem, problem.per_byte_batch)
+    mbps = _max_mbps(problem) * 1e6
+    batch = problem.workload.max_sequences
+    act = 8 * batch * problem.profile.hidden_size * problem.profile.activation_bytes / mbps
+    back = 8 * batch * profiles.TOKEN_ID_BYTES / mbps
+    largest = float(max(problem.profile.layer_bytes)) * float(problem.per_byte_batch.min())
+    return max(low, first, last, act, back, largest)
+
+
+def _latency_several(problem: Problem) -> float:
+    first, last = _end_costs(problem, problem.per_byte_single)
+    end = problem.layers
+    remaining = float(problem.weights[1, end - 1]) if end > 2 else 0.0
+    middle = 0.0
+    for i in np.argsort(problem.per_byte_single):
+        take = min(remaining, max(float(problem.capacity[i]), 0.0))
+        middle += take * float(problem.per_byte_single[i])
+        remaining -= take
+        if remaining <= 0:
+            break
+    # stage 0's node sends the first forward edge and receives the return edge
+    forward = back = INF
+    for u in np.flatnonzero(problem.first_ok).tolist():
+        others = np.arange(problem.size) != u
+        forward = min(forward, float(problem.forward_row(u, batch=1, with_hop=True)[others].min()))
+        back = min(back, float(problem.return_row(u, batch=1, with_hop=True)[others].min()))
+    return first + middle + last + forward + back
 
 
 def _max_mbps(problem: Problem) -> float:
@@ -517,10 +558,3 @@ def _max_mbps(problem: Problem) -> float:
     best = float(uplinks[-2]) if problem.size > 1 else float(uplinks[-1])
     links = [mbps for rows in problem.overrides.values() for _, mbps, _ in rows]
     return max([best, *links])
-
-
-def _min_rtt(problem: Problem) -> float:
-    tiers = set(problem.tier.tolist())
-    defaults = [float(problem.rtt_table[a, b]) for a in tiers for b in tiers]
-    links = [rtt for rows in problem.overrides.values() for _, _, rtt in rows]
-    return min([*defaults, *links])

@@ -1,0 +1,283 @@
+"""`llmpipe profile` and `llmpipe plan`: outputs (table, exactly-DESIGN JSON, YAML), the
+three ways to name a model (directory, config.json, profile JSON), flags reaching the
+planner, and exit codes 0 / 2 (bad input, message names the problem) / 3 (infeasible)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from llmpipe_operator import cli, plan_cli
+from llmpipe_operator.planning import planner
+
+ROOT = Path(__file__).parents[3]
+CLUSTERS = ROOT / "examples" / "clusters"
+MODELS = ROOT / "examples" / "models"
+JETSON = str(CLUSTERS / "jetson-cloud.yaml")
+LLAMA2 = str(MODELS / "Llama-2-7B" / "config.json")
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_plan_table_reads_at_a_glance(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "plan", "--cluster", JETSON, "--model", LLAMA2)
+    assert code == 0, err
+    header = next(line for line in out.splitlines() if line.startswith("STAGE"))
+    for column in (
+        "NODE",
+        "TIER",
+        "LAYERS",
+        "MEMORY USED / AVAILABLE",
+        "COMPUTE ms",
+        "TRANSFER ms",
+    ):
+        assert column in header
+    plan = planner.Plan.from_dict(
+        json.loads(plan_json(capsys, "--cluster", JETSON, "--model", LLAMA2))
+    )
+    rows = [line for line in out.splitlines() if line[:1].isdigit()]
+    assert len(rows) == len(plan.stages)
+    marked = [row for row in rows if "<- bottleneck" in row]
+    assert len(marked) == 1 and marked[0].split()[1] == plan.stages[plan.bottleneck_stage].node
+    assert f"estimated throughput: {plan.est_tokens_per_second:.1f} tokens/s" in out
+    assert f"token latency: {plan.token_latency_seconds * 1e3:.2f} ms" in out
+    assert "exact optimum over 5 eligible nodes" in out
+
+
+def plan_json(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    code, out, err = run(capsys, "plan", *argv, "-o", "json")
+    assert code == 0, err
+    return out
+
+
+def test_json_output_is_exactly_the_plan(capsys: pytest.CaptureFixture[str]) -> None:
+    data = json.loads(
+        plan_json(capsys, "--cluster", JETSON, "--model", LLAMA2, "--objective", "latency")
+    )
+    assert set(data) == {
+        "objective",
+        "bottleneckSeconds",
+        "tokenLatencySeconds",
+        "estTokensPerSecond",
+        "stages",
+    }
+    assert data["objective"] == "latency"
+    code, out, _ = run(
+        capsys,
+        "plan",
+        "--cluster",
+        JETSON,
+        "--model",
+        LLAMA2,
+        "--objective",
+        "latency",
+        "-o",
+        "yaml",
+    )
+    assert code == 0 and yaml.safe_load(out) == data
+
+
+def test_flags_reach_the_planner(capsys: pytest.CaptureFixture[str]) -> None:
+    data = json.loads(
+        plan_json(
+            capsys,
+            "--cluster",
+            JETSON,
+            "--model",
+            LLAMA2,
+            "--first-stage",
+            "edge",
+            "--last-stage",
+            "edge",
+            "--max-stages",
+            "3",
+            "--max-sequences",
+            "8",
+            "--max-context",
+            "1024",
+            "--runtime-overhead",
+            "1Gi",
+        )
+    )
+    stages = data["stages"]
+    edge = {"orin-agx", "orin-nx", "orin-nano"}
+    assert stages[0]["node"] in edge and stages[-1]["node"] in edge
+    assert len(stages) <= 3
+    kv = 8 * 1024 * 2 * 32 * 128 * 2  # S * C * kv bytes per token per layer
+    first = stages[0]
+    layers = first["layerEnd"] - first["layerStart"]
+    assert first["memoryBytes"] > kv * layers + 2**30
+    assert data["estTokensPerSecond"] == pytest.approx(8 / data["bottleneckSeconds"])
+
+
+def test_profile_prints_the_design_profile_json(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "profile", str(MODELS / "Qwen2.5-7B"))
+    assert code == 0
+    profile = json.loads(out)
+    assert profile["name"] == "Qwen2.5-7B" and profile["numLayers"] == 28
+    assert profile["weightBytesPerParam"] == 2
+    code, out, _ = run(capsys, "profile", LLAMA2, "--dtype", "fp32", "-o", "yaml")
+    assert code == 0 and yaml.safe_load(out)["weightBytesPerParam"] == 4
+
+
+def test_a_profile_json_works_as_the_model(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    code, out, _ = run(capsys, "profile", LLAMA2)
+    assert code == 0
+    (tmp_path / "llama2.profile.json").write_text(out)
+    via_profile = plan_json(
+        capsys, "--cluster", JETSON, "--model", str(tmp_path / "llama2.profile.json")
+    )
+    via_config = plan_json(capsys, "--cluster", JETSON, "--model", LLAMA2)
+    assert json.loads(via_profile) == json.loads(via_config)
+
+
+def test_a_saved_model_directory_is_profiled_from_its_headers(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.set_num_threads(1)
+    config = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+    )
+    transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(
+        tmp_path / "tiny"
+    )
+    code, out, _ = run(capsys, "profile", str(tmp_path / "tiny"))
+    assert code == 0
+    profile = json.loads(out)
+    assert profile["name"] == "tiny" and profile["weightBytesPerParam"] == 2
+    cluster = tmp_path / "two.yaml"
+    cluster.write_text(
+        yaml.safe_dump(
+            {
+                "nodes": [
+                    {
+                        "name": "a",
+                        "tier": "edge",
+                        "memory": "1Gi",
+                        "tflops": 1,
+                        "memoryBandwidthGBps": 10,
+                        "uplinkMbps": 100,
+                    },
+                ]
+            }
+        )
+    )
+    data = json.loads(
+        plan_json(capsys, "--cluster", str(cluster), "--model", str(tmp_path / "tiny"))
+    )
+    assert data["stages"][0]["layerEnd"] == 4
+
+
+def test_infeasible_exits_3_and_names_the_shortfall(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(
+        capsys,
+        "plan",
+        "--cluster",
+        str(CLUSTERS / "pi-nuc-homelab.yaml"),
+        "--model",
+        str(MODELS / "Llama-3-70B"),
+    )
+    assert code == plan_cli.EXIT_INFEASIBLE == 3
+    assert out == ""
+    assert err.startswith("llmpipe plan: infeasible: needs 131.4 GiB of weights")
+    assert "short by" in err
+
+
+BAD_CLUSTER: dict[str, Any] = {
+    "nodes": [
+        {
+            "name": "pi",
+            "tier": "edge",
+            "memory": "4Gi",
+            "tflops": 0.1,
+            "memoryBandwidthGBps": -1,
+            "uplinkMbps": 100,
+        }
+    ]
+}
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["plan", "--cluster", "missing.yaml", "--model", LLAMA2], "missing.yaml: No such file"),
+        (["plan", "--cluster", JETSON, "--model", "nowhere"], "nowhere: no such file or directory"),
+        (
+            ["plan", "--cluster", "BAD", "--model", LLAMA2],
+            "node 'pi': field 'memoryBandwidthGBps' must be > 0",
+        ),
+        (["plan", "--cluster", "NOTYAML", "--model", LLAMA2], "not valid YAML"),
+        (["plan", "--cluster", JETSON, "--model", JETSON], "not valid JSON"),
+        (
+            ["plan", "--cluster", JETSON, "--model", LLAMA2, "--dtype", "int3"],
+            "unsupported dtype 'int3'",
+        ),
+        (["plan", "--cluster", JETSON, "--model", LLAMA2, "--max-stages", "0"], "must be >= 1"),
+        (
+            ["plan", "--cluster", JETSON, "--model", LLAMA2, "--runtime-overhead", "lots"],
+            "not a Kubernetes quantity",
+        ),
+        (
+            ["plan", "--cluster", JETSON, "--model", LLAMA2, "--objective", "speed"],
+            "invalid choice",
+        ),
+        (["plan", "--model", LLAMA2], "--cluster"),
+        (["profile", str(MODELS)], "no config.json"),
+    ],
+)
+def test_bad_input_exits_2_with_a_message(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, argv: list[str], message: str
+) -> None:
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(BAD_CLUSTER))
+    (tmp_path / "notyaml.yaml").write_text("nodes: [unclosed\n")
+    swap = {"BAD": str(tmp_path / "bad.yaml"), "NOTYAML": str(tmp_path / "notyaml.yaml")}
+    code, out, err = run(capsys, *[swap.get(a, a) for a in argv])
+    assert code == plan_cli.EXIT_BAD_INPUT == 2
+    assert out == ""
+    assert message in err
+
+
+def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "plan", "--help")
+    assert code == 0 and "--first-stage" in out
+
+
+@pytest.mark.parametrize("cluster", sorted(p.name for p in CLUSTERS.glob("*.yaml")))
+def test_every_example_cluster_plans_tinyllama(
+    capsys: pytest.CaptureFixture[str], cluster: str
+) -> None:
+    data = json.loads(
+        plan_json(
+            capsys, "--cluster", str(CLUSTERS / cluster), "--model", str(MODELS / "TinyLlama-1.1B")
+        )
+    )
+    assert data["stages"][-1]["layerEnd"] == 22
+
+
+def test_the_committed_fleet_is_what_the_generator_writes() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("generate_fleet", CLUSTERS / "generate_fleet.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    committed = yaml.safe_load((CLUSTERS / "fleet-200.yaml").read_text())
+    assert committed == module.fleet()
+    assert len(committed["nodes"]) == 200

@@ -1,0 +1,322 @@
+"""The planner: every layer covered once and in order, memory and placement respected,
+the exact optimum versus brute force on random small instances (both objectives), the
+heuristic above 8 nodes (feasible, never below its lower bound), the lower bound never
+above the true optimum, infeasible inputs named by their shortfall, and the plan JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from llmpipe_operator.planning import cost, inventory, planner, profiles, search
+
+from .brute import brute_force
+from .builders import GiB, MiB, a_cluster, a_node, a_profile
+from .strategies import placements, small_clusters, small_profiles, workloads
+
+objectives = pytest.mark.parametrize("objective", ["throughput", "latency"])
+PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _plan_or_none(
+    profile: profiles.ModelProfile,
+    cluster: inventory.Inventory,
+    workload: planner.Workload,
+    placement: planner.Placement,
+) -> planner.Plan | None:
+    try:
+        return planner.plan_pipeline(profile, cluster, workload=workload, placement=placement)
+    except planner.PlanInfeasible:
+        return None
+
+
+def assert_valid(
+    plan: planner.Plan,
+    profile: profiles.ModelProfile,
+    cluster: inventory.Inventory,
+    workload: planner.Workload,
+    placement: planner.Placement,
+) -> None:
+    """Layers covered once and in order, memory within each node, placement respected."""
+    stages = plan.stages
+    assert [s.index for s in stages] == list(range(len(stages)))
+    assert stages[0].layer_start == 0 and stages[-1].layer_end == profile.num_layers
+    for before, after in itertools.pairwise(stages):
+        assert before.layer_end == after.layer_start
+    assert all(s.layer_start < s.layer_end for s in stages)
+    assert len({s.node for s in stages}) == len(stages)
+    for s in stages:
+        expected = cost.memory_bytes(profile, workload, s.layer_start, s.layer_end)
+        assert s.memory_bytes == expected <= cluster.node(s.node).memory_bytes
+        assert s.has_embedding == (s.index == 0)
+        assert s.has_head == (s.index == len(stages) - 1)
+    if placement.first_stage == "edge":
+        assert cluster.node(stages[0].node).tier == "edge"
+    if placement.last_stage == "edge":
+        assert cluster.node(stages[-1].node).tier == "edge"
+    if placement.max_stages is not None:
+        assert len(stages) <= placement.max_stages
+    assert plan.est_tokens_per_second == pytest.approx(
+        workload.max_sequences / plan.bottleneck_seconds
+    )
+
+
+@PROPERTY
+@given(small_profiles(), small_clusters(), workloads(), placements())
+def test_exact_plan_is_valid_and_equals_brute_force(
+    profile: profiles.ModelProfile,
+    cluster: inventory.Inventory,
+    workload: planner.Workload,
+    placement: planner.Placement,
+) -> None:
+    best = brute_force(profile, cluster, workload=workload, placement=placement)
+    plan = _plan_or_none(profile, cluster, workload, placement)
+    assert (plan is None) == (best is None)
+    if plan is None or best is None:
+        return
+    assert_valid(plan, profile, cluster, workload, placement)
+    assert plan.exact
+    assert plan.objective_value == pytest.approx(best[0], rel=1e-9)
+    if workload.objective == "throughput":  # ties go to the lower token latency
+        assert plan.token_latency_seconds == pytest.approx(best[1], rel=1e-9)
+
+
+@objectives
+def test_exact_on_eight_nodes_with_many_layers(objective: str) -> None:
+    """The largest exact case, 8 nodes, against brute force over orders with 5 layers."""
+    nodes = [
+        a_node(f"n{i}")
+        .memory(f"{1 + i % 3}Gi")
+        .tflops(1 + i)
+        .bandwidth(20 + 15 * i)
+        .uplink(100 * (1 + i % 2))
+        for i in range(8)
+    ]
+    nodes = [n.cloud() if i % 3 == 0 else n for i, n in enumerate(nodes)]
+    cluster = a_cluster(*nodes).link("n0", "n5", mbps=5, rtt_ms=50).build()
+    profile = a_profile(5, layer_size=600 * MiB).build()
+    workload = planner.Workload(objective=objective, runtime_overhead_bytes=256 * MiB)  # type: ignore[arg-type]
+    placement = planner.Placement(first_stage="edge")
+    best = brute_force(profile, cluster, workload=workload, placement=placement)
+    plan = planner.plan_pipeline(profile, cluster, workload=workload, placement=placement)
+    assert best is not None and plan.exact
+    assert plan.objective_value == pytest.approx(best[0], rel=1e-9)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(small_profiles(), small_clusters(min_nodes=1, max_nodes=4), workloads(), placements())
+def test_lower_bound_never_exceeds_the_optimum(
+    profile: profiles.ModelProfile,
+    cluster: inventory.Inventory,
+    workload: planner.Workload,
+    placement: planner.Placement,
+) -> None:
+    best = brute_force(profile, cluster, workload=workload, placement=placement)
+    if best is None:
+        return
+    nodes = planner.eligible_nodes(profile, cluster, workload)
+    problem = planner._problem(profile, cluster, workload, placement, nodes)
+    assert search.lower_bound(problem) <= best[0] * (1 + 1e-9)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    small_profiles(max_layers=12),
+    small_clusters(min_nodes=9, max_nodes=14),
+    workloads(),
+    placements(),
+)
+def test_heuristic_plan_is_valid_and_above_its_lower_bound(
+    profile: profiles.ModelProfile,
+    cluster: inventory.Inventory,
+    workload: planner.Workload,
+    placement: planner.Placement,
+) -> None:
+    plan = _plan_or_none(profile, cluster, workload, placement)
+    if plan is None:
+        return
+    assert_valid(plan, profile, cluster, workload, placement)
+    if len(planner.eligible_nodes(profile, cluster, workload)) > 8:
+        assert not plan.exact
+    assert plan.lower_bound is not None
+    assert plan.lower_bound <= plan.objective_value * (1 + 1e-9)
+
+
+@objectives
+def test_heuristic_matches_exact_search_on_a_uniform_fleet(objective: str) -> None:
+    """8 identical edge boxes + 2 GPUs: the heuristic finds the exact optimum (checked by
+    running the exact search on all 10 nodes, slower than the CLI wants but possible)."""
+    boxes = [a_node(f"box{i}").memory("3Gi").tflops(2).bandwidth(50).uplink(1000) for i in range(8)]
+    gpus = [
+        a_node(f"gpu{i}").cloud().memory("12Gi").tflops(60).bandwidth(600).uplink(1000)
+        for i in range(2)
+    ]
+    cluster = a_cluster(*boxes, *gpus).build()
+    profile = a_profile(16, layer_size=1 * GiB).build()
+    workload = planner.Workload(objective=objective)  # type: ignore[arg-type]
+    placement = planner.Placement(first_stage="edge")
+    plan = planner.plan_pipeline(profile, cluster, workload=workload, placement=placement)
+    problem = planner._problem(
+        profile, cluster, workload, placement, planner.eligible_nodes(profile, cluster, workload)
+    )
+    exact = search.exact(problem)
+    assert exact is not None and not plan.exact
+    assert plan.objective_value == pytest.approx(
+        problem.evaluate(exact).value(workload.objective), rel=1e-9
+    )
+
+
+def test_throughput_plan_avoids_a_slow_link() -> None:
+    cluster = a_cluster(
+        a_node("edge-a").memory("2Gi").uplink(1000),
+        a_node("edge-b").memory("2Gi").uplink(1000),
+        a_node("far").memory("2Gi").uplink(1),
+    ).build()
+    profile = a_profile(4, layer_size=300 * MiB).build()
+    plan = planner.plan_pipeline(
+        profile, cluster, workload=planner.Workload(runtime_overhead_bytes=0)
+    )
+    assert "far" not in {s.node for s in plan.stages}
+
+
+def test_latency_prefers_one_fast_node_over_a_chain() -> None:
+    cluster = a_cluster(
+        a_node("small-a").memory("1Gi").tflops(10).bandwidth(200),
+        a_node("small-b").memory("1Gi").tflops(10).bandwidth(200),
+        a_node("big").memory("8Gi").tflops(10).bandwidth(200),
+    ).build()
+    profile = a_profile(4).build()
+    plan = planner.plan_pipeline(profile, cluster, workload=planner.Workload(objective="latency"))
+    assert [s.node for s in plan.stages] == ["big"]
+    assert plan.token_latency_seconds == pytest.approx(plan.stages[0].compute_seconds)
+
+
+def test_plans_are_deterministic() -> None:
+    cluster = a_cluster(*(a_node(f"twin{i}") for i in range(6))).build()
+    profile = a_profile(12).build()
+    first = planner.plan_pipeline(profile, cluster, workload=planner.Workload())
+    again = planner.plan_pipeline(profile, cluster, workload=planner.Workload())
+    assert first == again
+
+
+# infeasible --------------------------------------------------------------------------
+
+
+def test_total_memory_shortfall_is_named() -> None:
+    cluster = a_cluster(*(a_node(f"n{i}").memory("2Gi") for i in range(5))).build()
+    profile = a_profile(20, layer_size=700 * MiB).build()
+    workload = planner.Workload(max_sequences=4, max_context_tokens=2048)
+    with pytest.raises(planner.PlanInfeasible) as raised:
+        planner.plan_pipeline(profile, cluster, workload=workload)
+    error = raised.value
+    weights = 20 * 700 * MiB + 256 * MiB
+    kv = 4 * 2048 * 1024 * 20
+    assert error.reason == "total-memory"
+    assert (error.weight_bytes, error.kv_cache_bytes) == (weights, kv)
+    assert error.needed_bytes == weights + kv
+    assert error.available_bytes == 5 * (2 * GiB - 512 * MiB)
+    assert error.eligible_nodes == 5
+    assert str(error).startswith(
+        "needs 13.9 GiB of weights + 160 MiB of KV cache; the 5 eligible nodes offer 7.5 GiB"
+    )
+    assert "short by 6.6 GiB" in str(error)
+
+
+def test_largest_layer_that_fits_nowhere_is_named() -> None:
+    cluster = a_cluster(a_node("a").memory("1Gi"), a_node("b").memory("1Gi")).build()
+    profile = a_profile(3).layers(100 * MiB, 700 * MiB, 100 * MiB).build()
+    with pytest.raises(planner.PlanInfeasible, match=r"largest single layer \(700 MiB") as raised:
+        planner.plan_pipeline(profile, cluster, workload=planner.Workload())
+    assert raised.value.reason == "largest-layer"
+    assert "fits nowhere" in str(raised.value)
+
+
+def test_first_stage_on_edge_without_room_on_the_edge() -> None:
+    cluster = a_cluster(
+        a_node("tiny-edge").edge().memory("700Mi"), a_node("gpu").cloud().memory("40Gi")
+    ).build()
+    profile = a_profile(4).embed(1 * GiB).build()
+    placement = planner.Placement(first_stage="edge")
+    with pytest.raises(
+        planner.PlanInfeasible, match="first stage must run on an edge node"
+    ) as raised:
+        planner.plan_pipeline(profile, cluster, workload=planner.Workload(), placement=placement)
+    assert raised.value.reason == "first-stage"
+    # without the rule the GPU holds everything
+    assert (
+        planner.plan_pipeline(profile, cluster, workload=planner.Workload()).stages[0].node == "gpu"
+    )
+
+
+def test_max_stages_shortfall_is_named() -> None:
+    cluster = a_cluster(*(a_node(f"n{i}").memory("2Gi") for i in range(4))).build()
+    profile = a_profile(8, layer_size=400 * MiB).build()
+    placement = planner.Placement(max_stages=2)
+    with pytest.raises(planner.PlanInfeasible, match="with at most 2 stages") as raised:
+        planner.plan_pipeline(profile, cluster, workload=planner.Workload(), placement=placement)
+    assert raised.value.reason == "max-stages"
+    assert len(planner.plan_pipeline(profile, cluster, workload=planner.Workload()).stages) >= 3
+
+
+def test_no_nodes_at_all() -> None:
+    empty = inventory.Inventory(nodes=())
+    with pytest.raises(planner.PlanInfeasible, match="no nodes"):
+        planner.plan_pipeline(a_profile().build(), empty, workload=planner.Workload())
+
+
+# plan JSON --------------------------------------------------------------------------
+
+
+def test_plan_json_has_exactly_the_design_fields_and_round_trips() -> None:
+    cluster = a_cluster(a_node("a").memory("1Gi"), a_node("b").memory("1Gi")).build()
+    plan = planner.plan_pipeline(
+        a_profile(4).build(), cluster, workload=planner.Workload(runtime_overhead_bytes=0)
+    )
+    data = json.loads(json.dumps(plan.to_dict()))
+    assert list(data) == [
+        "objective",
+        "bottleneckSeconds",
+        "tokenLatencySeconds",
+        "estTokensPerSecond",
+        "stages",
+    ]
+    assert list(data["stages"][0]) == [
+        "index",
+        "node",
+        "layerStart",
+        "layerEnd",
+        "hasEmbedding",
+        "hasHead",
+        "memoryBytes",
+        "computeSeconds",
+        "transferSeconds",
+    ]
+    assert planner.Plan.from_dict(data) == dataclasses.replace(plan, lower_bound=None)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("objective", "speed"),
+        ("max_sequences", 0),
+        ("max_context_tokens", -1),
+        ("runtime_overhead_bytes", -5),
+    ],
+)
+def test_bad_workloads_are_refused(field: str, value: object) -> None:
+    with pytest.raises(ValueError, match=field if field != "objective" else "objective"):
+        planner.Workload(**{field: value})  # type: ignore[arg-type]
+
+
+@given(
+    st.sampled_from(["first_stage", "last_stage"]),
+    st.text(min_size=1).filter(lambda t: t not in ("any", "edge")),
+)
+def test_bad_placements_are_refused(field: str, value: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        planner.Placement(**{field: value})  # type: ignore[arg-type]
