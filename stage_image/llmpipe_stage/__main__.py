@@ -1,0 +1,125 @@
+"""`python -m llmpipe_stage --config-dir DIR --stage-index N --model-dir DIR`: run one stage.
+
+The container contract: the config dir is the mounted plan ConfigMap (`plan.json`,
+`pipeline.json`); `LLMPIPE_STAGE_INDEX` may replace `--stage-index`; gRPC listens on 50051
+and HTTP on 8000 unless `--grpc-port` / `--http-port` say otherwise (local multi-process runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+from llmpipe_stage import config as stage_config
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="llmpipe-stage",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--config-dir", type=Path, required=True, help="directory with plan.json and pipeline.json"
+    )
+    parser.add_argument(
+        "--stage-index",
+        type=int,
+        default=int(os.environ["LLMPIPE_STAGE_INDEX"])
+        if os.environ.get("LLMPIPE_STAGE_INDEX", "").isdigit()
+        else None,
+        help="this stage's index in the plan (or env LLMPIPE_STAGE_INDEX)",
+    )
+    parser.add_argument(
+        "--model-dir",
+        type=Path,
+        required=True,
+        help="model directory: config.json, tokenizer files, *.safetensors",
+    )
+    parser.add_argument("--host", default="0.0.0.0", help="bind address (default 0.0.0.0)")
+    parser.add_argument("--grpc-port", type=int, default=50051, help="gRPC port (50051)")
+    parser.add_argument(
+        "--http-port",
+        type=int,
+        default=8000,
+        help="HTTP port for health, metrics and (stage 0) the OpenAI API (8000)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's choice)"
+    )
+    parser.add_argument(
+        "--step-timeout",
+        type=float,
+        default=30.0,
+        help="seconds stage 0 waits for a token before failing the request",
+    )
+    parser.add_argument(
+        "--cache-timeout",
+        type=float,
+        default=300.0,
+        help="seconds after which an unused KV cache is freed",
+    )
+    parser.add_argument(
+        "--forward-timeout",
+        type=float,
+        default=10.0,
+        help="deadline of one stage-to-stage call in seconds",
+    )
+    parser.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"])
+    parser.add_argument(
+        "--micro-batches",
+        type=int,
+        default=None,
+        help="micro-batches kept in the ring (default: one per stage)",
+    )
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    if args.stage_index is None:
+        parser.error("--stage-index (or LLMPIPE_STAGE_INDEX) is required")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format=f"%(asctime)s stage {args.stage_index} %(levelname)s %(message)s",
+    )
+    try:
+        pipeline = stage_config.read_config_dir(args.config_dir)
+    except stage_config.ConfigError as error:
+        print(f"llmpipe-stage: {error}", file=sys.stderr)
+        return 2
+    if not 0 <= args.stage_index < pipeline.num_stages:
+        print(
+            f"llmpipe-stage: --stage-index {args.stage_index} is not in the plan's "
+            f"{pipeline.num_stages} stages",
+            file=sys.stderr,
+        )
+        return 2
+    from llmpipe_stage import server  # imports torch; after argument errors are reported
+
+    settings = server.StageSettings(
+        stage_index=args.stage_index,
+        pipeline=pipeline,
+        model_dir=args.model_dir,
+        host=args.host,
+        grpc_port=args.grpc_port,
+        http_port=args.http_port,
+        threads=args.threads,
+        forward_timeout_s=args.forward_timeout,
+        step_timeout_s=args.step_timeout,
+        cache_timeout_s=args.cache_timeout,
+        attn_implementation=args.attn_implementation,
+        micro_batches=args.micro_batches,
+    )
+    return asyncio.run(server.serve(settings))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

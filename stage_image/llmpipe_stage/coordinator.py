@@ -1,0 +1,272 @@
+"""Stage 0's side of the recurrent pipeline: sequences, admission, micro-batches, the ring.
+
+Each request becomes a `Sequence`. At most `max_sequences` are in flight; the rest wait
+(the queue depth metric). A sequence is *ready* when it has a step to run: its prompt, or
+the token the last stage just returned. The scheduling loop takes ready sequences in
+micro-batches of about in_flight / num_stages, so while stage k works on one micro-batch
+stage k-1 works on the next; it embeds them, runs stage 0's layers and sends the hidden
+states on (or samples directly when the pipeline has one stage). When a sequence ends, is
+cancelled, fails or times out, its cache is freed here and on every other stage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import secrets
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+from llmpipe_stage.metrics import StageMetrics
+from llmpipe_stage.proto import stage_pb2
+from llmpipe_stage.runtime import StageRuntime
+from llmpipe_stage.wire import Step
+
+log = logging.getLogger(__name__)
+
+
+class PipelineError(RuntimeError):
+    """The pipeline cannot serve this sequence (a stage is down, stuck or not ready).
+    The gateway answers HTTP 503 with this text."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def to_message(self) -> stage_pb2.Sampling:
+        return stage_pb2.Sampling(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            has_seed=self.seed is not None,
+            seed=self.seed or 0,
+        )
+
+
+_END = object()
+
+
+@dataclass(eq=False)
+class Sequence:
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    created: float = field(default_factory=time.monotonic)
+    generated: list[int] = field(default_factory=list)
+    events: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
+    step_sent_at: float | None = None  # monotonic time its current step left stage 0
+    finished: bool = False
+    admitted: bool = False
+    outcome: str = "cancelled"  # set to "ok" or "failed" when the pipeline ends it
+
+    @property
+    def position(self) -> int:
+        """Tokens already in the caches."""
+        return len(self.prompt) + len(self.generated) - (1 if self.generated else 0)
+
+    def next_step(self) -> tuple[Step, list[int]]:
+        if not self.generated:
+            sampling = self.params.to_message()
+            return Step(self.id, 0, len(self.prompt), sampling), self.prompt
+        return Step(self.id, self.position, 1), [self.generated[-1]]
+
+
+@dataclass(frozen=True)
+class CoordinatorSettings:
+    num_stages: int
+    max_sequences: int
+    """Sequences in flight at once; the planner sized every stage's KV cache for this many."""
+    context_limit: int
+    eos_token_ids: frozenset[int]
+    step_timeout_s: float = 30.0
+    """A step with no token back after this long fails its request (a stage is stuck)."""
+    micro_batches: int | None = None
+    """Micro-batches kept in the ring; default one per stage so every stage has work."""
+
+
+SendFn = Callable[[list[Step], list[int]], Awaitable[None]]
+
+
+class Coordinator:
+    def __init__(
+        self,
+        settings: CoordinatorSettings,
+        *,
+        runtime: StageRuntime,
+        executor: Executor,
+        metrics: StageMetrics,
+        forward: Callable[[list[Step], object], Awaitable[None]] | None,
+        release_remote: Callable[[list[int]], Awaitable[None]],
+    ) -> None:
+        self.settings = settings
+        self.runtime = runtime
+        self.executor = executor
+        self.metrics = metrics
+        self.forward = forward  # None when the pipeline has one stage
+        self.release_remote = release_remote
+        self.sequences: dict[int, Sequence] = {}
+        self.ready: asyncio.Queue[Sequence] = asyncio.Queue()
+        self.slots = asyncio.Semaphore(settings.max_sequences)
+        self.waiting = 0
+        self._ids = itertools.count(secrets.randbits(40) << 20)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- the gateway's API -----------------------------------------------------------------
+    async def generate(
+        self, prompt: list[int], params: SamplingParams
+    ) -> AsyncGenerator[int, None]:
+        """Yield the sequence's tokens; raises PipelineError. Leaving early frees it."""
+        sequence = Sequence(next(self._ids), list(prompt), params)
+        try:
+            await self._admit(sequence)
+            while True:
+                event = await sequence.events.get()
+                if event is _END:
+                    return
+                if isinstance(event, PipelineError):
+                    raise event
+                assert isinstance(event, int)
+                yield event
+        finally:
+            self._finish(sequence)
+
+    async def _admit(self, sequence: Sequence) -> None:
+        self.waiting += 1
+        self.metrics.queue_depth.set(self.waiting)
+        try:
+            await self.slots.acquire()
+        finally:
+            self.waiting -= 1
+            self.metrics.queue_depth.set(self.waiting)
+        sequence.admitted = True
+        self.sequences[sequence.id] = sequence
+        self.metrics.in_flight.set(len(self.sequences))
+        self.ready.put_nowait(sequence)
+
+    def _finish(self, sequence: Sequence) -> None:
+        if not sequence.admitted or self.sequences.pop(sequence.id, None) is None:
+            return
+        sequence.finished = True
+        self.slots.release()
+        self.metrics.in_flight.set(len(self.sequences))
+        self.metrics.requests.labels(outcome=sequence.outcome).inc()
+        self._spawn(self._release_everywhere([sequence.id]))
+
+    async def _release_everywhere(self, ids: list[int]) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.executor, self.runtime.release, ids)
+        self.metrics.cached_sequences.set(len(self.runtime.caches))
+        await self.release_remote(ids)
+
+    # -- ring events (from the server) -----------------------------------------------------
+    def on_tokens(self, sequence_ids: list[int], token_ids: list[int]) -> None:
+        now = time.monotonic()
+        for sid, token in zip(sequence_ids, token_ids, strict=True):
+            sequence = self.sequences.get(sid)
+            if sequence is None or sequence.finished:
+                continue  # cancelled while its step was in the ring
+            if not sequence.generated:
+                self.metrics.ttft.observe(now - sequence.created)
+            sequence.generated.append(token)
+            sequence.step_sent_at = None
+            self.metrics.count_tokens(1)
+            sequence.events.put_nowait(token)
+            done = (
+                token in self.settings.eos_token_ids
+                or len(sequence.generated) >= sequence.params.max_new_tokens
+                or sequence.position + 1 >= self.settings.context_limit
+            )
+            if done:
+                sequence.finished = True
+                sequence.outcome = "ok"
+                sequence.events.put_nowait(_END)
+            else:
+                self.ready.put_nowait(sequence)
+
+    def on_failure(self, sequence_ids: list[int], reason: str) -> None:
+        for sid in sequence_ids:
+            sequence = self.sequences.get(sid)
+            if sequence is not None and not sequence.finished:
+                sequence.finished = True
+                sequence.outcome = "failed"
+                sequence.events.put_nowait(PipelineError(reason))
+
+    # -- the scheduling loop ---------------------------------------------------------------
+    async def run(self) -> None:
+        """Form micro-batches of ready sequences and push them into the ring, forever."""
+        self._spawn(self._watch_timeouts())
+        while True:
+            batch = await self._next_micro_batch()
+            if batch:
+                await self._process(batch)
+
+    async def _next_micro_batch(self) -> list[Sequence]:
+        first = await self.ready.get()
+        batch = [first]
+        parts = self.settings.micro_batches or self.settings.num_stages
+        cap = max(1, math.ceil(len(self.sequences) / parts))
+        while len(batch) < cap and not self.ready.empty():
+            batch.append(self.ready.get_nowait())
+        return [s for s in batch if not s.finished and s.id in self.sequences]
+
+    async def _process(self, batch: list[Sequence]) -> None:
+        steps: list[Step] = []
+        token_ids: list[int] = []
+        for sequence in batch:
+            step, ids = sequence.next_step()
+            steps.append(step)
+            token_ids.extend(ids)
+            sequence.step_sent_at = time.monotonic()
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        try:
+            result = await loop.run_in_executor(self.executor, self._compute, steps, token_ids)
+        except Exception as error:
+            log.exception("stage 0 compute failed")
+            self.on_failure([s.sequence_id for s in steps], f"stage 0 failed: {error}")
+            return
+        self.metrics.compute.observe(time.perf_counter() - started)
+        self.metrics.batch_tokens.observe(len(token_ids))
+        self.metrics.cached_sequences.set(len(self.runtime.caches))
+        self.metrics.cache_bytes.set(self.runtime.cache_bytes())
+        if self.forward is None:
+            assert isinstance(result, list)
+            self.on_tokens([s.sequence_id for s in steps], result)
+        else:
+            self._spawn(self.forward(steps, result))
+
+    def _compute(self, steps: list[Step], token_ids: list[int]) -> object:
+        hidden = self.runtime.embed(token_ids)  # [tokens, hidden_size]
+        hidden = self.runtime.run(steps, hidden)
+        if self.forward is None:
+            return self.runtime.sample(steps, hidden)
+        return hidden
+
+    async def _watch_timeouts(self) -> None:
+        timeout = self.settings.step_timeout_s
+        while True:
+            await asyncio.sleep(min(1.0, timeout / 4))
+            now = time.monotonic()
+            stuck = [
+                s.id
+                for s in self.sequences.values()
+                if s.step_sent_at is not None and now - s.step_sent_at > timeout
+            ]
+            if stuck:
+                self.on_failure(
+                    stuck,
+                    f"no token came back from the pipeline within "
+                    f"{timeout:g} s (a stage may be stuck or overloaded)",
+                )
+
+    def _spawn(self, coroutine: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

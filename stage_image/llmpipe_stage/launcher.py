@@ -1,0 +1,381 @@
+"""`llmpipe serve`: a whole pipeline on this machine, one process per stage on loopback.
+
+With no `--model` it writes a tiny demo model (random weights, local tokenizer) once, so a
+newcomer sees tokens stream within a minute. The split comes from `--plan FILE` (the DESIGN
+plan JSON), `--cluster FILE` (planned by `llmpipe_operator.planning`), or `--stages N`
+(an even split; default 2). It writes the same `plan.json` + `pipeline.json` the operator
+mounts in Kubernetes, starts `python -m llmpipe_stage` per stage, shows loading progress,
+then prints how to call the OpenAI API and waits until Ctrl-C (or a stage dies).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from llmpipe_stage import config as stage_config
+
+CACHE_DIR = Path(os.environ.get("LLMPIPE_CACHE", Path.home() / ".cache" / "llmpipe"))
+
+
+class LaunchError(RuntimeError):
+    """`serve` cannot start the pipeline; the text says what to change."""
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="llmpipe serve",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    split = parser.add_mutually_exclusive_group()
+    split.add_argument(
+        "--stages", type=int, default=None, help="number of stages, layers split evenly (default 2)"
+    )
+    split.add_argument("--plan", type=Path, help="a plan JSON file (`llmpipe plan -o json`)")
+    split.add_argument("--cluster", type=Path, help="a cluster YAML file to plan over")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="model directory (config.json, tokenizer, *.safetensors); "
+        "default: a tiny demo model generated locally",
+    )
+    parser.add_argument(
+        "--name",
+        default=None,
+        help="model name in the API (default: the directory name, or llmpipe-demo)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=stage_config.DTYPES,
+        help="dtype the stages compute in (default float32: fastest on CPU)",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (127.0.0.1)")
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=8000,
+        help="OpenAI API port (8000); stage i>0 serves health and metrics on port+i",
+    )
+    parser.add_argument(
+        "--grpc-port",
+        type=int,
+        default=50051,
+        help="gRPC port of stage 0; stage i uses grpc-port+i (50051)",
+    )
+    parser.add_argument(
+        "--max-sequences", type=int, default=16, help="sequences in flight at once (16)"
+    )
+    parser.add_argument(
+        "--max-context",
+        type=int,
+        default=1024,
+        help="prompt + completion tokens per sequence (1024, capped by the model's own limit)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads per stage (default: cores / stages, at least 1)",
+    )
+    parser.add_argument(
+        "--run-dir",
+        type=Path,
+        default=None,
+        help="where to write the config and stage logs (default: a temp dir)",
+    )
+    parser.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=600.0,
+        help="seconds to wait for every stage to load (600)",
+    )
+    return parser.parse_args(argv)
+
+
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
+def resolve_model(args: argparse.Namespace) -> tuple[Path, str]:
+    if args.model is not None:
+        if not (args.model / "config.json").is_file():
+            raise LaunchError(f"--model {args.model}: no config.json there")
+        return args.model, args.name or args.model.resolve().name
+    from llmpipe_stage import demo
+
+    if not (CACHE_DIR / "demo-model-v1" / "config.json").is_file():
+        say(f"generating the demo model (random weights, local tokenizer) in {CACHE_DIR} ...")
+    path = demo.ensure_demo_model(CACHE_DIR)
+    return path, args.name or demo.DEMO_NAME
+
+
+def make_plan(args: argparse.Namespace, model_config: dict[str, Any]) -> dict[str, Any]:
+    """The DESIGN plan JSON from --plan, --cluster or --stages."""
+    num_layers = int(model_config["num_hidden_layers"])
+    if args.plan is not None:
+        try:
+            plan: dict[str, Any] = json.loads(args.plan.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise LaunchError(f"--plan {args.plan}: {error}") from None
+        stage_config.parse_plan(plan, where=str(args.plan))
+        return plan
+    if args.cluster is not None:
+        return plan_for_cluster(args, model_config)
+    return stage_config.even_plan(num_layers, args.stages or 2)
+
+
+def plan_for_cluster(args: argparse.Namespace, model_config: dict[str, Any]) -> dict[str, Any]:
+    import yaml
+
+    from llmpipe_operator.planning import inventory, planner, profiles
+
+    try:
+        cluster = yaml.safe_load(args.cluster.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise LaunchError(f"--cluster {args.cluster}: {error}") from None
+    profile = profiles.from_config(model_config, dtype=args.dtype)
+    workload = planner.Workload(
+        max_sequences=args.max_sequences, max_context_tokens=args.max_context
+    )
+    try:
+        plan = planner.plan_pipeline(profile, inventory.parse_cluster(cluster), workload=workload)
+    except (planner.PlanInfeasible, inventory.InventoryError) as error:
+        raise LaunchError(f"--cluster {args.cluster}: {error}") from None
+    result: dict[str, Any] = plan.to_dict()
+    return result
+
+
+def write_config(
+    run_dir: Path, plan: dict[str, Any], args: argparse.Namespace, *, name: str
+) -> Path:
+    config_dir = run_dir / "config"
+    config_dir.mkdir(parents=True, exist_ok=True)
+    stages = plan["stages"]
+    pipeline = {
+        "model": {"name": name, "dtype": args.dtype},
+        "workload": {"maxSequences": args.max_sequences, "maxContextTokens": args.max_context},
+        "stages": [
+            {"index": s["index"], "address": f"{args.host}:{args.grpc_port + s['index']}"}
+            for s in stages
+        ],
+    }
+    (config_dir / "plan.json").write_text(json.dumps(plan, indent=2))
+    (config_dir / "pipeline.json").write_text(json.dumps(pipeline, indent=2))
+    stage_config.read_config_dir(config_dir)  # the stages will parse it the same way
+    return config_dir
+
+
+def check_ports_free(host: str, ports: list[int]) -> None:
+    for port in ports:
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, port))
+            except OSError:
+                raise LaunchError(
+                    f"port {port} on {host} is in use; pick others with --port "
+                    "/ --grpc-port (or stop what holds it)"
+                ) from None
+
+
+def stage_env() -> dict[str, str]:
+    roots = [str(Path(__file__).resolve().parent.parent)]
+    with contextlib.suppress(ImportError):
+        import llmpipe_operator
+
+        roots.append(str(Path(llmpipe_operator.__file__).resolve().parent.parent))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([*roots, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+def start_stages(
+    args: argparse.Namespace, *, config_dir: Path, model_dir: Path, run_dir: Path, count: int
+) -> list[subprocess.Popen[bytes]]:
+    threads = args.threads or max(1, (os.cpu_count() or 1) // count)
+    processes = []
+    for index in range(count):
+        log = (run_dir / f"stage-{index}.log").open("wb")
+        command = [
+            sys.executable,
+            "-m",
+            "llmpipe_stage",
+            "--config-dir",
+            str(config_dir),
+            "--stage-index",
+            str(index),
+            "--model-dir",
+            str(model_dir),
+            "--host",
+            args.host,
+            "--grpc-port",
+            str(args.grpc_port + index),
+            "--http-port",
+            str(args.port + index),
+            "--threads",
+            str(threads),
+        ]
+        processes.append(
+            subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=stage_env(),
+                start_new_session=True,
+            )
+        )
+    return processes
+
+
+def get_json(url: str, timeout: float = 2.0) -> tuple[int, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"{}")
+    except (urllib.error.URLError, OSError, json.JSONDecodeError):
+        return 0, {}
+
+
+def wait_ready(
+    args: argparse.Namespace,
+    processes: list[subprocess.Popen[bytes]],
+    run_dir: Path,
+    plan: dict[str, Any],
+) -> None:
+    """Show each stage's loading progress until stage 0 reports the pipeline ready."""
+    deadline = time.monotonic() + args.ready_timeout
+    shown: dict[int, str] = {}
+    while time.monotonic() < deadline:
+        for index, process in enumerate(processes):
+            if process.poll() is not None:
+                tail = (run_dir / f"stage-{index}.log").read_text(errors="replace")[-2000:]
+                raise LaunchError(f"stage {index} exited with code {process.returncode}:\n{tail}")
+            _, health = get_json(f"http://{args.host}:{args.port + index}/healthz")
+            stage = plan["stages"][index]
+            layers = f"layers [{stage['layerStart']}, {stage['layerEnd']})"
+            phase = health.get("phase", "starting")
+            line = f"  stage {index}: {layers:<18} {phase}"
+            if phase == "loading":
+                line += (
+                    f" {health.get('loadedTensors', 0)}/{health.get('totalTensors', '?')} tensors"
+                )
+            if shown.get(index) != line:
+                shown[index] = line
+                say(line)
+        status, _ = get_json(f"http://{args.host}:{args.port}/readyz")
+        if status == 200:
+            return
+        time.sleep(0.25)
+    raise LaunchError(
+        f"the pipeline was not ready after {args.ready_timeout:g} s (logs in {run_dir})"
+    )
+
+
+def banner(
+    args: argparse.Namespace, *, name: str, run_dir: Path, count: int, started: float
+) -> str:
+    base = f"http://{args.host}:{args.port}"
+    body = json.dumps(
+        {
+            "model": name,
+            "stream": True,
+            "max_tokens": 32,
+            "messages": [{"role": "user", "content": "hello, tell me a story"}],
+        }
+    )
+    took = time.monotonic() - started
+    return "\n".join(
+        [
+            f"llmpipe: {count}-stage pipeline of {name} ready in {took:.1f} s",
+            f"  OpenAI API  {base}/v1  (models, completions, chat/completions)",
+            f"  metrics     {base}/metrics (stage i: port {args.port}+i)",
+            f"  logs        {run_dir}",
+            "try:",
+            f"  curl -N {base}/v1/chat/completions -H 'Content-Type: application/json' \\",
+            f"    -d '{body}'",
+            "Ctrl-C stops every stage.",
+        ]
+    )
+
+
+def stop_stages(processes: list[subprocess.Popen[bytes]]) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    for process in processes:
+        try:
+            process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def supervise(processes: list[subprocess.Popen[bytes]], run_dir: Path) -> int:
+    """Wait until Ctrl-C/SIGTERM (exit 0) or a stage dies (exit 1)."""
+    stopping = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while not stopping:
+        for index, process in enumerate(processes):
+            if process.poll() is not None:
+                say(
+                    f"stage {index} exited with code {process.returncode}; stopping "
+                    f"(log: {run_dir / f'stage-{index}.log'})"
+                )
+                return 1
+        time.sleep(0.5)
+    say("stopping the stages ...")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    started = time.monotonic()
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        model_dir, name = resolve_model(args)
+        model_config = json.loads((model_dir / "config.json").read_text())
+        plan = make_plan(args, model_config)
+        count = len(plan["stages"])
+        run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix="llmpipe-serve-"))
+        config_dir = write_config(run_dir, plan, args, name=name)
+        check_ports_free(
+            args.host,
+            [args.port + i for i in range(count)] + [args.grpc_port + i for i in range(count)],
+        )
+        say(f"starting {count} stages of {name} ({model_dir}) on {args.host}:")
+        processes = start_stages(
+            args, config_dir=config_dir, model_dir=model_dir, run_dir=run_dir, count=count
+        )
+        wait_ready(args, processes, run_dir, plan)
+        say(banner(args, name=name, run_dir=run_dir, count=count, started=started))
+        return supervise(processes, run_dir)
+    except (LaunchError, stage_config.ConfigError) as error:
+        print(f"llmpipe serve: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        stop_stages(processes)

@@ -1,0 +1,239 @@
+"""Load one stage's slice of a model: only its decoder layers' tensors (plus the embeddings on
+stage 0, the final norm and LM head on the last stage), read by key from the safetensors files.
+
+Modules are the model family's own transformers classes (LlamaDecoderLayer, ...), built on
+the meta device and then given the loaded tensors, so peak memory stays near the slice and
+no attention code is re-implemented here. This module reads files; it serves nothing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoConfig, PretrainedConfig
+
+
+class LoadError(ValueError):
+    """The model directory or the stage's slice cannot be loaded; the text says why."""
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where a model family's transformers classes live."""
+
+    module: str
+    decoder_layer: str
+    rotary: str
+    norm: str
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family(
+        "transformers.models.llama.modeling_llama",
+        "LlamaDecoderLayer",
+        "LlamaRotaryEmbedding",
+        "LlamaRMSNorm",
+    ),
+    "mistral": Family(
+        "transformers.models.mistral.modeling_mistral",
+        "MistralDecoderLayer",
+        "MistralRotaryEmbedding",
+        "MistralRMSNorm",
+    ),
+    "qwen2": Family(
+        "transformers.models.qwen2.modeling_qwen2",
+        "Qwen2DecoderLayer",
+        "Qwen2RotaryEmbedding",
+        "Qwen2RMSNorm",
+    ),
+}
+
+EMBED_KEY = "model.embed_tokens.weight"
+NORM_KEY = "model.norm.weight"
+HEAD_KEY = "lm_head.weight"
+
+
+@dataclass
+class StageSlice:
+    """The modules one stage runs. Layers are global indices [layer_start, layer_end)."""
+
+    config: PretrainedConfig
+    layer_start: int
+    layer_end: int
+    layers: nn.ModuleList
+    rotary: nn.Module
+    embed: nn.Embedding | None
+    norm: nn.Module | None
+    head_weight: torch.Tensor | None  # [vocab, hidden]; the embedding matrix when tied
+    dtype: torch.dtype
+
+    @property
+    def has_embedding(self) -> bool:
+        return self.embed is not None
+
+    @property
+    def has_head(self) -> bool:
+        return self.head_weight is not None
+
+
+def load_config(model_dir: Path) -> PretrainedConfig:
+    """Read config.json and check the family is one the runtime knows."""
+    if not (model_dir / "config.json").is_file():
+        raise LoadError(f"{model_dir} has no config.json (is --model-dir a model directory?)")
+    config: PretrainedConfig = AutoConfig.from_pretrained(model_dir)
+    if config.model_type not in FAMILIES:
+        raise LoadError(
+            f"model type {config.model_type!r} is not supported; supported: {sorted(FAMILIES)}"
+        )
+    return config
+
+
+def tensor_files(model_dir: Path) -> dict[str, Path]:
+    """Map every tensor key to the safetensors file that holds it (index file or single file)."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {key: model_dir / name for key, name in weight_map.items()}
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise LoadError(f"{model_dir} holds no *.safetensors files")
+    keys: dict[str, Path] = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as handle:
+            keys.update(dict.fromkeys(handle.keys(), path))
+    return keys
+
+
+def needed_keys(
+    config: PretrainedConfig,
+    keys: dict[str, Path],
+    *,
+    layer_start: int,
+    layer_end: int,
+    has_embedding: bool,
+    has_head: bool,
+) -> list[str]:
+    """The tensor keys this stage reads, in file order of appearance."""
+    wanted = [
+        key
+        for key in keys
+        if any(key.startswith(f"model.layers.{i}.") for i in range(layer_start, layer_end))
+    ]
+    if has_embedding:
+        wanted.append(EMBED_KEY)
+    if has_head:
+        wanted.append(NORM_KEY)
+        wanted.append(HEAD_KEY if HEAD_KEY in keys else EMBED_KEY)
+    missing = [key for key in wanted if key not in keys]
+    if missing:
+        raise LoadError(f"tensors missing from the safetensors files: {missing[:5]}")
+    return list(dict.fromkeys(wanted))
+
+
+def read_tensors(
+    keys: dict[str, Path],
+    wanted: list[str],
+    *,
+    dtype: torch.dtype,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Read just `wanted`, one tensor at a time, converting each to the pipeline dtype."""
+    by_file: dict[Path, list[str]] = {}
+    for key in wanted:
+        by_file.setdefault(keys[key], []).append(key)
+    out: dict[str, torch.Tensor] = {}
+    for path, file_keys in by_file.items():
+        with safe_open(str(path), framework="pt") as handle:
+            for key in file_keys:
+                out[key] = handle.get_tensor(key).to(dtype)
+                if progress is not None:
+                    progress(len(out), len(wanted))
+    return out
+
+
+def build_slice(
+    model_dir: Path,
+    *,
+    layer_start: int,
+    layer_end: int,
+    has_embedding: bool,
+    has_head: bool,
+    dtype: torch.dtype,
+    attn_implementation: str = "sdpa",
+    progress: Callable[[int, int], None] | None = None,
+) -> StageSlice:
+    """Load the stage's modules from `model_dir`; only its own tensors are read."""
+    config = load_config(model_dir)
+    config._attn_implementation = attn_implementation
+    if not 0 <= layer_start < layer_end <= config.num_hidden_layers:
+        raise LoadError(
+            f"layer range [{layer_start}, {layer_end}) is outside the model's "
+            f"{config.num_hidden_layers} layers"
+        )
+    family = FAMILIES[config.model_type]
+    classes = importlib.import_module(family.module)
+    keys = tensor_files(model_dir)
+    wanted = needed_keys(
+        config,
+        keys,
+        layer_start=layer_start,
+        layer_end=layer_end,
+        has_embedding=has_embedding,
+        has_head=has_head,
+    )
+    tensors = read_tensors(keys, wanted, dtype=dtype, progress=progress)
+
+    layers = nn.ModuleList()
+    for index in range(layer_start, layer_end):
+        with torch.device("meta"):
+            layer = getattr(classes, family.decoder_layer)(config, layer_idx=index)
+        prefix = f"model.layers.{index}."
+        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        layer.load_state_dict(state, strict=True, assign=True)
+        layers.append(layer.eval())
+
+    embed = None
+    if has_embedding:
+        weight = tensors[EMBED_KEY]
+        embed = nn.Embedding(weight.shape[0], weight.shape[1], _weight=weight, _freeze=True)
+    norm = None
+    head_weight = None
+    if has_head:
+        norm = getattr(classes, family.norm)(config.hidden_size, eps=config.rms_norm_eps)
+        norm.load_state_dict({"weight": tensors[NORM_KEY]}, strict=True, assign=True)
+        norm = norm.eval()
+        head_weight = tensors[HEAD_KEY if HEAD_KEY in tensors else EMBED_KEY]
+    # inv_freq stays float32, as in the full model (the rotary module casts cos/sin itself).
+    rotary = getattr(classes, family.rotary)(config=config).eval()
+    return StageSlice(
+        config=config,
+        layer_start=layer_start,
+        layer_end=layer_end,
+        layers=layers,
+        rotary=rotary,
+        embed=embed,
+        norm=norm,
+        head_weight=head_weight,
+        dtype=dtype,
+    )
+
+
+def context_limit(config: PretrainedConfig) -> int:
+    """The longest sequence the runtime handles exactly: no sliding-window masks are applied,
+    so a window caps the context."""
+    limit = int(config.max_position_embeddings)
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None) or []
+    uses_window = "sliding_attention" in layer_types or (
+        config.model_type == "mistral" and window is not None
+    )
+    if uses_window and window:
+        limit = min(limit, int(window))
+    return limit

@@ -1,0 +1,82 @@
+"""Prometheus metrics of one stage process (served at /metrics on every stage).
+
+One registry per process; names are prefixed `llmpipe_`. Stage 0 fills the request-level
+series (tokens, time to first token, queue depth); every stage fills compute time, bytes
+sent and cached sequences.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class StageMetrics:
+    def __init__(self, *, stage_index: int) -> None:
+        self.registry = CollectorRegistry()
+        labels = {"stage": str(stage_index)}
+        r = self.registry
+        self.tokens = Counter("llmpipe_generated_tokens", "Tokens generated (stage 0)", registry=r)
+        self.tokens_per_second = Gauge(
+            "llmpipe_tokens_per_second",
+            "Generated tokens per second over the last 10 s",
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "llmpipe_time_to_first_token_seconds",
+            "Request arrival to first generated token (stage 0)",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "llmpipe_queue_depth", "Requests waiting for a free sequence slot (stage 0)", registry=r
+        )
+        self.in_flight = Gauge(
+            "llmpipe_sequences_in_flight", "Sequences being generated (stage 0)", registry=r
+        )
+        self.requests = Counter(
+            "llmpipe_requests", "Finished requests by outcome", ["outcome"], registry=r
+        )
+        self.compute = Histogram(
+            "llmpipe_stage_compute_seconds",
+            "Time this stage spends computing one micro-batch",
+            ["stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        ).labels(**labels)
+        self.batch_tokens = Histogram(
+            "llmpipe_stage_batch_tokens",
+            "Tokens per micro-batch on this stage",
+            ["stage"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 256, 1024, 4096),
+            registry=r,
+        ).labels(**labels)
+        self.bytes_sent = Counter(
+            "llmpipe_bytes_sent", "Serialized bytes sent to other stages", ["stage"], registry=r
+        ).labels(**labels)
+        self.cached_sequences = Gauge(
+            "llmpipe_kv_cache_sequences",
+            "Sequences whose KV cache this stage holds",
+            ["stage"],
+            registry=r,
+        ).labels(**labels)
+        self.cache_bytes = Gauge(
+            "llmpipe_kv_cache_bytes", "Bytes of KV cache held", ["stage"], registry=r
+        ).labels(**labels)
+        self._recent: deque[tuple[float, int]] = deque()
+
+    def count_tokens(self, n: int) -> None:
+        now = time.monotonic()
+        self.tokens.inc(n)
+        self._recent.append((now, n))
+        while self._recent and self._recent[0][0] < now - 10.0:
+            self._recent.popleft()
+        span = max(1.0, now - self._recent[0][0]) if self._recent else 10.0
+        self.tokens_per_second.set(sum(k for _, k in self._recent) / min(10.0, span))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,277 @@
+"""Computation on one stage's layers slice, with a KV cache per sequence.
+
+`StageRuntime.run` takes a micro-batch of steps (hidden states packed [tokens, hidden]) and
+returns the slice's output packed the same way: decode steps (one token each) of many
+sequences run as one batch, each over its own cache (padded to the longest and masked);
+prompt steps run one sequence at a time. Stage 0 embeds token ids first; the last stage
+applies the final norm and head and samples. The runtime is synchronous and single-threaded:
+the server calls it from one worker thread, so caches need no locks. No I/O here.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch.nn import functional
+
+from llmpipe_stage.loading import StageSlice
+from llmpipe_stage.proto import stage_pb2
+from llmpipe_stage.wire import Step
+
+
+class StepError(ValueError):
+    """A step that does not fit this stage's caches (wrong position, context exceeded)."""
+
+
+class SequenceCache:
+    """One sequence's keys and values on this stage, per layer, grown by doubling."""
+
+    def __init__(self) -> None:
+        self.keys: dict[int, torch.Tensor] = {}  # layer -> [kv_heads, capacity, head_dim]
+        self.values: dict[int, torch.Tensor] = {}
+        self.layer_lengths: dict[int, int] = {}
+        self.length = 0  # tokens cached in every layer (committed after a full pass)
+        self.last_used = time.monotonic()
+
+    def append(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> int:
+        """key, value: [kv_heads, new, head_dim]. Returns the layer's new length."""
+        used = self.layer_lengths.get(layer, 0)
+        new = key.shape[1]
+        buffer = self.keys.get(layer)
+        if buffer is None or buffer.shape[1] < used + new:
+            capacity = max(16, 2 ** math.ceil(math.log2(used + new)))
+            grown_k = key.new_empty((key.shape[0], capacity, key.shape[2]))
+            grown_v = value.new_empty((value.shape[0], capacity, value.shape[2]))
+            if buffer is not None:
+                grown_k[:, :used] = buffer[:, :used]
+                grown_v[:, :used] = self.values[layer][:, :used]
+            self.keys[layer], self.values[layer] = grown_k, grown_v
+        self.keys[layer][:, used : used + new] = key
+        self.values[layer][:, used : used + new] = value
+        self.layer_lengths[layer] = used + new
+        return used + new
+
+    def nbytes(self) -> int:
+        return sum(
+            t.numel() * t.element_size() for t in (*self.keys.values(), *self.values.values())
+        )
+
+
+class BatchCache:
+    """Stands in for a transformers `Cache` during one forward pass over several sequences.
+
+    The attention modules call `update(key, value, layer_idx)`; each sequence's new keys go
+    into its own cache and the batch gets every sequence's keys so far, right-padded to the
+    longest (the attention mask hides the padding).
+    """
+
+    is_compileable = False
+
+    def __init__(self, caches: list[SequenceCache]) -> None:
+        self.caches = caches
+
+    def update(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        layer_idx: int,
+        cache_kwargs: object = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # key_states, value_states: [batch, kv_heads, new, head_dim]
+        lengths = [
+            cache.append(layer_idx, key_states[i], value_states[i])
+            for i, cache in enumerate(self.caches)
+        ]
+        if len(self.caches) == 1:
+            n = lengths[0]
+            return (
+                self.caches[0].keys[layer_idx][None, :, :n],
+                self.caches[0].values[layer_idx][None, :, :n],
+            )
+        longest = max(lengths)
+        batch, heads, _, dim = key_states.shape
+        keys = key_states.new_zeros((batch, heads, longest, dim))
+        values = value_states.new_zeros((batch, value_states.shape[1], longest, dim))
+        for i, (cache, n) in enumerate(zip(self.caches, lengths, strict=True)):
+            keys[i, :, :n] = cache.keys[layer_idx][:, :n]
+            values[i, :, :n] = cache.values[layer_idx][:, :n]
+        return keys, values
+
+
+def attention_mask(past: list[int], new: int, *, dtype: torch.dtype) -> torch.Tensor | None:
+    """Additive mask [batch, 1, new, longest]: query j of sequence b sees keys < past[b]+j+1.
+
+    None when the attention module's own causal handling is exact: one sequence with an
+    empty past, or a batch of single-token steps with equal pasts.
+    """
+    if (len(past) == 1 and past[0] == 0) or (new == 1 and len(set(past)) == 1):
+        return None
+    longest = max(past) + new
+    key_pos = torch.arange(longest)[None, None, :]  # [1, 1, longest]
+    limit = torch.tensor(past)[:, None, None] + torch.arange(new)[None, :, None] + 1
+    allowed = key_pos < limit  # [batch, new, longest]
+    mask = torch.zeros(allowed.shape, dtype=dtype)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+@dataclass
+class Sampler:
+    """How the last stage picks a sequence's tokens; greedy when temperature is 0."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    generator: torch.Generator = field(default_factory=torch.Generator)
+
+    @classmethod
+    def from_message(cls, message: stage_pb2.Sampling | None) -> Sampler:
+        if message is None:
+            return cls()
+        generator = torch.Generator()
+        if message.has_seed:
+            generator.manual_seed(message.seed)
+        else:
+            generator.seed()
+        top_p = message.top_p if 0.0 < message.top_p <= 1.0 else 1.0
+        return cls(temperature=max(0.0, message.temperature), top_p=top_p, generator=generator)
+
+    def pick(self, logits: torch.Tensor) -> int:
+        """logits: [vocab] (float32)."""
+        if self.temperature == 0.0:
+            return int(torch.argmax(logits).item())
+        probs = torch.softmax(logits / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+            sorted_probs[before >= self.top_p] = 0.0  # keep the smallest set reaching top_p
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+        return int(torch.multinomial(probs, 1, generator=self.generator).item())
+
+
+class StageRuntime:
+    """A stage's layers slice plus one KV cache (and, on the last stage, a sampler) per sequence."""
+
+    def __init__(self, stage: StageSlice, *, context_limit: int) -> None:
+        self.stage = stage
+        self.context_limit = context_limit
+        self.caches: dict[int, SequenceCache] = {}
+        self.samplers: dict[int, Sampler] = {}
+
+    # -- stage 0 ---------------------------------------------------------------------------
+    def embed(self, token_ids: list[int]) -> torch.Tensor:
+        """Packed token ids -> hidden [tokens, hidden_size] (stage 0 only)."""
+        if self.stage.embed is None:
+            raise StepError("this stage holds no embeddings")
+        with torch.inference_mode():
+            hidden: torch.Tensor = self.stage.embed(torch.tensor(token_ids, dtype=torch.long))
+        return hidden
+
+    # -- every stage -----------------------------------------------------------------------
+    def run(self, steps: list[Step], hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [sum(step.length), hidden_size] -> same shape after this stage's layers."""
+        for step in steps:
+            self._check(step)
+        offsets = [0]
+        for step in steps:
+            offsets.append(offsets[-1] + step.length)
+        out = torch.empty_like(hidden)
+        decode = [i for i, s in enumerate(steps) if s.length == 1]
+        groups = [decode] if decode else []
+        groups += [[i] for i, s in enumerate(steps) if s.length > 1]
+        with torch.inference_mode():
+            for group in groups:
+                # chunk: [batch, new, hidden_size]
+                chunk = torch.stack([hidden[offsets[i] : offsets[i + 1]] for i in group])
+                result = self._forward([steps[i] for i in group], chunk)
+                for row, i in enumerate(group):
+                    out[offsets[i] : offsets[i + 1]] = result[row]
+        return out
+
+    def _forward(self, steps: list[Step], hidden: torch.Tensor) -> torch.Tensor:
+        caches = [self._cache_for(step) for step in steps]
+        past = [cache.length for cache in caches]
+        new = hidden.shape[1]
+        position_ids = torch.tensor(past)[:, None] + torch.arange(new)[None, :]  # [batch, new]
+        position_embeddings = self.stage.rotary(hidden, position_ids)
+        mask = attention_mask(past, new, dtype=hidden.dtype)
+        batch_cache = BatchCache(caches)
+        for layer in self.stage.layers:
+            hidden = layer(
+                hidden,
+                attention_mask=mask,
+                position_ids=position_ids,
+                past_key_values=batch_cache,
+                use_cache=True,
+                position_embeddings=position_embeddings,
+            )
+        now = time.monotonic()
+        for cache in caches:
+            cache.length += new
+            cache.last_used = now
+        return hidden
+
+    def _check(self, step: Step) -> None:
+        """Raise StepError unless the step continues its sequence's cache exactly."""
+        cache = self.caches.get(step.sequence_id)
+        cached = 0 if cache is None else cache.length
+        if step.position != cached:
+            raise StepError(
+                f"sequence {step.sequence_id}: step at position {step.position} "
+                f"but {cached} tokens are cached here"
+            )
+        if step.position + step.length > self.context_limit:
+            raise StepError(
+                f"sequence {step.sequence_id}: {step.position + step.length} tokens "
+                f"exceed the context limit of {self.context_limit}"
+            )
+
+    def _cache_for(self, step: Step) -> SequenceCache:
+        cache = self.caches.get(step.sequence_id)
+        if cache is None:
+            cache = self.caches[step.sequence_id] = SequenceCache()
+            if self.stage.has_head:
+                self.samplers[step.sequence_id] = Sampler.from_message(step.sampling)
+        return cache
+
+    def admissible(self, steps: list[Step]) -> tuple[list[Step], list[Step]]:
+        """Split steps into those that fit the caches and those of released sequences."""
+        keep = [s for s in steps if s.sequence_id in self.caches or s.position == 0]
+        dropped = [s for s in steps if s not in keep]
+        return keep, dropped
+
+    # -- last stage ------------------------------------------------------------------------
+    def sample(self, steps: list[Step], hidden: torch.Tensor) -> list[int]:
+        """Final norm + head on each step's last token, then that sequence's sampler."""
+        if self.stage.norm is None or self.stage.head_weight is None:
+            raise StepError("this stage holds no head")
+        ends = []
+        total = 0
+        for step in steps:
+            total += step.length
+            ends.append(total - 1)
+        with torch.inference_mode():
+            last = hidden[ends]  # [batch, hidden_size]
+            logits = functional.linear(self.stage.norm(last), self.stage.head_weight).float()
+        return [
+            self.samplers.get(step.sequence_id, Sampler()).pick(logits[row])
+            for row, step in enumerate(steps)
+        ]
+
+    # -- cache lifetime --------------------------------------------------------------------
+    def release(self, sequence_ids: list[int]) -> list[int]:
+        """Free these sequences' caches; returns the ids that were held."""
+        freed = [sid for sid in sequence_ids if self.caches.pop(sid, None) is not None]
+        for sid in sequence_ids:
+            self.samplers.pop(sid, None)
+        return freed
+
+    def expired(self, idle_seconds: float) -> list[int]:
+        """Sequences whose cache has not been used for `idle_seconds` (their owner is gone)."""
+        cutoff = time.monotonic() - idle_seconds
+        return [sid for sid, cache in self.caches.items() if cache.last_used < cutoff]
+
+    def cache_bytes(self) -> int:
+        return sum(cache.nbytes() for cache in self.caches.values())

@@ -1,0 +1,123 @@
+"""Tensor <-> wire bytes: raw little-endian data with dtype and shape, never pickled.
+
+Pure conversions between torch tensors and `stage_pb2.Tensor` / `Activations` messages,
+plus the validation a receiving stage runs before trusting a message. No I/O here.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from llmpipe_stage.proto import stage_pb2
+
+DTYPES: dict[int, torch.dtype] = {
+    stage_pb2.FLOAT32: torch.float32,
+    stage_pb2.FLOAT16: torch.float16,
+    stage_pb2.BFLOAT16: torch.bfloat16,
+}
+WIRE_DTYPES: dict[torch.dtype, Any] = {v: k for k, v in DTYPES.items()}
+DTYPE_NAMES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+class WireError(ValueError):
+    """A message that cannot be decoded; the RPC answers INVALID_ARGUMENT with this text."""
+
+
+@dataclass(frozen=True)
+class Step:
+    """One sequence's tokens in a micro-batch: absolute positions [position, position + length)."""
+
+    sequence_id: int
+    position: int
+    length: int
+    sampling: stage_pb2.Sampling | None = None
+
+
+def encode_tensor(tensor: torch.Tensor) -> stage_pb2.Tensor:
+    """Serialise a CPU tensor as raw little-endian bytes (one copy)."""
+    if tensor.dtype not in WIRE_DTYPES:
+        raise WireError(f"dtype {tensor.dtype} cannot go on the wire; use {list(DTYPE_NAMES)}")
+    flat = tensor.detach().contiguous().reshape(-1)
+    raw = flat.view(torch.uint8) if flat.numel() else flat.to(torch.uint8)
+    data = raw.numpy().tobytes()
+    if sys.byteorder != "little":  # pragma: no cover - every supported host is little-endian
+        data = flat.numpy().byteswap().tobytes()
+    return stage_pb2.Tensor(dtype=WIRE_DTYPES[tensor.dtype], shape=list(tensor.shape), data=data)
+
+
+def decode_tensor(message: stage_pb2.Tensor) -> torch.Tensor:
+    """Rebuild a tensor, checking that dtype, shape and byte length agree."""
+    dtype = DTYPES.get(message.dtype)
+    if dtype is None:
+        raise WireError(f"unknown tensor dtype {message.dtype}")
+    shape = list(message.shape)
+    if any(d < 0 for d in shape):
+        raise WireError(f"negative dimension in shape {shape}")
+    numel = 1
+    for d in shape:
+        numel *= d
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if len(message.data) != numel * itemsize:
+        raise WireError(
+            f"tensor data is {len(message.data)} bytes but shape {shape} of {dtype} "
+            f"needs {numel * itemsize}"
+        )
+    if numel == 0:
+        return torch.empty(shape, dtype=dtype)
+    with warnings.catch_warnings():
+        # protobuf bytes are read-only; we clone below so the tensor owns writable memory.
+        warnings.simplefilter("ignore", UserWarning)
+        flat = torch.frombuffer(message.data, dtype=torch.uint8)
+    if sys.byteorder != "little":  # pragma: no cover
+        raise WireError("big-endian hosts are not supported")
+    return flat.view(dtype).reshape(shape).clone()
+
+
+def encode_activations(
+    steps: list[Step], hidden: torch.Tensor, *, sent_unix_ns: int = 0
+) -> stage_pb2.Activations:
+    """hidden: [sum(step.length), hidden_size], the steps' tokens packed in order."""
+    message = stage_pb2.Activations(hidden=encode_tensor(hidden), sent_unix_ns=sent_unix_ns)
+    for step in steps:
+        out = message.steps.add(
+            sequence_id=step.sequence_id, position=step.position, length=step.length
+        )
+        if step.sampling is not None:
+            out.sampling.CopyFrom(step.sampling)
+    return message
+
+
+def decode_activations(
+    message: stage_pb2.Activations, *, hidden_size: int, dtype: torch.dtype
+) -> tuple[list[Step], torch.Tensor]:
+    """Validate and unpack a micro-batch; raise WireError naming what is wrong."""
+    if not message.steps:
+        raise WireError("activations carry no sequence steps")
+    hidden = decode_tensor(message.hidden)
+    if hidden.dim() != 2 or hidden.shape[1] != hidden_size:
+        raise WireError(f"hidden state shape {list(hidden.shape)} is not [tokens, {hidden_size}]")
+    if hidden.dtype != dtype:
+        raise WireError(f"hidden state dtype {hidden.dtype} but this pipeline runs {dtype}")
+    steps: list[Step] = []
+    seen: set[int] = set()
+    for raw in message.steps:
+        if raw.length == 0:
+            raise WireError(f"sequence {raw.sequence_id}: step covers no tokens")
+        if raw.sequence_id in seen:
+            raise WireError(f"sequence {raw.sequence_id} appears twice in one micro-batch")
+        seen.add(raw.sequence_id)
+        sampling = raw.sampling if raw.HasField("sampling") else None
+        steps.append(Step(raw.sequence_id, raw.position, raw.length, sampling))
+    total = sum(s.length for s in steps)
+    if total != hidden.shape[0]:
+        raise WireError(f"steps cover {total} tokens but the hidden state has {hidden.shape[0]}")
+    return steps, hidden
