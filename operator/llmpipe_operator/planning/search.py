@@ -46,13 +46,17 @@ class SearchSettings:
 
     exact_limit: int = 8
     """Up to this many eligible nodes the search is exact: 2^8 masks take ~0.1 s."""
-    subset_size: int = 6
-    """Nodes in each strong subset searched exactly above the limit; 6 keeps one subset
-    search near 10 ms so that 128 nodes plan in well under 100 ms."""
+    subset_size: int = 5
+    """Nodes in each strong subset searched exactly above the limit; 5 keeps one subset
+    search near 5 ms so that 128 nodes plan in well under 100 ms."""
     bisection_tolerance: float = 1e-3
     """Stop bisecting on the bottleneck when the interval is within 0.1 %."""
     bisection_steps: int = 40
     """Upper bound on the greedy chains built per bisection."""
+    improve_rounds: int = 3
+    """Rounds of local search at the bottleneck; each round tries a handful of moves."""
+    improve_candidates: int = 3
+    """Fastest unused nodes tried per round: 3 x 3 moves keep 128 nodes under 100 ms."""
 
 
 class Problem:
@@ -103,6 +107,7 @@ class Problem:
         self.prefix = np.concatenate(([0.0], np.cumsum(profile.layer_bytes, dtype=np.float64)))
         self.kv_per_layer = float(workload.kv_tokens * profile.kv_bytes_per_token_per_layer)
         self.weights, self.memory = self._split_matrices()
+        self._stage_costs: dict[tuple[int, bool], FloatArray] = {}
 
     def _split_matrices(self) -> tuple[FloatArray, FloatArray]:
         """weights[a, c] and memory-less-R[a, c] of a stage holding [a, c); inf if c <= a."""
@@ -140,21 +145,28 @@ class Problem:
         seconds = 8 * batch * profiles.TOKEN_ID_BYTES / (self.mbps_row(u) * 1e6)
         return seconds + self.rtt_row(u) / 2 / 1000 if with_hop else seconds
 
-    def edge_matrices(self, *, single: bool) -> tuple[FloatArray, FloatArray]:
-        """(forward[u, v], return[u, f]) at batch S (throughput) or 1 + hop (latency)."""
+    def edge_matrices(self, members: list[int], *, single: bool) -> tuple[FloatArray, FloatArray]:
+        """(forward[u, v], return[u, f]) among members, at batch S (throughput) or at
+        batch 1 plus the hop (latency); indices are positions in `members`."""
         batch = 1 if single else self.workload.max_sequences
-        rows = range(self.size)
-        forward = np.array([self.forward_row(u, batch=batch, with_hop=single) for u in rows])
-        back = np.array([self.return_row(u, batch=batch, with_hop=single) for u in rows])
+        forward = np.array(
+            [self.forward_row(u, batch=batch, with_hop=single)[members] for u in members]
+        )
+        back = np.array(
+            [self.return_row(u, batch=batch, with_hop=single)[members] for u in members]
+        )
         np.fill_diagonal(forward, INF)
         np.fill_diagonal(back, INF)
         return forward, back
 
     def stage_costs(self, node: int, *, single: bool) -> FloatArray:
         """compute_s of node holding [a, c) for all a, c; inf where it does not fit."""
-        per_byte = self.per_byte_single[node] if single else self.per_byte_batch[node]
-        fits = self.memory <= self.capacity[node]
-        return np.where(fits, self.weights * per_byte, INF)
+        key = (node, single)
+        if key not in self._stage_costs:  # the heuristic re-splits chains many times
+            per_byte = self.per_byte_single[node] if single else self.per_byte_batch[node]
+            fits = self.memory <= self.capacity[node]
+            self._stage_costs[key] = np.where(fits, self.weights * per_byte, INF)
+        return self._stage_costs[key]
 
     # costing a chain ---------------------------------------------------------------
 
@@ -186,12 +198,12 @@ def exact(problem: Problem, *, subset: Sequence[int] | None = None) -> Chain | N
     """
     members = list(range(problem.size)) if subset is None else list(subset)
     single = [problem.stage_costs(v, single=True) for v in members]
-    fwd_single, ret_single = _sub(problem.edge_matrices(single=True), members)
+    fwd_single, ret_single = problem.edge_matrices(members, single=True)
     if problem.workload.objective == "latency":
         found = _dp(problem, members, np.array(single), fwd_single, ret_single, "sum")
         return None if found is None else found[1]
     batch = np.array([problem.stage_costs(v, single=False) for v in members])
-    fwd_batch, ret_batch = _sub(problem.edge_matrices(single=False), members)
+    fwd_batch, ret_batch = problem.edge_matrices(members, single=False)
     found = _dp(problem, members, batch, fwd_batch, ret_batch, "max")
     if found is None:
         return None
@@ -205,11 +217,6 @@ def exact(problem: Problem, *, subset: Sequence[int] | None = None) -> Chain | N
         "sum",
     )
     return found[1] if tied is None else tied[1]
-
-
-def _sub(matrices: tuple[FloatArray, FloatArray], members: list[int]) -> tuple[FloatArray, ...]:
-    grid = np.ix_(members, members)
-    return tuple(m[grid] for m in matrices)
 
 
 def _combine(how: Combine, a: FloatArray, b: FloatArray) -> FloatArray:
@@ -241,21 +248,25 @@ def _dp(
     for mask in range(1, 1 << n):
         if mask.bit_count() >= problem.max_stages:
             continue
-        current = best[mask]  # [u, f, b]
-        if not np.isfinite(current).any():
+        # u and f are members of mask; only layer counts some chain reaches can start
+        # the next stage. Slicing to those keeps the arrays small.
+        inside = np.array([i for i in range(n) if mask >> i & 1])
+        starts = np.flatnonzero(np.isfinite(best[mask]).any(axis=(0, 1))[:end])
+        if starts.size == 0:
             continue
+        current = best[mask][np.ix_(inside, inside, starts)]  # [u, f, b]
         for v in range(n):
             if mask >> v & 1:
                 continue
-            via = _combine(how, current, forward[:, v][:, None, None])  # [u, f, b]
+            via = _combine(how, current, forward[inside, v][:, None, None])  # [u, f, b]
             via_u = via.argmin(axis=0)  # [f, b]
             arrive = via.min(axis=0)  # [f, b]
-            total = _combine(how, arrive[:, :, None], stages[v][None, :, :])  # [f, b, c]
+            total = _combine(how, arrive[:, :, None], stages[v][starts][None, :, :])  # [f, b, c]
             from_b = total.argmin(axis=1)  # [f, c]
             grown = mask | 1 << v
-            best[grown, v] = total.min(axis=1)
-            parent_b[grown, v] = from_b
-            parent_u[grown, v] = np.take_along_axis(via_u, from_b, axis=1)
+            best[grown, v, inside] = total.min(axis=1)
+            parent_b[grown, v, inside] = starts[from_b]
+            parent_u[grown, v, inside] = inside[np.take_along_axis(via_u, from_b, axis=1)]
     return _best_ending(problem, members, best, parent_u, parent_b, back, how)
 
 
@@ -362,7 +373,47 @@ def heuristic(problem: Problem, settings: SearchSettings) -> Chain | None:
         candidates.append(chain if better is None else better)
     if not candidates:
         return None
-    return min(candidates, key=lambda chain: score(problem, chain))
+    best = min(candidates, key=lambda chain: score(problem, chain))
+    return _improve(problem, best, settings) if problem.workload.objective == "throughput" else best
+
+
+def _improve(problem: Problem, chain: Chain, settings: SearchSettings) -> Chain:
+    """Local search at the bottleneck: put one of the fastest unused nodes next to the
+    bottleneck stage or in its place, re-split exactly, keep what scores better."""
+    best, best_score = chain, score(problem, chain)
+    for _ in range(settings.improve_rounds):
+        costed = problem.evaluate(best).stages
+        worst = max(
+            range(len(costed)),
+            key=lambda s: max(costed[s].compute_batch, costed[s].transfer_batch),
+        )
+        improved = False
+        for order in _moves(problem, list(best.nodes), worst, settings.improve_candidates):
+            # the bottleneck alone decides a move; the latency tie-break runs once at the end
+            found = _chain_dp(problem, order, single=False, limit=None)
+            if found is not None and found[0] < best_score[0]:
+                best, best_score, improved = found[1], (found[0], 0.0), True
+        if not improved:
+            break
+    if best is chain:
+        return chain
+    polished = resplit(problem, best.nodes)
+    return best if polished is None else polished
+
+
+def _moves(problem: Problem, nodes: list[int], worst: int, count: int) -> list[list[int]]:
+    unused = np.ones(problem.size, dtype=bool)
+    unused[nodes] = False
+    spare = np.flatnonzero(unused)
+    spare = spare[np.lexsort((-problem.capacity[spare], problem.per_byte_batch[spare]))][:count]
+    grow = len(nodes) < min(problem.max_stages, problem.layers)
+    orders = []
+    for v in spare.tolist():
+        orders.append([*nodes[:worst], v, *nodes[worst + 1 :]])
+        if grow:
+            orders.append([*nodes[:worst], v, *nodes[worst:]])
+            orders.append([*nodes[: worst + 1], v, *nodes[worst + 1 :]])
+    return [o for o in orders if problem.first_ok[o[0]] and problem.last_ok[o[-1]]]
 
 
 def _strong_subsets(problem: Problem, size: int) -> list[list[int]]:
