@@ -162,7 +162,7 @@ class PlanInfeasible(Exception):
         super().__init__(message)
         self.reason = reason
         """A short code: no-nodes, total-memory, largest-layer, first-stage, last-stage,
-        max-stages, links or fragmented."""
+        max-stages or fragmented."""
         self.needed_bytes = needed_bytes
         """Weights + KV cache of the whole model (runtime overhead not included)."""
         self.available_bytes = available_bytes
@@ -344,6 +344,6 @@ def _shortfall(
             f"{cost.human_bytes(top)}, short by {cost.human_bytes(need - top)}"
         )
     return "fragmented", (
-        "the memory adds up, but no ordered chain of nodes fits every stage "
+        "the memory adds up, but no chain of nodes was found that fits every stage "
         "(whole layers do not pack into the free memory of the nodes)"
     )
