@@ -330,7 +330,11 @@ def _shortfall(
     ):
         edge_rooms = [r for r, n in zip(rooms_by_node, nodes, strict=True) if n.tier == "edge"]
         smallest_end = part + profile.layer_bytes[layer] + kv_layer
-        if rule == "edge" and max(edge_rooms, default=-1) < smallest_end:
+        if rule == "edge" and not edge_rooms:
+            return f"{end}-stage", (
+                f"the {end} stage must run on an edge node, and no eligible node is an edge node"
+            )
+        if rule == "edge" and max(edge_rooms) < smallest_end:
             what = "embeddings" if end == "first" else "head"
             return f"{end}-stage", (
                 f"the {end} stage must run on an edge node, and no edge node has room for "

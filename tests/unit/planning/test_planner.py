@@ -320,3 +320,13 @@ def test_bad_workloads_are_refused(field: str, value: object) -> None:
 def test_bad_placements_are_refused(field: str, value: str) -> None:
     with pytest.raises(ValueError, match=field):
         planner.Placement(**{field: value})  # type: ignore[arg-type]
+
+
+def test_edge_rule_without_any_edge_node() -> None:
+    cluster = a_cluster(a_node("gpu").cloud().memory("40Gi")).build()
+    placement = planner.Placement(last_stage="edge")
+    with pytest.raises(planner.PlanInfeasible, match="no eligible node is an edge node") as raised:
+        planner.plan_pipeline(
+            a_profile().build(), cluster, workload=planner.Workload(), placement=placement
+        )
+    assert raised.value.reason == "last-stage"
