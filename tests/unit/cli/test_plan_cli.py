@@ -5,6 +5,7 @@ planner, and exit codes 0 / 2 (bad input, message names the problem) / 3 (infeas
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -281,3 +282,32 @@ def test_the_committed_fleet_is_what_the_generator_writes() -> None:
     committed = yaml.safe_load((CLUSTERS / "fleet-200.yaml").read_text())
     assert committed == module.fleet()
     assert len(committed["nodes"]) == 200
+
+
+@pytest.mark.parametrize(
+    ("model", "code"),
+    [("TinyLlama-1.1B", 0), ("Llama-3-70B", 3), ("no-such-model", 2)],
+)
+def test_exit_codes_of_the_real_process(model: str, code: int) -> None:
+    """The codes reach the shell: 0 planned, 3 infeasible, 2 bad input."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "operator")}
+    argv = [
+        "plan",
+        "--cluster",
+        str(CLUSTERS / "pi-nuc-homelab.yaml"),
+        "--model",
+        str(MODELS / model),
+    ]
+    done = subprocess.run(
+        [sys.executable, "-m", "llmpipe_operator.cli", *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == code, done.stderr
+    assert ("llmpipe plan:" in done.stderr) == (code != 0)
