@@ -1,0 +1,195 @@
+"""Test helpers: tiny random models on disk and real stage processes on loopback.
+
+`Pipeline.start(model_dir, stages=N)` writes the same plan.json + pipeline.json the operator
+mounts, starts `python -m llmpipe_stage` once per stage (torch threads = 1 each) on free
+ports, and waits for stage 0's /readyz. Nothing here is mocked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from llmpipe_stage import config as stage_config
+from llmpipe_stage.proto import stage_pb2, stage_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Families under test: Llama with grouped-query attention, Qwen2 with tied embeddings.
+FAMILIES: dict[str, dict[str, Any]] = {
+    "llama-gqa": {"family": "llama", "num_attention_heads": 4, "num_key_value_heads": 2,
+                  "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+                  "max_position_embeddings": 1024, "initializer_range": 0.3},
+    "qwen2-tied": {"family": "qwen2", "num_attention_heads": 4, "num_key_value_heads": 1,
+                   "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+                   "max_position_embeddings": 1024, "initializer_range": 0.3,
+                   "tie_word_embeddings": True},
+}
+
+
+def write_family(path: Path, name: str) -> Path:
+    from llmpipe_stage import demo
+
+    spec = dict(FAMILIES[name])
+    family = spec.pop("family")
+    return demo.write_model(path, family=family, seed=1234, **spec)
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = []
+    for _ in range(count):
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sockets.append(sock)
+    ports = [s.getsockname()[1] for s in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def http_json(url: str, body: dict[str, Any] | None = None,
+              timeout: float = 60.0) -> tuple[int, dict[str, Any]]:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"{}")
+
+
+@dataclass
+class Pipeline:
+    model_dir: Path
+    run_dir: Path
+    grpc_ports: list[int]
+    http_ports: list[int]
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_ports[0]}"
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.grpc_ports)
+
+    @classmethod
+    def start(cls, model_dir: Path, run_dir: Path, *, stages: int, max_sequences: int = 8,
+              max_context: int = 128, name: str = "tiny", extra_args: tuple[str, ...] = (),
+              ready_timeout: float = 180.0) -> Pipeline:
+        config = json.loads((model_dir / "config.json").read_text())
+        ports = free_ports(2 * stages)
+        pipeline = cls(model_dir, run_dir, ports[:stages], ports[stages:])
+        config_dir = run_dir / "config"
+        config_dir.mkdir(parents=True, exist_ok=True)
+        plan = stage_config.even_plan(config["num_hidden_layers"], stages)
+        (config_dir / "plan.json").write_text(json.dumps(plan))
+        (config_dir / "pipeline.json").write_text(json.dumps({
+            "model": {"name": name, "dtype": "float32"},
+            "workload": {"maxSequences": max_sequences, "maxContextTokens": max_context},
+            "stages": [{"index": i, "address": f"127.0.0.1:{p}"}
+                       for i, p in enumerate(pipeline.grpc_ports)],
+        }))
+        for index in range(stages):
+            pipeline.spawn(index, extra_args=extra_args)
+        pipeline.wait_ready(ready_timeout)
+        return pipeline
+
+    def spawn(self, index: int, *, extra_args: tuple[str, ...] = ()) -> None:
+        env = dict(os.environ, PYTHONPATH=f"{ROOT / 'stage_image'}:{ROOT / 'operator'}",
+                   OMP_NUM_THREADS="1")
+        log = (self.run_dir / f"stage-{index}.log").open("ab")
+        command = [sys.executable, "-m", "llmpipe_stage", "--config-dir",
+                   str(self.run_dir / "config"), "--stage-index", str(index), "--model-dir",
+                   str(self.model_dir), "--host", "127.0.0.1", "--grpc-port",
+                   str(self.grpc_ports[index]), "--http-port", str(self.http_ports[index]),
+                   "--threads", "1", *extra_args]
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        if index < len(self.processes):
+            self.processes[index] = process
+        else:
+            self.processes.append(process)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- stage {i} ---\n" + (self.run_dir / f"stage-{i}.log").read_text(
+            errors="replace")[-3000:] for i in range(self.num_stages))
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for index, process in enumerate(self.processes):
+                if process.poll() is not None:
+                    self.stop()
+                    raise RuntimeError(f"stage {index} exited early\n{self.logs()}")
+            try:
+                status, _ = http_json(f"{self.base_url}/readyz", timeout=5)
+            except (urllib.error.URLError, OSError):
+                status = 0
+            if status == 200:
+                return
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"pipeline not ready after {timeout} s\n{self.logs()}")
+
+    def info(self, index: int) -> stage_pb2.StageInfo:
+        with grpc.insecure_channel(f"127.0.0.1:{self.grpc_ports[index]}") as channel:
+            return stage_pb2_grpc.StageStub(channel).Info(stage_pb2.InfoRequest(), timeout=5)
+
+    def cached_sequences(self, *, stages: list[int] | None = None) -> dict[int, list[int]]:
+        indices = range(self.num_stages) if stages is None else stages
+        return {i: list(self.info(i).cached_sequence_ids) for i in indices}
+
+    def wait_no_cache(self, *, stages: list[int] | None = None, timeout: float = 15.0,
+                      ) -> dict[int, list[int]]:
+        deadline = time.monotonic() + timeout
+        cached = self.cached_sequences(stages=stages)
+        while any(cached.values()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+            cached = self.cached_sequences(stages=stages)
+        return cached
+
+    def kill(self, index: int) -> None:
+        self.processes[index].send_signal(signal.SIGKILL)
+        self.processes[index].wait()
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def reference_tokens(model_dir: Path, prompts: list[list[int]],
+                     max_new: list[int]) -> list[list[int]]:
+    """Single-process greedy `generate`, one prompt at a time (the ground truth)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(1)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = []
+    for prompt, n in zip(prompts, max_new, strict=True):
+        ids = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt),
+                             dtype=torch.long), max_new_tokens=n, do_sample=False,
+                             pad_token_id=model.config.pad_token_id)
+        out.append(ids[0, len(prompt):].tolist())
+    return out

@@ -1,0 +1,140 @@
+"""The OpenAI-compatible API of stage 0, driven by the `openai` package: models, completions,
+chat completions, streaming (SSE), max_tokens, temperature/top_p/seed, stop strings; and
+/healthz, /readyz, /metrics on every stage. A 2-stage Llama pipeline in real processes."""
+
+from __future__ import annotations
+
+import re
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+from transformers import AutoTokenizer
+
+from tests.dataplane import pipelines
+
+
+@pytest.fixture(scope="module")
+def pipeline(model_dirs: dict[str, Path], start_pipeline) -> Iterator[pipelines.Pipeline]:  # noqa: ANN001
+    yield start_pipeline(model_dirs["llama-gqa"], stages=2, max_context=256)
+
+
+@pytest.fixture(scope="module")
+def client(pipeline: pipelines.Pipeline) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{pipeline.base_url}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dirs: dict[str, Path]):  # noqa: ANN201
+    return AutoTokenizer.from_pretrained(model_dirs["llama-gqa"])
+
+
+def greedy_text(model_dir: Path, tokenizer, prompt_ids: list[int], n: int) -> str:  # noqa: ANN001
+    ids = pipelines.reference_tokens(model_dir, [prompt_ids], [n])[0]
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_models_lists_the_served_model(client: openai.OpenAI) -> None:
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+def test_completion_text_equals_single_process_greedy(
+    client: openai.OpenAI, tokenizer, model_dirs: dict[str, Path],  # noqa: ANN001
+) -> None:
+    prompt = "the river and the stone"
+    result = client.completions.create(model="tiny", prompt=prompt, max_tokens=12,
+                                       temperature=0)
+    expected = greedy_text(model_dirs["llama-gqa"], tokenizer, tokenizer.encode(prompt), 12)
+    assert result.choices[0].text == expected
+    assert result.usage is not None
+    assert result.usage.prompt_tokens == len(tokenizer.encode(prompt))
+    assert result.usage.completion_tokens == 12
+    assert result.choices[0].finish_reason == "length"
+
+
+def test_chat_uses_the_chat_template(
+    client: openai.OpenAI, tokenizer, model_dirs: dict[str, Path],  # noqa: ANN001
+) -> None:
+    messages = [{"role": "user", "content": "hello, tell me a story"}]
+    result = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10,
+                                            temperature=0)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert result.choices[0].message.role == "assistant"
+    assert result.choices[0].message.content == greedy_text(
+        model_dirs["llama-gqa"], tokenizer, ids, 10)
+
+
+def test_streaming_chat_matches_the_whole_reply(client: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": "hello, tell me a story"}]
+    whole = client.chat.completions.create(model="tiny", messages=messages, max_tokens=15,
+                                           temperature=0)
+    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=15,
+                                            temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    deltas = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert len([d for d in deltas if d]) > 1  # tokens arrive one by one, not at the end
+    assert "".join(deltas) == whole.choices[0].message.content
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finish[-1] == whole.choices[0].finish_reason and set(finish[:-1]) == {None}
+    assert chunks[-1].usage is not None and whole.usage is not None
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_streaming_completion(client: openai.OpenAI) -> None:
+    whole = client.completions.create(model="tiny", prompt="a quiet night", max_tokens=8,
+                                      temperature=0)
+    parts = [c.choices[0].text for c in client.completions.create(
+        model="tiny", prompt="a quiet night", max_tokens=8, temperature=0, stream=True)]
+    assert "".join(parts) == whole.choices[0].text
+
+
+def test_stop_string_ends_the_text_before_it(client: openai.OpenAI) -> None:
+    full = client.completions.create(model="tiny", prompt="the sea", max_tokens=12,
+                                     temperature=0).choices[0].text
+    stop = full.split()[3]  # a word the greedy continuation produces
+    cut = client.completions.create(model="tiny", prompt="the sea", max_tokens=12,
+                                    temperature=0, stop=[stop])
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].text == full[: full.index(stop)]
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="tiny", prompt="the sea", max_tokens=12, temperature=0, stop=[stop], stream=True))
+    assert streamed == cut.choices[0].text
+
+
+def test_seed_makes_sampling_reproducible(client: openai.OpenAI) -> None:
+    def sample(seed: int) -> str:
+        return client.completions.create(model="tiny", prompt="one day", max_tokens=20,
+                                         temperature=1.0, seed=seed).choices[0].text
+
+    assert sample(7) == sample(7)
+    assert sample(7) != sample(8)
+
+
+def test_tiny_top_p_keeps_only_the_most_likely_token(client: openai.OpenAI) -> None:
+    greedy = client.completions.create(model="tiny", prompt="the forest", max_tokens=10,
+                                       temperature=0).choices[0].text
+    nucleus = client.completions.create(model="tiny", prompt="the forest", max_tokens=10,
+                                        temperature=1.0, top_p=1e-6, seed=3).choices[0].text
+    assert nucleus == greedy
+
+
+def test_health_ready_and_metrics_on_every_stage(
+    client: openai.OpenAI, pipeline: pipelines.Pipeline,
+) -> None:
+    client.completions.create(model="tiny", prompt="hello", max_tokens=4, temperature=0)
+    for index, port in enumerate(pipeline.http_ports):
+        base = f"http://127.0.0.1:{port}"
+        assert pipelines.http_json(f"{base}/healthz")[1]["phase"] == "ready"
+        assert pipelines.http_json(f"{base}/readyz")[0] == 200
+        text = urllib.request.urlopen(f"{base}/metrics").read().decode()
+        assert re.search(r'llmpipe_stage_compute_seconds_count\{stage="%d"\} [1-9]' % index, text)
+        assert re.search(r'llmpipe_bytes_sent_total\{stage="%d"\} [1-9]' % index, text)
+    stage0 = urllib.request.urlopen(f"{pipeline.base_url}/metrics").read().decode()
+    assert re.search(r"llmpipe_generated_tokens_total [1-9]", stage0)
+    assert re.search(r"llmpipe_time_to_first_token_seconds_count [1-9]", stage0)
+    assert "llmpipe_queue_depth 0.0" in stage0
+    assert "llmpipe_tokens_per_second" in stage0
