@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -398,7 +399,7 @@ def test_binaries_report_their_real_versions(control_plane: cp.ControlPlane) -> 
 def test_cli_up_env_down_leaves_no_process(control_plane: cp.ControlPlane, tmp_path: Path) -> None:
     workdir = tmp_path / "cli"
     script = str(REPO / "scripts" / "control-plane")
-    env = control_plane.env
+    env = {**control_plane.env, "LLMPIPE_VENV": sys.prefix}
     up = subprocess.run(
         [script, "up", "--dir", str(workdir), "--cluster", str(SMALL_CLUSTER)],
         capture_output=True,

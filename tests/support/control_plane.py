@@ -117,13 +117,6 @@ def _die_with_parent() -> None:
     libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
-
-
 @dataclass
 class Component:
     """One started process: its name, pid, the binary it runs and where it logs."""
@@ -135,7 +128,13 @@ class Component:
 
     def alive(self) -> bool:
         # The pid might have been reused: only count it if it still runs our binary.
-        return self.binary in _cmdline(self.pid)
+        # /proc/PID/exe is set before exec closes the pipe Popen waits on, while cmdline can
+        # still read empty for a moment after Popen returns; a zombie has no exe at all.
+        try:
+            exe = os.readlink(f"/proc/{self.pid}/exe")
+        except OSError:
+            return False
+        return exe.removesuffix(" (deleted)") == os.path.realpath(self.binary)
 
     def log_tail(self, lines: int = 25) -> str:
         try:
@@ -162,16 +161,18 @@ def _spawn(name: str, argv: list[str], workdir: Path, *, tie_to_parent: bool) ->
 
 
 def _stop(components: Iterable[Component], *, grace: float = 10.0) -> None:
-    """SIGTERM each (in the given order), then SIGKILL what is still alive after `grace`."""
-    running = [c for c in components if c.alive()]
-    for component in running:
+    """Stop each in the given order, waiting for one to exit before signalling the next
+    (kube-apiserver hangs in shutdown if etcd goes first): SIGTERM, then SIGKILL after
+    `grace` seconds."""
+    for component in components:
+        if not component.alive():
+            continue
         with contextlib.suppress(ProcessLookupError):
             os.kill(component.pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    for component in running:
+        deadline = time.monotonic() + grace
         while component.alive() and time.monotonic() < deadline:
             _reap(component.pid)
-            time.sleep(0.1)
+            time.sleep(0.05)
         if component.alive():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(component.pid, signal.SIGKILL)
@@ -316,6 +317,9 @@ class ControlPlane:
     ports: dict[str, int]
     components: list[Component] = field(default_factory=list)
     ready_seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds from the start until each component (and the nodes) became healthy."""
+    _began: float = field(default=0.0, repr=False)
     _client: Client | None = field(default=None, repr=False)
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -358,10 +362,12 @@ class ControlPlane:
             ports=ports,
             server=f"https://127.0.0.1:{ports['apiserver']}",
         )
+        plane._began = began
         try:
             plane._boot(tie_to_parent=tie_to_parent, timeout=timeout)
             if cluster_file is not None:
                 plane.add_nodes_from_file(cluster_file)
+                plane.timings["nodes Ready"] = time.monotonic() - began
         except BaseException:
             plane.stop()
             raise
@@ -411,6 +417,7 @@ class ControlPlane:
         # Proves the controller manager's controllers run (and that pods in `default` pass
         # ServiceAccount admission from now on).
         wait.service_account(self.client(), "default", timeout=timeout)
+        self.timings["default ServiceAccount"] = time.monotonic() - self._began
 
     def _run(self, name: str, args: list[str], tie_to_parent: bool) -> None:
         argv = [str(self.bin_dir / name), *args]
@@ -431,6 +438,7 @@ class ControlPlane:
                     + component.log_tail()
                 )
             time.sleep(0.1)
+        self.timings[name] = time.monotonic() - self._began
 
     def stop(self) -> None:
         """Stop every component (kwok and controllers first, etcd last)."""
@@ -555,7 +563,8 @@ class ControlPlane:
         """A kubeconfig that acts as the ServiceAccount (a TokenRequest-bound token), for
         running a component under least-privilege RBAC instead of as admin."""
         request = ServiceAccountToken(
-            spec=TokenRequestSpec(audiences=[SERVICE_ACCOUNT_ISSUER], expirationSeconds=seconds)
+            metadata=ObjectMeta(name=name, namespace=namespace),
+            spec=TokenRequestSpec(audiences=[SERVICE_ACCOUNT_ISSUER], expirationSeconds=seconds),
         )
         issued = self.client().create(request, name, namespace=namespace)
         if issued.status is None or not issued.status.token:
@@ -615,7 +624,7 @@ class ControlPlane:
             Node.Status, spec.name, {"status": manifest["status"]}, patch_type=PatchType.MERGE
         )
         if wait_ready:
-            return wait.node_condition(client, spec.name, status="True", timeout=timeout)
+            return wait.node_ready(client, spec.name, timeout=timeout)
         return client.get(Node, spec.name)
 
     def add_nodes_from_file(
@@ -629,7 +638,7 @@ class ControlPlane:
             specs = [_prefixed(spec, prefix) for spec in specs]
         added = [self.add_node(spec, wait_ready=False) for spec in specs]
         if wait_ready:
-            added = [wait.node_condition(self.client(), spec.name) for spec in specs]
+            added = [wait.node_ready(self.client(), spec.name) for spec in specs]
         return added
 
     def remove_node(self, name: str, *, timeout: float = 30.0) -> None:
@@ -666,14 +675,15 @@ class ControlPlane:
         return wait.node_condition(self.client(), name, status="False", timeout=timeout)
 
     def set_ready(self, name: str, *, timeout: float = 30.0) -> Node:
-        """Undo set_not_ready: kwok's node-initialize stage makes the node Ready again."""
+        """Undo set_not_ready: kwok's node-initialize stage makes the node Ready again, and
+        the node lifecycle controller lifts its not-ready taints."""
         self.client().patch(
             Node,
             name,
             {"metadata": {"labels": {nodes.NOT_READY_LABEL: None}}},
             patch_type=PatchType.MERGE,
         )
-        return wait.node_condition(self.client(), name, status="True", timeout=timeout)
+        return wait.node_ready(self.client(), name, timeout=timeout)
 
     # -- state for the CLI ---------------------------------------------------------------
 
@@ -743,8 +753,15 @@ def _up(workdir: Path, cluster: Path | None) -> int:
             )
             return 1
         previous.stop()
-    if workdir.exists():
-        shutil.rmtree(workdir)
+    if workdir.exists() and any(workdir.iterdir()):
+        if not (workdir / "pki" / "tokens.csv").exists():
+            print(
+                f"control-plane: {workdir} is not empty and not a control-plane directory; "
+                "refusing to reuse it (pass another --dir)",
+                file=sys.stderr,
+            )
+            return 1
+        shutil.rmtree(workdir)  # the previous, stopped plane's etcd data, logs and keys
     print(f"control-plane: starting in {workdir} ...", file=sys.stderr)
     plane = ControlPlane.start(workdir, cluster_file=cluster, tie_to_parent=False)
     nodes_count = len(list(plane.client().list(Node)))

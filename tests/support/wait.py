@@ -201,6 +201,34 @@ def node_condition(
     )
 
 
+NOT_READY_TAINTS = ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable")
+
+
+def node_ready(client: Client, name: str, *, timeout: float = DEFAULT_TIMEOUT) -> Node:
+    """Wait until the node is Ready *and* schedulable for new pods: a new node carries the
+    `node.kubernetes.io/not-ready` taint until the node lifecycle controller sees it Ready."""
+
+    def get() -> Node:
+        return client.get(Node, name)
+
+    def check() -> Node | None:
+        node = get()
+        taints = [t.key for t in (node.spec.taints if node.spec else None) or []]
+        ready = _conditions(node).get("Ready") == "True"
+        return node if ready and not set(taints) & set(NOT_READY_TAINTS) else None
+
+    def summarize(node: Node) -> str:
+        taints = [t.key for t in (node.spec.taints if node.spec else None) or []]
+        return f"conditions={_conditions(node)} taints={taints}"
+
+    return until(
+        check,
+        what=f"node {name} Ready without not-ready taints",
+        timeout=timeout,
+        seen=_describe(get, summarize),
+    )
+
+
 def event(
     client: Client,
     namespace: str,
