@@ -40,6 +40,7 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
+    ignore_eos: bool = False
 
     def to_message(self) -> stage_pb2.Sampling:
         return stage_pb2.Sampling(
@@ -179,7 +180,7 @@ class Coordinator:
             self.metrics.count_tokens(1)
             sequence.events.put_nowait(token)
             done = (
-                token in self.settings.eos_token_ids
+                (token in self.settings.eos_token_ids and not sequence.params.ignore_eos)
                 or len(sequence.generated) >= sequence.params.max_new_tokens
                 or sequence.position + 1 >= self.settings.context_limit
             )

@@ -129,6 +129,8 @@ def parse_generation(
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0) or 1.0,
         seed=seed,
+        # vLLM's extension: generate exactly max_tokens (benchmarks).
+        ignore_eos=bool(body.get("ignore_eos", False)),
     )
     return Generation(
         prompt_ids=prompt_ids,
@@ -283,7 +285,7 @@ class OpenAIHandlers:
         ) as tokens:
             async for token in tokens:
                 ids.append(token)
-                if token in eos:
+                if token in eos and not generation.params.ignore_eos:
                     finish = "stop"
                 text = self.tokenizer.decode(ids, skip_special_tokens=True)
                 cut = min(

@@ -271,10 +271,9 @@ def wait_ready(
             layers = f"layers [{stage['layerStart']}, {stage['layerEnd']})"
             phase = health.get("phase", "starting")
             line = f"  stage {index}: {layers:<18} {phase}"
-            if phase == "loading":
-                line += (
-                    f" {health.get('loadedTensors', 0)}/{health.get('totalTensors', '?')} tensors"
-                )
+            total = health.get("totalTensors", 0)
+            if phase == "loading" and total:
+                line += f" {health.get('loadedTensors', 0)}/{total} tensors"
             if shown.get(index) != line:
                 shown[index] = line
                 say(line)

@@ -22,8 +22,9 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def start_pipeline(tmp_path_factory: pytest.TempPathFactory,
-                   ) -> Iterator[Callable[..., pipelines.Pipeline]]:
+def start_pipeline(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Callable[..., pipelines.Pipeline]]:
     started: list[pipelines.Pipeline] = []
 
     def start(model_dir: Path, *, stages: int, **options: Any) -> pipelines.Pipeline:

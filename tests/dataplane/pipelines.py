@@ -29,13 +29,27 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # Families under test: Llama with grouped-query attention, Qwen2 with tied embeddings.
 FAMILIES: dict[str, dict[str, Any]] = {
-    "llama-gqa": {"family": "llama", "num_attention_heads": 4, "num_key_value_heads": 2,
-                  "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
-                  "max_position_embeddings": 1024, "initializer_range": 0.3},
-    "qwen2-tied": {"family": "qwen2", "num_attention_heads": 4, "num_key_value_heads": 1,
-                   "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
-                   "max_position_embeddings": 1024, "initializer_range": 0.3,
-                   "tie_word_embeddings": True},
+    "llama-gqa": {
+        "family": "llama",
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "max_position_embeddings": 1024,
+        "initializer_range": 0.3,
+    },
+    "qwen2-tied": {
+        "family": "qwen2",
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "max_position_embeddings": 1024,
+        "initializer_range": 0.3,
+        "tie_word_embeddings": True,
+    },
 }
 
 
@@ -59,11 +73,11 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
-def http_json(url: str, body: dict[str, Any] | None = None,
-              timeout: float = 60.0) -> tuple[int, dict[str, Any]]:
+def http_json(
+    url: str, body: dict[str, Any] | None = None, timeout: float = 60.0
+) -> tuple[int, dict[str, Any]]:
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data,
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, json.loads(response.read())
@@ -88,9 +102,18 @@ class Pipeline:
         return len(self.grpc_ports)
 
     @classmethod
-    def start(cls, model_dir: Path, run_dir: Path, *, stages: int, max_sequences: int = 8,
-              max_context: int = 128, name: str = "tiny", extra_args: tuple[str, ...] = (),
-              ready_timeout: float = 180.0) -> Pipeline:
+    def start(
+        cls,
+        model_dir: Path,
+        run_dir: Path,
+        *,
+        stages: int,
+        max_sequences: int = 8,
+        max_context: int = 128,
+        name: str = "tiny",
+        extra_args: tuple[str, ...] = (),
+        ready_timeout: float = 180.0,
+    ) -> Pipeline:
         config = json.loads((model_dir / "config.json").read_text())
         ports = free_ports(2 * stages)
         pipeline = cls(model_dir, run_dir, ports[:stages], ports[stages:])
@@ -98,26 +121,50 @@ class Pipeline:
         config_dir.mkdir(parents=True, exist_ok=True)
         plan = stage_config.even_plan(config["num_hidden_layers"], stages)
         (config_dir / "plan.json").write_text(json.dumps(plan))
-        (config_dir / "pipeline.json").write_text(json.dumps({
-            "model": {"name": name, "dtype": "float32"},
-            "workload": {"maxSequences": max_sequences, "maxContextTokens": max_context},
-            "stages": [{"index": i, "address": f"127.0.0.1:{p}"}
-                       for i, p in enumerate(pipeline.grpc_ports)],
-        }))
+        (config_dir / "pipeline.json").write_text(
+            json.dumps(
+                {
+                    "model": {"name": name, "dtype": "float32"},
+                    "workload": {"maxSequences": max_sequences, "maxContextTokens": max_context},
+                    "stages": [
+                        {"index": i, "address": f"127.0.0.1:{p}"}
+                        for i, p in enumerate(pipeline.grpc_ports)
+                    ],
+                }
+            )
+        )
         for index in range(stages):
             pipeline.spawn(index, extra_args=extra_args)
         pipeline.wait_ready(ready_timeout)
         return pipeline
 
     def spawn(self, index: int, *, extra_args: tuple[str, ...] = ()) -> None:
-        env = dict(os.environ, PYTHONPATH=f"{ROOT / 'stage_image'}:{ROOT / 'operator'}",
-                   OMP_NUM_THREADS="1")
+        env = dict(
+            os.environ,
+            PYTHONPATH=f"{ROOT / 'stage_image'}:{ROOT / 'operator'}",
+            OMP_NUM_THREADS="1",
+        )
         log = (self.run_dir / f"stage-{index}.log").open("ab")
-        command = [sys.executable, "-m", "llmpipe_stage", "--config-dir",
-                   str(self.run_dir / "config"), "--stage-index", str(index), "--model-dir",
-                   str(self.model_dir), "--host", "127.0.0.1", "--grpc-port",
-                   str(self.grpc_ports[index]), "--http-port", str(self.http_ports[index]),
-                   "--threads", "1", *extra_args]
+        command = [
+            sys.executable,
+            "-m",
+            "llmpipe_stage",
+            "--config-dir",
+            str(self.run_dir / "config"),
+            "--stage-index",
+            str(index),
+            "--model-dir",
+            str(self.model_dir),
+            "--host",
+            "127.0.0.1",
+            "--grpc-port",
+            str(self.grpc_ports[index]),
+            "--http-port",
+            str(self.http_ports[index]),
+            "--threads",
+            "1",
+            *extra_args,
+        ]
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         if index < len(self.processes):
             self.processes[index] = process
@@ -125,8 +172,11 @@ class Pipeline:
             self.processes.append(process)
 
     def logs(self) -> str:
-        return "\n".join(f"--- stage {i} ---\n" + (self.run_dir / f"stage-{i}.log").read_text(
-            errors="replace")[-3000:] for i in range(self.num_stages))
+        return "\n".join(
+            f"--- stage {i} ---\n"
+            + (self.run_dir / f"stage-{i}.log").read_text(errors="replace")[-3000:]
+            for i in range(self.num_stages)
+        )
 
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -153,8 +203,12 @@ class Pipeline:
         indices = range(self.num_stages) if stages is None else stages
         return {i: list(self.info(i).cached_sequence_ids) for i in indices}
 
-    def wait_no_cache(self, *, stages: list[int] | None = None, timeout: float = 15.0,
-                      ) -> dict[int, list[int]]:
+    def wait_no_cache(
+        self,
+        *,
+        stages: list[int] | None = None,
+        timeout: float = 15.0,
+    ) -> dict[int, list[int]]:
         deadline = time.monotonic() + timeout
         cached = self.cached_sequences(stages=stages)
         while any(cached.values()) and time.monotonic() < deadline:
@@ -178,8 +232,9 @@ class Pipeline:
                 process.wait()
 
 
-def reference_tokens(model_dir: Path, prompts: list[list[int]],
-                     max_new: list[int]) -> list[list[int]]:
+def reference_tokens(
+    model_dir: Path, prompts: list[list[int]], max_new: list[int]
+) -> list[list[int]]:
     """Single-process greedy `generate`, one prompt at a time (the ground truth)."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -188,8 +243,12 @@ def reference_tokens(model_dir: Path, prompts: list[list[int]],
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     out = []
     for prompt, n in zip(prompts, max_new, strict=True):
-        ids = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt),
-                             dtype=torch.long), max_new_tokens=n, do_sample=False,
-                             pad_token_id=model.config.pad_token_id)
-        out.append(ids[0, len(prompt):].tolist())
+        ids = model.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=n,
+            do_sample=False,
+            pad_token_id=model.config.pad_token_id,
+        )
+        out.append(ids[0, len(prompt) :].tolist())
     return out

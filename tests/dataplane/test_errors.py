@@ -26,9 +26,10 @@ CONTEXT = 1000
 
 
 @pytest.fixture(scope="module")
-def pipeline(model_dirs: dict[str, Path], start_pipeline) -> Iterator[pipelines.Pipeline]:  # noqa: ANN001
-    yield start_pipeline(model_dirs["llama-gqa"], stages=3, max_context=CONTEXT,
-                         extra_args=("--step-timeout", "4"))
+def pipeline(model_dirs: dict[str, Path], start_pipeline) -> Iterator[pipelines.Pipeline]:
+    yield start_pipeline(
+        model_dirs["llama-gqa"], stages=3, max_context=CONTEXT, extra_args=("--step-timeout", "4")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +38,7 @@ def client(pipeline: pipelines.Pipeline) -> openai.OpenAI:
 
 
 def serves(client: openai.OpenAI) -> bool:
-    result = client.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=3,
-                                       temperature=0)
+    result = client.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=3, temperature=0)
     return result.usage is not None and result.usage.completion_tokens >= 1
 
 
@@ -47,33 +47,51 @@ def forward(pipeline: pipelines.Pipeline, stage: int, message: stage_pb2.Activat
         stage_pb2_grpc.StageStub(channel).Forward(message, timeout=5)
 
 
-def activations(hidden: torch.Tensor, *, position: int = 0, length: int = 1,
-                sequence_id: int = 77) -> stage_pb2.Activations:
+def activations(
+    hidden: torch.Tensor, *, position: int = 0, length: int = 1, sequence_id: int = 77
+) -> stage_pb2.Activations:
     return wire.encode_activations([wire.Step(sequence_id, position, length)], hidden)
 
 
-malformed = pytest.mark.parametrize(("case", "message", "says"), [
-    ("wrong hidden size", activations(torch.zeros(1, 32)), "is not [tokens, 64]"),
-    ("wrong dtype", activations(torch.zeros(1, 64, dtype=torch.float16)), "dtype"),
-    ("bytes short of the shape",
-     stage_pb2.Activations(steps=[stage_pb2.SequenceStep(sequence_id=1, position=0, length=1)],
-                           hidden=stage_pb2.Tensor(dtype=stage_pb2.FLOAT32, shape=[1, 64],
-                                                   data=b"\0" * 10)), "needs 256"),
-    ("steps disagree with tokens", activations(torch.zeros(3, 64), length=2), "cover 2 tokens"),
-    ("position of an unknown sequence", activations(torch.zeros(1, 64), position=5),
-     "expected 0"),
-    ("past the context limit", activations(torch.zeros(1, 64), position=0, length=1,
-                                           sequence_id=78).__class__(
-        steps=[stage_pb2.SequenceStep(sequence_id=79, position=0, length=CONTEXT + 1)],
-        hidden=wire.encode_tensor(torch.zeros(CONTEXT + 1, 64))), "context limit"),
-    ("no steps", stage_pb2.Activations(), "no sequence steps"),
-])
+malformed = pytest.mark.parametrize(
+    ("case", "message", "says"),
+    [
+        ("wrong hidden size", activations(torch.zeros(1, 32)), "is not [tokens, 64]"),
+        ("wrong dtype", activations(torch.zeros(1, 64, dtype=torch.float16)), "dtype"),
+        (
+            "bytes short of the shape",
+            stage_pb2.Activations(
+                steps=[stage_pb2.SequenceStep(sequence_id=1, position=0, length=1)],
+                hidden=stage_pb2.Tensor(dtype=stage_pb2.FLOAT32, shape=[1, 64], data=b"\0" * 10),
+            ),
+            "needs 256",
+        ),
+        ("steps disagree with tokens", activations(torch.zeros(3, 64), length=2), "cover 2 tokens"),
+        (
+            "position of an unknown sequence",
+            activations(torch.zeros(1, 64), position=5),
+            "expected 0",
+        ),
+        (
+            "past the context limit",
+            activations(torch.zeros(1, 64), position=0, length=1, sequence_id=78).__class__(
+                steps=[stage_pb2.SequenceStep(sequence_id=79, position=0, length=CONTEXT + 1)],
+                hidden=wire.encode_tensor(torch.zeros(CONTEXT + 1, 64)),
+            ),
+            "context limit",
+        ),
+        ("no steps", stage_pb2.Activations(), "no sequence steps"),
+    ],
+)
 
 
 @malformed
 def test_malformed_message_is_invalid_argument_and_the_stage_keeps_serving(
-    pipeline: pipelines.Pipeline, client: openai.OpenAI, case: str,
-    message: stage_pb2.Activations, says: str,
+    pipeline: pipelines.Pipeline,
+    client: openai.OpenAI,
+    case: str,
+    message: stage_pb2.Activations,
+    says: str,
 ) -> None:
     with pytest.raises(grpc.RpcError) as raised:
         forward(pipeline, 1, message)
@@ -99,10 +117,17 @@ def test_unknown_model_is_404(client: openai.OpenAI) -> None:
 
 def test_client_disconnect_frees_the_sequence_everywhere(pipeline: pipelines.Pipeline) -> None:
     connection = http.client.HTTPConnection("127.0.0.1", pipeline.http_ports[0], timeout=30)
-    body = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": CONTEXT - 10,
-            "temperature": 1.0, "seed": 1, "stream": True}
-    connection.request("POST", "/v1/completions", json.dumps(body),
-                       {"Content-Type": "application/json"})
+    body = {
+        "model": "tiny",
+        "prompt": [5, 6, 7],
+        "max_tokens": CONTEXT - 10,
+        "temperature": 1.0,
+        "seed": 1,
+        "stream": True,
+    }
+    connection.request(
+        "POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"}
+    )
     response = connection.getresponse()
     assert response.status == 200
     for _ in range(3):
@@ -117,8 +142,12 @@ def test_client_disconnect_frees_the_sequence_everywhere(pipeline: pipelines.Pip
 
 def stream_lines(pipeline: pipelines.Pipeline, body: dict[str, object]) -> Iterator[bytes]:
     connection = http.client.HTTPConnection("127.0.0.1", pipeline.http_ports[0], timeout=30)
-    connection.request("POST", "/v1/completions", json.dumps({**body, "stream": True}),
-                       {"Content-Type": "application/json"})
+    connection.request(
+        "POST",
+        "/v1/completions",
+        json.dumps({**body, "stream": True}),
+        {"Content-Type": "application/json"},
+    )
     response = connection.getresponse()
     assert response.status == 200
     try:
@@ -130,7 +159,8 @@ def stream_lines(pipeline: pipelines.Pipeline, body: dict[str, object]) -> Itera
 
 
 def test_stuck_stage_is_503_before_admission(
-    pipeline: pipelines.Pipeline, client: openai.OpenAI,
+    pipeline: pipelines.Pipeline,
+    client: openai.OpenAI,
 ) -> None:
     pipeline.processes[1].send_signal(signal.SIGSTOP)
     try:
@@ -147,10 +177,19 @@ def test_stuck_stage_is_503_before_admission(
 
 
 def test_stage_stuck_mid_stream_fails_the_request_after_the_step_timeout(
-    pipeline: pipelines.Pipeline, client: openai.OpenAI,
+    pipeline: pipelines.Pipeline,
+    client: openai.OpenAI,
 ) -> None:
-    lines = stream_lines(pipeline, {"model": "tiny", "prompt": [5, 6, 7], "seed": 2,
-                                    "max_tokens": CONTEXT - 10, "temperature": 1.0})
+    lines = stream_lines(
+        pipeline,
+        {
+            "model": "tiny",
+            "prompt": [5, 6, 7],
+            "seed": 2,
+            "max_tokens": CONTEXT - 10,
+            "temperature": 1.0,
+        },
+    )
     assert next(lines).startswith(b"data: {")
     pipeline.processes[1].send_signal(signal.SIGSTOP)
     try:
@@ -167,7 +206,8 @@ def test_stage_stuck_mid_stream_fails_the_request_after_the_step_timeout(
 
 
 def test_stage_down_fails_fast_with_503_and_recovers(
-    pipeline: pipelines.Pipeline, client: openai.OpenAI,
+    pipeline: pipelines.Pipeline,
+    client: openai.OpenAI,
 ) -> None:
     pipeline.kill(2)
     started = time.monotonic()

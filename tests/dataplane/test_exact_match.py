@@ -20,14 +20,23 @@ stage_counts = pytest.mark.parametrize("stages", [1, 2, 3, 4])
 
 @pytest.fixture(scope="module")
 def references(model_dirs: dict[str, Path]) -> dict[str, list[list[int]]]:
-    return {name: pipelines.reference_tokens(path, PROMPTS, MAX_NEW)
-            for name, path in model_dirs.items()}
+    return {
+        name: pipelines.reference_tokens(path, PROMPTS, MAX_NEW)
+        for name, path in model_dirs.items()
+    }
 
 
 def complete(pipeline: pipelines.Pipeline, prompt: list[int], max_tokens: int) -> list[int]:
-    status, body = pipelines.http_json(f"{pipeline.base_url}/v1/completions", {
-        "model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-        "return_token_ids": True})
+    status, body = pipelines.http_json(
+        f"{pipeline.base_url}/v1/completions",
+        {
+            "model": "tiny",
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "return_token_ids": True,
+        },
+    )
     assert status == 200, body
     return list(body["choices"][0]["token_ids"])
 
@@ -35,17 +44,23 @@ def complete(pipeline: pipelines.Pipeline, prompt: list[int], max_tokens: int) -
 @families
 @stage_counts
 def test_greedy_tokens_equal_single_process_generate(
-    family: str, stages: int, model_dirs: dict[str, Path], start_pipeline,  # noqa: ANN001
+    family: str,
+    stages: int,
+    model_dirs: dict[str, Path],
+    start_pipeline,
     references: dict[str, list[list[int]]],
 ) -> None:
     pipeline = start_pipeline(model_dirs[family], stages=stages)
     try:
         with ThreadPoolExecutor(len(PROMPTS)) as pool:
-            got = list(pool.map(lambda args: complete(pipeline, *args), zip(PROMPTS, MAX_NEW)))
+            got = list(
+                pool.map(lambda args: complete(pipeline, *args), zip(PROMPTS, MAX_NEW, strict=True))
+            )
         assert got == references[family]
         # The ring really ran through every stage, and every cache was freed afterwards.
-        assert [pipeline.info(i).layer_start for i in range(stages)] == \
-            [s["layerStart"] for s in pipelines.stage_config.even_plan(4, stages)["stages"]]
+        assert [pipeline.info(i).layer_start for i in range(stages)] == [
+            s["layerStart"] for s in pipelines.stage_config.even_plan(4, stages)["stages"]
+        ]
         assert pipeline.wait_no_cache() == {i: [] for i in range(stages)}
     finally:
         pipeline.stop()

@@ -17,7 +17,7 @@ from tests.dataplane import pipelines
 
 
 @pytest.fixture(scope="module")
-def pipeline(model_dirs: dict[str, Path], start_pipeline) -> Iterator[pipelines.Pipeline]:  # noqa: ANN001
+def pipeline(model_dirs: dict[str, Path], start_pipeline) -> Iterator[pipelines.Pipeline]:
     yield start_pipeline(model_dirs["llama-gqa"], stages=2, max_context=256)
 
 
@@ -27,11 +27,11 @@ def client(pipeline: pipelines.Pipeline) -> openai.OpenAI:
 
 
 @pytest.fixture(scope="module")
-def tokenizer(model_dirs: dict[str, Path]):  # noqa: ANN201
+def tokenizer(model_dirs: dict[str, Path]):
     return AutoTokenizer.from_pretrained(model_dirs["llama-gqa"])
 
 
-def greedy_text(model_dir: Path, tokenizer, prompt_ids: list[int], n: int) -> str:  # noqa: ANN001
+def greedy_text(model_dir: Path, tokenizer, prompt_ids: list[int], n: int) -> str:
     ids = pipelines.reference_tokens(model_dir, [prompt_ids], [n])[0]
     return tokenizer.decode(ids, skip_special_tokens=True)
 
@@ -41,11 +41,12 @@ def test_models_lists_the_served_model(client: openai.OpenAI) -> None:
 
 
 def test_completion_text_equals_single_process_greedy(
-    client: openai.OpenAI, tokenizer, model_dirs: dict[str, Path],  # noqa: ANN001
+    client: openai.OpenAI,
+    tokenizer,
+    model_dirs: dict[str, Path],
 ) -> None:
     prompt = "the river and the stone"
-    result = client.completions.create(model="tiny", prompt=prompt, max_tokens=12,
-                                       temperature=0)
+    result = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
     expected = greedy_text(model_dirs["llama-gqa"], tokenizer, tokenizer.encode(prompt), 12)
     assert result.choices[0].text == expected
     assert result.usage is not None
@@ -55,25 +56,35 @@ def test_completion_text_equals_single_process_greedy(
 
 
 def test_chat_uses_the_chat_template(
-    client: openai.OpenAI, tokenizer, model_dirs: dict[str, Path],  # noqa: ANN001
+    client: openai.OpenAI,
+    tokenizer,
+    model_dirs: dict[str, Path],
 ) -> None:
     messages = [{"role": "user", "content": "hello, tell me a story"}]
-    result = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10,
-                                            temperature=0)
+    result = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=10, temperature=0
+    )
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ids = tokenizer.encode(text, add_special_tokens=False)
     assert result.choices[0].message.role == "assistant"
     assert result.choices[0].message.content == greedy_text(
-        model_dirs["llama-gqa"], tokenizer, ids, 10)
+        model_dirs["llama-gqa"], tokenizer, ids, 10
+    )
 
 
 def test_streaming_chat_matches_the_whole_reply(client: openai.OpenAI) -> None:
     messages = [{"role": "user", "content": "hello, tell me a story"}]
-    whole = client.chat.completions.create(model="tiny", messages=messages, max_tokens=15,
-                                           temperature=0)
-    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=15,
-                                            temperature=0, stream=True,
-                                            stream_options={"include_usage": True})
+    whole = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=15, temperature=0
+    )
+    stream = client.chat.completions.create(
+        model="tiny",
+        messages=messages,
+        max_tokens=15,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     deltas = [c.choices[0].delta.content or "" for c in chunks if c.choices]
     assert len([d for d in deltas if d]) > 1  # tokens arrive one by one, not at the end
@@ -85,45 +96,72 @@ def test_streaming_chat_matches_the_whole_reply(client: openai.OpenAI) -> None:
 
 
 def test_streaming_completion(client: openai.OpenAI) -> None:
-    whole = client.completions.create(model="tiny", prompt="a quiet night", max_tokens=8,
-                                      temperature=0)
-    parts = [c.choices[0].text for c in client.completions.create(
-        model="tiny", prompt="a quiet night", max_tokens=8, temperature=0, stream=True)]
+    whole = client.completions.create(
+        model="tiny", prompt="a quiet night", max_tokens=8, temperature=0
+    )
+    parts = [
+        c.choices[0].text
+        for c in client.completions.create(
+            model="tiny", prompt="a quiet night", max_tokens=8, temperature=0, stream=True
+        )
+    ]
     assert "".join(parts) == whole.choices[0].text
 
 
 def test_stop_string_ends_the_text_before_it(client: openai.OpenAI) -> None:
-    full = client.completions.create(model="tiny", prompt="the sea", max_tokens=12,
-                                     temperature=0).choices[0].text
+    full = (
+        client.completions.create(model="tiny", prompt="the sea", max_tokens=12, temperature=0)
+        .choices[0]
+        .text
+    )
     stop = full.split()[3]  # a word the greedy continuation produces
-    cut = client.completions.create(model="tiny", prompt="the sea", max_tokens=12,
-                                    temperature=0, stop=[stop])
+    cut = client.completions.create(
+        model="tiny", prompt="the sea", max_tokens=12, temperature=0, stop=[stop]
+    )
     assert cut.choices[0].finish_reason == "stop"
     assert cut.choices[0].text == full[: full.index(stop)]
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model="tiny", prompt="the sea", max_tokens=12, temperature=0, stop=[stop], stream=True))
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model="tiny", prompt="the sea", max_tokens=12, temperature=0, stop=[stop], stream=True
+        )
+    )
     assert streamed == cut.choices[0].text
 
 
 def test_seed_makes_sampling_reproducible(client: openai.OpenAI) -> None:
     def sample(seed: int) -> str:
-        return client.completions.create(model="tiny", prompt="one day", max_tokens=20,
-                                         temperature=1.0, seed=seed).choices[0].text
+        return (
+            client.completions.create(
+                model="tiny", prompt="one day", max_tokens=20, temperature=1.0, seed=seed
+            )
+            .choices[0]
+            .text
+        )
 
     assert sample(7) == sample(7)
     assert sample(7) != sample(8)
 
 
 def test_tiny_top_p_keeps_only_the_most_likely_token(client: openai.OpenAI) -> None:
-    greedy = client.completions.create(model="tiny", prompt="the forest", max_tokens=10,
-                                       temperature=0).choices[0].text
-    nucleus = client.completions.create(model="tiny", prompt="the forest", max_tokens=10,
-                                        temperature=1.0, top_p=1e-6, seed=3).choices[0].text
+    greedy = (
+        client.completions.create(model="tiny", prompt="the forest", max_tokens=10, temperature=0)
+        .choices[0]
+        .text
+    )
+    nucleus = (
+        client.completions.create(
+            model="tiny", prompt="the forest", max_tokens=10, temperature=1.0, top_p=1e-6, seed=3
+        )
+        .choices[0]
+        .text
+    )
     assert nucleus == greedy
 
 
 def test_health_ready_and_metrics_on_every_stage(
-    client: openai.OpenAI, pipeline: pipelines.Pipeline,
+    client: openai.OpenAI,
+    pipeline: pipelines.Pipeline,
 ) -> None:
     client.completions.create(model="tiny", prompt="hello", max_tokens=4, temperature=0)
     for index, port in enumerate(pipeline.http_ports):
@@ -131,8 +169,9 @@ def test_health_ready_and_metrics_on_every_stage(
         assert pipelines.http_json(f"{base}/healthz")[1]["phase"] == "ready"
         assert pipelines.http_json(f"{base}/readyz")[0] == 200
         text = urllib.request.urlopen(f"{base}/metrics").read().decode()
-        assert re.search(r'llmpipe_stage_compute_seconds_count\{stage="%d"\} [1-9]' % index, text)
-        assert re.search(r'llmpipe_bytes_sent_total\{stage="%d"\} [1-9]' % index, text)
+        label = f'{{stage="{index}"}}'
+        assert re.search(rf"llmpipe_stage_compute_seconds_count{re.escape(label)} [1-9]", text)
+        assert re.search(rf"llmpipe_bytes_sent_total{re.escape(label)} [1-9]", text)
     stage0 = urllib.request.urlopen(f"{pipeline.base_url}/metrics").read().decode()
     assert re.search(r"llmpipe_generated_tokens_total [1-9]", stage0)
     assert re.search(r"llmpipe_time_to_first_token_seconds_count [1-9]", stage0)

@@ -1,0 +1,291 @@
+"""Data-plane benchmark: per-hop overhead, bytes on the wire, pipeline throughput.
+
+    make bench            # or: PYTHONPATH=operator:stage_image python bench/dataplane.py
+
+1. Per hop: serialize a 4096-wide fp16 hidden state (one token), send it with the stage's
+   Forward RPC (grpc.aio, loopback) to a process that deserializes it, wait for the ack.
+2. Bytes on the wire per token per hop, for the hidden state and for the token-id return hop.
+3. Decode throughput with 1, 4 and 16 sequences in flight over 1-4 stage processes
+   (`llmpipe serve`, one torch thread per stage) versus single-process `generate` at the
+   same batch (one torch thread), printed side by side with the ratio.
+Figures are printed, never asserted; docs/benchmarks.md records a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "stage_image"), str(ROOT / "operator")]
+
+import grpc  # noqa: E402
+import torch  # noqa: E402
+
+from llmpipe_stage import wire  # noqa: E402
+from llmpipe_stage.proto import stage_pb2, stage_pb2_grpc  # noqa: E402
+
+HIDDEN = 4096
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# -- 1. per-hop overhead ------------------------------------------------------------------------
+class SinkServicer(stage_pb2_grpc.StageServicer):
+    """The receiving half of a hop: deserialize and validate like a stage, then ack."""
+
+    async def Forward(self, request, context):
+        wire.decode_activations(request, hidden_size=HIDDEN, dtype=torch.float16)
+        return stage_pb2.Ack()
+
+
+async def run_sink(port: int) -> None:
+    server = grpc.aio.server()
+    stage_pb2_grpc.add_StageServicer_to_server(SinkServicer(), server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    print("ready", flush=True)
+    await server.wait_for_termination()
+
+
+async def time_hops(port: int, *, batch: int, calls: int) -> list[float]:
+    hidden = torch.randn(batch, HIDDEN).to(torch.float16)
+    steps = [wire.Step(1000 + i, 57, 1) for i in range(batch)]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = stage_pb2_grpc.StageStub(channel)
+        times = []
+        for i in range(calls + 50):
+            started = time.perf_counter()
+            message = wire.encode_activations(steps, hidden, sent_unix_ns=time.time_ns())
+            await stub.Forward(message, timeout=10)
+            if i >= 50:  # warm-up excluded
+                times.append(time.perf_counter() - started)
+    return times
+
+
+def per_hop() -> None:
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=f"{ROOT / 'stage_image'}", OMP_NUM_THREADS="1")
+    sink = subprocess.Popen(
+        [sys.executable, __file__, "--sink", str(port)], env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert sink.stdout is not None and sink.stdout.readline().strip() == "ready"
+        print(
+            f"\n## per-hop overhead: {HIDDEN}-wide fp16 hidden state, loopback gRPC "
+            "(serialize + Forward RPC + deserialize + ack)"
+        )
+        print(
+            f"{'tokens/msg':>10} {'median ms':>10} {'p90 ms':>8} {'bytes/msg':>10} "
+            f"{'bytes/token':>12}"
+        )
+        for batch in (1, 4, 16):
+            times = asyncio.run(time_hops(port, batch=batch, calls=500))
+            hidden = torch.zeros(batch, HIDDEN, dtype=torch.float16)
+            steps = [wire.Step(1000 + i, 57, 1) for i in range(batch)]
+            size = len(
+                wire.encode_activations(
+                    steps, hidden, sent_unix_ns=time.time_ns()
+                ).SerializeToString()
+            )
+            quantiles = statistics.quantiles(times, n=10)
+            print(
+                f"{batch:>10} {statistics.median(times) * 1e3:>10.3f} "
+                f"{quantiles[8] * 1e3:>8.3f} {size:>10} {size / batch:>12.1f}"
+            )
+        tokens = stage_pb2.Tokens(
+            sequence_ids=[2**40 + i for i in range(16)], token_ids=list(range(31000, 31016))
+        )
+        print(
+            f"return hop (token ids, 16 sequences): {len(tokens.SerializeToString())} bytes, "
+            f"{len(tokens.SerializeToString()) / 16:.1f} bytes/token"
+        )
+        print(f"payload alone: hidden_size x 2 bytes = {HIDDEN * 2} bytes/token")
+    finally:
+        sink.send_signal(signal.SIGTERM)
+        sink.wait()
+
+
+# -- 3. throughput ------------------------------------------------------------------------------
+def bench_model(path: Path) -> Path:
+    from llmpipe_stage import demo
+
+    if not (path / "config.json").is_file():
+        demo.write_model(
+            path,
+            family="llama",
+            hidden_size=512,
+            intermediate_size=1408,
+            num_hidden_layers=8,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            max_position_embeddings=1024,
+        )
+    return path
+
+
+def baseline_tokens_per_second(model_dir: Path, *, batch: int, prompt: int, new: int) -> float:
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(1)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.randint(3, 280, (batch, prompt), generator=torch.Generator().manual_seed(0))
+    kwargs = {
+        "attention_mask": torch.ones_like(ids),
+        "do_sample": False,
+        "max_new_tokens": new,
+        "min_new_tokens": new,
+        "pad_token_id": 0,
+    }
+    model.generate(ids[:, :4], **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})
+    started = time.perf_counter()
+    model.generate(ids, **kwargs)
+    return batch * new / (time.perf_counter() - started)
+
+
+class Served:
+    """`llmpipe serve --model DIR --stages K` in the background."""
+
+    def __init__(self, model_dir: Path, stages: int, run_dir: Path) -> None:
+        self.port = free_port()
+        grpc_port = free_port()
+        env = dict(os.environ, PYTHONPATH=f"{ROOT / 'operator'}:{ROOT / 'stage_image'}")
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "llmpipe_operator.cli",
+                "serve",
+                "--model",
+                str(model_dir),
+                "--name",
+                "bench",
+                "--stages",
+                str(stages),
+                "--port",
+                str(self.port),
+                "--grpc-port",
+                str(grpc_port),
+                "--threads",
+                "1",
+                "--max-sequences",
+                "16",
+                "--run-dir",
+                str(run_dir),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            text=True,
+        )
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            if line.startswith("Ctrl-C"):
+                return
+        raise RuntimeError(f"serve exited with {self.process.wait()}")
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGINT)
+        self.process.wait(timeout=60)
+
+
+def pipeline_tokens_per_second(served: Served, *, batch: int, prompt: int, new: int) -> float:
+    import urllib.request
+
+    ids = torch.randint(3, 280, (batch, prompt), generator=torch.Generator().manual_seed(0))
+
+    def one(row: list[int]) -> int:
+        body = json.dumps(
+            {
+                "model": "bench",
+                "prompt": row,
+                "max_tokens": new,
+                "temperature": 0,
+                "ignore_eos": True,
+            }
+        ).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{served.port}/v1/completions",
+            data=body,
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=600) as response:
+            return int(json.loads(response.read())["usage"]["completion_tokens"])
+
+    one(ids[0, :4].tolist())  # warm-up
+    with ThreadPoolExecutor(batch) as pool:
+        started = time.perf_counter()
+        produced = sum(pool.map(one, ids.tolist()))
+        took = time.perf_counter() - started
+    return produced / took
+
+
+def throughput(stage_counts: list[int], batches: list[int], *, prompt: int, new: int) -> None:
+    work = Path(tempfile.mkdtemp(prefix="llmpipe-bench-"))
+    model_dir = bench_model(work / "model")
+    print(
+        f"\n## decode throughput: Llama 8 layers, hidden 512, GQA 8/4, fp32, prompt {prompt} "
+        f"tokens, {new} new tokens per sequence; 1 torch thread per process"
+    )
+    baseline = {
+        b: baseline_tokens_per_second(model_dir, batch=b, prompt=prompt, new=new) for b in batches
+    }
+    print(
+        f"{'stages':>6} {'in flight':>9} {'pipeline tok/s':>15} {'generate tok/s':>15} {'ratio':>6}"
+    )
+    for stages in stage_counts:
+        served = Served(model_dir, stages, work / f"run-{stages}")
+        try:
+            for batch in batches:
+                rate = pipeline_tokens_per_second(served, batch=batch, prompt=prompt, new=new)
+                print(
+                    f"{stages:>6} {batch:>9} {rate:>15.1f} {baseline[batch]:>15.1f} "
+                    f"{rate / baseline[batch]:>6.2f}",
+                    flush=True,
+                )
+        finally:
+            served.stop()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sink", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--stages", default="1,2,3,4")
+    parser.add_argument("--batches", default="1,4,16")
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--prompt-tokens", type=int, default=16)
+    parser.add_argument("--skip-throughput", action="store_true")
+    args = parser.parse_args()
+    if args.sink:
+        asyncio.run(run_sink(args.sink))
+        return 0
+    torch.set_num_threads(1)
+    print(f"machine: {os.cpu_count()} cores; torch {torch.__version__}")
+    per_hop()
+    if not args.skip_throughput:
+        throughput(
+            [int(s) for s in args.stages.split(",")],
+            [int(b) for b in args.batches.split(",")],
+            prompt=args.prompt_tokens,
+            new=args.new_tokens,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
