@@ -110,11 +110,12 @@ def free_port() -> int:
 
 
 def _die_with_parent() -> None:
-    """Runs in the child: SIGTERM it when the process that started it dies (Linux only),
-    so a killed pytest leaves no control plane behind."""
+    """Runs in the child: SIGKILL it when the process that started it dies (Linux only),
+    so a killed pytest leaves no control plane behind. SIGKILL, not SIGTERM: all components
+    die at once then, and kube-apiserver's graceful shutdown hangs once etcd is gone."""
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     pr_set_pdeathsig = 1
-    libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 @dataclass
