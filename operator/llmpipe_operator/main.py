@@ -40,12 +40,20 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.persistence.finalizer = "llmpipe.io/finalizer"  # never added: no delete handlers
     settings.posting.level = logging.WARNING  # our own Events say what happened
     settings.peering.standalone = True  # one replica (Recreate); no peering objects needed
+    # Least privilege: no permission to list CRDs or namespaces, so do not scan for them
+    # (Kopf would retry the forbidden requests for about a minute before falling back).
+    # The CRD is installed before the operator starts; namespaces are given explicitly.
+    settings.scanning.disabled = True
     # Watches that stay healthy for days: the server closes each watch after a while and
     # Kopf reconnects; a client timeout catches connections that silently died.
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.watching.connect_timeout = 30
     settings.watching.reconnect_backoff = 1.0  # a flapping API server is not hammered
+    # The chart's least-privilege RBAC grants no cluster-wide list of namespaces and CRDs;
+    # without this Kopf retries those lists for about a minute before it starts watching.
+    # The CRD is installed before the operator (chart crds/), namespaces are given by flag.
+    settings.scanning.disabled = True
     settings.networking.request_timeout = 60
     memo.client = api.make_client()
 
@@ -59,6 +67,16 @@ async def start_replanning(memo: kopf.Memo, **_: Any) -> None:
         asyncio.create_task(memo.node_usage.run(), name="node-metrics"),
         asyncio.create_task(memo.replanner.run(), name="replanner"),
     ]
+    for task in memo.replan_tasks:
+        task.add_done_callback(_report_death)
+
+
+def _report_death(task: asyncio.Task[None]) -> None:
+    """A re-planning task that ends on its own is a bug: say why (the probe then fails)."""
+    if not task.cancelled() and task.exception() is not None:
+        logging.getLogger(__name__).error(
+            "task %s died", task.get_name(), exc_info=task.exception()
+        )
 
 
 @kopf.on.cleanup()

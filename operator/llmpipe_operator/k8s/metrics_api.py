@@ -62,8 +62,8 @@ async def read_node_usage(client: AsyncClient) -> NodeUsage:
     now = time.monotonic()
     try:
         usage = {_name(item): _memory(item) async for item in client.list(NodeMetrics)}
-    except ApiError as error:
-        return NodeUsage(False, {}, _absence_note(error), now)
+    except httpx2.HTTPStatusError as error:  # lightkube's ApiError, or a bare status error
+        return NodeUsage(False, {}, _absence_note(error.response.status_code, error), now)
     except httpx2.HTTPError as error:  # the API server itself unreachable: try again next poll
         return NodeUsage(False, {}, f"metrics.k8s.io could not be read ({error})", now)
     return NodeUsage(
@@ -83,16 +83,20 @@ def _memory(item: Mapping[str, Any]) -> int:
     return int(inventory.parse_quantity(str(usage.get("memory", "0"))))
 
 
-def _absence_note(error: ApiError) -> str:
-    code = error.status.code
+def _absence_note(code: int, error: Exception) -> str:
     if code == 404:
         return "metrics.k8s.io is not served (no metrics-server): planning uses allocatable memory"
     if code == 403:
         return "not allowed to read metrics.k8s.io nodes (RBAC): planning uses allocatable memory"
     return (
-        f"metrics.k8s.io unavailable ({code}: {error.status.message}): "
-        "planning uses allocatable memory"
+        f"metrics.k8s.io unavailable ({code}: {_message(error)}): planning uses allocatable memory"
     )
+
+
+def _message(error: Exception) -> str:
+    if isinstance(error, ApiError) and error.status.message:
+        return str(error.status.message)
+    return str(error).splitlines()[0]
 
 
 def usable_memory(allocatable: int, *, used: int | None, own_stage_bytes: int = 0) -> int:

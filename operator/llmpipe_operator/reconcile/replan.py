@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import datetime
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 import kopf
@@ -37,7 +38,7 @@ from lightkube import AsyncClient
 
 from llmpipe_operator import spec as spec_mod
 from llmpipe_operator import status, telemetry
-from llmpipe_operator.k8s import api, metrics_api
+from llmpipe_operator.k8s import api, events, metrics_api
 from llmpipe_operator.planning import live, planner, replan
 from llmpipe_operator.reconcile import errors, fetch, locks, pipeline, switch
 
@@ -85,11 +86,19 @@ class Replanner:
         self.nodes: dict[str, Mapping[str, Any]] = {}
         self.pipelines: dict[Key, Tracked] = {}
         self._wake = asyncio.Event()
+        self._handler_context: contextvars.Context | None = None
+        """A copy of a Kopf handler's context: the reconcile steps post Events with
+        kopf.event(), which needs Kopf's per-operator event queue from the context, and
+        the re-planner's own task does not have it. Re-plans run as tasks in this copy."""
 
     # --- feeding (called from Kopf handlers; cheap, never blocks) -------------------------
 
     def pipeline_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
-        """Remember a pipeline's placement, planned nodes and settings; forget a deleted one."""
+        """Remember a pipeline's placement, planned nodes and settings; forget a deleted one.
+
+        Called from a Kopf handler (see `_handler_context`)."""
+        if self._handler_context is None:
+            self._handler_context = contextvars.copy_context()
         meta = body.get("metadata") or {}
         key = (str(meta.get("namespace")), str(meta.get("name")))
         if event_type == "DELETED":
@@ -186,8 +195,11 @@ class Replanner:
         due = [
             key for key, t in self.pipelines.items() if t.debouncer.due(now) and now >= t.not_before
         ]
-        await asyncio.gather(*(self._replan_tracked(key) for key in due))
+        await asyncio.gather(*(self._in_handler_context(self._replan_tracked(key)) for key in due))
         return due
+
+    def _in_handler_context(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        return asyncio.create_task(coro, context=self._handler_context)
 
     async def _replan_tracked(self, key: Key) -> None:
         tracked = self.pipelines.get(key)
@@ -233,7 +245,7 @@ class Replanner:
             ):
                 continue
             tracked.stall_reported = target
-            await report_stall(self.client, namespace=key[0], name=key[1])
+            await self._in_handler_context(report_stall(self.client, namespace=key[0], name=key[1]))
 
 
 # --- one re-plan ---------------------------------------------------------------------------
@@ -362,7 +374,8 @@ async def record(
     message = (
         outcome.cause if outcome.outcome == "switched" else f"{outcome.cause} ({outcome.decision})"
     )
-    kopf.event(fetch.events_body(current.body), type=kind, reason=reason, message=message)
+    async with errors.classified("post the re-plan Event"):
+        await events.post(client, current.body, type=kind, reason=reason, message=message)
     cause = replan.primary_kind(changes)
     telemetry.replanned(cause=cause.value if cause else "unknown", outcome=outcome.outcome)
     log.info(
@@ -399,12 +412,14 @@ async def report_stall(client: AsyncClient, *, namespace: str, name: str) -> Non
         None,
     )
     if degraded is not None:
-        kopf.event(
-            fetch.events_body(body),
-            type="Warning",
-            reason=status.REASON_SWITCH_TIMED_OUT,
-            message=str(degraded.get("message")),
-        )
+        async with errors.classified("post the SwitchTimedOut Event"):
+            await events.post(
+                client,
+                body,
+                type="Warning",
+                reason=status.REASON_SWITCH_TIMED_OUT,
+                message=str(degraded.get("message")),
+            )
         telemetry.replanned(cause="switch-timeout", outcome="timed-out")
 
 

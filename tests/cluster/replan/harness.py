@@ -146,8 +146,8 @@ def _operator_account(
     manifest.write_text(yaml.safe_dump_all(docs))
     plane.kubectl("apply", "-f", str(manifest))
     (account,) = [d["metadata"]["name"] for d in docs if d["kind"] == "ServiceAccount"]
-    kubeconfig = plane.service_account_kubeconfig(
-        namespace, account, path=workdir / f"operator-{namespace}.kubeconfig"
+    kubeconfig = _service_account_kubeconfig(
+        plane, namespace, account, workdir / f"operator-{namespace}.kubeconfig"
     )
     cluster = [
         f"{d['kind'].lower()}/{d['metadata']['name']}"
@@ -360,3 +360,25 @@ class EndpointWatch:
         """Times (relative to the first sample) at which no endpoint was ready."""
         start = self.samples[0][0] if self.samples else 0.0
         return [round(t - start, 2) for t, ready in self.samples if ready == 0]
+
+
+def _service_account_kubeconfig(
+    plane: cp.ControlPlane, namespace: str, account: str, path: Path
+) -> Path:
+    """A kubeconfig acting as the ServiceAccount, with a TokenRequest-bound token."""
+    from lightkube.models.authentication_v1 import TokenRequestSpec
+    from lightkube.models.meta_v1 import ObjectMeta
+    from lightkube.resources.core_v1 import ServiceAccountToken
+
+    request = ServiceAccountToken(
+        metadata=ObjectMeta(name=account, namespace=namespace),
+        spec=TokenRequestSpec(audiences=[cp.SERVICE_ACCOUNT_ISSUER], expirationSeconds=3600),
+    )
+    issued = plane.client().create(request, account, namespace=namespace)
+    assert issued.status is not None and issued.status.token, "TokenRequest returned no token"
+    ca = (plane.workdir / "pki" / "ca.crt").read_bytes()
+    document = cp.kubeconfig_document(
+        plane.server, ca, issued.status.token, user=f"{namespace}-{account}"
+    )
+    path.write_text(yaml.safe_dump(document))
+    return path
