@@ -1,0 +1,329 @@
+"""The README's path on a simulated K3s cluster: helm install, label nodes, apply examples.
+
+Covers, with nothing mocked but the nodes (kwok): `helm install` scoped to one namespace;
+the operator as a real process authenticated as the ServiceAccount the chart created (so it
+works with exactly the chart's RBAC); nodes described only by running
+examples/nodes/label-k3s-edge-cloud.sh (node names prefixed for this test); the three
+example pipelines applied as shipped (plus a selector label that keeps other tests' nodes
+out); each becomes Ready with its stages where the example promises (privacy: stage 0 on
+an edge node; edge-only: edge nodes; cloud: cloud nodes), and `kubectl get llmp` shows the
+printer columns. The output is printed for the README (run with -s to see it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import subprocess
+import sys
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from lightkube.resources.core_v1 import Node
+
+from tests.support import control_plane as cp
+from tests.support import nodes, wait
+
+REPO = Path(__file__).resolve().parents[3]
+CHART = REPO / "helm" / "llmpipe"
+NODES = REPO / "examples" / "nodes"
+PIPELINES = REPO / "examples" / "pipelines"
+RUN_LABEL = "test.llmpipe.io/user-path"
+
+
+def run(plane: cp.ControlPlane, argv: list[str], **extra: Any) -> str:
+    done = subprocess.run(
+        argv,
+        env={**plane.env, **extra.pop("env", {})},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=180,
+        **extra,
+    )
+    assert done.returncode == 0, f"{argv}\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def _healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as reply:
+            return bool(reply.status == 200)
+    except OSError:
+        return False
+
+
+class Cluster:
+    """This test's namespace, release, nodes (by their names in the example) and operator."""
+
+    def __init__(self, plane: cp.ControlPlane, workdir: Path) -> None:
+        self.plane = plane
+        self.workdir = workdir
+        self.tag = uuid.uuid4().hex[:6]
+        self.namespace = f"user-path-{self.tag}"
+        self.release = f"llmpipe-{self.tag}"
+        self.names = {n["name"]: f"up{self.tag}-{n['name']}" for n in self.cluster_file()["nodes"]}
+        self.operator: subprocess.Popen[bytes] | None = None
+
+    def cluster_file(self) -> dict[str, Any]:
+        return yaml.safe_load((NODES / "k3s-edge-cloud.cluster.yaml").read_text())
+
+    def add_unlabelled_nodes(self) -> None:
+        """Nodes with the example's memory and llmpipe's defaults, before the script runs."""
+        for node in self.cluster_file()["nodes"]:
+            spec = nodes.NodeSpec(
+                name=self.names[node["name"]],
+                memory=node["memory"],
+                labels={RUN_LABEL: self.tag},
+            )
+            self.plane.add_node(spec)
+
+    def run_label_script(self) -> None:
+        script = (NODES / "label-k3s-edge-cloud.sh").read_text()
+        for name in sorted(self.names, key=len, reverse=True):
+            script = script.replace(name, self.names[name])
+        path = self.workdir / "label.sh"
+        path.write_text(script)
+        run(self.plane, ["bash", str(path)])
+
+    def helm_install(self) -> None:
+        run(
+            self.plane,
+            [
+                str(self.plane.bin_dir / "helm"),
+                "install",
+                self.release,
+                str(CHART),
+                "--namespace",
+                self.namespace,
+                "--set",
+                f"watch.namespaces={{{self.namespace}}}",
+                "--set-string",
+                f"nodeSelector.kubernetes\\.io/hostname={self.names['gpu-1']}",
+                "--wait",
+                "--timeout",
+                "120s",
+            ],
+            env={
+                "HELM_CONFIG_HOME": str(self.workdir / "helm"),
+                "HELM_CACHE_HOME": str(self.workdir / "helm"),
+                "HELM_DATA_HOME": str(self.workdir / "helm"),
+            },
+        )
+
+    def start_operator(self) -> None:
+        """The operator process, as the ServiceAccount `helm install` created."""
+        kubeconfig = self.plane.service_account_kubeconfig(
+            self.namespace, self.release, path=self.workdir / "operator.kubeconfig"
+        )
+        port = cp.free_port()
+        argv = [
+            sys.executable,
+            "-m",
+            "llmpipe_operator",
+            "--namespace",
+            self.namespace,
+            "--health-port",
+            str(port),
+            "--metrics-port",
+            "0",
+        ]
+        env = {
+            **self.plane.env,
+            "KUBECONFIG": str(kubeconfig),
+            "PYTHONPATH": str(REPO / "operator"),
+            "PYTHONUNBUFFERED": "1",
+        }
+        with (self.workdir / "operator.log").open("wb") as log:
+            self.operator = subprocess.Popen(
+                argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO
+            )
+        wait.until(
+            lambda: self.operator is not None and self.operator.poll() is None and _healthy(port),
+            what="the operator's /healthz",
+            timeout=60,
+            seen=self.operator_log,
+        )
+
+    def operator_log(self) -> str:
+        path = self.workdir / "operator.log"
+        lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+        return "\n".join(lines[-40:])
+
+    def stop(self) -> None:
+        if self.operator is not None and self.operator.poll() is None:
+            self.operator.send_signal(signal.SIGTERM)
+            try:
+                self.operator.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.operator.kill()
+                self.operator.wait(timeout=5)
+        run_quiet = {"env": self.plane.env, "capture_output": True, "timeout": 120}
+        subprocess.run(
+            [
+                str(self.plane.bin_dir / "helm"),
+                "uninstall",
+                self.release,
+                "--namespace",
+                self.namespace,
+                "--wait",
+            ],
+            check=False,
+            **run_quiet,
+        )
+        for name in self.names.values():
+            with contextlib.suppress(Exception):
+                self.plane.remove_node(name)
+
+    def apply_example(self, file: str) -> str:
+        """The example as shipped, plus our run label in its nodeSelector."""
+        doc = yaml.safe_load((PIPELINES / file).read_text())
+        placement = doc["spec"].setdefault("placement", {})
+        placement.setdefault("nodeSelector", {})[RUN_LABEL] = self.tag
+        run(
+            self.plane,
+            [str(self.plane.bin_dir / "kubectl"), "apply", "-n", self.namespace, "-f", "-"],
+            input=yaml.safe_dump(doc),
+        )
+        return str(doc["metadata"]["name"])
+
+    def models_volume(self) -> None:
+        """The ReadOnlyMany claim `models` that cloud-throughput.yaml reads, statically bound."""
+        pv = {
+            "apiVersion": "v1",
+            "kind": "PersistentVolume",
+            "metadata": {"name": f"models-{self.tag}"},
+            "spec": {
+                "capacity": {"storage": "100Gi"},
+                "accessModes": ["ReadOnlyMany"],
+                "hostPath": {"path": "/srv/models"},
+                "storageClassName": "",
+                "claimRef": {"namespace": self.namespace, "name": "models"},
+            },
+        }
+        pvc = {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": "models", "namespace": self.namespace},
+            "spec": {
+                "accessModes": ["ReadOnlyMany"],
+                "storageClassName": "",
+                "volumeName": f"models-{self.tag}",
+                "resources": {"requests": {"storage": "100Gi"}},
+            },
+        }
+        run(
+            self.plane,
+            [str(self.plane.bin_dir / "kubectl"), "apply", "-f", "-"],
+            input=json.dumps({"apiVersion": "v1", "kind": "List", "items": [pv, pvc]}),
+        )
+
+    def pipeline(self, name: str) -> dict[str, Any]:
+        out = run(
+            self.plane,
+            [
+                str(self.plane.bin_dir / "kubectl"),
+                "get",
+                "llmp",
+                name,
+                "-n",
+                self.namespace,
+                "-o",
+                "json",
+            ],
+        )
+        return dict(json.loads(out))
+
+    def ready(self, name: str, *, timeout: float = 120) -> dict[str, Any]:
+        def check() -> dict[str, Any] | None:
+            obj = self.pipeline(name)
+            return obj if obj.get("status", {}).get("phase") == "Ready" else None
+
+        def seen() -> str:
+            status = self.pipeline(name).get("status", {})
+            return f"status={json.dumps(status)[:1500]}\noperator log:\n{self.operator_log()}"
+
+        return wait.until(check, what=f"llmp {name} Ready", timeout=timeout, seen=seen)
+
+
+@pytest.fixture(scope="module")
+def cluster(
+    control_plane: cp.ControlPlane, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Cluster]:
+    made = Cluster(control_plane, tmp_path_factory.mktemp("user-path"))
+    control_plane.create_namespace(made.namespace)
+    try:
+        yield made
+    finally:
+        made.stop()
+        control_plane.delete_namespace(made.namespace)
+        control_plane.kubectl(
+            "delete", "pv", f"models-{made.tag}", "--ignore-not-found", "--wait=false", check=False
+        )
+
+
+def test_label_script_describes_the_nodes(cluster: Cluster) -> None:
+    cluster.add_unlabelled_nodes()
+    cluster.run_label_script()
+    client = cluster.plane.client()
+    expected = {n["name"]: n for n in cluster.cluster_file()["nodes"]}
+    for short, full in cluster.names.items():
+        node = client.get(Node, full)
+        labels = node.metadata.labels
+        assert labels["llmpipe.io/tier"] == expected[short]["tier"]
+        assert float(labels["llmpipe.io/tflops"]) == float(expected[short]["tflops"])
+    links = json.loads(
+        client.get(Node, cluster.names["jetson-1"]).metadata.annotations["llmpipe.io/links"]
+    )
+    assert links[cluster.names["gpu-1"]] == {"mbps": 40, "rttMs": 35}
+
+
+def test_helm_install_and_operator_run_as_the_chart_account(cluster: Cluster) -> None:
+    cluster.helm_install()
+    cluster.start_operator()
+
+
+def test_examples_become_ready_where_they_promise(cluster: Cluster) -> None:
+    cluster.models_volume()
+    names = {
+        file: cluster.apply_example(file)
+        for file in ("edge-cloud-privacy.yaml", "edge-only.yaml", "cloud-throughput.yaml")
+    }
+    tiers = {cluster.names[n["name"]]: n["tier"] for n in cluster.cluster_file()["nodes"]}
+    status = {file: cluster.ready(name)["status"] for file, name in names.items()}
+    privacy = status["edge-cloud-privacy.yaml"]["plan"]["stages"]
+    assert tiers[privacy[0]["node"]] == "edge"
+    assert {tiers[s["node"]] for s in privacy[1:]} == {"cloud"}, "edge + cloud, as commented"
+    edge_only = status["edge-only.yaml"]["plan"]["stages"]
+    assert {tiers[s["node"]] for s in edge_only} == {"edge"}
+    cloud = status["cloud-throughput.yaml"]["plan"]["stages"]
+    assert {tiers[s["node"]] for s in cloud} == {"cloud"}
+    for state in status.values():
+        assert state["ready"] == f"{state['stageCount']}/{state['stageCount']}"
+        assert state["endpoint"].startswith("http://")
+    table = run(
+        cluster.plane,
+        [str(cluster.plane.bin_dir / "kubectl"), "get", "llmp", "-n", cluster.namespace],
+    )
+    header = table.splitlines()[0].split()
+    assert header == ["NAME", "PHASE", "STAGES", "BOTTLENECK", "EST", "TOK/S", "READY", "AGE"]
+    print("\n$ kubectl get llmp\n" + table)
+    wide = run(
+        cluster.plane,
+        [
+            str(cluster.plane.bin_dir / "kubectl"),
+            "get",
+            "pods",
+            "-n",
+            cluster.namespace,
+            "-o",
+            "wide",
+        ],
+    )
+    print("$ kubectl get pods -o wide\n" + wide)
