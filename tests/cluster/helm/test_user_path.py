@@ -327,3 +327,17 @@ def test_examples_become_ready_where_they_promise(cluster: Cluster) -> None:
         ],
     )
     print("$ kubectl get pods -o wide\n" + wide)
+
+
+def test_readme_troubleshooting_commands_work(cluster: Cluster) -> None:
+    kubectl = [str(cluster.plane.bin_dir / "kubectl"), "-n", cluster.namespace]
+    selector = "llmpipe.io/pipeline=tinyllama-private"
+    pods = run(cluster.plane, [*kubectl, "get", "pods", "-l", selector, "-o", "wide"])
+    assert len(pods.splitlines()) == 1 + 3
+    plan_json = run(
+        cluster.plane,
+        [*kubectl, "get", "cm", "-l", selector, "-o", "jsonpath={.items[*].data.plan\\.json}"],
+    )
+    plan = json.loads(plan_json)
+    assert [s["index"] for s in plan["stages"]] == [0, 1, 2]
+    assert all("computeSeconds" in s and "transferSeconds" in s for s in plan["stages"])
