@@ -76,12 +76,10 @@ async def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    # Kopf's own debug logs are noisy; keep them at INFO unless asked.
+    # Kopf sets up logging (its own format, object prefixes); the HTTP client's per-request
+    # lines are noise at INFO.
     kopf.configure(verbose=args.verbose, log_prefix=True)
+    logging.getLogger("httpx2").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     asyncio.run(run(args))
     return 0
 

@@ -1,0 +1,380 @@
+"""The operator against a real control plane (etcd, kube-apiserver, controller-manager,
+scheduler; kwok nodes), running as a real process under the chart's RBAC.
+
+Covers: an applied pipeline is planned, its stage pods are bound by the real scheduler to
+exactly the planned nodes and Running, and the status is Ready with the plan; the plan
+ConfigMap wires the stages; changing maxStages / the objective re-plans and converges,
+with the user-facing Service keeping a ready endpoint throughout (EndpointSlices polled
+every 100 ms) and the old plan's objects removed; a bad spec is refused at apply (OpenAPI
+and CEL); an infeasible spec gets Planned=False/InsufficientMemory and nothing deployed;
+deleting the pipeline removes its children; `kubectl get llmp` shows the printer columns.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+from typing import Any
+
+import pytest
+import yaml
+from lightkube import ApiError, Client
+from lightkube.generic_resource import create_namespaced_resource
+from lightkube.resources.apps_v1 import Deployment
+from lightkube.resources.core_v1 import ConfigMap, Event, Pod, Service
+from lightkube.resources.discovery_v1 import EndpointSlice
+from lightkube.types import PatchType
+
+from tests.cluster.operator.conftest import OperatorProcess, Pool, pipeline_manifest
+from tests.support import control_plane as cp
+from tests.support import wait
+
+LLMPipeline = create_namespaced_resource("llmpipe.io", "v1alpha1", "LLMPipeline", "llmpipelines")
+PIPELINE_LABEL = "llmpipe.io/pipeline"
+
+
+def apply(
+    control_plane: cp.ControlPlane, namespace: str, manifest: dict[str, Any]
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(control_plane.bin_dir / "kubectl"), "apply", "-n", namespace, "-f", "-"],
+        input=yaml.safe_dump(manifest),
+        env=control_plane.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def status_of(client: Client, namespace: str, name: str) -> dict[str, Any]:
+    return dict(client.get(LLMPipeline, name, namespace=namespace).to_dict().get("status") or {})
+
+
+def condition(st: dict[str, Any], kind: str) -> dict[str, Any]:
+    return next((c for c in st.get("conditions") or [] if c["type"] == kind), {})
+
+
+def wait_ready(
+    client: Client,
+    operator: OperatorProcess,
+    namespace: str,
+    name: str,
+    *,
+    generation: int | None = None,
+    timeout: float = 90,
+) -> dict[str, Any]:
+    def ready() -> dict[str, Any] | None:
+        obj = client.get(LLMPipeline, name, namespace=namespace).to_dict()
+        st = obj.get("status") or {}
+        wanted = generation or obj["metadata"]["generation"]
+        if (
+            st.get("phase") == "Ready"
+            and st.get("observedGeneration") == wanted
+            and st.get("servingPlanHash") == st.get("planHash")
+        ):
+            return st
+        return None
+
+    return wait.until(
+        ready,
+        what=f"{name} Ready",
+        timeout=timeout,
+        interval=0.3,
+        seen=lambda: f"{status_of(client, namespace, name)}\noperator log:\n{operator.log_tail()}",
+    )
+
+
+def stage_pods(client: Client, namespace: str, name: str, digest: str) -> list[Pod]:
+    return list(
+        client.list(
+            Pod, namespace=namespace, labels={PIPELINE_LABEL: name, "llmpipe.io/plan-hash": digest}
+        )
+    )
+
+
+def assert_pods_on_planned_nodes(
+    client: Client, namespace: str, name: str, st: dict[str, Any]
+) -> None:
+    pods = stage_pods(client, namespace, name, st["planHash"])
+    by_index = {int(p.metadata.labels["llmpipe.io/stage-index"]): p for p in pods}
+    planned = {s["index"]: s["node"] for s in st["plan"]["stages"]}
+    assert sorted(by_index) == sorted(planned), (by_index.keys(), planned)
+    for index, node in planned.items():
+        pod = by_index[index]
+        assert pod.spec.nodeName == node, f"stage {index} on {pod.spec.nodeName}, planned {node}"
+        assert pod.status.phase == "Running"
+
+
+def objects_of(client: Client, namespace: str, name: str) -> dict[str, set[str]]:
+    found = {}
+    for kind in (Deployment, Service, ConfigMap):
+        found[kind.__name__] = {
+            o.metadata.name
+            for o in client.list(kind, namespace=namespace, labels={PIPELINE_LABEL: name})
+        }
+    return found
+
+
+class EndpointWatch:
+    """Polls the user-facing Service's EndpointSlices every 100 ms; records empty moments."""
+
+    def __init__(self, client: Client, namespace: str, service: str) -> None:
+        self.client, self.namespace, self.service = client, namespace, service
+        self.samples = 0
+        self.gaps: list[float] = []
+        self.snapshots: list[str] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def ready_endpoints(self) -> list[str]:
+        slices = self.client.list(
+            EndpointSlice,
+            namespace=self.namespace,
+            labels={"kubernetes.io/service-name": self.service},
+        )
+        return [
+            ep.targetRef.name
+            for s in slices
+            for ep in (s.endpoints or [])
+            if ep.conditions and ep.conditions.ready and ep.targetRef
+        ]
+
+    def describe(self) -> str:
+        """Every endpoint of every slice, ready or not (for the failure message)."""
+        slices = self.client.list(
+            EndpointSlice,
+            namespace=self.namespace,
+            labels={"kubernetes.io/service-name": self.service},
+        )
+        return (
+            "; ".join(
+                f"{s.metadata.name}: "
+                + ", ".join(
+                    f"{ep.targetRef.name if ep.targetRef else '?'} ready={ep.conditions.ready}"
+                    for ep in (s.endpoints or [])
+                )
+                for s in slices
+            )
+            or "no slices"
+        )
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            if not self.ready_endpoints():
+                self.gaps.append(time.monotonic())
+                self.snapshots.append(self.describe())
+            self.samples += 1
+            self.stop.wait(0.1)
+
+    def __enter__(self) -> EndpointWatch:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
+
+
+@pytest.fixture
+def client(control_plane: cp.ControlPlane) -> Client:
+    return control_plane.client()
+
+
+def test_pipeline_is_planned_deployed_on_planned_nodes_and_replans(
+    control_plane: cp.ControlPlane,
+    operator: OperatorProcess,
+    namespace: str,
+    pool: Pool,
+    client: Client,
+) -> None:
+    pool.add("edge-a", tier="edge", memory="300Mi", tflops=1.0, uplink_mbps=300)
+    pool.add("edge-b", tier="edge", memory="300Mi", tflops=1.5, uplink_mbps=300)
+    cloud = pool.add("cloud-a", tier="cloud", memory="1Gi", tflops=20.0, uplink_mbps=1000)
+    manifest = pipeline_manifest(
+        "chat", selector=pool.selector, placement={"firstStage": "edge", "maxStages": 3}
+    )
+    started = time.monotonic()
+    result = apply(control_plane, namespace, manifest)
+    assert result.returncode == 0, result.stderr
+
+    # 1. planned, deployed where planned, Ready
+    st = wait_ready(client, operator, namespace, "chat")
+    print(f"\napply -> Ready with all stage pods Running: {time.monotonic() - started:.1f}s")
+    assert st["stageCount"] >= 2
+    assert st["plan"]["stages"][0]["node"].startswith(f"{pool.label}-edge")
+    assert condition(st, "Planned")["status"] == "True"
+    assert condition(st, "Ready")["status"] == "True"
+    assert st["ready"] == f"{st['stageCount']}/{st['stageCount']}"
+    assert st["endpoint"] == f"http://chat.{namespace}.svc:8000/v1"
+    assert_pods_on_planned_nodes(client, namespace, "chat", st)
+    first = st["planHash"]
+
+    # the plan ConfigMap wires the stages to each other's Services
+    cm = client.get(ConfigMap, f"chat-{first}-plan", namespace=namespace)
+    plan = json.loads(cm.data["plan.json"])
+    assert [(s["index"], s["node"]) for s in plan["stages"]] == [
+        (s["index"], s["node"]) for s in st["plan"]["stages"]
+    ]
+    wiring = json.loads(cm.data["pipeline.json"])
+    for entry in wiring["stages"]:
+        service = entry["address"].split(".")[0]
+        assert client.get(Service, service, namespace=namespace).spec.ports[0].port == 50051
+    endpoint = client.get(Service, "chat", namespace=namespace)
+    assert endpoint.spec.selector["llmpipe.io/plan-hash"] == first
+    events = [
+        e
+        for e in client.list(Event, namespace=namespace)
+        if e.involvedObject.name == "chat" and e.reason == "Planned"
+    ]
+    assert events and plan["stages"][0]["node"] in events[0].message
+
+    # 2. maxStages 1 (anywhere): re-plans onto the cloud node; the endpoint never empties
+    with EndpointWatch(client, namespace, "chat") as watch:
+        client.patch(
+            LLMPipeline,
+            "chat",
+            {"spec": {"placement": {"maxStages": 1, "firstStage": "any"}}},
+            namespace=namespace,
+            patch_type=PatchType.MERGE,
+        )
+        st = wait_ready(client, operator, namespace, "chat", generation=2)
+        wait.until(
+            lambda: (
+                objects_of(client, namespace, "chat")["Deployment"] == {f"chat-{st['planHash']}-s0"}
+            ),
+            what="the old plan's Deployments removed",
+            timeout=30,
+            seen=lambda: str(objects_of(client, namespace, "chat")),
+        )
+    assert st["planHash"] != first
+    assert st["stageCount"] == 1 and st["plan"]["stages"][0]["node"] == cloud
+    assert_pods_on_planned_nodes(client, namespace, "chat", st)
+    assert watch.samples > 5 and watch.gaps == [], (
+        f"endpoint empty at {len(watch.gaps)} polls: {watch.snapshots}\n{operator.log_tail(80)}"
+    )
+    remaining = objects_of(client, namespace, "chat")
+    assert not any(first in n for names in remaining.values() for n in names), remaining
+
+    # 3. the objective changes: a new plan (latency estimates) converges
+    second = st["planHash"]
+    client.patch(
+        LLMPipeline,
+        "chat",
+        {"spec": {"workload": {"objective": "latency"}}},
+        namespace=namespace,
+        patch_type=PatchType.MERGE,
+    )
+    st = wait_ready(client, operator, namespace, "chat", generation=3)
+    assert st["planHash"] != second
+    assert st["estimates"]["objective"] == "latency"
+    assert_pods_on_planned_nodes(client, namespace, "chat", st)
+
+    # 4. kubectl get llmp shows the printer columns
+    table = control_plane.kubectl("get", "llmp", "-n", namespace).stdout
+    print("\n$ kubectl get llmp\n" + table)
+    header = table.splitlines()[0].split()
+    assert header[:3] == ["NAME", "PHASE", "STAGES"] and "BOTTLENECK" in header
+    assert "Ready" in table.splitlines()[1]
+
+    # 5. deleting the pipeline removes every child (owner references, no finalizer)
+    client.delete(LLMPipeline, "chat", namespace=namespace)
+    wait.until(
+        lambda: (
+            objects_of(client, namespace, "chat")
+            == {"Deployment": set(), "Service": set(), "ConfigMap": set()}
+        ),
+        what="children garbage-collected",
+        timeout=60,
+        seen=lambda: str(objects_of(client, namespace, "chat")),
+    )
+
+
+def test_infeasible_pipeline_is_not_planned_and_deploys_nothing(
+    control_plane: cp.ControlPlane,
+    operator: OperatorProcess,
+    namespace: str,
+    pool: Pool,
+    client: Client,
+) -> None:
+    pool.add("edge-a", tier="edge", memory="300Mi")
+    pool.add("edge-b", tier="edge", memory="300Mi")
+    result = apply(control_plane, namespace, pipeline_manifest("big", selector=pool.selector))
+    assert result.returncode == 0, result.stderr
+
+    def planned_false() -> dict[str, Any] | None:
+        st = status_of(client, namespace, "big")
+        return st if condition(st, "Planned").get("status") == "False" else None
+
+    st = wait.until(
+        planned_false,
+        what="Planned=False",
+        timeout=60,
+        seen=lambda: f"{status_of(client, namespace, 'big')}\n{operator.log_tail()}",
+    )
+    planned = condition(st, "Planned")
+    assert planned["reason"] == "InsufficientMemory"
+    assert "short" in planned["message"] or "need" in planned["message"], planned["message"]
+    assert st["phase"] == "Failed"
+    assert objects_of(client, namespace, "big") == {
+        "Deployment": set(),
+        "Service": set(),
+        "ConfigMap": set(),
+    }
+    warnings = [
+        e
+        for e in client.list(Event, namespace=namespace)
+        if e.involvedObject.name == "big" and e.type == "Warning"
+    ]
+    assert any(e.reason == "InsufficientMemory" for e in warnings)
+
+
+bad_specs = pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (
+            lambda m: m["spec"]["placement"].update(maxStages=0),
+            "spec.placement.maxStages: Invalid value: 0",
+        ),
+        (
+            lambda m: m["spec"]["workload"].update(maxContextTokens=0),
+            "spec.workload.maxContextTokens",
+        ),
+        (
+            lambda m: m["spec"]["model"]["source"].update(pvc={"claimName": "m"}),
+            "model.source must set exactly one of pvc, hostPath or huggingFace",
+        ),
+        (
+            lambda m: m["spec"]["model"]["source"].update(
+                hostPath=None, pvc={"claimName": "m", "path": "../x"}
+            ),
+            "must be relative to the volume root",
+        ),
+        (
+            lambda m: m["spec"]["workload"].update(objective="fastest"),
+            'Unsupported value: "fastest"',
+        ),
+        (
+            lambda m: m["metadata"].update(name="9-starts-with-a-digit"),
+            "metadata.name must be a DNS-1035 label",
+        ),
+    ],
+    ids=["maxStages-0", "context-0", "two-sources", "dotdot", "objective", "name"],
+)
+
+
+@bad_specs
+def test_bad_spec_is_refused_at_apply(
+    control_plane: cp.ControlPlane, crd: object, namespace: str, mutate, message: str
+) -> None:
+    manifest = pipeline_manifest("bad", selector={"pool": "none"}, workload={})
+    mutate(manifest)
+    manifest["spec"]["model"]["source"] = {
+        k: v for k, v in manifest["spec"]["model"]["source"].items() if v is not None
+    }
+    result = apply(control_plane, namespace, manifest)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+    with pytest.raises(ApiError):
+        control_plane.client().get(LLMPipeline, manifest["metadata"]["name"], namespace=namespace)
