@@ -50,10 +50,6 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.watching.client_timeout = 330
     settings.watching.connect_timeout = 30
     settings.watching.reconnect_backoff = 1.0  # a flapping API server is not hammered
-    # The chart's least-privilege RBAC grants no cluster-wide list of namespaces and CRDs;
-    # without this Kopf retries those lists for about a minute before it starts watching.
-    # The CRD is installed before the operator (chart crds/), namespaces are given by flag.
-    settings.scanning.disabled = True
     settings.networking.request_timeout = 60
     memo.client = api.make_client()
 
