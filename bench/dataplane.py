@@ -13,6 +13,13 @@ Figures are printed, never asserted; docs/benchmarks.md records a run.
 
 from __future__ import annotations
 
+import sys
+
+# bench/ also holds operator.py, which would shadow the stdlib `operator` module that
+# argparse, random, ... import: drop the script's folder from the import path first.
+if sys.path and sys.path[0].rstrip("/").endswith("bench"):
+    del sys.path[0]
+
 import argparse
 import asyncio
 import json
@@ -139,29 +146,33 @@ def bench_model(path: Path) -> Path:
     return path
 
 
-def baseline_tokens_per_second(model_dir: Path, *, batch: int, prompt: int, new: int) -> float:
-    from transformers import AutoModelForCausalLM
+class Baseline:
+    """Single-process `generate` (one torch thread) on the same model, greedy, no early EOS."""
 
-    torch.set_num_threads(1)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    ids = torch.randint(3, 280, (batch, prompt), generator=torch.Generator().manual_seed(0))
-    kwargs = {
-        "attention_mask": torch.ones_like(ids),
-        "do_sample": False,
-        "max_new_tokens": new,
-        "min_new_tokens": new,
-        "pad_token_id": 0,
-    }
-    model.generate(ids[:, :4], **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})
-    started = time.perf_counter()
-    model.generate(ids, **kwargs)
-    return batch * new / (time.perf_counter() - started)
+    def __init__(self, model_dir: Path) -> None:
+        from transformers import AutoModelForCausalLM
+
+        torch.set_num_threads(1)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+    def tokens_per_second(self, *, batch: int, prompt: int, new: int) -> float:
+        ids = torch.randint(3, 280, (batch, prompt), generator=torch.Generator().manual_seed(0))
+        kwargs = {
+            "attention_mask": torch.ones_like(ids),
+            "do_sample": False,
+            "max_new_tokens": new,
+            "min_new_tokens": new,
+            "pad_token_id": 0,
+        }
+        started = time.perf_counter()
+        self.model.generate(ids, **kwargs)
+        return batch * new / (time.perf_counter() - started)
 
 
 class Served:
     """`llmpipe serve --model DIR --stages K` in the background."""
 
-    def __init__(self, model_dir: Path, stages: int, run_dir: Path) -> None:
+    def __init__(self, model_dir: Path, stages: int, run_dir: Path, *, micro_batches: int) -> None:
         self.port = free_port()
         grpc_port = free_port()
         env = dict(os.environ, PYTHONPATH=f"{ROOT / 'operator'}:{ROOT / 'stage_image'}")
@@ -187,6 +198,8 @@ class Served:
                 "16",
                 "--run-dir",
                 str(run_dir),
+                "--micro-batches",
+                str(micro_batches),
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -235,31 +248,45 @@ def pipeline_tokens_per_second(served: Served, *, batch: int, prompt: int, new: 
     return produced / took
 
 
-def throughput(stage_counts: list[int], batches: list[int], *, prompt: int, new: int) -> None:
+def throughput(
+    stage_counts: list[int], batches: list[int], *, prompt: int, new: int, repeat: int
+) -> None:
     work = Path(tempfile.mkdtemp(prefix="llmpipe-bench-"))
     model_dir = bench_model(work / "model")
     print(
         f"\n## decode throughput: Llama 8 layers, hidden 512, GQA 8/4, fp32, prompt {prompt} "
-        f"tokens, {new} new tokens per sequence; 1 torch thread per process"
+        f"tokens, {new} new tokens per sequence; 1 torch thread per process; best of "
+        f"{repeat}, pipeline and generate measured alternately"
     )
-    baseline = {
-        b: baseline_tokens_per_second(model_dir, batch=b, prompt=prompt, new=new) for b in batches
-    }
+    baseline = Baseline(model_dir)
+    baseline.tokens_per_second(batch=1, prompt=4, new=4)  # warm-up
     print(
-        f"{'stages':>6} {'in flight':>9} {'pipeline tok/s':>15} {'generate tok/s':>15} {'ratio':>6}"
+        f"{'stages':>6} {'micro-batches':>13} {'in flight':>9} {'pipeline tok/s':>15} "
+        f"{'generate tok/s':>15} {'ratio':>6}"
     )
+    cores = os.cpu_count() or 1
     for stages in stage_counts:
-        served = Served(model_dir, stages, work / f"run-{stages}")
-        try:
-            for batch in batches:
-                rate = pipeline_tokens_per_second(served, batch=batch, prompt=prompt, new=new)
-                print(
-                    f"{stages:>6} {batch:>9} {rate:>15.1f} {baseline[batch]:>15.1f} "
-                    f"{rate / baseline[batch]:>6.2f}",
-                    flush=True,
-                )
-        finally:
-            served.stop()
+        # serve's default (min(stages, cores)) and, when different, one per stage.
+        for micro in sorted({min(stages, cores), stages}):
+            served = Served(model_dir, stages, work / f"run-{stages}-{micro}", micro_batches=micro)
+            try:
+                for batch in batches:
+                    pipe, base = 0.0, 0.0
+                    for _ in range(repeat):
+                        pipe = max(
+                            pipe,
+                            pipeline_tokens_per_second(served, batch=batch, prompt=prompt, new=new),
+                        )
+                        base = max(
+                            base, baseline.tokens_per_second(batch=batch, prompt=prompt, new=new)
+                        )
+                    print(
+                        f"{stages:>6} {micro:>13} {batch:>9} {pipe:>15.1f} {base:>15.1f} "
+                        f"{pipe / base:>6.2f}",
+                        flush=True,
+                    )
+            finally:
+                served.stop()
 
 
 def main() -> int:
@@ -269,6 +296,7 @@ def main() -> int:
     parser.add_argument("--batches", default="1,4,16")
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--prompt-tokens", type=int, default=16)
+    parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--skip-throughput", action="store_true")
     args = parser.parse_args()
     if args.sink:
@@ -283,6 +311,7 @@ def main() -> int:
             [int(b) for b in args.batches.split(",")],
             prompt=args.prompt_tokens,
             new=args.new_tokens,
+            repeat=args.repeat,
         )
     return 0
 

@@ -93,6 +93,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="torch threads per stage (default: cores / stages, at least 1)",
     )
     parser.add_argument(
+        "--micro-batches",
+        type=int,
+        default=None,
+        help="micro-batches in the ring (default: min(stages, cores): on one machine more "
+        "micro-batches than cores add per-batch overhead without adding parallelism)",
+    )
+    parser.add_argument(
         "--run-dir",
         type=Path,
         default=None,
@@ -229,6 +236,8 @@ def start_stages(
             str(args.port + index),
             "--threads",
             str(threads),
+            "--micro-batches",
+            str(args.micro_batches or min(count, os.cpu_count() or 1)),
         ]
         processes.append(
             subprocess.Popen(

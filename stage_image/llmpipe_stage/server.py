@@ -206,6 +206,11 @@ class Stage:
             except StepError as error:
                 await self._fail_upstream([s.sequence_id for s in steps], str(error))
                 continue
+            except Exception as error:  # any failure fails these requests; the loop lives on
+                log.exception("stage %d: compute failed", self.index)
+                reason = f"stage {self.index} failed: {type(error).__name__}: {error}"
+                await self._fail_upstream([s.sequence_id for s in steps], reason)
+                continue
             self.metrics.compute.observe(time.perf_counter() - started)
             self.metrics.batch_tokens.observe(int(hidden.shape[0]))
             self._update_cache_metrics()
