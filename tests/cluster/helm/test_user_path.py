@@ -341,3 +341,28 @@ def test_readme_troubleshooting_commands_work(cluster: Cluster) -> None:
     plan = json.loads(plan_json)
     assert [s["index"] for s in plan["stages"]] == [0, 1, 2]
     assert all("computeSeconds" in s and "transferSeconds" in s for s in plan["stages"])
+
+
+def test_infeasible_example_says_what_is_short(cluster: Cluster) -> None:
+    doc = yaml.safe_load((PIPELINES / "cloud-throughput.yaml").read_text())
+    doc["metadata"]["name"] = "qwen7b-too-big"
+    doc["spec"]["workload"]["maxSequences"] = 256
+    doc["spec"]["placement"]["nodeSelector"][RUN_LABEL] = cluster.tag
+    kubectl = [str(cluster.plane.bin_dir / "kubectl"), "-n", cluster.namespace]
+    run(cluster.plane, [*kubectl, "apply", "-f", "-"], input=yaml.safe_dump(doc))
+
+    def planned_false() -> dict[str, Any] | None:
+        status = cluster.pipeline("qwen7b-too-big").get("status", {})
+        conditions = {c["type"]: c for c in status.get("conditions", [])}
+        planned = conditions.get("Planned", {})
+        return status if planned.get("status") == "False" else None
+
+    status = wait.until(planned_false, what="Planned=False", timeout=60)
+    planned = next(c for c in status["conditions"] if c["type"] == "Planned")
+    assert planned["reason"] == "InsufficientMemory"
+    assert status["phase"] == "Failed"
+    assert "short" in planned["message"]
+    pods = run(cluster.plane, [*kubectl, "get", "pods", "-l", "llmpipe.io/pipeline=qwen7b-too-big"])
+    assert pods == ""  # nothing half-deployed
+    table = run(cluster.plane, [*kubectl, "get", "llmp", "qwen7b-too-big"])
+    print("\n$ kubectl get llmp qwen7b-too-big\n" + table + "message: " + planned["message"])
