@@ -365,4 +365,10 @@ def test_infeasible_example_says_what_is_short(cluster: Cluster) -> None:
     pods = run(cluster.plane, [*kubectl, "get", "pods", "-l", "llmpipe.io/pipeline=qwen7b-too-big"])
     assert pods == ""  # nothing half-deployed
     table = run(cluster.plane, [*kubectl, "get", "llmp", "qwen7b-too-big"])
+    # The README's command for the message.
+    jsonpath = '{.status.conditions[?(@.type=="Planned")].message}'
+    message = run(
+        cluster.plane, [*kubectl, "get", "llmp", "qwen7b-too-big", "-o", f"jsonpath={jsonpath}"]
+    )
+    assert message == planned["message"]
     print("\n$ kubectl get llmp qwen7b-too-big\n" + table + "message: " + planned["message"])
