@@ -411,6 +411,15 @@ def test_cli_up_env_down_leaves_no_process(control_plane: cp.ControlPlane, tmp_p
     try:
         assert f"export KUBECONFIG={workdir / 'kubeconfig'}" in up.stdout
         assert re.search(r"ready in [0-9.]+s", up.stderr)
+        second = subprocess.run(
+            [script, "up", "--dir", str(workdir)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+        assert second.returncode == 1
+        assert "already up" in second.stderr
         again = subprocess.run(
             [script, "env", "--dir", str(workdir)],
             capture_output=True,

@@ -579,7 +579,7 @@ class ControlPlane:
 
     # -- namespaces ----------------------------------------------------------------------
 
-    def create_namespace(self, name: str, *, timeout: float = 30.0) -> Namespace:
+    def create_namespace(self, name: str, *, timeout: float = wait.DEFAULT_TIMEOUT) -> Namespace:
         """Create a namespace and wait for its `default` ServiceAccount, without which
         ServiceAccount admission rejects every pod created there."""
         namespace = self.client().create(Namespace(metadata=ObjectMeta(name=name)))
@@ -607,7 +607,7 @@ class ControlPlane:
         spec: nodes.NodeSpec | str,
         *,
         wait_ready: bool = True,
-        timeout: float = 30.0,
+        timeout: float = wait.DEFAULT_TIMEOUT,
         **fields: Any,
     ) -> Node:
         """Register a simulated node (like a kubelet would) and wait until kwok makes it Ready.
@@ -642,7 +642,7 @@ class ControlPlane:
             added = [wait.node_ready(self.client(), spec.name) for spec in specs]
         return added
 
-    def remove_node(self, name: str, *, timeout: float = 30.0) -> None:
+    def remove_node(self, name: str, *, timeout: float = wait.DEFAULT_TIMEOUT) -> None:
         """Delete the Node (as when a machine leaves); its pods are removed by the
         controller manager's pod garbage collector, as in a real cluster."""
         with contextlib.suppress(ApiError):
@@ -658,7 +658,7 @@ class ControlPlane:
             patch_type=PatchType.MERGE,
         )
 
-    def set_not_ready(self, name: str, *, timeout: float = 30.0) -> Node:
+    def set_not_ready(self, name: str, *, timeout: float = wait.DEFAULT_TIMEOUT) -> Node:
         """Make the node Ready=False and keep it so.
 
         kwok re-initialises any managed node whose Ready is not True, so patching the
@@ -675,7 +675,7 @@ class ControlPlane:
         )
         return wait.node_condition(self.client(), name, status="False", timeout=timeout)
 
-    def set_ready(self, name: str, *, timeout: float = 30.0) -> Node:
+    def set_ready(self, name: str, *, timeout: float = wait.DEFAULT_TIMEOUT) -> Node:
         """Undo set_not_ready: kwok's node-initialize stage makes the node Ready again, and
         the node lifecycle controller lifts its not-ready taints."""
         self.client().patch(

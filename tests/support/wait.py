@@ -16,7 +16,9 @@ from lightkube.resources.core_v1 import Event, Node, Pod, ServiceAccount
 
 T = TypeVar("T")
 
-DEFAULT_TIMEOUT = 30.0
+DEFAULT_TIMEOUT = 60.0
+"""Generous: waits return as soon as the state is reached; the timeout only matters on a
+loaded machine (CI, or several test sessions sharing 2 cores)."""
 
 
 class WaitTimeout(AssertionError):

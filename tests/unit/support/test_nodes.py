@@ -98,3 +98,20 @@ def test_example_cluster_files_become_nodes(path: Path) -> None:
     for manifest, raw in zip(manifests, data["nodes"], strict=True):
         assert manifest["metadata"]["labels"]["llmpipe.io/tier"] == raw["tier"]
         assert manifest["status"]["allocatable"]["memory"] == str(raw["memory"])
+
+
+def test_cli_up_refuses_a_directory_that_is_not_its_own(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "notes.txt").write_text("precious")
+    assert control_plane.main(["up", "--dir", str(tmp_path)]) == 1
+    assert "refusing to reuse it" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "precious"
+
+
+def test_cli_env_and_down_without_a_plane(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert control_plane.main(["env", "--dir", str(tmp_path)]) == 1
+    assert "not up" in capsys.readouterr().err
+    assert control_plane.main(["down", "--dir", str(tmp_path)]) == 0
