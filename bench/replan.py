@@ -44,7 +44,7 @@ def percentile(values: list[float], q: float) -> float:
 def one_run(plane: cp.ControlPlane, workdir: Path, index: int) -> tuple[float, float]:
     namespace = f"bench-replan-{index}-{uuid.uuid4().hex[:4]}"
     plane.create_namespace(namespace)
-    lab = harness.Lab(plane, namespace, group=f"bn{uuid.uuid4().hex[:5]}")
+    lab = harness.Lab(plane, namespace, f"bn{uuid.uuid4().hex[:5]}", workdir)
     operator = harness.OperatorProcess.start(plane, namespace, workdir / f"operator-{index}.log")
     try:
         for i in range(3):

@@ -28,8 +28,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-# Only annotations under this prefix feed the planner (`llmpipe.io/links`); kubelet and
-# controllers rewrite their own annotations all the time, which must not cause re-plans.
+# Only labels and annotations under this prefix feed the planner (`llmpipe.io/tflops`,
+# `llmpipe.io/links`, ...); kubelet and controllers rewrite their own all the time, which
+# must not cause re-plans (other labels matter only through a pipeline's nodeSelector).
 PLANNING_ANNOTATION_PREFIX = "llmpipe.io/"
 
 
@@ -87,7 +88,16 @@ class NodeChange:
 
     node: str
     kind: ChangeKind
+    """The most telling of `kinds`: the one `text` describes."""
     text: str
+    kinds: frozenset[ChangeKind] = frozenset()
+    """Everything that changed in this update (empty: just `kind`)."""
+    label_keys: tuple[str, ...] = ()
+    """The label keys that changed, when labels did."""
+
+    @property
+    def all_kinds(self) -> frozenset[ChangeKind]:
+        return self.kinds | {self.kind}
 
 
 def node_state(node: Mapping[str, Any]) -> NodeState:
@@ -138,11 +148,17 @@ def classify_change(old: NodeState | None, new: NodeState | None) -> NodeChange 
         )
     if old is None:
         return NodeChange(new.name, ChangeKind.ADDED, f"node {new.name} added")
-    for kind in _PRECEDENCE:
-        text = _difference(kind, old, new)
-        if text is not None:
-            return NodeChange(new.name, kind, f"node {new.name} {text}")
-    return None
+    found = [(kind, text) for kind in _PRECEDENCE if (text := _difference(kind, old, new))]
+    if not found:
+        return None
+    kind, text = found[0]
+    return NodeChange(
+        new.name,
+        kind,
+        f"node {new.name} {text}",
+        kinds=frozenset(k for k, _ in found),
+        label_keys=tuple(_changed_keys(old.labels, new.labels)),
+    )
 
 
 def _difference(kind: ChangeKind, old: NodeState, new: NodeState) -> str | None:
@@ -169,6 +185,12 @@ def _changed_keys(old: Mapping[str, str], new: Mapping[str, str]) -> list[str]:
     return sorted(key for key in set(old) | set(new) if old.get(key) != new.get(key))
 
 
+def joined(node: str) -> NodeChange:
+    """A node that became usable for the first time since it was added: that reads better
+    as "added" than as the Ready transition or label updates that made it so."""
+    return NodeChange(node, ChangeKind.ADDED, f"node {node} added")
+
+
 def is_urgent(change: NodeChange, planned_nodes: Iterable[str]) -> bool:
     """True when the change takes a node of the running plan away: re-plan at once."""
     return change.kind in URGENT_KINDS and change.node in set(planned_nodes)
@@ -181,13 +203,21 @@ def is_relevant(
     eligible_before: bool,
     eligible_after: bool,
 ) -> bool:
-    """Whether a pipeline should hear of the change at all.
+    """Whether a pipeline should hear of the change at all: could it change the plan?
 
-    A node the pipeline runs on always matters. Any other node matters when it could host
-    a stage before or after the change (it may have joined, left, or changed what it offers);
-    a node the pipeline's placement never admits (other selector, excluded) does not.
+    - the node became eligible for the pipeline, or stopped being so: yes;
+    - a node the pipeline neither runs on nor may use (other selector, excluded): no;
+    - otherwise only changes of what the planner reads: readiness, schedulability, memory,
+      `llmpipe.io/*` labels and annotations. Labels that Kubernetes itself maintains
+      (`kubernetes.io/arch`, ...) or taints that leave the node eligible change no plan.
     """
-    return change.node in set(planned_nodes) or eligible_before or eligible_after
+    if eligible_before != eligible_after:
+        return True
+    if not eligible_after and change.node not in set(planned_nodes):
+        return False
+    if change.all_kinds - {ChangeKind.LABELS, ChangeKind.TAINTS}:
+        return True
+    return any(key.startswith(PLANNING_ANNOTATION_PREFIX) for key in change.label_keys)
 
 
 class Debouncer:
@@ -377,11 +407,14 @@ def primary_kind(changes: Sequence[NodeChange]) -> ChangeKind | None:
 
 
 def format_seconds(seconds: float) -> str:
+    """Three significant digits, so that a 10% difference never rounds away."""
     if seconds >= 1:
         return f"{seconds:.2f} s"
-    if seconds >= 1e-4:
+    if seconds >= 1e-3:
         return f"{seconds * 1e3:.1f} ms"
-    return f"{seconds * 1e6:.1f} µs"
+    if seconds >= 1e-6:
+        return f"{seconds * 1e6:.0f} µs"
+    return f"{seconds * 1e9:.0f} ns"
 
 
 @dataclass(frozen=True)

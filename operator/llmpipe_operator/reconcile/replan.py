@@ -86,6 +86,8 @@ class Replanner:
         self.nodes: dict[str, Mapping[str, Any]] = {}
         self.pipelines: dict[Key, Tracked] = {}
         self._wake = asyncio.Event()
+        self._joining: set[str] = set()
+        """Nodes added but not yet Ready."""
         self._handler_context: contextvars.Context | None = None
         """A copy of a Kopf handler's context: the reconcile steps post Events with
         kopf.event(), which needs Kopf's per-operator event queue from the context, and
@@ -142,11 +144,30 @@ class Replanner:
         )
         if change is None:
             return []
+        change = self._joining_node(change, new)
         affected = self._route(change, old, new)
         if affected:
             log.info("%s: queued for %s", change.text, ", ".join("/".join(k) for k in affected))
             self._wake.set()
         return affected
+
+    def _joining_node(
+        self, change: replan.NodeChange, new: Mapping[str, Any] | None
+    ) -> replan.NodeChange:
+        """A node registers NotReady and with start-up taints, and turns usable moments
+        later: report the change that makes it usable as "added", as a user thinks of it."""
+        if change.kind is replan.ChangeKind.ADDED:
+            if new is not None and not _settled(new):
+                self._joining.add(change.node)
+            return change
+        if new is None or change.node not in self._joining:
+            self._joining.discard(change.node)
+            return change
+        if _settled(new):
+            self._joining.discard(change.node)
+        return dataclasses.replace(
+            replan.joined(change.node), kinds=change.all_kinds, label_keys=change.label_keys
+        )
 
     def _route(
         self,
@@ -462,6 +483,13 @@ def _parse_time(value: Any) -> datetime.datetime | None:
         return datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         return None
+
+
+def _settled(node: Mapping[str, Any]) -> bool:
+    """Ready and without the taints Kubernetes puts on a node that is starting up."""
+    taints = (node.get("spec") or {}).get("taints") or []
+    starting = any(str(t.get("key", "")).startswith("node.kubernetes.io/") for t in taints)
+    return live.is_ready(node) and not starting
 
 
 def utcnow() -> datetime.datetime:

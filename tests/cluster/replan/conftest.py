@@ -17,7 +17,7 @@ from . import harness
 @pytest.fixture
 def lab(control_plane: cp.ControlPlane, namespace: str, tmp_path: Path) -> Iterator[harness.Lab]:
     harness.apply_crd(control_plane)
-    lab = harness.Lab(control_plane, namespace, group=f"rp{uuid.uuid4().hex[:5]}")
+    lab = harness.Lab(control_plane, namespace, f"rp{uuid.uuid4().hex[:5]}", tmp_path)
     yield lab
     lab.remove_nodes()
 

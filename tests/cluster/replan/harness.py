@@ -162,6 +162,7 @@ class Lab:
     plane: cp.ControlPlane
     namespace: str
     group: str
+    workdir: Path
     nodes: list[str] = field(default_factory=list)
 
     @property

@@ -17,7 +17,6 @@ from collections.abc import Iterator
 import pytest
 import yaml
 from lightkube import AsyncClient, KubeConfig
-from lightkube.generic_resource import create_global_resource
 
 from llmpipe_operator.k8s import metrics_api
 from tests.support import control_plane as cp
@@ -46,7 +45,6 @@ STAND_IN = {
     },
 }  # fmt: skip
 
-NodeMetrics = create_global_resource("metrics.k8s.io", "v1beta1", "NodeMetrics", "nodes")
 ROOMY = {"tier": "cloud", "memory": "4Gi", "tflops": 100.0}
 
 
@@ -63,16 +61,18 @@ def metrics_stand_in(control_plane: cp.ControlPlane, tmp_path) -> Iterator[None]
 
 
 def report_usage(lab: harness.Lab, node: str, memory: str) -> None:
-    lab.client.create(
-        NodeMetrics(
-            {
-                "metadata": {"name": node},
-                "timestamp": "2026-11-21T00:00:00Z",
-                "window": "20s",
-                "usage": {"cpu": "100m", "memory": memory},
-            }
-        )
-    )
+    """What metrics-server would report for the node (applied with the real kubectl)."""
+    document = {
+        "apiVersion": "metrics.k8s.io/v1beta1",
+        "kind": "NodeMetrics",
+        "metadata": {"name": node},
+        "timestamp": "2026-11-21T00:00:00Z",
+        "window": "20s",
+        "usage": {"cpu": "100m", "memory": memory},
+    }
+    path = lab.workdir / f"metrics-{node}.yaml"
+    path.write_text(yaml.safe_dump(document))
+    lab.plane.kubectl("apply", "-f", str(path))
 
 
 async def test_usage_is_read_from_metrics_k8s_io(lab, metrics_stand_in) -> None:

@@ -137,11 +137,31 @@ def test_other_changes_wait_for_the_debounce_window(kind: ChangeKind) -> None:
 
 
 def test_relevance_follows_the_plan_and_the_placement() -> None:
-    change = replan.NodeChange("x", ChangeKind.LABELS, "")
-    relevant = lambda planned, before, after: replan.is_relevant(  # noqa: E731
-        change, planned_nodes=planned, eligible_before=before, eligible_after=after
-    )
-    assert relevant({"x"}, False, False)  # planned: always
-    assert relevant(set(), False, True)  # became eligible (label now matches)
-    assert relevant(set(), True, False)  # stopped being eligible
-    assert not relevant(set(), False, False)  # never admitted by the placement
+    def relevant(change, planned, before, after) -> bool:
+        return replan.is_relevant(
+            change, planned_nodes=planned, eligible_before=before, eligible_after=after
+        )
+
+    tflops = replan.NodeChange("x", ChangeKind.LABELS, "", label_keys=("llmpipe.io/tflops",))
+    arch = replan.NodeChange("x", ChangeKind.LABELS, "", label_keys=("kubernetes.io/arch",))
+    memory = replan.NodeChange("x", ChangeKind.MEMORY, "")
+    gone = replan.NodeChange("x", ChangeKind.REMOVED, "")
+    assert relevant(tflops, {"x"}, True, True)  # what the planner reads, on a planned node
+    assert relevant(tflops, set(), True, True)  # ... on a node it may use
+    assert relevant(memory, set(), True, True)
+    assert relevant(arch, set(), False, True)  # became eligible (nodeSelector now matches)
+    assert relevant(arch, {"x"}, True, False)  # stopped being eligible
+    assert relevant(gone, {"x"}, False, False)  # a planned node that was already NotReady
+    assert not relevant(arch, {"x"}, True, True)  # a label the planner does not read
+    assert not relevant(memory, set(), False, False)  # never admitted by the placement
+
+
+def test_one_update_can_carry_several_changes() -> None:
+    before = a_node("n").build()
+    after = a_node("n").label("kubernetes.io/arch", "arm64").build()
+    after["metadata"]["annotations"]["llmpipe.io/links"] = "{}"
+    change = classify(before, after)
+    assert change is not None and change.kind is ChangeKind.LABELS
+    assert change.all_kinds == {ChangeKind.LABELS, ChangeKind.ANNOTATIONS}
+    # the links annotation makes it relevant although the label alone would not
+    assert replan.is_relevant(change, planned_nodes=(), eligible_before=True, eligible_after=True)

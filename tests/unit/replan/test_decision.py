@@ -116,7 +116,7 @@ def test_the_cause_names_token_latency_for_the_latency_objective() -> None:
     new = a_plan(*THREE, objective="latency", latency=0.00005)
     change = NodeChange("gpu-2", ChangeKind.ADDED, "node gpu-2 added")
     assert replan.describe([change], old, new) == (
-        "node gpu-2 added: 4 stages -> 3, token latency 1.50 s -> 50.0 µs"
+        "node gpu-2 added: 4 stages -> 3, token latency 1.50 s -> 50 µs"
     )
 
 
@@ -164,3 +164,12 @@ def test_settings_parse_the_spec() -> None:
 def test_bad_settings_are_refused_with_the_field_name(spec, message) -> None:
     with pytest.raises(ValueError, match=message):
         replan.ReplanSettings.from_spec(spec)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(2.5, "2.50 s"), (0.0182, "18.2 ms"), (0.00044, "440 µs"), (0.0004, "400 µs"),
+     (5e-8, "50 ns")],
+)  # fmt: skip
+def test_figures_keep_three_significant_digits(seconds, text) -> None:
+    assert replan.format_seconds(seconds) == text

@@ -195,3 +195,27 @@ def test_a_completed_switch_is_timed() -> None:
     assert switches() == before + 1
     rp.pipeline_event("MODIFIED", done)  # the same state again is not another switch
     assert switches() == before + 1
+
+
+def test_a_node_that_registers_not_ready_reads_as_added_once_it_is_ready() -> None:
+    rp, _ = replanner_with(
+        a_pipeline("chat", planned=("orin-a",), debounce=10.0), nodes=[edge("orin-a").build()]
+    )
+    starting = edge("gpu-9").not_ready().taint("node.kubernetes.io/not-ready")
+    assert rp.node_event("ADDED", starting.build()) == []  # not usable yet
+    ready_but_tainted = edge("gpu-9").taint("node.kubernetes.io/not-ready")
+    assert rp.node_event("MODIFIED", ready_but_tainted.build()) == []  # still not usable
+    assert rp.node_event("MODIFIED", edge("gpu-9").build()) == [("team-a", "chat")]
+    labelled = edge("gpu-9").label("llmpipe.io/tflops", "20").build()
+    assert rp.node_event("MODIFIED", labelled) == [("team-a", "chat")]
+    pending = rp.pipelines[("team-a", "chat")].debouncer.pending
+    assert [c.text for c in pending] == [
+        "node gpu-9 added",
+        "node gpu-9 labels changed (llmpipe.io/tflops)",
+    ]
+
+
+def test_labels_kubernetes_maintains_reach_nobody() -> None:
+    rp, _ = replanner_with(a_pipeline("chat", planned=("orin-a",)), nodes=[edge("orin-a").build()])
+    arch = edge("orin-a").label("beta.kubernetes.io/arch", "amd64").build()
+    assert rp.node_event("MODIFIED", arch) == []
