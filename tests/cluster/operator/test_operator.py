@@ -210,6 +210,10 @@ def test_pipeline_is_planned_deployed_on_planned_nodes_and_replans(
     assert st["endpoint"] == f"http://chat.{namespace}.svc:8000/v1"
     assert_pods_on_planned_nodes(client, namespace, "chat", st)
     first = st["planHash"]
+    print("\n$ kubectl get llmp\n" + control_plane.kubectl("get", "llmp", "-n", namespace).stdout)
+    print("$ kubectl get pods -o wide\n" + control_plane.kubectl(
+        "get", "pods", "-n", namespace, "-o",
+        "custom-columns=NAME:.metadata.name,STATUS:.status.phase,NODE:.spec.nodeName").stdout)
 
     # the plan ConfigMap wires the stages to each other's Services
     cm = client.get(ConfigMap, f"chat-{first}-plan", namespace=namespace)

@@ -5,7 +5,7 @@
 2. Operator resident memory (VmRSS) with 200 simulated nodes and 20 pipelines, all Ready,
    next to the same process's RSS right after start (no nodes, no pipelines).
 
-    PYTHONPATH=operator:. python bench/operator.py [--runs 5] [--nodes 200] [--pipelines 20]
+    PYTHONPATH=operator:. python bench/operator_cluster.py [--runs 5] [--nodes 200] [--pipelines 20]
 
 Needs the control-plane binaries (scripts/build-k8s-tools); starts its own control plane
 in a temporary directory and stops it at the end.
