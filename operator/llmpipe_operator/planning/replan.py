@@ -250,6 +250,11 @@ class Debouncer:
         self._urgent = self._urgent or urgent
         self._pending.append(change)
 
+    def make_urgent(self) -> None:
+        """Close the pending burst at once (a pending change turned out to be urgent)."""
+        if self._opened_at is not None:
+            self._urgent = True
+
     def due_at(self) -> float | None:
         """When the pending burst should be re-planned; None when nothing is pending."""
         if self._opened_at is None:

@@ -126,6 +126,11 @@ class Replanner:
         tracked.eligibility, tracked.planned, tracked.body = eligibility, planned, body
         tracked.settings = settings
         tracked.debouncer.window_seconds = settings.debounce_seconds
+        # The node watch and the pipeline watch are separate streams: a node removal can
+        # arrive before the status that put a stage on that node. Re-judge what is pending.
+        if any(replan.is_urgent(c, planned) for c in tracked.debouncer.pending):
+            tracked.debouncer.make_urgent()
+            self._wake.set()
 
     def node_event(self, event_type: str | None, body: Mapping[str, Any]) -> list[Key]:
         """Classify a Node event and queue it for the pipelines it affects (returned)."""
@@ -147,7 +152,6 @@ class Replanner:
         change = self._joining_node(change, new)
         affected = self._route(change, old, new)
         if affected:
-            log.info("%s: queued for %s", change.text, ", ".join("/".join(k) for k in affected))
             self._wake.set()
         return affected
 
@@ -187,6 +191,12 @@ class Replanner:
                 urgent = replan.is_urgent(change, tracked.planned)
                 tracked.debouncer.add(change, now=now, urgent=urgent)
                 affected.append(key)
+                log.info(
+                    "%s: queued for %s/%s (%s)",
+                    change.text,
+                    *key,
+                    "at once" if urgent else f"within {tracked.debouncer.window_seconds:g}s",
+                )
         return affected
 
     # --- the loop (a task owned by the operator) -----------------------------------------

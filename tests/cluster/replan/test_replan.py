@@ -46,7 +46,7 @@ def new_plan_serving(old_hash: str):
 def test_removing_a_stage_node_replans_without_it(lab, operator) -> None:
     for i in range(3):
         lab.add_node(f"e{i}", **SMALL)
-    lab.apply_pipeline("chat", replan={"debounceSeconds": 2})
+    lab.apply_pipeline("chat", replan={"debounceSeconds": 30})
     first = lab.wait_ready("chat")
     planned = lab.planned_nodes(first)
     assert len(planned) == 3, first

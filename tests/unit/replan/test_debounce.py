@@ -91,3 +91,12 @@ def test_debounce_invariants(window: float, events: list[tuple[float, bool]], ti
     for at, burst in fired:
         for change in burst:
             assert at - seen_at[change.text] <= window + tick + 1e-9
+
+
+def test_a_pending_burst_can_be_made_urgent() -> None:
+    debouncer = replan.Debouncer(30.0)
+    debouncer.make_urgent()  # nothing pending: nothing to close
+    assert debouncer.due_at() is None
+    debouncer.add(label_flap(0), now=1.0)
+    debouncer.make_urgent()
+    assert debouncer.due(1.0)

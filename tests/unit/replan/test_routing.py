@@ -219,3 +219,13 @@ def test_labels_kubernetes_maintains_reach_nobody() -> None:
     rp, _ = replanner_with(a_pipeline("chat", planned=("orin-a",)), nodes=[edge("orin-a").build()])
     arch = edge("orin-a").label("beta.kubernetes.io/arch", "amd64").build()
     assert rp.node_event("MODIFIED", arch) == []
+
+
+def test_a_removal_seen_before_the_plan_that_uses_the_node_turns_urgent() -> None:
+    rp, clock = replanner_with(a_pipeline("chat"), nodes=[edge("orin-a").build()])
+    # the node watch is ahead of the pipeline watch: no plan is known yet
+    assert rp.node_event("DELETED", edge("orin-a").build()) == [("team-a", "chat")]
+    chat = rp.pipelines[("team-a", "chat")]
+    assert not chat.debouncer.due(clock.now)
+    rp.pipeline_event("MODIFIED", a_pipeline("chat", planned=("orin-a",)))
+    assert chat.debouncer.due(clock.now)
