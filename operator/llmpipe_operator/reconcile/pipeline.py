@@ -11,6 +11,7 @@ A new plan never replaces a running one in place: its objects carry a new plan h
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,6 +24,8 @@ from llmpipe_operator.k8s import api
 from llmpipe_operator.manifests import endpoint, names, render
 from llmpipe_operator.planning import live, planner
 from llmpipe_operator.reconcile import errors, fetch, locks, switch
+
+log = logging.getLogger(__name__)
 
 
 class NoEligibleNodes(Exception):
@@ -69,7 +72,10 @@ async def observe_nodes(
         exclude_nodes=spec.placement.exclude_nodes,
         tolerates=lambda taint: any(t.tolerates(taint) for t in tolerations),
     )
-    return live.build_inventory(raw_nodes, eligibility=eligibility, memory_usage=memory_usage)
+    nodes = live.build_inventory(raw_nodes, eligibility=eligibility, memory_usage=memory_usage)
+    for note in nodes.notes:
+        log.warning("%s", note)  # e.g. a malformed llmpipe.io/links annotation: links ignored
+    return nodes
 
 
 def make_plan(spec: spec_mod.PipelineSpec, nodes: live.LiveInventory) -> dict[str, Any]:

@@ -23,7 +23,7 @@ import yaml
 from lightkube import ApiError, Client
 from lightkube.generic_resource import create_namespaced_resource
 from lightkube.resources.apps_v1 import Deployment
-from lightkube.resources.core_v1 import ConfigMap, Event, Pod, Service
+from lightkube.resources.core_v1 import ConfigMap, Event, Node, Pod, Service
 from lightkube.resources.discovery_v1 import EndpointSlice
 from lightkube.types import PatchType
 
@@ -211,9 +211,17 @@ def test_pipeline_is_planned_deployed_on_planned_nodes_and_replans(
     assert_pods_on_planned_nodes(client, namespace, "chat", st)
     first = st["planHash"]
     print("\n$ kubectl get llmp\n" + control_plane.kubectl("get", "llmp", "-n", namespace).stdout)
-    print("$ kubectl get pods -o wide\n" + control_plane.kubectl(
-        "get", "pods", "-n", namespace, "-o",
-        "custom-columns=NAME:.metadata.name,STATUS:.status.phase,NODE:.spec.nodeName").stdout)
+    print(
+        "$ kubectl get pods -o wide\n"
+        + control_plane.kubectl(
+            "get",
+            "pods",
+            "-n",
+            namespace,
+            "-o",
+            "custom-columns=NAME:.metadata.name,STATUS:.status.phase,NODE:.spec.nodeName",
+        ).stdout
+    )
 
     # the plan ConfigMap wires the stages to each other's Services
     cm = client.get(ConfigMap, f"chat-{first}-plan", namespace=namespace)
@@ -382,3 +390,63 @@ def test_bad_spec_is_refused_at_apply(
     assert message in result.stderr, result.stderr
     with pytest.raises(ApiError):
         control_plane.client().get(LLMPipeline, manifest["metadata"]["name"], namespace=namespace)
+
+
+def test_tainted_node_is_used_only_when_tolerated(
+    control_plane: cp.ControlPlane,
+    operator: OperatorProcess,
+    namespace: str,
+    pool: Pool,
+    client: Client,
+) -> None:
+    node = pool.add("gpu", tier="cloud", memory="2Gi")
+    client.patch(
+        Node,
+        node,
+        {
+            "spec": {
+                "taints": [{"key": "llmpipe.io/dedicated", "value": "llm", "effect": "NoSchedule"}]
+            }
+        },
+        patch_type=PatchType.MERGE,
+    )
+    result = apply(control_plane, namespace, pipeline_manifest("tainted", selector=pool.selector))
+    assert result.returncode == 0, result.stderr
+
+    def pending() -> dict[str, Any] | None:
+        st = status_of(client, namespace, "tainted")
+        return st if st.get("phase") == "Pending" else None
+
+    st = wait.until(
+        pending,
+        what="phase Pending",
+        timeout=60,
+        seen=lambda: f"{status_of(client, namespace, 'tainted')}",
+    )
+    planned = condition(st, "Planned")
+    assert (planned["status"], planned["reason"]) == ("False", "NoEligibleNodes")
+    assert "taint llmpipe.io/dedicated=llm:NoSchedule not tolerated" in planned["message"]
+
+    client.patch(
+        LLMPipeline,
+        "tainted",
+        {
+            "spec": {
+                "placement": {
+                    "tolerations": [
+                        {
+                            "key": "llmpipe.io/dedicated",
+                            "operator": "Equal",
+                            "value": "llm",
+                            "effect": "NoSchedule",
+                        }
+                    ]
+                }
+            }
+        },
+        namespace=namespace,
+        patch_type=PatchType.MERGE,
+    )
+    st = wait_ready(client, operator, namespace, "tainted", generation=2)
+    assert [s["node"] for s in st["plan"]["stages"]] == [node]
+    assert_pods_on_planned_nodes(client, namespace, "tainted", st)
