@@ -52,6 +52,7 @@ class OperatorProcess:
     log: Path
     namespace: str
     health_port: int
+    account: str = ""
     cluster_objects: list[str] = field(default_factory=list)
 
     def log_tail(self, lines: int = 60) -> str:
@@ -130,7 +131,7 @@ def start_operator(
         args += ["--namespace", ns]
     with log.open("wb") as out:
         process = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
-    handle = OperatorProcess(process, log, namespace, port, cluster_objects)
+    handle = OperatorProcess(process, log, namespace, port, account, cluster_objects)
     wait.until(
         lambda: process.poll() is None and _healthy(port),
         what="the operator's /healthz",

@@ -450,3 +450,27 @@ def test_tainted_node_is_used_only_when_tolerated(
     st = wait_ready(client, operator, namespace, "tainted", generation=2)
     assert [s["node"] for s in st["plan"]["stages"]] == [node]
     assert_pods_on_planned_nodes(client, namespace, "tainted", st)
+
+
+def test_operator_runs_with_least_privilege(
+    control_plane: cp.ControlPlane, operator: OperatorProcess, namespace: str, crd: object
+) -> None:
+    """What the chart's RBAC lets the operator's ServiceAccount do, asked of the API server."""
+    user = f"system:serviceaccount:{namespace}:{operator.account}"
+
+    def can(*args: str) -> bool:
+        result = control_plane.kubectl("auth", "can-i", *args, "--as", user, check=False)
+        return result.stdout.strip() == "yes"
+
+    assert can("list", "nodes")
+    assert can("watch", "nodes")
+    assert can("patch", "llmpipelines.llmpipe.io/status", "-n", namespace)
+    assert can("create", "deployments.apps", "-n", namespace)
+    assert can("delete", "services", "-n", namespace)
+    assert can("watch", "endpointslices.discovery.k8s.io", "-n", namespace)
+    assert not can("patch", "nodes")
+    assert not can("get", "secrets", "-n", namespace)
+    assert not can("create", "deployments.apps", "-n", "default")
+    assert not can("create", "llmpipelines.llmpipe.io", "-n", namespace)
+    assert not can("list", "customresourcedefinitions.apiextensions.k8s.io")
+    assert not can("create", "pods", "-n", namespace)
