@@ -94,6 +94,7 @@ def start_operator(
     control_plane: cp.ControlPlane, *, namespace: str, workdir: Path, watch: list[str] | None = None
 ) -> OperatorProcess:
     """Apply the chart's RBAC, then run the operator as its ServiceAccount."""
+    workdir.mkdir(parents=True, exist_ok=True)
     release = f"llmpipe-{uuid.uuid4().hex[:6]}"
     docs = render_rbac(
         control_plane, release=release, namespace=namespace, watch=watch or [namespace]

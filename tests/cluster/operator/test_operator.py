@@ -16,6 +16,7 @@ import json
 import subprocess
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,7 +28,13 @@ from lightkube.resources.core_v1 import ConfigMap, Event, Node, Pod, Service
 from lightkube.resources.discovery_v1 import EndpointSlice
 from lightkube.types import PatchType
 
-from tests.cluster.operator.conftest import OperatorProcess, Pool, pipeline_manifest
+from tests.cluster.operator.conftest import (
+    OperatorProcess,
+    Pool,
+    pipeline_manifest,
+    start_operator,
+    stop_operator,
+)
 from tests.support import control_plane as cp
 from tests.support import wait
 
@@ -474,3 +481,81 @@ def test_operator_runs_with_least_privilege(
     assert not can("create", "llmpipelines.llmpipe.io", "-n", namespace)
     assert not can("list", "customresourcedefinitions.apiextensions.k8s.io")
     assert not can("create", "pods", "-n", namespace)
+
+
+def test_infeasible_change_keeps_the_running_plan_serving(
+    control_plane: cp.ControlPlane,
+    operator: OperatorProcess,
+    namespace: str,
+    pool: Pool,
+    client: Client,
+) -> None:
+    pool.add("cloud-a", tier="cloud", memory="1Gi")
+    result = apply(control_plane, namespace, pipeline_manifest("keep", selector=pool.selector))
+    assert result.returncode == 0, result.stderr
+    st = wait_ready(client, operator, namespace, "keep")
+    serving, pods = st["planHash"], stage_pods(client, namespace, "keep", st["planHash"])
+
+    # 64k tokens of KV cache for 4 sequences need ~4 GiB: no plan fits any more
+    client.patch(
+        LLMPipeline,
+        "keep",
+        {"spec": {"workload": {"maxContextTokens": 65536}}},
+        namespace=namespace,
+        patch_type=PatchType.MERGE,
+    )
+
+    def degraded() -> dict[str, Any] | None:
+        st = status_of(client, namespace, "keep")
+        return st if st.get("phase") == "Degraded" else None
+
+    st = wait.until(
+        degraded,
+        what="phase Degraded",
+        timeout=60,
+        seen=lambda: f"{status_of(client, namespace, 'keep')}\n{operator.log_tail()}",
+    )
+    assert condition(st, "Planned")["reason"] == "InsufficientMemory"
+    assert condition(st, "Degraded")["message"].startswith("serving the previous plan")
+    assert st["planHash"] == serving
+    endpoint = client.get(Service, "keep", namespace=namespace)
+    assert endpoint.spec.selector["llmpipe.io/plan-hash"] == serving
+    still = stage_pods(client, namespace, "keep", serving)
+    assert {p.metadata.uid for p in still} == {p.metadata.uid for p in pods}
+
+
+def test_operator_restart_resumes_without_touching_a_ready_pipeline(
+    control_plane: cp.ControlPlane,
+    operator: OperatorProcess,
+    namespace: str,
+    pool: Pool,
+    client: Client,
+    tmp_path: Path,
+) -> None:
+    pool.add("edge-a", tier="edge", memory="300Mi")
+    pool.add("cloud-a", tier="cloud", memory="1Gi")
+    result = apply(
+        control_plane,
+        namespace,
+        pipeline_manifest("steady", selector=pool.selector, placement={"firstStage": "edge"}),
+    )
+    assert result.returncode == 0, result.stderr
+    st = wait_ready(client, operator, namespace, "steady")
+    pods = {p.metadata.uid for p in stage_pods(client, namespace, "steady", st["planHash"])}
+
+    stop_operator(control_plane, operator)
+    restarted = start_operator(control_plane, namespace=namespace, workdir=tmp_path / "again")
+    try:
+        wait.until(
+            lambda: "reconcile_spec" in restarted.log.read_text(),
+            what="the resume handler",
+            timeout=60,
+            seen=restarted.log_tail,
+        )
+        after = wait_ready(client, restarted, namespace, "steady")
+    finally:
+        stop_operator(control_plane, restarted)
+    assert after["planHash"] == st["planHash"]
+    assert {
+        p.metadata.uid for p in stage_pods(client, namespace, "steady", after["planHash"])
+    } == pods
