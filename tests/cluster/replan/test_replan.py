@@ -89,6 +89,8 @@ def test_a_switch_never_leaves_the_service_without_a_ready_endpoint(lab, operato
     wait.until(lambda: lab.ready_endpoints("chat") > 0, what="a ready endpoint", timeout=30)
 
     with EndpointWatch(lab, "chat", interval=0.1).running() as watch:
+        time.sleep(0.5)  # a few polls before the switch begins
+        cordoned_at = time.monotonic()
         lab.plane.cordon(stage0)  # urgent: re-planned at once despite the 30 s window
         st = lab.wait_status("chat", new_plan_serving(first["planHash"]), what="the switch")
         wait.until(
@@ -96,10 +98,17 @@ def test_a_switch_never_leaves_the_service_without_a_ready_endpoint(lab, operato
             what="the old plan's pods to be gone",
             timeout=60,
         )
+        done_at = time.monotonic()
         time.sleep(1.0)  # a few more polls after the old stage 0 went away
 
-    print(f"\nendpoint polls through the switch: {len(watch.samples)}")
-    assert len(watch.samples) > 20
+    times = [t for t, _ in watch.samples]
+    steps = [later - earlier for earlier, later in itertools.pairwise(times)]
+    print(
+        f"\n{len(times)} endpoint polls over {times[-1] - times[0]:.1f} s through the switch, "
+        f"longest step between polls {max(steps):.2f} s"
+    )
+    assert times[0] < cordoned_at and times[-1] > done_at  # the whole switch is covered
+    assert max(steps) < 1.0  # no stretch went unobserved
     assert watch.gaps() == [], f"no ready endpoint at {watch.gaps()} s"
     assert stage0 not in lab.planned_nodes(st)
     assert st["replan"]["lastCause"].startswith(f"node {stage0} cordoned: 3 stages -> 2")
