@@ -52,6 +52,22 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def free_block(count: int, *, avoid: range = range(0)) -> int:
+    """A base port such that base .. base+count-1 are all free (serve uses consecutive ports)."""
+    for base in range(20000, 30000, 97):
+        ports = range(base, base + count)
+        if any(p in avoid for p in ports):
+            continue
+        try:
+            for port in ports:
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no free block of ports in 20000-30000")
+
+
 # -- 1. per-hop overhead ------------------------------------------------------------------------
 class SinkServicer(stage_pb2_grpc.StageServicer):
     """The receiving half of a hop: deserialize and validate like a stage, then ack."""
@@ -173,8 +189,8 @@ class Served:
     """`llmpipe serve --model DIR --stages K` in the background."""
 
     def __init__(self, model_dir: Path, stages: int, run_dir: Path, *, micro_batches: int) -> None:
-        self.port = free_port()
-        grpc_port = free_port()
+        self.port = free_block(stages)
+        grpc_port = free_block(stages, avoid=range(self.port, self.port + stages))
         env = dict(os.environ, PYTHONPATH=f"{ROOT / 'operator'}:{ROOT / 'stage_image'}")
         self.process = subprocess.Popen(
             [
@@ -207,10 +223,12 @@ class Served:
             text=True,
         )
         assert self.process.stdout is not None
+        output = []
         for line in self.process.stdout:
+            output.append(line)
             if line.startswith("Ctrl-C"):
                 return
-        raise RuntimeError(f"serve exited with {self.process.wait()}")
+        raise RuntimeError(f"serve exited with {self.process.wait()}:\n{''.join(output)}")
 
     def stop(self) -> None:
         self.process.send_signal(signal.SIGINT)

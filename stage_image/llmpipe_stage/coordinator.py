@@ -169,6 +169,7 @@ class Coordinator:
     # -- ring events (from the server) -----------------------------------------------------
     def on_tokens(self, sequence_ids: list[int], token_ids: list[int]) -> None:
         now = time.monotonic()
+        self.metrics.count_tokens(len(token_ids))
         for sid, token in zip(sequence_ids, token_ids, strict=True):
             sequence = self.sequences.get(sid)
             if sequence is None or sequence.finished:
@@ -177,7 +178,6 @@ class Coordinator:
                 self.metrics.ttft.observe(now - sequence.created)
             sequence.generated.append(token)
             sequence.step_sent_at = None
-            self.metrics.count_tokens(1)
             sequence.events.put_nowait(token)
             done = (
                 (token in self.settings.eos_token_ids and not sequence.params.ignore_eos)

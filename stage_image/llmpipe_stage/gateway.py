@@ -142,6 +142,13 @@ def parse_generation(
     )
 
 
+def find_stop(text: str, stops: tuple[str, ...], *, start: int) -> int:
+    """Where the earliest stop string begins in text not yet sent (from `start`), or -1.
+    A stop string may straddle what was held back, so the search starts a bit earlier."""
+    hits = [i for s in stops if (i := text.find(s, max(0, start - len(s) + 1))) >= 0]
+    return min(hits, default=-1)
+
+
 def held_back(text: str, stops: tuple[str, ...]) -> int:
     """How many trailing characters might start a stop string (so are not streamed yet)."""
     keep = 0
@@ -283,19 +290,16 @@ class OpenAIHandlers:
         async with contextlib.aclosing(
             self.stage.coordinator.generate(generation.prompt_ids, generation.params)
         ) as tokens:
+            # Without streaming or stop strings the text is only needed once, at the end.
+            incremental = generation.stream or bool(generation.stop)
             async for token in tokens:
                 ids.append(token)
                 if token in eos and not generation.params.ignore_eos:
                     finish = "stop"
+                if not incremental:
+                    continue
                 text = self.tokenizer.decode(ids, skip_special_tokens=True)
-                cut = min(
-                    (
-                        text.find(s, max(0, sent - len(s)))
-                        for s in generation.stop
-                        if text.find(s, max(0, sent - len(s))) >= 0
-                    ),
-                    default=-1,
-                )
+                cut = find_stop(text, generation.stop, start=sent)
                 if cut >= 0:
                     yield text[sent:cut], "stop", ids
                     return

@@ -68,15 +68,18 @@ class StageMetrics:
             "llmpipe_kv_cache_bytes", "Bytes of KV cache held", ["stage"], registry=r
         ).labels(**labels)
         self._recent: deque[tuple[float, int]] = deque()
+        self._recent_total = 0
 
     def count_tokens(self, n: int) -> None:
+        """Called once per ring step; keeps a running 10 s window (O(1) amortised)."""
         now = time.monotonic()
         self.tokens.inc(n)
         self._recent.append((now, n))
-        while self._recent and self._recent[0][0] < now - 10.0:
-            self._recent.popleft()
-        span = max(1.0, now - self._recent[0][0]) if self._recent else 10.0
-        self.tokens_per_second.set(sum(k for _, k in self._recent) / min(10.0, span))
+        self._recent_total += n
+        while self._recent[0][0] < now - 10.0:
+            self._recent_total -= self._recent.popleft()[1]
+        span = min(10.0, max(1.0, now - self._recent[0][0]))
+        self.tokens_per_second.set(self._recent_total / span)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
