@@ -2,7 +2,8 @@
 manager, kwok nodes) with the operator running as a process.
 
 Covers: a node hosting a stage is removed -> a new plan without it, its pods Running on the
-remaining nodes, status and Events saying why, the re-plan metric; a cordoned stage node ->
+remaining nodes, status and Events saying why, the re-plan metric; a stage node going
+NotReady -> the same, at once despite a long debounce window; a cordoned stage node ->
 a zero-downtime switch (the user-facing Service's EndpointSlices, polled every 100 ms, never
 lack a ready endpoint); a flapping node label -> at most one re-plan per debounce window; a
 better node joining -> no switch below the improvement margin, a switch above it; a switch
@@ -78,6 +79,25 @@ def test_removing_a_stage_node_replans_without_it(lab, operator) -> None:
     metrics = operator.metrics()
     assert 'llmpipe_replans_total{cause="removed",outcome="switched"} 1.0' in metrics
     assert 'llmpipe_pipelines{phase="Ready"} 1.0' in metrics
+
+
+def test_a_stage_node_going_not_ready_replans_at_once(lab, operator) -> None:
+    for i in range(3):
+        lab.add_node(f"e{i}", **SMALL)
+    lab.apply_pipeline("chat", replan={"debounceSeconds": 30})
+    first = lab.wait_ready("chat")
+    sick = lab.planned_nodes(first)[1]
+
+    lab.plane.set_not_ready(sick)  # kwok stops its heartbeat, as for a dead kubelet
+
+    st = lab.wait_status(
+        "chat", new_plan_serving(first["planHash"]), what="a new plan serving", timeout=20
+    )
+    assert sick not in lab.planned_nodes(st)
+    lab.wait_pods_running("chat", st)
+    assert st["replan"]["lastCause"].startswith(f"node {sick} NotReady: 3 stages -> 2, ")
+    event = wait.event(lab.client, lab.namespace, involved="chat", reason="Replanned")
+    assert event.message == st["replan"]["lastCause"]
 
 
 def test_a_switch_never_leaves_the_service_without_a_ready_endpoint(lab, operator) -> None:
