@@ -3,7 +3,9 @@ manager, kwok nodes) with the operator running as a process.
 
 Covers: a node hosting a stage is removed -> a new plan without it, its pods Running on the
 remaining nodes, status and Events saying why, the re-plan metric; a stage node going
-NotReady -> the same, at once despite a long debounce window; a cordoned stage node ->
+NotReady -> the same, at once despite a long debounce window; a lost node nothing can
+replace -> Planned=False naming the shortfall and a ReplanInfeasible Event; a cordoned stage
+node ->
 a zero-downtime switch (the user-facing Service's EndpointSlices, polled every 100 ms, never
 lack a ready endpoint); a flapping node label -> at most one re-plan per debounce window; a
 better node joining -> no switch below the improvement margin, a switch above it; a switch
@@ -98,6 +100,28 @@ def test_a_stage_node_going_not_ready_replans_at_once(lab, operator) -> None:
     assert st["replan"]["lastCause"].startswith(f"node {sick} NotReady: 3 stages -> 2, ")
     event = wait.event(lab.client, lab.namespace, involved="chat", reason="Replanned")
     assert event.message == st["replan"]["lastCause"]
+
+
+def test_losing_a_node_nothing_can_replace_says_what_is_short(lab, operator) -> None:
+    for i in range(2):  # the model needs both
+        lab.add_node(f"e{i}", **SMALL)
+    lab.apply_pipeline("chat", replan={"debounceSeconds": 30})
+    first = lab.wait_ready("chat")
+    gone = lab.planned_nodes(first)[0]
+
+    lab.plane.remove_node(gone)
+
+    st = lab.wait_status(
+        "chat",
+        lambda s: (s.get("replan") or {}).get("lastDecision", "").startswith("infeasible"),
+        what="an infeasible re-plan",
+        timeout=20,
+    )
+    planned = next(c for c in st["conditions"] if c["type"] == "Planned")
+    assert planned["status"] == "False" and planned["reason"] == "InsufficientMemory"
+    assert st["replan"]["lastCause"].startswith(f"node {gone} removed: ")
+    event = wait.event(lab.client, lab.namespace, involved="chat", reason="ReplanInfeasible")
+    assert event.type == "Warning" and gone in event.message
 
 
 def test_a_switch_never_leaves_the_service_without_a_ready_endpoint(lab, operator) -> None:
