@@ -36,3 +36,4 @@ serve: install      ## a pipeline on this machine with a tiny demo model (OpenAI
 bench: install      ## benchmarks (print figures; see docs/benchmarks.md)
 	$(PY) bench/planner.py
 	$(PY) bench/dataplane.py
+	$(PY) bench/replan.py
