@@ -369,7 +369,7 @@ class OpenAIHandlers:
                 delta: dict[str, Any] = (
                     {"role": "assistant", "content": ""}
                     if role
-                    else ({} if text is None else {"content": text})
+                    else ({"content": text} if text else {})
                 )
                 choice: dict[str, Any] = {
                     "index": 0,

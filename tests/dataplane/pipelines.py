@@ -92,10 +92,17 @@ class Pipeline:
     grpc_ports: list[int]
     http_ports: list[int]
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    hosts: list[str] = field(default_factory=list)
+    """Address each stage binds and is reached at (default 127.0.0.1)."""
+    prefixes: list[list[str]] = field(default_factory=list)
+    """Command prefix per stage, e.g. ["ip", "netns", "exec", NS] to run it elsewhere."""
+
+    def host(self, index: int) -> str:
+        return self.hosts[index] if self.hosts else "127.0.0.1"
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_ports[0]}"
+        return f"http://{self.host(0)}:{self.http_ports[0]}"
 
     @property
     def num_stages(self) -> int:
@@ -113,10 +120,19 @@ class Pipeline:
         name: str = "tiny",
         extra_args: tuple[str, ...] = (),
         ready_timeout: float = 180.0,
+        hosts: list[str] | None = None,
+        prefixes: list[list[str]] | None = None,
     ) -> Pipeline:
         config = json.loads((model_dir / "config.json").read_text())
         ports = free_ports(2 * stages)
-        pipeline = cls(model_dir, run_dir, ports[:stages], ports[stages:])
+        pipeline = cls(
+            model_dir,
+            run_dir,
+            ports[:stages],
+            ports[stages:],
+            hosts=hosts or [],
+            prefixes=prefixes or [],
+        )
         config_dir = run_dir / "config"
         config_dir.mkdir(parents=True, exist_ok=True)
         plan = stage_config.even_plan(config["num_hidden_layers"], stages)
@@ -127,7 +143,7 @@ class Pipeline:
                     "model": {"name": name, "dtype": "float32"},
                     "workload": {"maxSequences": max_sequences, "maxContextTokens": max_context},
                     "stages": [
-                        {"index": i, "address": f"127.0.0.1:{p}"}
+                        {"index": i, "address": f"{pipeline.host(i)}:{p}"}
                         for i, p in enumerate(pipeline.grpc_ports)
                     ],
                 }
@@ -146,6 +162,7 @@ class Pipeline:
         )
         log = (self.run_dir / f"stage-{index}.log").open("ab")
         command = [
+            *(self.prefixes[index] if self.prefixes else []),
             sys.executable,
             "-m",
             "llmpipe_stage",
@@ -156,7 +173,7 @@ class Pipeline:
             "--model-dir",
             str(self.model_dir),
             "--host",
-            "127.0.0.1",
+            self.host(index),
             "--grpc-port",
             str(self.grpc_ports[index]),
             "--http-port",
@@ -196,7 +213,7 @@ class Pipeline:
         raise RuntimeError(f"pipeline not ready after {timeout} s\n{self.logs()}")
 
     def info(self, index: int) -> stage_pb2.StageInfo:
-        with grpc.insecure_channel(f"127.0.0.1:{self.grpc_ports[index]}") as channel:
+        with grpc.insecure_channel(f"{self.host(index)}:{self.grpc_ports[index]}") as channel:
             return stage_pb2_grpc.StageStub(channel).Info(stage_pb2.InfoRequest(), timeout=5)
 
     def cached_sequences(self, *, stages: list[int] | None = None) -> dict[int, list[int]]:
