@@ -2,7 +2,8 @@
 
 - create / update of spec / resume -> reconcile.pipeline.reconcile_pipeline (plan + deploy)
 - a stage Deployment or the endpoint's EndpointSlice changes -> reconcile.switch.advance
-- every pipeline, every 30 s -> reconcile.switch.advance (safety net for missed events)
+- every pipeline, every 30 s -> reconcile.switch.advance, from the re-planner's task (a
+  safety net for missed events; not a Kopf timer, since those always add a finalizer)
 - every Node event and every LLMPipeline event -> reconcile.replan.Replanner (routes node
   changes to the pipelines they affect; its own task debounces and re-plans)
 
@@ -25,8 +26,6 @@ from llmpipe_operator.reconcile import pipeline, switch
 from llmpipe_operator.reconcile import replan as replanning
 
 RESOURCE = (names.GROUP, names.VERSION, names.PLURAL)
-SAFETY_NET_SECONDS = 30.0
-"""Events are the trigger; the timer only catches what a dropped watch missed."""
 
 
 @kopf.on.startup()
@@ -140,11 +139,6 @@ async def endpoints_changed(
     namespace: str | None, labels: Mapping[str, str], memo: Any, **_: Any
 ) -> None:
     await switch.advance(memo.client, namespace=_ns(namespace), name=labels[names.LABEL_PIPELINE])
-
-
-@kopf.timer(*RESOURCE, interval=SAFETY_NET_SECONDS, initial_delay=SAFETY_NET_SECONDS)
-async def safety_net(name: str, namespace: str | None, memo: Any, **_: Any) -> None:
-    await switch.advance(memo.client, namespace=_ns(namespace), name=name)
 
 
 def _ns(namespace: str | None) -> str:

@@ -53,6 +53,11 @@ later, with the same changes: nothing is lost, and a broken API is not hammered.
 
 IDLE_CHECK_SECONDS = 5.0
 """How often the loop looks at switch deadlines when no node change wakes it."""
+SAFETY_NET_SECONDS = 30.0
+"""How often every pipeline's switch is pushed one step even without an event. Events are
+the trigger; this only catches what a dropped watch missed. It runs here rather than as a
+Kopf timer because Kopf timers always put a finalizer on the resource, and a finalizer makes
+deleting a pipeline wait on a running operator."""
 
 
 @dataclasses.dataclass
@@ -88,6 +93,7 @@ class Replanner:
         self._wake = asyncio.Event()
         self._joining: set[str] = set()
         """Nodes added but not yet Ready."""
+        self._next_sweep = clock() + SAFETY_NET_SECONDS
         self._handler_context: contextvars.Context | None = None
         """A copy of a Kopf handler's context: the reconcile steps post Events with
         kopf.event(), which needs Kopf's per-operator event queue from the context, and
@@ -207,6 +213,7 @@ class Replanner:
             await self._sleep_until_due()
             await self.replan_due()
             await self.check_switch_deadlines()
+            await self.advance_switches()
 
     async def _sleep_until_due(self) -> None:
         now = self.clock()
@@ -229,7 +236,7 @@ class Replanner:
         await asyncio.gather(*(self._in_handler_context(self._replan_tracked(key)) for key in due))
         return due
 
-    def _in_handler_context(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    def _in_handler_context(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         return asyncio.create_task(coro, context=self._handler_context)
 
     async def _replan_tracked(self, key: Key) -> None:
@@ -263,6 +270,21 @@ class Replanner:
         tracked = self.pipelines.get((namespace, name))
         plan = ((tracked.body.get("status") or {}).get("plan") if tracked else None) or {}
         return others_usage(usage, own_stage_memory(plan))
+
+    async def advance_switches(self) -> None:
+        """Every SAFETY_NET_SECONDS, push each tracked pipeline's switch one step."""
+        now = self.clock()
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + SAFETY_NET_SECONDS
+        for namespace, name in list(self.pipelines):
+            try:
+                await self._in_handler_context(
+                    switch.advance(self.client, namespace=namespace, name=name)
+                )
+            except (kopf.TemporaryError, kopf.PermanentError) as error:
+                # The next event or sweep tries again; the loop itself must keep running.
+                log.warning("advancing the switch of %s/%s failed: %s", namespace, name, error)
 
     async def check_switch_deadlines(self) -> None:
         """Let `switch.advance` report a switch that ran past its timeout (once per plan)."""

@@ -559,3 +559,38 @@ def test_operator_restart_resumes_without_touching_a_ready_pipeline(
     assert {
         p.metadata.uid for p in stage_pods(client, namespace, "steady", after["planHash"])
     } == pods
+
+
+def test_deletion_never_waits_on_the_operator(
+    control_plane: cp.ControlPlane,
+    operator: OperatorProcess,
+    namespace: str,
+    pool: Pool,
+    client: Client,
+) -> None:
+    pool.add("edge-a", tier="edge", memory="300Mi")
+    pool.add("cloud-a", tier="cloud", memory="1Gi")
+    result = apply(
+        control_plane,
+        namespace,
+        pipeline_manifest("orphan", selector=pool.selector, placement={"firstStage": "edge"}),
+    )
+    assert result.returncode == 0, result.stderr
+    wait_ready(client, operator, namespace, "orphan")
+    body = client.get(LLMPipeline, "orphan", namespace=namespace)
+    assert not body.metadata.finalizers, body.metadata.finalizers
+
+    # With the operator gone (uninstalled, crashed), deleting still completes: nothing but
+    # the garbage collector is involved.
+    stop_operator(control_plane, operator)
+    client.delete(LLMPipeline, "orphan", namespace=namespace)
+    wait.until(
+        lambda: (
+            objects_of(client, namespace, "orphan")
+            == {"Deployment": set(), "Service": set(), "ConfigMap": set()}
+            and not [p for p in client.list(LLMPipeline, namespace=namespace)]
+        ),
+        what="the pipeline deleted and its children garbage-collected without an operator",
+        timeout=60,
+        seen=lambda: str(objects_of(client, namespace, "orphan")),
+    )
