@@ -524,6 +524,26 @@ def test_infeasible_change_keeps_the_running_plan_serving(
     assert {p.metadata.uid for p in still} == {p.metadata.uid for p in pods}
 
 
+def two_node_pipeline_ready(
+    control_plane: cp.ControlPlane,
+    operator: OperatorProcess,
+    namespace: str,
+    pool: Pool,
+    client: Client,
+    name: str,
+) -> dict[str, Any]:
+    """An edge node and a cloud node, a privacy-first pipeline over them, waited to Ready."""
+    pool.add("edge-a", tier="edge", memory="300Mi")
+    pool.add("cloud-a", tier="cloud", memory="1Gi")
+    result = apply(
+        control_plane,
+        namespace,
+        pipeline_manifest(name, selector=pool.selector, placement={"firstStage": "edge"}),
+    )
+    assert result.returncode == 0, result.stderr
+    return wait_ready(client, operator, namespace, name)
+
+
 def test_operator_restart_resumes_without_touching_a_ready_pipeline(
     control_plane: cp.ControlPlane,
     operator: OperatorProcess,
@@ -532,15 +552,7 @@ def test_operator_restart_resumes_without_touching_a_ready_pipeline(
     client: Client,
     tmp_path: Path,
 ) -> None:
-    pool.add("edge-a", tier="edge", memory="300Mi")
-    pool.add("cloud-a", tier="cloud", memory="1Gi")
-    result = apply(
-        control_plane,
-        namespace,
-        pipeline_manifest("steady", selector=pool.selector, placement={"firstStage": "edge"}),
-    )
-    assert result.returncode == 0, result.stderr
-    st = wait_ready(client, operator, namespace, "steady")
+    st = two_node_pipeline_ready(control_plane, operator, namespace, pool, client, "steady")
     pods = {p.metadata.uid for p in stage_pods(client, namespace, "steady", st["planHash"])}
 
     stop_operator(control_plane, operator)
@@ -568,15 +580,7 @@ def test_deletion_never_waits_on_the_operator(
     pool: Pool,
     client: Client,
 ) -> None:
-    pool.add("edge-a", tier="edge", memory="300Mi")
-    pool.add("cloud-a", tier="cloud", memory="1Gi")
-    result = apply(
-        control_plane,
-        namespace,
-        pipeline_manifest("orphan", selector=pool.selector, placement={"firstStage": "edge"}),
-    )
-    assert result.returncode == 0, result.stderr
-    wait_ready(client, operator, namespace, "orphan")
+    two_node_pipeline_ready(control_plane, operator, namespace, pool, client, "orphan")
     body = client.get(LLMPipeline, "orphan", namespace=namespace)
     assert not body.metadata.finalizers, body.metadata.finalizers
 
