@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch.nn import functional
+from torch.nn.utils.rnn import pad_sequence
 
 from llmpipe_stage.loading import StageSlice
 from llmpipe_stage.proto import stage_pb2
@@ -91,14 +92,22 @@ class BatchCache:
                 self.caches[0].keys[layer_idx][None, :, :n],
                 self.caches[0].values[layer_idx][None, :, :n],
             )
-        longest = max(lengths)
-        batch, heads, _, dim = key_states.shape
-        keys = key_states.new_zeros((batch, heads, longest, dim))
-        values = value_states.new_zeros((batch, value_states.shape[1], longest, dim))
-        for i, (cache, n) in enumerate(zip(self.caches, lengths, strict=True)):
-            keys[i, :, :n] = cache.keys[layer_idx][:, :n]
-            values[i, :, :n] = cache.values[layer_idx][:, :n]
-        return keys, values
+        pairs = list(zip(self.caches, lengths, strict=True))
+        if len(set(lengths)) == 1:  # no padding needed: one stack per tensor
+            n = lengths[0]
+            return (
+                torch.stack([c.keys[layer_idx][:, :n] for c, _ in pairs]),
+                torch.stack([c.values[layer_idx][:, :n] for c, _ in pairs]),
+            )
+        # pad_sequence pads dim 0: [tokens, kv_heads, head_dim] per sequence.
+        keys = pad_sequence(
+            [c.keys[layer_idx][:, :n].transpose(0, 1) for c, n in pairs], batch_first=True
+        )
+        values = pad_sequence(
+            [c.values[layer_idx][:, :n].transpose(0, 1) for c, n in pairs], batch_first=True
+        )
+        # [batch, longest, kv_heads, head_dim] -> [batch, kv_heads, longest, head_dim]
+        return keys.transpose(1, 2), values.transpose(1, 2)
 
 
 def attention_mask(past: list[int], new: int, *, dtype: torch.dtype) -> torch.Tensor | None:
