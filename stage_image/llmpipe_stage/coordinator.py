@@ -118,6 +118,7 @@ class Coordinator:
         self.waiting = 0
         self._ids = itertools.count(secrets.randbits(40) << 20)
         self._tasks: set[asyncio.Task[None]] = set()
+        self.last_token_at = float("-inf")  # monotonic time a token last came back
 
     # -- the gateway's API -----------------------------------------------------------------
     async def generate(
@@ -167,8 +168,13 @@ class Coordinator:
         await self.release_remote(ids)
 
     # -- ring events (from the server) -----------------------------------------------------
+    def progressing(self, *, within_s: float) -> bool:
+        """Whether a token came back around the ring in the last `within_s` seconds."""
+        return time.monotonic() - self.last_token_at < within_s
+
     def on_tokens(self, sequence_ids: list[int], token_ids: list[int]) -> None:
         now = time.monotonic()
+        self.last_token_at = now
         self.metrics.count_tokens(len(token_ids))
         for sid, token in zip(sequence_ids, token_ids, strict=True):
             sequence = self.sequences.get(sid)

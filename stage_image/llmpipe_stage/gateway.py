@@ -218,7 +218,12 @@ class OpenAIHandlers:
             return error_response(
                 str(error), status=error.status, kind="invalid_request_error", param=error.param
             )
-        ready, reason = await self.stage.pipeline_status()
+        # A ring that just returned a token is up; otherwise ask every stage (fail fast on a
+        # dead or stuck one). Skipping the check under load keeps a busy stage's slow
+        # answer from turning into a false 503.
+        ready, reason = True, ""
+        if not self.stage.coordinator.progressing(within_s=1.0):
+            ready, reason = await self.stage.pipeline_status()
         if not ready:
             return error_response(
                 f"the pipeline is not available: {reason}", status=503, kind="service_unavailable"

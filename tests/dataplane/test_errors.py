@@ -162,6 +162,7 @@ def test_stuck_stage_is_503_before_admission(
     pipeline: pipelines.Pipeline,
     client: openai.OpenAI,
 ) -> None:
+    time.sleep(1.2)  # an idle ring: stage 0 checks every stage before admitting a request
     pipeline.processes[1].send_signal(signal.SIGSTOP)
     try:
         started = time.monotonic()
