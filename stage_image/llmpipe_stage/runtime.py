@@ -3,7 +3,8 @@
 `StageRuntime.run` takes a micro-batch of steps (hidden states packed [tokens, hidden]) and
 returns the slice's output packed the same way: decode steps (one token each) of many
 sequences run as one batch, each over its own cache (padded to the longest and masked);
-prompt steps run one sequence at a time. Stage 0 embeds token ids first; the last stage
+prompt steps run as one batch per (position, length), so equal-length prompts need no
+padding. Stage 0 embeds token ids first; the last stage
 applies the final norm and head and samples. The runtime is synchronous and single-threaded:
 the server calls it from one worker thread, so caches need no locks. No I/O here.
 """
@@ -113,10 +114,11 @@ class BatchCache:
 def attention_mask(past: list[int], new: int, *, dtype: torch.dtype) -> torch.Tensor | None:
     """Additive mask [batch, 1, new, longest]: query j of sequence b sees keys < past[b]+j+1.
 
-    None when the attention module's own causal handling is exact: one sequence with an
-    empty past, or a batch of single-token steps with equal pasts.
+    None when the attention module's own causal handling is exact: steps with equal pasts
+    that are either all empty (prompts of equal length: plain causal attention) or all
+    single-token (each query sees every cached key).
     """
-    if (len(past) == 1 and past[0] == 0) or (new == 1 and len(set(past)) == 1):
+    if len(set(past)) == 1 and (past[0] == 0 or new == 1):
         return None
     longest = max(past) + new
     key_pos = torch.arange(longest)[None, None, :]  # [1, 1, longest]
@@ -187,9 +189,15 @@ class StageRuntime:
         for step in steps:
             offsets.append(offsets[-1] + step.length)
         out = torch.empty_like(hidden)
+        # Decode steps (one token) run as one batch; prompt steps of equal position and
+        # length run as one batch too (no padding, no mask), like `generate`'s prefill.
         decode = [i for i, s in enumerate(steps) if s.length == 1]
         groups = [decode] if decode else []
-        groups += [[i] for i, s in enumerate(steps) if s.length > 1]
+        prompts: dict[tuple[int, int], list[int]] = {}
+        for i, s in enumerate(steps):
+            if s.length > 1:
+                prompts.setdefault((s.position, s.length), []).append(i)
+        groups += prompts.values()
         with torch.inference_mode():
             for group in groups:
                 # chunk: [batch, new, hidden_size]

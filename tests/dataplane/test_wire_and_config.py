@@ -182,6 +182,42 @@ def test_batched_decode_of_uneven_sequences_equals_generate(qwen_dir: Path) -> N
     assert slices[0].release([0, 1, 2]) == [0, 1, 2] and not slices[0].caches
 
 
+def test_equal_length_prompts_prefill_as_one_batch_and_equal_generate(qwen_dir: Path) -> None:
+    """Prompts of equal length in one micro-batch run as one [batch, length] forward (as
+    `generate` prefills), next to a prompt of another length; tokens still equal generate."""
+    stage = runtime.StageRuntime(
+        loading.build_slice(
+            qwen_dir,
+            layer_start=0,
+            layer_end=4,
+            has_embedding=True,
+            has_head=True,
+            dtype=torch.float32,
+        ),
+        context_limit=256,
+    )
+    prompts = [[5, 6, 7, 8, 9], [50, 51, 52, 53, 54], [20, 21], [90, 3, 44, 17, 2]]
+    expected = pipelines.reference_tokens(qwen_dir, prompts, [6, 6, 6, 6])
+    forwards: list[int] = []
+    original = stage._forward
+
+    def counting(steps: list[wire.Step], hidden: torch.Tensor) -> torch.Tensor:
+        forwards.append(len(steps))
+        return original(steps, hidden)
+
+    stage._forward = counting  # type: ignore[method-assign]
+    steps = [wire.Step(i, 0, len(p)) for i, p in enumerate(prompts)]
+    hidden = stage.run(steps, stage.embed([t for p in prompts for t in p]))
+    got = [[t] for t in stage.sample(steps, hidden)]
+    assert sorted(forwards) == [1, 3]  # the three 5-token prompts in one forward
+    for k in range(5):
+        steps = [wire.Step(i, len(p) + k, 1) for i, p in enumerate(prompts)]
+        hidden = stage.run(steps, stage.embed([g[-1] for g in got]))
+        for row, token in enumerate(stage.sample(steps, hidden)):
+            got[row].append(token)
+    assert got == expected
+
+
 def test_a_step_that_skips_positions_is_refused(qwen_dir: Path) -> None:
     first = runtime.StageRuntime(
         loading.build_slice(
