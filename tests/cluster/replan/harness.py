@@ -33,6 +33,7 @@ from lightkube.types import PatchType
 from tests.support import control_plane as cp
 from tests.support import nodes as node_support
 from tests.support import wait
+from tests.support.models import TINY_LLAMA_CONFIG
 
 ROOT = Path(__file__).resolve().parents[3]
 CRD = ROOT / "crds" / "llmpipeline.yaml"
@@ -41,21 +42,6 @@ GROUP_LABEL = "test.llmpipe.io/group"
 LLMPipeline = create_namespaced_resource(
     "llmpipe.io", "v1alpha1", "LLMPipeline", "llmpipelines", verbs=None
 )
-
-# A tiny Llama: about 44 MB of bf16 weights (16 MB embeddings, 16 MB LM head, 1.5 MB per
-# decoder layer), so node memory in tens of MiB decides how many stages a plan needs.
-TINY_LLAMA = {
-    "model_type": "llama",
-    "num_hidden_layers": 8,
-    "hidden_size": 256,
-    "intermediate_size": 688,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 4,
-    "vocab_size": 32000,
-    "tie_word_embeddings": False,
-    "max_position_embeddings": 2048,
-    "rms_norm_eps": 1e-5,
-}
 
 
 def apply_crd(plane: cp.ControlPlane) -> None:
@@ -202,7 +188,7 @@ class Lab:
                 "model": {
                     "name": "tiny-llama",
                     "source": {"hostPath": {"path": "/var/lib/llmpipe/models/tiny"}},
-                    "config": copy.deepcopy(TINY_LLAMA),
+                    "config": copy.deepcopy(TINY_LLAMA_CONFIG),
                 },
                 "placement": {"nodeSelector": {GROUP_LABEL: self.group}},
                 "workload": {"maxSequences": 4, "maxContextTokens": 512},

@@ -8,19 +8,7 @@ from typing import Any
 from llmpipe_operator import spec as spec_mod
 from llmpipe_operator.manifests import names
 from llmpipe_operator.planning import inventory, planner
-
-TINY_LLAMA_CONFIG: dict[str, Any] = {
-    "model_type": "llama",
-    "num_hidden_layers": 8,
-    "hidden_size": 256,
-    "intermediate_size": 688,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 4,
-    "vocab_size": 32000,
-    "tie_word_embeddings": False,
-    "max_position_embeddings": 2048,
-    "rms_norm_eps": 1e-5,
-}
+from tests.support.models import TINY_LLAMA_CONFIG
 
 REF = names.PipelineRef(name="chat", namespace="team-a", uid="0000-uid")
 

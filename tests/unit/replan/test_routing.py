@@ -14,7 +14,7 @@ from typing import Any
 
 from llmpipe_operator.planning.replan import ChangeKind
 from llmpipe_operator.reconcile import replan as replanning
-from tests.unit.manifests.builders import TINY_LLAMA_CONFIG
+from tests.support.models import TINY_LLAMA_CONFIG
 
 from .builders import a_node
 
