@@ -12,6 +12,7 @@ deleting the pipeline removes its children; `kubectl get llmp` shows the printer
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import threading
@@ -125,11 +126,13 @@ def objects_of(client: Client, namespace: str, name: str) -> dict[str, set[str]]
 
 
 class EndpointWatch:
-    """Polls the user-facing Service's EndpointSlices every 100 ms; records empty moments."""
+    """Polls the user-facing Service's EndpointSlices every 100 ms; records when each poll
+    happened and the empty moments. It gets a client of its own: lightkube's sync client
+    is not shared across threads."""
 
     def __init__(self, client: Client, namespace: str, service: str) -> None:
         self.client, self.namespace, self.service = client, namespace, service
-        self.samples = 0
+        self.times: list[float] = []
         self.gaps: list[float] = []
         self.snapshots: list[str] = []
         self.stop = threading.Event()
@@ -172,8 +175,12 @@ class EndpointWatch:
             if not self.ready_endpoints():
                 self.gaps.append(time.monotonic())
                 self.snapshots.append(self.describe())
-            self.samples += 1
+            self.times.append(time.monotonic())
             self.stop.wait(0.1)
+
+    def longest_step(self) -> float:
+        """The longest stretch between two polls: nothing in it went unobserved if short."""
+        return max(later - earlier for earlier, later in itertools.pairwise(self.times))
 
     def __enter__(self) -> EndpointWatch:
         self.thread.start()
@@ -250,7 +257,10 @@ def test_pipeline_is_planned_deployed_on_planned_nodes_and_replans(
     assert events and plan["stages"][0]["node"] in events[0].message
 
     # 2. maxStages 1 (anywhere): re-plans onto the cloud node; the endpoint never empties
-    with EndpointWatch(client, namespace, "chat") as watch:
+    watcher = control_plane.client(field_manager="endpoint-watch")
+    with EndpointWatch(watcher, namespace, "chat") as watch:
+        time.sleep(0.5)  # a few polls before the switch begins
+        patched_at = time.monotonic()
         client.patch(
             LLMPipeline,
             "chat",
@@ -267,10 +277,15 @@ def test_pipeline_is_planned_deployed_on_planned_nodes_and_replans(
             timeout=30,
             seen=lambda: str(objects_of(client, namespace, "chat")),
         )
+        done_at = time.monotonic()
+        time.sleep(0.5)  # a few polls after the old stage 0 went away
     assert st["planHash"] != first
     assert st["stageCount"] == 1 and st["plan"]["stages"][0]["node"] == cloud
     assert_pods_on_planned_nodes(client, namespace, "chat", st)
-    assert watch.samples > 5 and watch.gaps == [], (
+    # The polls cover the whole switch, with no stretch unobserved, and none found it empty.
+    assert watch.times[0] < patched_at and watch.times[-1] > done_at
+    assert watch.longest_step() < 1.0, f"polls {watch.longest_step():.2f} s apart"
+    assert watch.gaps == [], (
         f"endpoint empty at {len(watch.gaps)} polls: {watch.snapshots}\n{operator.log_tail(80)}"
     )
     remaining = objects_of(client, namespace, "chat")
