@@ -94,6 +94,23 @@ def wait_ready(
     )
 
 
+def wait_phase(
+    client: Client, operator: OperatorProcess, namespace: str, name: str, phase: str
+) -> dict[str, Any]:
+    """The pipeline's status once its phase is `phase` (60 s at most)."""
+
+    def reached() -> dict[str, Any] | None:
+        st = status_of(client, namespace, name)
+        return st if st.get("phase") == phase else None
+
+    return wait.until(
+        reached,
+        what=f"{name} phase {phase}",
+        timeout=60,
+        seen=lambda: f"{status_of(client, namespace, name)}\n{operator.log_tail()}",
+    )
+
+
 def stage_pods(client: Client, namespace: str, name: str, digest: str) -> list[Pod]:
     return list(
         client.list(
@@ -435,16 +452,7 @@ def test_tainted_node_is_used_only_when_tolerated(
     result = apply(control_plane, namespace, pipeline_manifest("tainted", selector=pool.selector))
     assert result.returncode == 0, result.stderr
 
-    def pending() -> dict[str, Any] | None:
-        st = status_of(client, namespace, "tainted")
-        return st if st.get("phase") == "Pending" else None
-
-    st = wait.until(
-        pending,
-        what="phase Pending",
-        timeout=60,
-        seen=lambda: f"{status_of(client, namespace, 'tainted')}",
-    )
+    st = wait_phase(client, operator, namespace, "tainted", "Pending")
     planned = condition(st, "Planned")
     assert (planned["status"], planned["reason"]) == ("False", "NoEligibleNodes")
     assert "taint llmpipe.io/dedicated=llm:NoSchedule not tolerated" in planned["message"]
@@ -520,16 +528,7 @@ def test_infeasible_change_keeps_the_running_plan_serving(
         patch_type=PatchType.MERGE,
     )
 
-    def degraded() -> dict[str, Any] | None:
-        st = status_of(client, namespace, "keep")
-        return st if st.get("phase") == "Degraded" else None
-
-    st = wait.until(
-        degraded,
-        what="phase Degraded",
-        timeout=60,
-        seen=lambda: f"{status_of(client, namespace, 'keep')}\n{operator.log_tail()}",
-    )
+    st = wait_phase(client, operator, namespace, "keep", "Degraded")
     assert condition(st, "Planned")["reason"] == "InsufficientMemory"
     assert condition(st, "Degraded")["message"].startswith("serving the previous plan")
     assert st["planHash"] == serving
