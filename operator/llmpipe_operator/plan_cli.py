@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
         "profile",
         help="print a model's profile (bytes per layer, KV cache per token) as JSON",
         description="Print the profile of a model directory (safetensors headers) or a "
-        "config.json, in the profile JSON format of DESIGN.md.",
+        "config.json, in the profile JSON format of docs/design.md.",
     )
     profile.add_argument("model", metavar="MODEL_DIR_OR_CONFIG", type=Path)
     _dtype_option(profile)

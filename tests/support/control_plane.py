@@ -631,7 +631,7 @@ class ControlPlane:
     def add_nodes_from_file(
         self, path: Path, *, prefix: str = "", wait_ready: bool = True
     ) -> list[Node]:
-        """Add every node of a cluster file (DESIGN.md format); `prefix` renames nodes (and
+        """Add every node of a cluster file (docs/design.md format); `prefix` renames nodes (and
         their links) so several tests can load the same file without clashing."""
         data = yaml.safe_load(Path(path).read_text())
         specs = nodes.parse_cluster(data if isinstance(data, Mapping) else {})
@@ -801,7 +801,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("command", choices=("up", "down", "env"))
     parser.add_argument(
-        "--cluster", type=Path, help="cluster file (DESIGN.md format) whose nodes to add"
+        "--cluster", type=Path, help="cluster file (docs/design.md format) whose nodes to add"
     )
     parser.add_argument(
         "--dir",

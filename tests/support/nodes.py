@@ -1,4 +1,4 @@
-"""Simulated nodes: a cluster file (DESIGN.md format) -> Kubernetes Node manifests.
+"""Simulated nodes: a cluster file (docs/design.md format) -> Kubernetes Node manifests.
 
 Pure: takes data, returns data; no API calls (tests/support/control_plane.py applies them).
 Every node is marked for kwok (annotation `kwok.x-k8s.io/node: fake`), carries the llmpipe

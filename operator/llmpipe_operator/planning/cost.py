@@ -1,4 +1,4 @@
-"""Cost model v1 of DESIGN.md: memory, compute, transfer and hop time of each stage.
+"""Cost model v1 of docs/design.md: memory, compute, transfer and hop time of each stage.
 
 This module is the one definition of the cost model: the planner's search, the plan it
 reports, the benchmark's baselines and the tests' brute force all evaluate chains here.

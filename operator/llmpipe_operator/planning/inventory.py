@@ -1,6 +1,6 @@
 """Inventory: what the nodes offer (memory, compute, bandwidth) and how they are linked.
 
-Parses DESIGN.md's cluster file format (already loaded from YAML into a mapping) and
+Parses docs/design.md's cluster file format (already loaded from YAML into a mapping) and
 Kubernetes quantities. Pure: no file or API access; `planning.live` builds the same
 `Inventory` from live Node objects.
 """
@@ -143,7 +143,7 @@ class Inventory:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """The cluster file format of DESIGN.md (memory in bytes)."""
+        """The cluster file format of docs/design.md (memory in bytes)."""
         return {
             "nodes": [
                 {
@@ -172,7 +172,7 @@ _TIER_PAIRS = {f"{a}-{b}": tier_pair(a, b) for a in TIERS for b in TIERS}
 
 
 def parse_cluster(data: Mapping[str, Any]) -> Inventory:
-    """The cluster file of DESIGN.md -> Inventory; errors name the node and the field."""
+    """The cluster file of docs/design.md -> Inventory; errors name the node and the field."""
     if not isinstance(data, Mapping):
         raise InventoryError("cluster: expected a mapping with a 'nodes' list")
     raw_nodes = data.get("nodes")

@@ -2,7 +2,7 @@
 
 Pure: takes the node dicts `k8s` listed and, optionally, the memory usage metrics.k8s.io
 reported; returns the eligible nodes plus, for every node left out, the reason. No API
-calls. The facts come from the node (DESIGN.md):
+calls. The facts come from the node (docs/design.md):
 
 - tier, TFLOP/s, memory bandwidth, uplink: the `llmpipe.io/*` labels (defaults below when
   a label is absent, so an unlabelled cluster still plans, conservatively);

@@ -1,7 +1,7 @@
 """The planner: the best pipeline for a model over a cluster, under cost model v1.
 
 `plan_pipeline(profile, inventory, workload=..., placement=...)` returns a `Plan` whose
-`to_dict()` is DESIGN.md's plan JSON, or raises `PlanInfeasible` naming what is short.
+`to_dict()` is docs/design.md's plan JSON, or raises `PlanInfeasible` naming what is short.
 Exact for up to `SearchSettings.exact_limit` eligible nodes; above that a heuristic
 plan that reports a lower bound (`Plan.lower_bound`, `Plan.gap`).
 
@@ -98,7 +98,7 @@ class Plan:
     """True when the search covered every ordered subset and split (the optimum)."""
     lower_bound: float | None = None
     """No plan has an objective below this; equals the objective when exact. Not part
-    of the plan JSON (DESIGN.md fixes its fields)."""
+    of the plan JSON (docs/design.md fixes its fields)."""
 
     @property
     def objective_value(self) -> float:
@@ -119,7 +119,7 @@ class Plan:
         return max(self.stages, key=lambda s: max(s.compute_seconds, s.transfer_seconds)).index
 
     def to_dict(self) -> dict[str, Any]:
-        """Exactly DESIGN.md's plan JSON."""
+        """Exactly docs/design.md's plan JSON."""
         return {
             "objective": self.objective,
             "bottleneckSeconds": self.bottleneck_seconds,
@@ -130,7 +130,7 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Plan:
-        """Parse DESIGN.md's plan JSON (as read back from a ConfigMap)."""
+        """Parse docs/design.md's plan JSON (as read back from a ConfigMap)."""
         objective = data["objective"]
         if objective not in cost.OBJECTIVES:
             raise ValueError(f"plan: unknown objective {objective!r}")

@@ -56,7 +56,7 @@ class ProfileError(ValueError):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelProfile:
-    """What a model weighs, per decoder layer, as DESIGN.md's profile JSON describes."""
+    """What a model weighs, per decoder layer, as docs/design.md's profile JSON describes."""
 
     name: str
     num_layers: int
@@ -109,7 +109,7 @@ class ModelProfile:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelProfile:
-        """Parse DESIGN.md's profile JSON; a missing or mistyped field raises ProfileError."""
+        """Parse docs/design.md's profile JSON; a missing or mistyped field raises ProfileError."""
         layer_bytes = data.get("layerBytes")
         if not isinstance(layer_bytes, list) or not all(_is_int(x) for x in layer_bytes):
             raise ProfileError("profile: layerBytes must be a list of integers")

@@ -1,4 +1,4 @@
-"""Turn API failures into Kopf's retry semantics (the classification STYLE.md asks for)."""
+"""Turn API failures into Kopf's retry semantics (every error classified: permanent or retried)."""
 
 from __future__ import annotations
 
