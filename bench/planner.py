@@ -1,11 +1,14 @@
 """Planner benchmark: planning time by cluster size, and plan quality against the splits
 users get today. Prints tables; asserts nothing (figures go to docs/benchmarks.md).
 
-    PYTHONPATH=operator python bench/planner.py [--repeat 3]
+    PYTHONPATH=operator python bench/planner.py [--repeat 3] [--only layers]
 
 1. Time to plan Llama-2-7B (32 layers) and Llama-3-70B (80 layers) over deterministic
    synthetic clusters of 8 / 32 / 128 / 1000 nodes, both objectives (median of --repeat).
-2. On the heterogeneous example clusters: the planner's bottleneck and token latency
+2. Layer scaling: a synthetic Llama-style model of 128 ... 1,024 layers (the spec's bound)
+   over 8 nodes (exact search) and 32 nodes (heuristic): time and peak memory the
+   planner allocates (tracemalloc), which grow near-linearly in layers x nodes.
+3. On the heterogeneous example clusters: the planner's bottleneck and token latency
    against an even split of the layers over all nodes in file order (vLLM / gLLM
    pipeline default) and a split proportional to node memory (exo, llama.cpp RPC), all
    costed with the same cost model v1. A baseline that overflows a node's memory is
@@ -23,10 +26,12 @@ if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(
     del sys.path[0]
 
 import argparse
+import dataclasses
 import json
 import random
 import statistics
 import time
+import tracemalloc
 from pathlib import Path
 
 import yaml
@@ -106,7 +111,51 @@ def time_planning(repeat: int) -> None:
                 )
 
 
-# 2. plan quality vs today's splits -----------------------------------------------------
+# 2. layer scaling ------------------------------------------------------------------------
+
+
+def deep_profile(layers: int) -> profiles.ModelProfile:
+    """A 7B-wide Llama-style model with `layers` decoder layers (config bounds allow 1,024)."""
+    config = json.loads((MODELS / "Llama-2-7B" / "config.json").read_text())
+    config["num_hidden_layers"] = layers
+    return profiles.from_config(config, name=f"llama-{layers}L")
+
+
+def time_layers(repeat: int) -> None:
+    print(f"\n## layer scaling (median of {repeat} runs; peak = planner allocations, tracemalloc)")
+    print(
+        f"{'nodes':>6} {'layers':>6} {'objective':>10} {'time ms':>9} {'peak MiB':>9} {'search':>9}"
+    )
+    for size in (8, 32):
+        base = synthetic_cluster(size)
+        for layers in (128, 256, 512, 1024):
+            profile = deep_profile(layers)
+            # enough memory that every node could hold a share of the deep model
+            scale = max(1, layers // 32)
+            cluster = inventory.Inventory(
+                nodes=tuple(
+                    dataclasses.replace(n, memory_bytes=n.memory_bytes * scale) for n in base.nodes
+                )
+            )
+            for objective in cost.OBJECTIVES:
+                workload = planner.Workload(objective=objective)
+                times, plan = [], None
+                for _ in range(repeat):
+                    start = time.perf_counter()
+                    plan = planner.plan_pipeline(profile, cluster, workload=workload)
+                    times.append(time.perf_counter() - start)
+                tracemalloc.start()
+                planner.plan_pipeline(profile, cluster, workload=workload)
+                peak = tracemalloc.get_traced_memory()[1]
+                tracemalloc.stop()
+                assert plan is not None
+                print(
+                    f"{size:>6} {layers:>6} {objective:>10} {statistics.median(times) * 1e3:>9.1f} "
+                    f"{peak / 2**20:>9.1f} {'exact' if plan.exact else 'heuristic':>9}"
+                )
+
+
+# 3. plan quality vs today's splits -----------------------------------------------------
 
 
 def even_split(
@@ -179,8 +228,16 @@ def compare(cluster_name: str, model: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--only", choices=("time", "layers", "quality"), help="run one section of the three"
+    )
     args = parser.parse_args()
-    time_planning(args.repeat)
+    if args.only in (None, "time"):
+        time_planning(args.repeat)
+    if args.only in (None, "layers"):
+        time_layers(args.repeat)
+    if args.only not in (None, "quality"):
+        return
     print(
         "\n## plan quality vs today's splits "
         "(T = bottleneck per step at batch S, Λ = token latency)"

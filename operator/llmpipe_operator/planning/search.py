@@ -1,8 +1,9 @@
 """The partition search: which ordered chain of nodes holds which layers.
 
-- `exact`: dynamic programming over (used nodes, last node, first node, layers covered);
-  every ordered subset and every split is covered, so the result is the optimum of cost
-  model v1. Fine up to about 8 nodes (2^n masks).
+- `exact`: dynamic programming over (used nodes, last node, layers covered), once per
+  first node; every ordered subset and every split is covered, so the result is the
+  optimum of cost model v1. Time O(2^n n^2 L log L), memory O(2^n n L) for n nodes and L
+  layers: fine up to about 8 nodes (2^n masks), linear-logarithmic in the layers.
 - `heuristic`: for larger clusters. Bisection on the bottleneck with a greedy chain that
   always takes the node reaching furthest, exact DP on small subsets of the strongest
   nodes, and an exact re-split of every candidate chain.
@@ -10,14 +11,16 @@
   from the optimum.
 
 Costs are linear in the bytes a stage holds (compute_s = weights_s * seconds-per-byte of
-the node at the batch), which is what lets numpy evaluate all splits at once. Pure.
+the node at the batch), and a stage's bytes grow with its layer span, so the best start
+of a stage for every end comes from range minima over prefix sums (`_advance`), never
+from an all-pairs (L+1)^2 table. Pure.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import numpy as np
@@ -28,6 +31,7 @@ from llmpipe_operator.planning import inventory as inv
 
 FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
+IntArray = npt.NDArray[np.int64]
 Combine = Literal["max", "sum"]
 INF = math.inf
 
@@ -104,21 +108,27 @@ class Problem:
                 i, j = index[link.a], index[link.b]
                 self.overrides.setdefault(i, []).append((j, link.mbps, link.rtt_ms))
                 self.overrides.setdefault(j, []).append((i, link.mbps, link.rtt_ms))
-        self.prefix = np.concatenate(([0.0], np.cumsum(profile.layer_bytes, dtype=np.float64)))
+        layer_prefix = np.concatenate(([0.0], np.cumsum(profile.layer_bytes, dtype=np.float64)))
         self.kv_per_layer = float(workload.kv_tokens * profile.kv_bytes_per_token_per_layer)
-        self.weights, self.memory = self._split_matrices()
-        self._stage_costs: dict[tuple[int, bool], FloatArray] = {}
+        # A stage [b, c) weighs ends[c] - starts[b] and needs mem_ends[c] - mem_starts[b]
+        # (memory less R). All four are integer-valued float64 (exact below 2^53 bytes), so
+        # these differences equal cost.weight_bytes / memory_bytes bit for bit. O(L) each:
+        # nothing here is quadratic in the layer count.
+        span = np.arange(self.layers + 1, dtype=np.float64)
+        self.starts = layer_prefix.copy()
+        self.starts[0] -= profile.embed_bytes
+        self.ends = layer_prefix.copy()
+        self.ends[self.layers] += profile.head_bytes
+        self.mem_starts = self.starts + self.kv_per_layer * span
+        self.mem_ends = self.ends + self.kv_per_layer * span
 
-    def _split_matrices(self) -> tuple[FloatArray, FloatArray]:
-        """weights[a, c] and memory-less-R[a, c] of a stage holding [a, c); inf if c <= a."""
-        span = np.arange(self.layers + 1)
-        weights = self.prefix[None, :] - self.prefix[:, None]
-        weights[0, :] += self.profile.embed_bytes
-        weights[:, self.layers] += self.profile.head_bytes
-        empty = span[None, :] <= span[:, None]
-        weights[empty] = INF
-        memory = weights + self.kv_per_layer * (span[None, :] - span[:, None])
-        return weights, memory
+    def weight(self, start: int, end: int) -> float:
+        """weights_s of a stage holding [start, end)."""
+        return float(self.ends[end] - self.starts[start])
+
+    def memory(self, start: int, end: int) -> float:
+        """memory_s - R of a stage holding [start, end)."""
+        return float(self.mem_ends[end] - self.mem_starts[start])
 
     # links ---------------------------------------------------------------------------
 
@@ -159,15 +169,6 @@ class Problem:
         np.fill_diagonal(back, INF)
         return forward, back
 
-    def stage_costs(self, node: int, *, single: bool) -> FloatArray:
-        """compute_s of node holding [a, c) for all a, c; inf where it does not fit."""
-        key = (node, single)
-        if key not in self._stage_costs:  # the heuristic re-splits chains many times
-            per_byte = self.per_byte_single[node] if single else self.per_byte_batch[node]
-            fits = self.memory <= self.capacity[node]
-            self._stage_costs[key] = np.where(fits, self.weights * per_byte, INF)
-        return self._stage_costs[key]
-
     # costing a chain ---------------------------------------------------------------
 
     def evaluate(self, chain: Chain) -> cost.ChainCost:
@@ -187,6 +188,148 @@ def score(problem: Problem, chain: Chain) -> tuple[float, float]:
     return pair if problem.workload.objective == "throughput" else (pair[1], pair[0])
 
 
+# one stage more: the transition every search shares -----------------------------------
+#
+# Given arrive[r, b] (the best cost of covering [0, b) and handing over to row r's node),
+# `advance` finds for every end c the best start b of that node's stage [b, c):
+#
+#   sum: min over b of arrive[b] + w(b, c) * p   = p * ends[c] + min(arrive[b] - p * starts[b])
+#   max: min over b of max(arrive[b], w(b, c) * p)
+#
+# over the window of starts that fit (memory, and the bottleneck limit of a tie-break
+# pass): w(b, c) shrinks as b grows, so the window is [lo(c), c - 1] with lo(c)
+# non-decreasing. Sum is a range minimum; max uses that min over b >= b' of arrive is
+# non-decreasing in b' while w(b', c) falls, so the optimum sits where the two cross, found
+# by bisection. Range minima come from a sparse table: O(L log L) per call, never L^2.
+
+
+def _table(values: FloatArray) -> tuple[FloatArray, IntArray]:
+    """Sparse table over values[r, i]: level k holds min and argmin of [i, i + 2^k)."""
+    rows, width = values.shape
+    levels = max(1, int(width).bit_length())
+    mins = np.full((levels, rows, width), INF)
+    args = np.zeros((levels, rows, width), dtype=np.int64)
+    mins[0] = values
+    args[0] = np.arange(width)
+    for k in range(1, levels):
+        half, size = 1 << (k - 1), width - (1 << k) + 1
+        if size <= 0:
+            break
+        left, right = mins[k - 1, :, :size], mins[k - 1, :, half : half + size]
+        take = right < left  # ties keep the smaller index
+        mins[k, :, :size] = np.where(take, right, left)
+        args[k, :, :size] = np.where(
+            take, args[k - 1, :, half : half + size], args[k - 1, :, :size]
+        )
+    return mins, args
+
+
+def _query(
+    table: tuple[FloatArray, IntArray], lo: IntArray, hi: IntArray
+) -> tuple[FloatArray, IntArray]:
+    """min and argmin of values[r, lo:hi + 1] for every query (lo <= hi, shape [R, C])."""
+    mins, args = table
+    length = hi - lo + 1
+    level = np.maximum(np.frexp(length.astype(np.float64))[1] - 1, 0)
+    other = hi - (1 << level) + 1
+    row = np.arange(lo.shape[0])[:, None]
+    left_min, right_min = mins[level, row, lo], mins[level, row, other]
+    take = right_min < left_min
+    return (
+        np.where(take, right_min, left_min),
+        np.where(take, args[level, row, other], args[level, row, lo]),
+    )
+
+
+def _window(
+    problem: Problem, rows: IntArray, limit: float | None, limit_per_byte: FloatArray
+) -> IntArray:
+    """lo[r, c - 1]: the first start b whose stage [b, c) fits row r's node (memory, and
+    compute at batch S <= limit when a limit is given); c - 1 < lo when none does."""
+    ends = np.arange(1, problem.layers + 1)
+    need = problem.mem_ends[None, 1:] - problem.capacity[rows][:, None]
+    lo = np.searchsorted(problem.mem_starts, need, side="left")
+    if limit is not None:
+        per_byte = limit_per_byte[rows][:, None]
+        guess = np.searchsorted(problem.starts, problem.ends[None, 1:] - limit / per_byte)
+        lo_limit = np.clip(guess, 0, problem.layers)
+
+        def within(b: IntArray) -> BoolArray:
+            weights = problem.ends[None, 1:] - problem.starts[b]
+            return np.asarray(weights * per_byte <= limit)
+
+        # the division above may round; settle the edge with the exact comparison
+        while True:
+            back = (lo_limit > 0) & within(np.maximum(lo_limit - 1, 0))
+            ahead = (lo_limit < ends) & ~within(np.minimum(lo_limit, problem.layers))
+            if not (back.any() or ahead.any()):
+                break
+            lo_limit = lo_limit - back + ahead
+        lo = np.maximum(lo, lo_limit)
+    return np.asarray(lo, dtype=np.int64)
+
+
+def _advance(
+    problem: Problem,
+    arrive: FloatArray,
+    rows: IntArray,
+    *,
+    per_byte: FloatArray,
+    how: Combine,
+    limit: float | None = None,
+) -> tuple[FloatArray, IntArray]:
+    """(value[r, c], start[r, c]) for c in [0, L]: row r's node holds [start, c) after
+    arrive[r, :] (shape [R, L], the cost of [0, b) delivered to that node)."""
+    end = problem.layers
+    ends = np.broadcast_to(np.arange(1, end + 1), (len(rows), end))
+    lo = _window(problem, rows, limit, problem.per_byte_batch)
+    hi = ends - 1
+    valid = lo <= hi
+    lo_q = np.minimum(lo, hi)
+    p = per_byte[rows][:, None]
+
+    def stage(b: IntArray) -> FloatArray:
+        return np.asarray((problem.ends[None, 1:] - problem.starts[b]) * p)
+
+    if how == "sum":
+        keyed = arrive - p * problem.starts[None, :end]
+        _, start = _query(_table(keyed), lo_q, hi)
+    else:
+        start = _crossing(_table(arrive), lo_q, hi, stage)
+    row = np.arange(len(rows))[:, None]
+    value = _combine(how, arrive[row, start], stage(start))
+    value = np.where(valid & np.isfinite(value), value, INF)
+    pad_value = np.full((len(rows), 1), INF)
+    pad_start = np.zeros((len(rows), 1), dtype=np.int64)
+    return np.hstack((pad_value, value)), np.hstack((pad_start, start))
+
+
+def _crossing(
+    table: tuple[FloatArray, IntArray],
+    lo: IntArray,
+    hi: IntArray,
+    stage: Callable[[IntArray], FloatArray],
+) -> IntArray:
+    """argmin over b in [lo, hi] of max(arrive[b], stage(b)) (see the note above)."""
+    left, right = lo.copy(), hi + 1  # the first b with suffix-min >= stage(b); hi+1: none
+    while True:
+        active = left < right
+        if not active.any():
+            break
+        middle = np.where(active, (left + right) // 2, left)
+        suffix, _ = _query(table, np.minimum(middle, hi), hi)
+        crossed = suffix >= stage(np.minimum(middle, hi))
+        right = np.where(active & crossed, middle, right)
+        left = np.where(active & ~crossed, middle + 1, left)
+    at = np.minimum(left, hi)
+    here, here_arg = _query(table, at, hi)
+    here = np.where(left <= hi, here, INF)
+    before = np.maximum(left - 1, lo)
+    _, before_arg = _query(table, before, hi)
+    before_value = np.where(left - 1 >= lo, stage(before), INF)
+    return np.where(before_value < here, before_arg, here_arg)
+
+
 # exact search ----------------------------------------------------------------------
 
 
@@ -197,24 +340,23 @@ def exact(problem: Problem, *, subset: Sequence[int] | None = None) -> Chain | N
     the least token latency. Latency: the least token latency.
     """
     members = list(range(problem.size)) if subset is None else list(subset)
-    single = [problem.stage_costs(v, single=True) for v in members]
     fwd_single, ret_single = problem.edge_matrices(members, single=True)
     if problem.workload.objective == "latency":
-        found = _dp(problem, members, np.array(single), fwd_single, ret_single, "sum")
+        found = _dp(problem, members, problem.per_byte_single, fwd_single, ret_single, "sum")
         return None if found is None else found[1]
-    batch = np.array([problem.stage_costs(v, single=False) for v in members])
     fwd_batch, ret_batch = problem.edge_matrices(members, single=False)
-    found = _dp(problem, members, batch, fwd_batch, ret_batch, "max")
+    found = _dp(problem, members, problem.per_byte_batch, fwd_batch, ret_batch, "max")
     if found is None:
         return None
     best = found[0]
     tied = _dp(
         problem,
         members,
-        np.where(batch <= best, np.array(single), INF),
+        problem.per_byte_single,
         np.where(fwd_batch <= best, fwd_single, INF),
         np.where(ret_batch <= best, ret_single, INF),
         "sum",
+        limit=best,
     )
     return found[1] if tied is None else tied[1]
 
@@ -226,81 +368,122 @@ def _combine(how: Combine, a: FloatArray, b: FloatArray) -> FloatArray:
 def _dp(
     problem: Problem,
     members: list[int],
-    stages: FloatArray,
+    per_byte: FloatArray,
     forward: FloatArray,
     back: FloatArray,
     how: Combine,
+    *,
+    limit: float | None = None,
 ) -> tuple[float, Chain] | None:
     """Min over chains of combine(stage costs, forward edges, return edge).
 
-    best[mask, u, f, c]: the best chain using the nodes in mask, starting at f (stage 0,
-    needed for the return edge) and ending with u's stage at layer c.
+    best[f, mask, u, c]: the best chain using the nodes in mask, starting at f (stage 0,
+    needed for the return edge) and ending with u's stage at layer c. First nodes are
+    searched a batch at a time (`DP_BYTES` bounds the table), so time is
+    O(2^n n^2 L log L) and memory O(2^n n L) per batch for n members and L layers.
     """
-    n, end = len(members), problem.layers
-    first_ok = problem.first_ok[members]
-    width = end + 1
-    best = np.full((1 << n, n, n, width), INF)
-    parent_u = np.zeros((1 << n, n, n, width), dtype=np.int16)
-    parent_b = np.zeros((1 << n, n, n, width), dtype=np.int16)
-    for f in range(n):
-        if first_ok[f]:
-            best[1 << f, f, f, :] = stages[f, 0, :]
+    n, width = len(members), problem.layers + 1
+    firsts = [f for f in range(n) if problem.first_ok[members[f]]]
+    per_first = (1 << n) * n * width * DP_BYTES_PER_STATE
+    batch = max(1, DP_BYTES // per_first)
+    found: list[tuple[float, Chain]] = []
+    for i in range(0, len(firsts), batch):
+        found.extend(
+            _dp_batch(problem, members, firsts[i : i + batch], per_byte, forward, how, limit, back)
+        )
+    return min(found, key=lambda item: item[0]) if found else None
+
+
+DP_BYTES = 32 * 2**20
+"""Table budget of one exact-search batch: 8 nodes x 1,024 layers need 27 MiB per first
+node, so they run one first node at a time; small models batch all first nodes at once
+(fewer numpy calls). Keeps the operator far below its 512 MiB limit."""
+DP_BYTES_PER_STATE = 8 + 4 + 1
+"""float64 cost + int32 start + int8 predecessor."""
+
+
+def _dp_batch(
+    problem: Problem,
+    members: list[int],
+    firsts: list[int],
+    per_byte: FloatArray,
+    forward: FloatArray,
+    how: Combine,
+    limit: float | None,
+    back: FloatArray,
+) -> list[tuple[float, Chain]]:
+    n, end, count = len(members), problem.layers, len(firsts)
+    nodes = np.array(members)
+    best = np.full((count, 1 << n, n, end + 1), INF)
+    parent_u = np.zeros((count, 1 << n, n, end + 1), dtype=np.int8)
+    parent_b = np.zeros((count, 1 << n, n, end + 1), dtype=np.int32)
+    start = np.full((count, end), INF)
+    start[:, 0] = 0.0  # nothing covered yet: stage 0 starts at layer 0
+    value, _ = _advance(problem, start, nodes[firsts], per_byte=per_byte, how=how, limit=limit)
+    best[np.arange(count), 1 << np.array(firsts), firsts] = value
     for mask in range(1, 1 << n):
         if mask.bit_count() >= problem.max_stages:
             continue
-        # u and f are members of mask; only layer counts some chain reaches can start
-        # the next stage. Slicing to those keeps the arrays small.
+        which = np.array([k for k, f in enumerate(firsts) if mask >> f & 1])
         inside = np.array([i for i in range(n) if mask >> i & 1])
-        starts = np.flatnonzero(np.isfinite(best[mask]).any(axis=(0, 1))[:end])
-        if starts.size == 0:
+        outside = np.array([v for v in range(n) if not mask >> v & 1])
+        if which.size == 0 or outside.size == 0:
             continue
-        current = best[mask][np.ix_(inside, inside, starts)]  # [u, f, b]
-        for v in range(n):
-            if mask >> v & 1:
-                continue
-            via = _combine(how, current, forward[inside, v][:, None, None])  # [u, f, b]
-            via_u = via.argmin(axis=0)  # [f, b]
-            arrive = via.min(axis=0)  # [f, b]
-            total = _combine(how, arrive[:, :, None], stages[v][starts][None, :, :])  # [f, b, c]
-            from_b = total.argmin(axis=1)  # [f, c]
-            grown = mask | 1 << v
-            best[grown, v, inside] = total.min(axis=1)
-            parent_b[grown, v, inside] = starts[from_b]
-            parent_u[grown, v, inside] = inside[np.take_along_axis(via_u, from_b, axis=1)]
-    return _best_ending(problem, members, best, parent_u, parent_b, back, how)
+        current = best[which, mask][:, inside, :end]  # [f, u, b]
+        if not np.isfinite(current).any():
+            continue
+        # via[f, v, u, b]: u's chain handing layer b on to v
+        edges = forward[np.ix_(inside, outside)].T  # [v, u]
+        via = _combine(how, current[:, None, :, :], edges[None, :, :, None])
+        arrive = via.min(axis=2).reshape(-1, end)  # [f * v, b]
+        from_u = inside[via.argmin(axis=2)].reshape(-1, end)
+        rows = np.tile(nodes[outside], which.size)
+        value, begin = _advance(problem, arrive, rows, per_byte=per_byte, how=how, limit=limit)
+        pred = np.take_along_axis(from_u, np.minimum(begin, end - 1), axis=1)
+        shape = (which.size, outside.size, end + 1)
+        grown = mask | (1 << outside)
+        best[which[:, None], grown[None, :], outside[None, :]] = value.reshape(shape)
+        parent_b[which[:, None], grown[None, :], outside[None, :]] = begin.reshape(shape)
+        parent_u[which[:, None], grown[None, :], outside[None, :]] = pred.reshape(shape)
+    results = []
+    for k, f in enumerate(firsts):
+        found = _best_ending(problem, members, f, best[k], parent_u[k], parent_b[k], back, how)
+        if found is not None:
+            results.append(found)
+    return results
 
 
 def _best_ending(
     problem: Problem,
     members: list[int],
+    f: int,
     best: FloatArray,
-    parent_u: npt.NDArray[np.int16],
-    parent_b: npt.NDArray[np.int16],
+    parent_u: npt.NDArray[np.int8],
+    parent_b: npt.NDArray[np.int32],
     back: FloatArray,
     how: Combine,
 ) -> tuple[float, Chain] | None:
-    n, end = len(members), problem.layers
-    done = best[:, :, :, end]  # [mask, u, f]
-    totals = _combine(how, done, back[None, :, :])
-    for f in range(n):  # one stage: no transfer, no hop
-        totals[1 << f, f, f] = done[1 << f, f, f]
-    totals[:, ~problem.last_ok[members], :] = INF
+    end = problem.layers
+    done = best[:, :, end]  # [mask, u]
+    totals = _combine(how, done, back[None, :, f])
+    totals[1 << f, f] = done[1 << f, f]  # one stage: no transfer, no hop
+    totals[:, ~problem.last_ok[members]] = INF
     flat = int(np.argmin(totals))
     value = float(totals.flat[flat])
     if not math.isfinite(value):
         return None
-    mask, u, f = (int(i) for i in np.unravel_index(flat, totals.shape))
+    mask, u = (int(i) for i in np.unravel_index(flat, totals.shape))
     order, bounds = [u], [end]
     c = end
     while mask != 1 << u:
-        b = int(parent_b[mask, u, f, c])
-        prev = int(parent_u[mask, u, f, c])
+        b = int(parent_b[mask, u, c])
+        prev = int(parent_u[mask, u, c])
         mask, u, c = mask ^ 1 << u, prev, b
         order.append(u)
         bounds.append(c)
     bounds.append(0)
-    nodes = tuple(members[i] for i in reversed(order))
-    return value, Chain(nodes=nodes, bounds=tuple(reversed(bounds)))
+    chain_nodes = tuple(members[i] for i in reversed(order))
+    return value, Chain(nodes=chain_nodes, bounds=tuple(reversed(bounds)))
 
 
 # exact split of a fixed chain -------------------------------------------------------
@@ -321,17 +504,16 @@ def resplit(problem: Problem, nodes: Sequence[int]) -> Chain | None:
 def _chain_dp(
     problem: Problem, nodes: Sequence[int], *, single: bool, limit: float | None
 ) -> tuple[float, Chain] | None:
-    """Min bottleneck (single=False) or min latency (single=True, bottleneck <= limit)."""
+    """Min bottleneck (single=False) or min latency (single=True, bottleneck <= limit).
+    O(len(nodes) L log L)."""
     how: Combine = "sum" if single else "max"
+    per_byte = problem.per_byte_single if single else problem.per_byte_batch
     value = np.full(problem.layers + 1, INF)
     value[0] = 0.0
     choices = []
     batch = problem.workload.max_sequences
     for s, v in enumerate(nodes):
-        stage = problem.stage_costs(v, single=single)
-        if limit is not None:
-            stage = np.where(problem.stage_costs(v, single=False) <= limit, stage, INF)
-        incoming = value.copy()
+        incoming = value[None, : problem.layers].copy()
         if s > 0:
             u = nodes[s - 1]
             edge = problem.forward_row(u, batch=1 if single else batch, with_hop=single)[v]
@@ -339,9 +521,11 @@ def _chain_dp(
                 slow = problem.forward_row(u, batch=batch, with_hop=False)[v] > limit
                 edge = INF if slow else edge
             incoming = _combine(how, incoming, np.full_like(incoming, edge))
-        total = _combine(how, incoming[:, None], stage)  # [b, c]
-        choices.append(total.argmin(axis=0))
-        value = total.min(axis=0)
+        reached, begin = _advance(
+            problem, incoming, np.array([v]), per_byte=per_byte, how=how, limit=limit
+        )
+        choices.append(begin[0])
+        value = reached[0]
     result = float(value[problem.layers])
     if len(nodes) > 1:
         last, first = nodes[-1], nodes[0]
@@ -496,8 +680,8 @@ def _reach(problem: Problem, start: int, limit: float) -> tuple[npt.NDArray[np.i
     """Per node: the furthest layer c < L a stage from `start` can reach within limit
     (start if none), and whether it could hold [start, L) with the head."""
     end = problem.layers
-    weights = problem.weights[start, start + 1 : end + 1]
-    memory = problem.memory[start, start + 1 : end + 1]
+    weights = problem.ends[start + 1 : end + 1] - problem.starts[start]
+    memory = problem.mem_ends[start + 1 : end + 1] - problem.mem_starts[start]
     within = (weights[None, :] * problem.per_byte_batch[:, None] <= limit) & (
         memory[None, :] <= problem.capacity[:, None]
     )
@@ -540,29 +724,29 @@ def _may_have_several(problem: Problem) -> bool:
 
 
 def _single_stage_cost(problem: Problem, per_byte: FloatArray) -> float:
-    whole = problem.memory[0, problem.layers]
+    whole = problem.memory(0, problem.layers)
     alone = (problem.capacity >= whole) & problem.first_ok & problem.last_ok
     if not alone.any():
         return INF
-    return float(problem.weights[0, problem.layers] * per_byte[alone].min())
+    return float(problem.weight(0, problem.layers) * per_byte[alone].min())
 
 
 def _end_costs(problem: Problem, per_byte: FloatArray) -> tuple[float, float]:
     """Least compute of stage 0 (embeddings + layer 0) and of the last stage."""
     end = problem.layers
     first = (
-        problem.weights[0, 1]
-        * per_byte[problem.first_ok & (problem.capacity >= problem.memory[0, 1])]
+        problem.weight(0, 1)
+        * per_byte[problem.first_ok & (problem.capacity >= problem.memory(0, 1))]
     )
     last = (
-        problem.weights[end - 1, end]
-        * per_byte[problem.last_ok & (problem.capacity >= problem.memory[end - 1, end])]
+        problem.weight(end - 1, end)
+        * per_byte[problem.last_ok & (problem.capacity >= problem.memory(end - 1, end))]
     )
     return float(first.min(initial=INF)), float(last.min(initial=INF))
 
 
 def _bottleneck_several(problem: Problem) -> float:
-    total = float(problem.weights[0, problem.layers])
+    total = float(problem.weight(0, problem.layers))
     limit = min(problem.size, problem.max_stages, problem.layers)
     rate = 1 / problem.per_byte_batch
     room = np.maximum(problem.capacity, 0.0)
@@ -587,7 +771,7 @@ def _bottleneck_several(problem: Problem) -> float:
 def _latency_several(problem: Problem) -> float:
     first, last = _end_costs(problem, problem.per_byte_single)
     end = problem.layers
-    remaining = float(problem.weights[1, end - 1]) if end > 2 else 0.0
+    remaining = float(problem.weight(1, end - 1)) if end > 2 else 0.0
     middle = 0.0
     for i in np.argsort(problem.per_byte_single):
         take = min(remaining, max(float(problem.capacity[i]), 0.0))
