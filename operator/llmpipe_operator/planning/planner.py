@@ -287,6 +287,13 @@ def diagnose(
         f"{cost.human_bytes(available)} in total after "
         f"{cost.human_bytes(overhead)} runtime overhead each"
     )
+    if not nodes and inventory.nodes:  # nodes match the placement, but none has room
+        count = len(inventory.nodes)
+        offer = (
+            f"none of the {count} matching node{'s' * (count != 1)} has room for the "
+            f"smallest stage (largest free: "
+            f"{cost.human_bytes(max(n.memory_bytes for n in inventory.nodes))})"
+        )
     facts = {
         "needed_bytes": weights + kv,
         "available_bytes": available,

@@ -54,6 +54,32 @@ class ProfileError(ValueError):
     """A config or a set of safetensors headers that no profile can be computed from."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    """The largest model dimensions a config may declare (docs/crd-reference.md lists them).
+
+    Ten times the largest open models of 2025 (at most ~128 layers, hidden 16,384,
+    vocabularies of ~260k): any real config passes, while a typo or a hostile spec cannot
+    make the operator allocate per-layer tables of millions of entries or plan for minutes.
+    """
+
+    max_layers: int = 1024
+    """Planning time and memory are linear in layers x nodes; 1,024 plans in about a second."""
+    max_hidden: int = 65536
+    """Activations on the wire are hidden x 2 bytes per token: 128 KiB at this bound."""
+    max_intermediate: int = 524288
+    """MLP width; 8x the largest hidden size allowed."""
+    max_vocab: int = 1048576
+    """The LM head is vocab x hidden; 2^20 tokens is 4x the largest tokenizer in use."""
+    max_head_dim: int = 1024
+    """Attention heads are 64-256 wide in practice."""
+    max_positions: int = 1048576
+    """GPT-2 style learned position tables (n_positions)."""
+
+
+BOUNDS = Bounds()
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelProfile:
     """What a model weighs, per decoder layer, as docs/design.md's profile JSON describes."""
@@ -243,15 +269,41 @@ class _Dims:
         if model_type not in SUPPORTED_MODEL_TYPES:
             known = ", ".join(sorted(SUPPORTED_MODEL_TYPES))
             raise ProfileError(f"unsupported model_type {model_type!r} (supported: {known})")
-        if model_type == "gpt2":
-            return cls._gpt2(config)
-        return cls._llama(config, model_type)
+        dims = cls._gpt2(config) if model_type == "gpt2" else cls._llama(config, model_type)
+        dims.check(BOUNDS)
+        return dims
+
+    def check(self, bounds: Bounds) -> None:
+        """Refuse dimensions no real model has (ProfileError names the key and the bound)."""
+        gpt2 = self.family == "gpt2"
+        for key, value, limit in (
+            ("n_layer" if gpt2 else "num_hidden_layers", self.num_layers, bounds.max_layers),
+            ("n_embd" if gpt2 else "hidden_size", self.hidden, bounds.max_hidden),
+            ("n_inner" if gpt2 else "intermediate_size", self.intermediate, bounds.max_intermediate),
+            ("vocab_size", self.vocab, bounds.max_vocab),
+            ("head_dim", self.head_dim, bounds.max_head_dim),
+            ("n_positions", self.positions, bounds.max_positions),
+        ):
+            if value > limit:
+                raise ProfileError(f"config: {key} is {value}, more than the bound of {limit:,}")
+        heads_key = "n_head" if gpt2 else "num_attention_heads"
+        if self.hidden % self.heads:
+            raise ProfileError(
+                f"config: {heads_key} ({self.heads}) must divide the hidden size ({self.hidden})"
+            )
+        if self.heads % self.kv_heads:
+            raise ProfileError(
+                f"config: num_key_value_heads ({self.kv_heads}) must divide "
+                f"{heads_key} ({self.heads})"
+            )
+        if self.head_dim < 1:
+            raise ProfileError(f"config: head_dim must be a positive integer, got {self.head_dim}")
 
     @classmethod
     def _llama(cls, config: Mapping[str, Any], model_type: str) -> _Dims:
         hidden = _config_int(config, "hidden_size")
         heads = _config_int(config, "num_attention_heads")
-        head_dim = config.get("head_dim") or hidden // heads
+        head_dim = _config_int(config, "head_dim") if config.get("head_dim") else hidden // heads
         attention_bias = bool(config.get("attention_bias", False))
         return cls(
             family=model_type,
@@ -259,7 +311,11 @@ class _Dims:
             hidden=hidden,
             intermediate=_config_int(config, "intermediate_size"),
             heads=heads,
-            kv_heads=int(config.get("num_key_value_heads") or heads),
+            kv_heads=(
+                _config_int(config, "num_key_value_heads")
+                if config.get("num_key_value_heads")
+                else heads
+            ),
             head_dim=int(head_dim),
             vocab=_config_int(config, "vocab_size"),
             positions=0,

@@ -236,6 +236,16 @@ def test_largest_layer_that_fits_nowhere_is_named() -> None:
     assert "fits nowhere" in str(raised.value)
 
 
+def test_nodes_that_match_but_have_no_room_are_not_called_0_eligible() -> None:
+    cluster = a_cluster(*(a_node(f"n{i}").memory("400Mi") for i in range(5))).build()
+    with pytest.raises(planner.PlanInfeasible) as raised:
+        planner.plan_pipeline(a_profile(4).build(), cluster, workload=planner.Workload())
+    text = str(raised.value)
+    assert "0 eligible" not in text
+    assert "none of the 5 matching nodes has room for the smallest stage" in text
+    assert "largest free: 400 MiB" in text
+
+
 def test_first_stage_on_edge_without_room_on_the_edge() -> None:
     cluster = a_cluster(
         a_node("tiny-edge").edge().memory("700Mi"), a_node("gpu").cloud().memory("40Gi")

@@ -142,3 +142,58 @@ def test_a_tensor_of_unknown_role_is_refused() -> None:
 def test_bad_profile_json_is_refused(data: dict[str, object]) -> None:
     with pytest.raises(profiles.ProfileError):
         profiles.ModelProfile.from_dict(data)
+
+
+# --- bounds: dimensions no real model has are refused before anything is sized by them ---
+
+TINY_LLAMA = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "num_hidden_layers": 2,
+    "vocab_size": 256,
+}
+
+out_of_bounds = pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"num_hidden_layers": 1025}, "num_hidden_layers is 1025, more than the bound of 1,024"),
+        ({"num_hidden_layers": 100_000}, "num_hidden_layers is 100000"),
+        ({"hidden_size": 131_072, "num_attention_heads": 4}, "hidden_size is 131072"),
+        ({"intermediate_size": 2**20}, "intermediate_size is 1048576"),
+        ({"vocab_size": 2**20 + 1}, "vocab_size is 1048577"),
+        ({"head_dim": 4096}, "head_dim is 4096"),
+        ({"num_attention_heads": 128}, r"num_attention_heads \(128\) must divide the hidden size"),
+        ({"num_attention_heads": 5}, r"num_attention_heads \(5\) must divide the hidden size \(64\)"),
+        ({"num_key_value_heads": 3}, r"num_key_value_heads \(3\) must divide"),
+        ({"num_key_value_heads": 8}, r"num_key_value_heads \(8\) must divide"),
+        ({"num_key_value_heads": -1}, "num_key_value_heads must be a positive integer"),
+    ],
+)
+
+
+@out_of_bounds
+def test_dimensions_out_of_bounds_are_refused(change: dict[str, object], message: str) -> None:
+    with pytest.raises(profiles.ProfileError, match=message):
+        profiles.from_config({**TINY_LLAMA, **change})
+
+
+def test_the_bounds_themselves_are_allowed() -> None:
+    bounds = profiles.BOUNDS
+    profile = profiles.from_config(
+        {**TINY_LLAMA, "num_hidden_layers": bounds.max_layers, "vocab_size": bounds.max_vocab}
+    )
+    assert profile.num_layers == 1024
+
+
+def test_gpt2_heads_above_the_hidden_size_are_refused() -> None:
+    config = {"model_type": "gpt2", "n_embd": 64, "n_head": 65, "n_layer": 2}
+    with pytest.raises(profiles.ProfileError, match=r"n_head \(65\) must divide"):
+        profiles.from_config({**config, "vocab_size": 256, "n_positions": 128})
+
+
+def test_safetensors_profiles_are_bounded_too() -> None:
+    with pytest.raises(profiles.ProfileError, match="num_hidden_layers is 5000"):
+        profiles.from_safetensors_headers([], config={**TINY_LLAMA, "num_hidden_layers": 5000})
