@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,8 +85,41 @@ class StageSlice:
         return self.head_weight is not None
 
 
+def require_readable(path: Path) -> None:
+    """Raise LoadError saying "permission denied", the file and our uid, when this process
+    may not read `path` (a directory: list and enter it). Without this check a 0600 file
+    written by another user (transformers saves model.safetensors that way) surfaces as
+    "No such file or directory" or an empty model directory, and the user looks for the
+    wrong problem."""
+    try:
+        if path.is_dir():
+            os.listdir(path)
+        else:
+            with path.open("rb"):
+                pass
+    except PermissionError as error:
+        raise LoadError(permission_denied(path)) from error
+    except FileNotFoundError:
+        return  # the callers say what is missing, in their own words
+
+
+def permission_denied(path: Path) -> str:
+    try:
+        info = path.stat()
+        owner = f"owner uid {info.st_uid}, mode {stat.filemode(info.st_mode)}"
+    except OSError:
+        owner = "its directory is not readable either"
+    uid = os.getuid()
+    return (
+        f"permission denied: {path} is not readable by uid {uid} ({owner}); make the model "
+        f"files readable by uid {uid} (e.g. chmod -R a+rX on the model directory)"
+    )
+
+
 def load_config(model_dir: Path) -> PretrainedConfig:
     """Read config.json and check the family is one the runtime knows."""
+    require_readable(model_dir)
+    require_readable(model_dir / "config.json")
     if not (model_dir / "config.json").is_file():
         raise LoadError(f"{model_dir} has no config.json (is --model-dir a model directory?)")
     config: PretrainedConfig = AutoConfig.from_pretrained(model_dir)
@@ -98,6 +133,7 @@ def load_config(model_dir: Path) -> PretrainedConfig:
 def tensor_files(model_dir: Path) -> dict[str, Path]:
     """Map every tensor key to the safetensors file that holds it (index file or single file)."""
     index = model_dir / "model.safetensors.index.json"
+    require_readable(index)
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
         return {key: model_dir / name for key, name in weight_map.items()}
@@ -106,6 +142,7 @@ def tensor_files(model_dir: Path) -> dict[str, Path]:
         raise LoadError(f"{model_dir} holds no *.safetensors files")
     keys: dict[str, Path] = {}
     for path in files:
+        require_readable(path)
         with safe_open(str(path), framework="pt") as handle:
             keys.update(dict.fromkeys(handle.keys(), path))
     return keys
@@ -150,6 +187,7 @@ def read_tensors(
         by_file.setdefault(keys[key], []).append(key)
     out: dict[str, torch.Tensor] = {}
     for path, file_keys in by_file.items():
+        require_readable(path)
         with safe_open(str(path), framework="pt") as handle:
             for key in file_keys:
                 out[key] = handle.get_tensor(key).to(dtype)

@@ -10,15 +10,14 @@ from typing import Any
 
 from llmpipe_operator import spec as spec_mod
 from llmpipe_operator.manifests import names
+from llmpipe_operator.planning import inventory
 
 CONFIG_DIR = "/etc/llmpipe"
 RUN_AS_USER = 10001
-HF_DOWNLOAD = (
-    "import os, sys\n"
-    "from huggingface_hub import snapshot_download\n"
-    "snapshot_download(repo_id=sys.argv[1], revision=sys.argv[2], local_dir=sys.argv[3],\n"
-    "                  token=os.environ.get('HF_TOKEN') or None)\n"
-)
+WIDEST_STORED_BYTES = 4
+"""Checkpoints ship in float32 at most, whatever dtype the stage runs in."""
+SMALL_FILES_BYTES = 256 * 2**20
+"""config, tokenizer and index files: a few MiB, generously."""
 
 
 def build_stage_deployment(
@@ -43,13 +42,13 @@ def build_stage_deployment(
             "fsGroup": RUN_AS_USER,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "containers": [_stage_container(spec, index)],
+        "containers": [_stage_container(spec, stage)],
         "volumes": _volumes(pipeline, spec, digest),
     }
     if spec.placement.tolerations:
         pod_spec["tolerations"] = [t.to_dict() for t in spec.placement.tolerations]
     if isinstance(spec.model.source, spec_mod.HuggingFaceSource):
-        pod_spec["initContainers"] = [_download_container(spec, spec.model.source)]
+        pod_spec["initContainers"] = [_download_container(spec, spec.model.source, stage)]
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -102,7 +101,8 @@ def _pin_to_node(node: str) -> dict[str, Any]:
     }
 
 
-def _stage_container(spec: spec_mod.PipelineSpec, index: int) -> dict[str, Any]:
+def _stage_container(spec: spec_mod.PipelineSpec, stage: Mapping[str, Any]) -> dict[str, Any]:
+    index = int(stage["index"])
     container: dict[str, Any] = {
         "name": "stage",
         "image": spec.runtime.image,
@@ -139,16 +139,44 @@ def _stage_container(spec: spec_mod.PipelineSpec, index: int) -> dict[str, Any]:
             {"name": "tmp", "mountPath": "/tmp"},
         ],
     }
-    if spec.runtime.resources:
-        container["resources"] = dict(spec.runtime.resources)
+    container["resources"] = stage_resources(spec.runtime.resources, stage)
     return container
 
 
+def stage_resources(resources: Mapping[str, Any], stage: Mapping[str, Any]) -> dict[str, Any]:
+    """spec.runtime.resources with the memory the plan reserves for the stage.
+
+    requests.memory is the plan's memoryBytes (weights + KV cache + runtime overhead), so
+    the scheduler and every other pipeline's planner see what this stage holds. The limit
+    is the same figure unless spec.runtime.resources sets a larger one: the stage
+    preallocates its KV cache, so going past its reservation means a leak, and a leak
+    should kill this stage, not its neighbours on the node.
+    """
+    reserved = int(stage["memoryBytes"])
+    requests = dict(resources.get("requests") or {})
+    limits = dict(resources.get("limits") or {})
+    requests["memory"] = str(reserved)
+    limit = limits.get("memory")
+    if limit is None or _quantity(limit) < reserved:
+        limits["memory"] = str(reserved)
+    return {**resources, "requests": requests, "limits": limits}
+
+
+def _quantity(value: Any) -> int:
+    try:
+        return inventory.parse_quantity(value)
+    except ValueError:
+        return 0  # the API server refuses a malformed quantity; ours replaces it meanwhile
+
+
 def _download_container(
-    spec: spec_mod.PipelineSpec, source: spec_mod.HuggingFaceSource
+    spec: spec_mod.PipelineSpec, source: spec_mod.HuggingFaceSource, stage: Mapping[str, Any]
 ) -> dict[str, Any]:
-    """Fetches the model into the pod's emptyDir; only this container sees the token."""
+    """Fetches the stage's files into the pod's emptyDir (llmpipe_stage.fetch: its shards,
+    config, and the tokenizer on the end stages); only this container sees the token. It
+    gets spec.runtime.env too (HF_ENDPOINT, HTTPS_PROXY, ...), before our own variables."""
     env: list[dict[str, Any]] = [
+        *(dict(item) for item in spec.runtime.env),
         {"name": "HOME", "value": "/tmp"},
         {"name": "HF_HOME", "value": "/tmp/hf"},
     ]
@@ -168,7 +196,20 @@ def _download_container(
         "name": "fetch-model",
         "image": spec.runtime.image,
         "imagePullPolicy": spec.runtime.image_pull_policy,
-        "command": ["python", "-c", HF_DOWNLOAD, source.id, source.revision, spec.model.model_dir],
+        "command": [
+            "python",
+            "-m",
+            "llmpipe_stage.fetch",
+            source.id,
+            source.revision,
+            spec.model.model_dir,
+            "--layer-start",
+            str(int(stage["layerStart"])),
+            "--layer-end",
+            str(int(stage["layerEnd"])),
+            *(["--embedding"] if stage.get("hasEmbedding") else []),
+            *(["--head"] if stage.get("hasHead") else []),
+        ],
         "env": env,
         "securityContext": _restricted(),
         "volumeMounts": [
@@ -183,17 +224,31 @@ def _volumes(
 ) -> list[dict[str, Any]]:
     return [
         {"name": "plan", "configMap": {"name": names.plan_configmap_name(pipeline, digest)}},
-        {"name": "model", **_model_volume(spec.model.source)},
+        {"name": "model", **_model_volume(spec)},
         {"name": "tmp", "emptyDir": {}},
     ]
 
 
-def _model_volume(source: spec_mod.ModelSource) -> dict[str, Any]:
+def _model_volume(spec: spec_mod.PipelineSpec) -> dict[str, Any]:
+    source = spec.model.source
     if isinstance(source, spec_mod.PvcSource):
         return {"persistentVolumeClaim": {"claimName": source.claim_name, "readOnly": True}}
     if isinstance(source, spec_mod.HostPathSource):
         return {"hostPath": {"path": source.path, "type": "Directory"}}
-    return {"emptyDir": {}}
+    return {"emptyDir": {"sizeLimit": str(download_size_limit(spec))}}
+
+
+def download_size_limit(spec: spec_mod.PipelineSpec) -> int:
+    """The download emptyDir's sizeLimit: the whole model at float32 plus small files.
+
+    A stage fetches only its shards, but one shard may hold the whole model (single-file
+    checkpoints), and the stored dtype may be wider than the one the stage runs in; so
+    the bound is the model's parameters at the widest stored dtype. It stops a wrong
+    repository id or a runaway download from filling the node's disk.
+    """
+    profile = spec.profile()
+    params = profile.total_weight_bytes // profile.weight_bytes_per_param
+    return params * WIDEST_STORED_BYTES + SMALL_FILES_BYTES
 
 
 def _http_probe(path: str, *, period: int, failures: int) -> dict[str, Any]:

@@ -67,7 +67,7 @@ class Bounds:
     """Planning time and memory are linear in layers x nodes; 1,024 plans in about a second."""
     max_hidden: int = 65536
     """Activations on the wire are hidden x 2 bytes per token: 128 KiB at this bound."""
-    max_intermediate: int = 524288
+    max_inner: int = 524288
     """MLP width; 8x the largest hidden size allowed."""
     max_vocab: int = 1048576
     """The LM head is vocab x hidden; 2^20 tokens is 4x the largest tokenizer in use."""
@@ -279,7 +279,7 @@ class _Dims:
         for key, value, limit in (
             ("n_layer" if gpt2 else "num_hidden_layers", self.num_layers, bounds.max_layers),
             ("n_embd" if gpt2 else "hidden_size", self.hidden, bounds.max_hidden),
-            ("n_inner" if gpt2 else "intermediate_size", self.intermediate, bounds.max_intermediate),
+            ("n_inner" if gpt2 else "intermediate_size", self.intermediate, bounds.max_inner),
             ("vocab_size", self.vocab, bounds.max_vocab),
             ("head_dim", self.head_dim, bounds.max_head_dim),
             ("n_positions", self.positions, bounds.max_positions),

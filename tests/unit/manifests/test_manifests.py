@@ -10,6 +10,7 @@ selector; owner references on everything; the plan hash's sensitivity.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -118,7 +119,11 @@ def test_stage_container_follows_the_stage_contract_and_is_restricted() -> None:
     ]
     assert {"name": "LLMPIPE_STAGE_INDEX", "value": "1"} in container["env"]
     assert {"name": "LOG", "value": "debug"} in container["env"]
-    assert container["resources"] == {"limits": {"memory": "2Gi"}}
+    # the plan's reservation is requested; the user's larger limit stays
+    assert container["resources"] == {
+        "requests": {"memory": str(stage["memoryBytes"])},
+        "limits": {"memory": "2Gi"},
+    }
     assert {(p["name"], p["containerPort"]) for p in container["ports"]} == {
         ("grpc", 50051),
         ("http", 8000),
@@ -157,7 +162,15 @@ def test_model_source_is_mounted_read_only_or_fetched(builder, volume_key, model
         }
     if volume_key == "emptyDir":
         (init,) = pod["initContainers"]
-        assert init["command"][-3:] == ["org/tiny", "abc123", "/models/model"]
+        assert init["command"][:6] == [
+            "python",
+            "-m",
+            "llmpipe_stage.fetch",
+            "org/tiny",
+            "abc123",
+            "/models/model",
+        ]
+        assert volumes["model"]["emptyDir"]["sizeLimit"] == str(stages.download_size_limit(spec))
         token = next(e for e in init["env"] if e["name"] == "HF_TOKEN")
         assert token["valueFrom"] == {"secretKeyRef": {"name": "hf", "key": "token"}}
         # only the init container sees the token
@@ -226,3 +239,67 @@ def test_stage_names_fit_a_dns_label_for_the_longest_allowed_pipeline_name() -> 
     ref = names.PipelineRef(name="p" * 45, namespace="ns", uid="u")
     assert len(names.stage_name(ref, "abcd1234", 63)) <= 63
     assert len(names.plan_configmap_name(ref, "abcd1234")) <= 63
+
+
+memory_policies = pytest.mark.parametrize(
+    ("resources", "limit"),
+    [
+        ({}, None),  # no resources: request = limit = the reservation
+        ({"limits": {"memory": "64Mi"}}, None),  # below the reservation: raised to it
+        ({"limits": {"memory": "64Gi"}, "requests": {"cpu": "2"}}, "64Gi"),  # above: kept
+    ],
+)
+
+
+@memory_policies
+def test_stage_requests_the_memory_the_plan_reserves(
+    resources: dict[str, Any], limit: str | None
+) -> None:
+    spec = a_spec().runtime(resources=resources).build()
+    for stage in a_plan(spec)["stages"]:
+        pod = stages.build_stage_deployment(REF, spec, stage, digest="abcd1234")["spec"][
+            "template"
+        ]["spec"]
+        got = pod["containers"][0]["resources"]
+        reserved = str(stage["memoryBytes"])
+        assert got["requests"]["memory"] == reserved
+        assert got["limits"]["memory"] == (limit or reserved)
+        if "cpu" in (resources.get("requests") or {}):
+            assert got["requests"]["cpu"] == "2"
+
+
+def test_download_container_fetches_the_stage_slice_with_the_spec_env() -> None:
+    spec = (
+        a_spec()
+        .hugging_face("org/tiny")
+        .runtime(
+            env=[
+                {"name": "HF_ENDPOINT", "value": "https://mirror.local"},
+                {"name": "HTTPS_PROXY", "value": "http://proxy:3128"},
+            ]
+        )
+        .build()
+    )
+    plan = a_plan(spec)
+    flags = []
+    for stage in plan["stages"]:
+        pod = stages.build_stage_deployment(REF, spec, stage, digest="abcd1234")["spec"][
+            "template"
+        ]["spec"]
+        (init,) = pod["initContainers"]
+        command = init["command"]
+        at = command.index("--layer-start")
+        assert command[at : at + 4] == [
+            "--layer-start",
+            str(stage["layerStart"]),
+            "--layer-end",
+            str(stage["layerEnd"]),
+        ]
+        flags.append(("--embedding" in command, "--head" in command))
+        env = {e["name"]: e.get("value") for e in init["env"]}
+        assert env["HF_ENDPOINT"] == "https://mirror.local"
+        assert env["HTTPS_PROXY"] == "http://proxy:3128"
+        assert env["HOME"] == "/tmp"
+    assert len(flags) >= 2
+    assert flags[0] == (True, False) and flags[-1] == (False, True)
+    assert all(f == (False, False) for f in flags[1:-1])

@@ -166,7 +166,7 @@ out_of_bounds = pytest.mark.parametrize(
         ({"vocab_size": 2**20 + 1}, "vocab_size is 1048577"),
         ({"head_dim": 4096}, "head_dim is 4096"),
         ({"num_attention_heads": 128}, r"num_attention_heads \(128\) must divide the hidden size"),
-        ({"num_attention_heads": 5}, r"num_attention_heads \(5\) must divide the hidden size \(64\)"),
+        ({"num_attention_heads": 5}, r"num_attention_heads \(5\) must divide the hidden size"),
         ({"num_key_value_heads": 3}, r"num_key_value_heads \(3\) must divide"),
         ({"num_key_value_heads": 8}, r"num_key_value_heads \(8\) must divide"),
         ({"num_key_value_heads": -1}, "num_key_value_heads must be a positive integer"),
