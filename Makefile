@@ -5,10 +5,13 @@ VENV = $(shell scripts/bootstrap)
 PY = PYTHONPATH=$(CURDIR)/operator:$(CURDIR)/stage_image $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install lint typecheck test test-unit test-cluster test-dataplane serve bench control-plane proto
+.PHONY: install fetch-model lint typecheck test test-unit test-cluster test-dataplane serve bench control-plane proto
 
 install:            ## create the cached venv (torch, transformers, kopf, ...)
 	@scripts/bootstrap >/dev/null
+
+fetch-model:        ## fetch (once, cached) the default model: SmolLM2-135M-Instruct as GGUF
+	@scripts/fetch-model
 
 proto:              ## regenerate the stage gRPC code from the .proto
 	@$(PY) -m llmpipe_stage.proto.build
@@ -30,7 +33,7 @@ test: install       ## the whole suite: lint, types, unit, cluster (builds the c
 test-unit: install
 	$(PY) -m pytest -m unit $(PYTEST_ARGS)
 
-serve: install      ## a pipeline on this machine with a tiny demo model (OpenAI API on :8000)
+serve: install      ## a 2-stage pipeline of SmolLM2-135M-Instruct on this machine (OpenAI API on :8000; ARGS="--model demo" for the offline random model)
 	$(PY) -m llmpipe_operator.cli serve $(ARGS)
 
 bench: install      ## benchmarks (print figures; see docs/benchmarks.md)

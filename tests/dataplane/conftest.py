@@ -21,6 +21,23 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {name: pipelines.write_family(root / name, name) for name in pipelines.FAMILIES}
 
 
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The shipped default model's GGUF file, fetched once into the user cache if missing
+    (scripts/test fetches it before the tests; nothing here skips for lack of it)."""
+    from llmpipe_stage import models
+
+    return models.ensure_default_model()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_gguf: Path) -> Path:
+    """Its converted model directory (float32), converted once per content hash and cached."""
+    from llmpipe_stage import gguf_convert, models
+
+    return gguf_convert.ensure_converted(smollm2_gguf, models.CACHE_DIR / "gguf")
+
+
 @pytest.fixture(scope="module")
 def start_pipeline(
     tmp_path_factory: pytest.TempPathFactory,

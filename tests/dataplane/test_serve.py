@@ -1,6 +1,8 @@
-"""`llmpipe serve`, the README's main command, end to end: with no model it generates the
-demo model, starts one process per stage on loopback, reports progress and a curl example,
-streams tokens through the OpenAI API, and Ctrl-C stops every stage."""
+"""`llmpipe serve`, the README's main command, end to end: with `--model demo` it generates
+the demo model, starts one process per stage on loopback, reports progress and a curl
+example, streams tokens through the OpenAI API, and Ctrl-C stops every stage; with no model
+it serves SmolLM2-135M-Instruct (the GGUF file from the cache, converted once) as a 2-stage
+pipeline that answers a sanity question sensibly."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import openai
 from tests.dataplane import pipelines
 
 
-def test_serve_with_no_model_streams_tokens_and_stops_cleanly(tmp_path: Path) -> None:
+def test_serve_demo_model_streams_tokens_and_stops_cleanly(tmp_path: Path) -> None:
     http_port, grpc_port = pipelines.free_ports(2)
     env = dict(
         os.environ,
@@ -30,6 +32,8 @@ def test_serve_with_no_model_streams_tokens_and_stops_cleanly(tmp_path: Path) ->
             "-m",
             "llmpipe_operator.cli",
             "serve",
+            "--model",
+            "demo",
             "--stages",
             "3",
             "--port",
@@ -80,3 +84,50 @@ def test_serve_with_no_model_streams_tokens_and_stops_cleanly(tmp_path: Path) ->
     for port in (http_port, http_port + 1, http_port + 2, grpc_port, grpc_port + 2):
         with socket.socket() as sock:
             assert sock.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still served"
+
+
+SANITY = [
+    ("What is the capital of France?", "Paris"),
+    ("Which city is the capital of France? Answer with the city's name.", "Paris"),
+]
+
+
+def test_serve_default_model_answers_sanity_prompts(tmp_path: Path, smollm2_dir: Path) -> None:
+    """The README quickstart: `make serve` with no model (smoke: the answers' words, not an
+    exactness check; the exact checks are in test_real_model)."""
+    http_port, grpc_port = pipelines.free_ports(2)
+    env = dict(
+        os.environ,
+        PYTHONPATH=f"{pipelines.ROOT / 'operator'}:{pipelines.ROOT / 'stage_image'}",
+    )
+    command = [sys.executable, "-m", "llmpipe_operator.cli", "serve", "--port", str(http_port)]
+    command += ["--grpc-port", str(grpc_port), "--threads", "1", "--run-dir", str(tmp_path)]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True
+    )
+    assert process.stdout is not None
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and process.poll() is None:
+            lines.append(process.stdout.readline())
+            if lines[-1].startswith("Ctrl-C stops every stage"):
+                break
+        output = "".join(lines)
+        assert "2-stage pipeline of SmolLM2-135M-Instruct ready" in output, output
+        assert "stage 1: layers [15, 30)" in output, output
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{http_port}/v1", api_key="none", max_retries=0
+        )
+        for question, word in SANITY:
+            reply = client.chat.completions.create(
+                model="SmolLM2-135M-Instruct",
+                max_tokens=24,
+                temperature=0,
+                messages=[{"role": "user", "content": question}],
+            )
+            assert word in (reply.choices[0].message.content or ""), (question, reply)
+    finally:
+        process.send_signal(signal.SIGINT)
+        code = process.wait(timeout=30)
+    assert code == 0
