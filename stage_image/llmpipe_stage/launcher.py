@@ -7,7 +7,8 @@ supported GGUF file (cached by content hash); `--model DIR` serves a model direc
 from `--plan FILE` (the DESIGN plan JSON), `--cluster FILE` (planned by
 `llmpipe_operator.planning`), or `--stages N` (an even split; default 2). It writes the
 same `plan.json` + `pipeline.json` the operator mounts in Kubernetes, starts
-`python -m llmpipe_stage` per stage, shows loading progress, then prints how to call the OpenAI API and waits until Ctrl-C (or a stage dies).
+`python -m llmpipe_stage` per stage, shows loading progress, then prints how to call the
+OpenAI API and waits until Ctrl-C (or a stage dies).
 """
 
 from __future__ import annotations
