@@ -54,7 +54,34 @@ class HuggingFaceSource:
     token_secret_key: str = "token"
 
 
-ModelSource = PvcSource | HostPathSource | HuggingFaceSource
+@dataclass(frozen=True)
+class GgufSource:
+    """A GGUF file that each stage's init container converts into a model directory.
+
+    Exactly one location: `host_path` (the file on every eligible node), `claim_name` +
+    `path` (the file inside a PersistentVolumeClaim), or `hf_id` + `filename` (a file of a
+    Hugging Face repository, downloaded first)."""
+
+    host_path: str | None = None
+    claim_name: str | None = None
+    path: str = ""
+    """With claim_name: the file's path relative to the volume root."""
+    hf_id: str | None = None
+    revision: str = "main"
+    filename: str = ""
+    """With hf_id: the .gguf file in the repository (quantizations are separate files)."""
+    token_secret_name: str | None = None
+    token_secret_key: str = "token"
+
+    @property
+    def location(self) -> str:
+        if self.host_path is not None:
+            return "hostPath"
+        return "pvc" if self.claim_name is not None else "huggingFace"
+
+
+ModelSource = PvcSource | HostPathSource | HuggingFaceSource | GgufSource
+SOURCE_KINDS = ("pvc", "hostPath", "huggingFace", "gguf")
 
 
 @dataclass(frozen=True)
@@ -70,7 +97,7 @@ class ModelSpec:
         """Where the stage container finds config.json and the weights."""
         if isinstance(self.source, PvcSource) and self.source.path:
             return posixpath.join(MODELS_MOUNT, self.source.path)
-        if isinstance(self.source, HuggingFaceSource):
+        if isinstance(self.source, HuggingFaceSource | GgufSource):
             return posixpath.join(MODELS_MOUNT, "model")
         return MODELS_MOUNT
 
@@ -197,12 +224,15 @@ def _parse_model(raw: Mapping[str, Any]) -> ModelSpec:
 
 def _parse_source(raw: Mapping[str, Any]) -> ModelSource:
     where = "spec.model.source"
-    kinds = [kind for kind in ("pvc", "hostPath", "huggingFace") if raw.get(kind) is not None]
+    kinds = [kind for kind in SOURCE_KINDS if raw.get(kind) is not None]
     if len(kinds) != 1:
         raise SpecError(
-            f"{where} must set exactly one of pvc, hostPath or huggingFace (got {kinds or 'none'})"
+            f"{where} must set exactly one of pvc, hostPath, huggingFace or gguf "
+            f"(got {kinds or 'none'})"
         )
     body = _object(raw, kinds[0], where, required=True)
+    if kinds[0] == "gguf":
+        return _parse_gguf(body, f"{where}.gguf")
     if kinds[0] == "pvc":
         path = _string(body, "path", f"{where}.pvc", default="") or ""
         if path.startswith("/") or ".." in path.split("/"):
@@ -228,6 +258,46 @@ def _parse_source(raw: Mapping[str, Any]) -> ModelSource:
         token_secret_key=_string(
             secret, "key", f"{where}.huggingFace.tokenSecret", default="token"
         ),
+    )
+
+
+def _parse_gguf(raw: Mapping[str, Any], where: str) -> GgufSource:
+    kinds = [kind for kind in ("hostPath", "pvc", "huggingFace") if raw.get(kind) is not None]
+    if len(kinds) != 1:
+        raise SpecError(
+            f"{where} must set exactly one of hostPath, pvc or huggingFace (got {kinds or 'none'})"
+        )
+    if kinds[0] == "hostPath":
+        path = _string(raw, "hostPath", where, required=True)
+        if not path.startswith("/") or not path.endswith(".gguf"):
+            raise SpecError(
+                f"{where}.hostPath must be an absolute path to a .gguf file (got {path!r})"
+            )
+        return GgufSource(host_path=path)
+    body = _object(raw, kinds[0], where, required=True)
+    if kinds[0] == "pvc":
+        path = _string(body, "path", f"{where}.pvc", required=True)
+        if path.startswith("/") or ".." in path.split("/") or not path.endswith(".gguf"):
+            raise SpecError(
+                f"{where}.pvc.path must be a relative path to a .gguf file, without '..' "
+                f"(got {path!r})"
+            )
+        return GgufSource(
+            claim_name=_string(body, "claimName", f"{where}.pvc", required=True), path=path
+        )
+    hub = f"{where}.huggingFace"
+    filename = _string(body, "filename", hub, required=True)
+    if filename.startswith("/") or ".." in filename.split("/") or not filename.endswith(".gguf"):
+        raise SpecError(f"{hub}.filename must be a .gguf file in the repository (got {filename!r})")
+    secret = _object(body, "tokenSecret", hub)
+    return GgufSource(
+        hf_id=_string(body, "id", hub, required=True),
+        revision=_string(body, "revision", hub, default="main"),
+        filename=filename,
+        token_secret_name=(
+            _string(secret, "name", f"{hub}.tokenSecret", required=True) if secret else None
+        ),
+        token_secret_key=_string(secret, "key", f"{hub}.tokenSecret", default="token"),
     )
 
 

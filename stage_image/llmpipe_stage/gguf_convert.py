@@ -452,14 +452,17 @@ def ensure_converted(
 
 # -- command line ------------------------------------------------------------------------------
 class ProgressPrinter:
-    """Prints a progress line to stderr at every tenth of each phase (hashing, converting)."""
+    """Prints a progress line to stderr at every tenth of each phase (hashing, converting;
+    hashing a file under 1 GiB only at its start and end)."""
 
     def __init__(self, *, prefix: str = "  ") -> None:
         self.prefix = prefix
         self.shown: dict[str, int] = {}
 
     def __call__(self, what: str, done: int, total: int) -> None:
-        tenth = 10 * done // max(1, total)
+        # Hashing a small file takes a moment: only its start and end are worth a line.
+        steps = 10 if what != "hashing" or total >= 2**30 else 1
+        tenth = steps * done // max(1, total) * (10 // steps)
         if self.shown.get(what) == tenth:
             return
         self.shown[what] = tenth

@@ -5,6 +5,7 @@ Pure: (pipeline, spec, plan stage, plan hash) -> plain dicts; `k8s` applies them
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Mapping
 from typing import Any
 
@@ -49,6 +50,8 @@ def build_stage_deployment(
         pod_spec["tolerations"] = [t.to_dict() for t in spec.placement.tolerations]
     if isinstance(spec.model.source, spec_mod.HuggingFaceSource):
         pod_spec["initContainers"] = [_download_container(spec, spec.model.source, stage)]
+    if isinstance(spec.model.source, spec_mod.GgufSource):
+        pod_spec["initContainers"] = _gguf_containers(spec, spec.model.source)
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -226,6 +229,7 @@ def _volumes(
         {"name": "plan", "configMap": {"name": names.plan_configmap_name(pipeline, digest)}},
         {"name": "model", **_model_volume(spec)},
         {"name": "tmp", "emptyDir": {}},
+        *_gguf_volumes(spec.model.source),
     ]
 
 
@@ -249,6 +253,81 @@ def download_size_limit(spec: spec_mod.PipelineSpec) -> int:
     profile = spec.profile()
     params = profile.total_weight_bytes // profile.weight_bytes_per_param
     return params * WIDEST_STORED_BYTES + SMALL_FILES_BYTES
+
+
+GGUF_MOUNT = "/gguf"
+GGUF_DOWNLOAD = (
+    "import os, sys\n"
+    "from huggingface_hub import hf_hub_download\n"
+    "hf_hub_download(repo_id=sys.argv[1], revision=sys.argv[2], filename=sys.argv[3],\n"
+    "                local_dir=sys.argv[4], token=os.environ.get('HF_TOKEN') or None)\n"
+)
+
+
+def gguf_file_path(source: spec_mod.GgufSource) -> str:
+    """Where the init containers see the GGUF file."""
+    if source.host_path is not None:
+        return posixpath.join(GGUF_MOUNT, posixpath.basename(source.host_path))
+    if source.claim_name is not None:
+        return posixpath.join(GGUF_MOUNT, source.path)
+    return posixpath.join(spec_mod.MODELS_MOUNT, "gguf", source.filename)
+
+
+def _gguf_volumes(source: spec_mod.ModelSource) -> list[dict[str, Any]]:
+    if not isinstance(source, spec_mod.GgufSource) or source.hf_id is not None:
+        return []
+    if source.host_path is not None:
+        return [{"name": "gguf", "hostPath": {"path": source.host_path, "type": "File"}}]
+    claim = {"claimName": source.claim_name, "readOnly": True}
+    return [{"name": "gguf", "persistentVolumeClaim": claim}]
+
+
+def _gguf_containers(
+    spec: spec_mod.PipelineSpec, source: spec_mod.GgufSource
+) -> list[dict[str, Any]]:
+    """Download the file (Hugging Face only), then convert it into the model emptyDir
+    (`llmpipe_stage.gguf_convert`, dequantized to spec.model.dtype)."""
+    mounts: list[dict[str, Any]] = [
+        {"name": "model", "mountPath": spec_mod.MODELS_MOUNT},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    containers = []
+    if source.hf_id is not None:
+        hub = spec_mod.HuggingFaceSource(
+            id=source.hf_id,
+            revision=source.revision,
+            token_secret_name=source.token_secret_name,
+            token_secret_key=source.token_secret_key,
+        )
+        download = _download_container(spec, hub, {"layerStart": 0, "layerEnd": 1})
+        download["name"] = "fetch-gguf"
+        download["command"] = [
+            "python",
+            "-c",
+            GGUF_DOWNLOAD,
+            source.hf_id,
+            source.revision,
+            source.filename,
+            posixpath.join(spec_mod.MODELS_MOUNT, "gguf"),
+        ]
+        containers.append(download)
+    else:
+        mount = GGUF_MOUNT if source.claim_name is not None else gguf_file_path(source)
+        mounts.append({"name": "gguf", "mountPath": mount, "readOnly": True})
+    command = ["python", "-m", "llmpipe_stage.gguf_convert", gguf_file_path(source)]
+    command += ["--out", spec.model.model_dir, "--dtype", spec.model.dtype]
+    containers.append(
+        {
+            "name": "convert-gguf",
+            "image": spec.runtime.image,
+            "imagePullPolicy": spec.runtime.image_pull_policy,
+            "command": command,
+            "env": [*(dict(item) for item in spec.runtime.env), {"name": "HOME", "value": "/tmp"}],
+            "securityContext": _restricted(),
+            "volumeMounts": mounts,
+        }
+    )
+    return containers
 
 
 def _http_probe(path: str, *, period: int, failures: int) -> dict[str, Any]:

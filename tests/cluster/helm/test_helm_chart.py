@@ -235,7 +235,7 @@ def test_bad_pipeline_is_refused_with_the_rule_message(release: Release) -> None
         stdin=yaml.safe_dump(bad),
     )
     assert done.returncode != 0
-    assert "model.source must set exactly one of pvc, hostPath or huggingFace" in done.stderr
+    assert "model.source must set exactly one of pvc, hostPath, huggingFace or gguf" in done.stderr
     assert "spec.placement.maxStages" in done.stderr
 
 

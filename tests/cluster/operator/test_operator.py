@@ -394,7 +394,7 @@ bad_specs = pytest.mark.parametrize(
         ),
         (
             lambda m: m["spec"]["model"]["source"].update(pvc={"claimName": "m"}),
-            "model.source must set exactly one of pvc, hostPath or huggingFace",
+            "model.source must set exactly one of pvc, hostPath, huggingFace or gguf",
         ),
         (
             lambda m: m["spec"]["model"]["source"].update(
@@ -410,8 +410,29 @@ bad_specs = pytest.mark.parametrize(
             lambda m: m["metadata"].update(name="9-starts-with-a-digit"),
             "metadata.name must be a DNS-1035 label",
         ),
+        (
+            lambda m: m["spec"]["model"].update(
+                source={
+                    "gguf": {"hostPath": "/m/a.gguf", "pvc": {"claimName": "c", "path": "a.gguf"}}
+                }
+            ),
+            "model.source.gguf must set exactly one of hostPath, pvc or huggingFace",
+        ),
+        (
+            lambda m: m["spec"]["model"].update(source={"gguf": {"hostPath": "/m/model.bin"}}),
+            "spec.model.source.gguf.hostPath in body should match",
+        ),
     ],
-    ids=["maxStages-0", "context-0", "two-sources", "dotdot", "objective", "name"],
+    ids=[
+        "maxStages-0",
+        "context-0",
+        "two-sources",
+        "dotdot",
+        "objective",
+        "name",
+        "gguf-two-locations",
+        "gguf-not-gguf",
+    ],
 )
 
 
@@ -429,6 +450,18 @@ def test_bad_spec_is_refused_at_apply(
     assert message in result.stderr, result.stderr
     with pytest.raises(ApiError):
         control_plane.client().get(LLMPipeline, manifest["metadata"]["name"], namespace=namespace)
+
+
+def test_gguf_source_is_accepted_with_its_defaults(
+    control_plane: cp.ControlPlane, crd: object, namespace: str
+) -> None:
+    manifest = pipeline_manifest("gguf", selector={"pool": "none"}, workload={})
+    hub = {"id": "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF", "filename": "smol.Q4_1.gguf"}
+    manifest["spec"]["model"]["source"] = {"gguf": {"huggingFace": hub}}
+    result = apply(control_plane, namespace, manifest)
+    assert result.returncode == 0, result.stderr
+    stored = control_plane.client().get(LLMPipeline, "gguf", namespace=namespace)
+    assert stored.spec["model"]["source"]["gguf"]["huggingFace"] == {**hub, "revision": "main"}
 
 
 def test_tainted_node_is_used_only_when_tolerated(

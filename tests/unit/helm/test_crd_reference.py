@@ -46,7 +46,7 @@ def test_reference_lists_printer_columns_and_rule_messages() -> None:
     text = GENERATOR["render"](CRD)
     for column in VERSION["additionalPrinterColumns"]:
         assert f"| {column['name']} |" in text
-    assert "model.source must set exactly one of pvc, hostPath or huggingFace" in text
+    assert "model.source must set exactly one of pvc, hostPath, huggingFace or gguf" in text
 
 
 def test_generator_escapes_pipes_in_table_cells() -> None:

@@ -38,6 +38,10 @@ class SpecBuilder:
             body["tokenSecret"] = {"name": secret}
         return self.source(huggingFace=body)
 
+    def gguf(self, **location: Any) -> SpecBuilder:
+        """gguf(hostPath="/m/x.gguf") | gguf(pvc={...}) | gguf(huggingFace={...})"""
+        return self.source(gguf=location)
+
     def placement(self, **fields: Any) -> SpecBuilder:
         self.raw.setdefault("placement", {}).update(fields)
         return self

@@ -303,3 +303,73 @@ def test_download_container_fetches_the_stage_slice_with_the_spec_env() -> None:
     assert len(flags) >= 2
     assert flags[0] == (True, False) and flags[-1] == (False, True)
     assert all(f == (False, False) for f in flags[1:-1])
+
+
+gguf_sources = pytest.mark.parametrize(
+    "location, file_in_pod",
+    [
+        ({"hostPath": "/var/lib/models/smol.Q4_1.gguf"}, "/gguf/smol.Q4_1.gguf"),
+        (
+            {"pvc": {"claimName": "models", "path": "smol/smol.Q4_1.gguf"}},
+            "/gguf/smol/smol.Q4_1.gguf",
+        ),
+        (
+            {
+                "huggingFace": {
+                    "id": "org/smol-GGUF",
+                    "filename": "smol.Q4_1.gguf",
+                    "tokenSecret": {"name": "hf"},
+                }
+            },
+            "/models/gguf/smol.Q4_1.gguf",
+        ),
+    ],
+    ids=["hostPath", "pvc", "huggingFace"],
+)
+
+
+@gguf_sources
+def test_gguf_source_converts_in_an_init_container(location: dict, file_in_pod: str) -> None:
+    spec = a_spec().gguf(**location).build()
+    assert spec.model.model_dir == "/models/model"
+    stage = a_plan(spec)["stages"][0]
+    pod = stages.build_stage_deployment(REF, spec, stage, digest="abcd1234")["spec"]["template"][
+        "spec"
+    ]
+    init = pod["initContainers"]
+    convert = init[-1]
+    assert convert["name"] == "convert-gguf"
+    assert convert["command"] == [
+        "python", "-m", "llmpipe_stage.gguf_convert", file_in_pod,
+        "--out", "/models/model", "--dtype", "bfloat16",
+    ]  # fmt: skip
+    assert convert["securityContext"]["readOnlyRootFilesystem"] is True
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes["model"] and volumes["model"]["emptyDir"]["sizeLimit"]
+    mounts = {m["name"]: m for m in convert["volumeMounts"]}
+    assert mounts["model"]["mountPath"] == "/models" and not mounts["model"].get("readOnly")
+    stage_mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+    assert stage_mounts["model"]["readOnly"] is True
+    assert pod["containers"][0]["command"][-1] == "/models/model"
+    if "huggingFace" in location:
+        fetch = init[0]
+        assert fetch["name"] == "fetch-gguf" and len(init) == 2
+        assert fetch["command"][3:] == ["org/smol-GGUF", "main", "smol.Q4_1.gguf", "/models/gguf"]
+        assert {
+            "name": "HF_TOKEN",
+            "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}},
+        } in fetch["env"]
+        assert all(e["name"] != "HF_TOKEN" for e in convert["env"])
+        assert "gguf" not in volumes
+    else:
+        assert len(init) == 1
+        assert mounts["gguf"]["readOnly"] is True
+        if "hostPath" in location:
+            assert volumes["gguf"]["hostPath"] == {"path": location["hostPath"], "type": "File"}
+            assert mounts["gguf"]["mountPath"] == file_in_pod
+        else:
+            assert volumes["gguf"]["persistentVolumeClaim"] == {
+                "claimName": "models",
+                "readOnly": True,
+            }
+            assert mounts["gguf"]["mountPath"] == "/gguf"

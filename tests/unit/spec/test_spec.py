@@ -66,6 +66,19 @@ def test_parser_defaults_are_the_crd_defaults() -> None:
         assert read(spec) == expected, path
 
 
+def test_gguf_source_is_parsed() -> None:
+    hub = {"id": "org/m-GGUF", "filename": "m.Q4_K_M.gguf", "tokenSecret": {"name": "hf"}}
+    spec = a_spec().gguf(huggingFace=hub).build()
+    assert spec.model.source == spec_mod.GgufSource(
+        hf_id="org/m-GGUF", filename="m.Q4_K_M.gguf", token_secret_name="hf"
+    )
+    assert spec.model.source.location == "huggingFace"
+    spec = a_spec().gguf(hostPath="/srv/m.gguf").build()
+    assert spec.model.source == spec_mod.GgufSource(host_path="/srv/m.gguf")
+    spec = a_spec().gguf(pvc={"claimName": "c", "path": "d/m.gguf"}).build()
+    assert spec.model.source == spec_mod.GgufSource(claim_name="c", path="d/m.gguf")
+
+
 def test_parsed_spec_carries_every_field() -> None:
     spec = (
         a_spec()
@@ -98,7 +111,7 @@ def test_parsed_spec_carries_every_field() -> None:
 refused = pytest.mark.parametrize(
     "mutate, message",
     [
-        (lambda b: b.source(), "exactly one of pvc, hostPath or huggingFace"),
+        (lambda b: b.source(), "exactly one of pvc, hostPath, huggingFace or gguf"),
         (lambda b: b.source(pvc={"claimName": "m"}, hostPath={"path": "/m"}), "exactly one of"),
         (lambda b: b.pvc("m", "../etc"), "spec.model.source.pvc.path"),
         (lambda b: b.source(hostPath={"path": "relative"}), "must be absolute"),
@@ -111,6 +124,10 @@ refused = pytest.mark.parametrize(
         (lambda b: b.raw["model"].pop("config"), "spec.model.config is required"),
         (lambda b: b.raw["model"]["config"].update(model_type="mamba"), "spec.model.config"),
         (lambda b: b.raw.update(replan={"improvementMargin": 2}), "improvementMargin"),
+        (lambda b: b.gguf(), "gguf must set exactly one of hostPath, pvc or huggingFace"),
+        (lambda b: b.gguf(hostPath="/m/model.bin"), "absolute path to a .gguf file"),
+        (lambda b: b.gguf(pvc={"claimName": "m", "path": "../x.gguf"}), "without '..'"),
+        (lambda b: b.gguf(huggingFace={"id": "a/b"}), "gguf.huggingFace.filename is required"),
     ],
     ids=[
         "no-source",
@@ -126,6 +143,10 @@ refused = pytest.mark.parametrize(
         "no-config",
         "unsupported-model",
         "margin",
+        "gguf-no-location",
+        "gguf-not-gguf",
+        "gguf-dotdot",
+        "gguf-no-filename",
     ],
 )
 
