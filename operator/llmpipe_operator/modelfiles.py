@@ -1,7 +1,10 @@
-"""Reading model files for profiles: config.json, profile JSON, safetensors headers.
+"""Reading model files for profiles: config.json, profile JSON, safetensors headers, GGUF.
 
 Only the 8-byte length and the JSON header of each `*.safetensors` file are read,
-never the tensors, so profiling a 140 GB model reads a few kilobytes. The pure
+never the tensors, so profiling a 140 GB model reads a few kilobytes. A GGUF file's
+metadata and tensor table are read the same way (`llmpipe_stage.gguf_file`, numpy only):
+its profile is that of the dequantized weights the stages load, at the chosen dtype
+(default float32, what `llmpipe serve` converts to), not of the quantized file. The pure
 computation lives in `planning.profiles`.
 """
 
@@ -68,6 +71,8 @@ def load_profile(path: Path, *, dtype: str | None = None) -> profiles.ModelProfi
     try:
         if path.is_dir():
             return _from_directory(path, dtype=dtype)
+        if path.suffix == ".gguf":
+            return _from_gguf(path, dtype=dtype)
         data = read_json(path)
         if "layerBytes" in data:
             if dtype is not None:
@@ -76,6 +81,33 @@ def load_profile(path: Path, *, dtype: str | None = None) -> profiles.ModelProfi
         return profiles.from_config(data, dtype=dtype, name=_name(data, path.parent))
     except profiles.ProfileError as error:
         raise ModelFileError(f"{path}: {error}") from error
+
+
+GGUF_DEFAULT_DTYPE = "float32"
+"""What `llmpipe serve --model FILE.gguf` converts to (exact dequantized values)."""
+
+
+def gguf_config(path: Path, *, dtype: str | None = None) -> dict[str, Any]:
+    """The config.json of the model in a GGUF file (the converter's own mapping)."""
+    try:
+        from llmpipe_stage import gguf_convert, gguf_file
+    except ImportError as error:  # pragma: no cover - both images ship the stage package
+        raise ModelFileError(f"{path}: reading GGUF needs the llmpipe_stage package") from error
+    try:
+        header = gguf_file.read_header(path)
+        config: dict[str, Any] = gguf_convert.model_config(
+            header, dtype=dtype or GGUF_DEFAULT_DTYPE
+        )
+    except gguf_file.GgufError as error:
+        raise ModelFileError(str(error)) from error
+    return config
+
+
+def _from_gguf(path: Path, *, dtype: str | None) -> profiles.ModelProfile:
+    config = gguf_config(path, dtype=dtype)
+    return profiles.from_config(
+        config, dtype=dtype or GGUF_DEFAULT_DTYPE, name=str(config["_name_or_path"])
+    )
 
 
 def _from_directory(path: Path, *, dtype: str | None) -> profiles.ModelProfile:

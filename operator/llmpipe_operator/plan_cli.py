@@ -48,10 +48,11 @@ def _parser() -> argparse.ArgumentParser:
     profile = commands.add_parser(
         "profile",
         help="print a model's profile (bytes per layer, KV cache per token) as JSON",
-        description="Print the profile of a model directory (safetensors headers) or a "
-        "config.json, in the profile JSON format of docs/design.md.",
+        description="Print the profile of a model directory (safetensors headers), a "
+        "config.json or a GGUF file (its weights dequantized to --dtype, default float32), "
+        "in the profile JSON format of docs/design.md.",
     )
-    profile.add_argument("model", metavar="MODEL_DIR_OR_CONFIG", type=Path)
+    profile.add_argument("model", metavar="MODEL_DIR_CONFIG_OR_GGUF", type=Path)
     _dtype_option(profile)
     profile.add_argument("-o", "--output", choices=("json", "yaml"), default="json")
     profile.set_defaults(run=run_profile)
@@ -67,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
         "--model",
         required=True,
         type=Path,
-        help="model directory, config.json, or profile JSON (from `llmpipe profile`)",
+        help="model directory, config.json, GGUF file, or profile JSON (`llmpipe profile`)",
     )
     _dtype_option(plan)
     defaults = planner.Workload()
@@ -134,6 +135,15 @@ def _quantity(text: str) -> int:
 
 def run_profile(args: argparse.Namespace, out: TextIO) -> int:
     profile = _load_profile(args.model, dtype=args.dtype)
+    if args.model.suffix == ".gguf":
+        dtype = args.dtype or modelfiles.GGUF_DEFAULT_DTYPE
+        stored = cost.human_bytes(args.model.stat().st_size)
+        print(
+            f"llmpipe profile: {args.model.name} stores {stored} quantized; this is the "
+            f"profile of its weights dequantized to {dtype}, as the stages load them "
+            "(--dtype to choose another)",
+            file=sys.stderr,
+        )
     _dump(profile.to_dict(), args.output, out)
     return EXIT_OK
 

@@ -311,3 +311,27 @@ def test_exit_codes_of_the_real_process(model: str, code: int) -> None:
     )
     assert done.returncode == code, done.stderr
     assert ("llmpipe plan:" in done.stderr) == (code != 0)
+
+
+def test_profile_of_a_gguf_file_is_that_of_its_dequantized_weights(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from llmpipe_stage import gguf_convert
+    from tests.support import gguf_files
+
+    tensors = gguf_files.random_tensors(tied=True)
+    path = gguf_files.write_gguf(tmp_path / "tiny.Q8_0.gguf", tensors, quant="Q8_0")
+    for dtype in ("float32", "bfloat16"):
+        converted = tmp_path / dtype
+        gguf_convert.convert(path, converted, dtype=dtype)
+        code, out, err = run(capsys, "profile", str(path), "--dtype", dtype)
+        assert code == 0, err
+        assert f"dequantized to {dtype}" in err and "quantized" in err
+        code, expected, _ = run(capsys, "profile", str(converted))
+        gguf_profile, dir_profile = json.loads(out), json.loads(expected)
+        # exact: the same byte sizes as the converted safetensors headers
+        for key in ("layerBytes", "embedBytes", "headBytes", "kvBytesPerTokenPerLayer"):
+            assert gguf_profile[key] == dir_profile[key], (dtype, key)
+    (tmp_path / "broken.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")
+    code, _, err = run(capsys, "profile", str(tmp_path / "broken.gguf"))
+    assert code == plan_cli.EXIT_BAD_INPUT and "broken.gguf" in err
