@@ -14,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+from llmpipe_stage import api_requests
 from llmpipe_stage import config as stage_config
 
 
@@ -76,10 +77,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="micro-batches kept in the ring (default: one per stage)",
     )
+    parser.add_argument(
+        "--max-prompt-chars",
+        type=int,
+        default=api_requests.DEFAULT_MAX_PROMPT_CHARS,
+        help="stage 0 refuses longer prompts (HTTP 400) before tokenizing them "
+        f"({api_requests.DEFAULT_MAX_PROMPT_CHARS})",
+    )
+    parser.add_argument(
+        "--api-keys",
+        type=Path,
+        default=None,
+        help="stage 0: a file or directory of API keys (one per line); the OpenAI routes "
+        "then need 'Authorization: Bearer <key>'; re-read when the files change",
+    )
+    parser.add_argument(
+        "--protect-metrics",
+        action="store_true",
+        help="with --api-keys, /metrics needs a key too (default: open; it holds no text)",
+    )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     if args.stage_index is None:
         parser.error("--stage-index (or LLMPIPE_STAGE_INDEX) is required")
+    if args.max_prompt_chars < 1:
+        parser.error("--max-prompt-chars must be at least 1")
     return args
 
 
@@ -117,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         cache_timeout_s=args.cache_timeout,
         attn_implementation=args.attn_implementation,
         micro_batches=args.micro_batches,
+        max_prompt_chars=args.max_prompt_chars,
+        api_keys=args.api_keys,
+        protect_metrics=args.protect_metrics,
     )
     return asyncio.run(server.serve(settings))
 

@@ -163,9 +163,18 @@ class Coordinator:
 
     async def _release_everywhere(self, ids: list[int]) -> None:
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.executor, self.runtime.release, ids)
-        self.metrics.cached_sequences.set(len(self.runtime.caches))
+        await loop.run_in_executor(self.executor, self._release_measured, ids)
         await self.release_remote(ids)
+
+    def _measure_caches(self) -> None:
+        """In the compute thread (the caches' only writer): both cache gauges together, so
+        the bytes fall to 0 when the last sequence goes."""
+        self.metrics.cached_sequences.set(len(self.runtime.caches))
+        self.metrics.cache_bytes.set(self.runtime.cache_bytes())
+
+    def _release_measured(self, ids: list[int]) -> None:
+        self.runtime.release(ids)
+        self._measure_caches()
 
     # -- ring events (from the server) -----------------------------------------------------
     def progressing(self, *, within_s: float) -> bool:
@@ -241,8 +250,6 @@ class Coordinator:
             return
         self.metrics.compute.observe(time.perf_counter() - started)
         self.metrics.batch_tokens.observe(len(token_ids))
-        self.metrics.cached_sequences.set(len(self.runtime.caches))
-        self.metrics.cache_bytes.set(self.runtime.cache_bytes())
         if self.forward is None:
             assert isinstance(result, list)
             self.on_tokens([s.sequence_id for s in steps], result)
@@ -252,6 +259,7 @@ class Coordinator:
     def _compute(self, steps: list[Step], token_ids: list[int]) -> object:
         hidden = self.runtime.embed(token_ids)  # [tokens, hidden_size]
         hidden = self.runtime.run(steps, hidden)
+        self._measure_caches()
         if self.forward is None:
             return self.runtime.sample(steps, hidden)
         return hidden

@@ -11,42 +11,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from aiohttp import web
 
-from llmpipe_stage import server
+from llmpipe_stage import api_keys, api_requests, server
 from llmpipe_stage.coordinator import PipelineError, SamplingParams
 
 log = logging.getLogger(__name__)
 STAGE_KEY = web.AppKey("stage", server.Stage)
-
-
-class RequestError(ValueError):
-    """A request the API rejects with HTTP 400 (or `status`); the text says what to change."""
-
-    def __init__(self, message: str, *, status: int = 400, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.param = param
-
-
-@dataclass(frozen=True)
-class Generation:
-    """A parsed completion request."""
-
-    prompt_ids: list[int]
-    params: SamplingParams
-    stop: tuple[str, ...]
-    stream: bool
-    include_usage: bool
-    return_token_ids: bool
 
 
 def error_response(
@@ -55,117 +36,47 @@ def error_response(
     status: int,
     kind: str,
     param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
 ) -> web.Response:
-    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
-    return web.json_response(body, status=status)
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return web.json_response(body, status=status, headers=headers)
 
 
-# -- request parsing (pure) -------------------------------------------------------------------
-def _number(body: dict[str, Any], key: str, default: float, low: float, high: float) -> float:
-    value = body.get(key)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
-        raise RequestError(f"{key} must be a number in [{low}, {high}], got {value!r}", param=key)
-    return float(value)
-
-
-def _stop(body: dict[str, Any]) -> tuple[str, ...]:
-    stop = body.get("stop")
-    if stop is None:
-        return ()
-    if isinstance(stop, str):
-        stop = [stop]
-    if (
-        not isinstance(stop, list)
-        or not all(isinstance(s, str) and s for s in stop)
-        or len(stop) > 4
-    ):
-        raise RequestError(
-            "stop must be a string or a list of up to 4 non-empty strings", param="stop"
-        )
-    return tuple(stop)
-
-
-def parse_generation(
-    body: dict[str, Any],
-    prompt_ids: list[int],
-    *,
-    context_limit: int,
-    default_max: int | None,
-) -> Generation:
-    """Check sampling fields and the context limit (prompt + completion)."""
-    if body.get("n", 1) != 1:
-        raise RequestError("only n=1 is supported", param="n")
-    if len(prompt_ids) == 0:
-        raise RequestError("the prompt is empty", param="prompt")
-    if len(prompt_ids) >= context_limit:
-        raise RequestError(
-            f"the prompt is {len(prompt_ids)} tokens but this pipeline's context limit is "
-            f"{context_limit} tokens (prompt plus completion); shorten the prompt",
-            param="messages" if "messages" in body else "prompt",
-        )
-    room = context_limit - len(prompt_ids)
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is None:
-        max_tokens = room if default_max is None else min(default_max, room)
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise RequestError(
-            f"max_tokens must be a positive integer, got {max_tokens!r}", param="max_tokens"
-        )
-    if max_tokens > room:
-        raise RequestError(
-            f"this pipeline's context limit is {context_limit} tokens; the prompt is "
-            f"{len(prompt_ids)} tokens and max_tokens is {max_tokens}; lower max_tokens to "
-            f"{room} or less",
-            param="max_tokens",
-        )
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise RequestError(f"seed must be an integer, got {seed!r}", param="seed")
-    stream_options = body.get("stream_options") or {}
-    params = SamplingParams(
-        max_new_tokens=max_tokens,
-        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-        top_p=_number(body, "top_p", 1.0, 0.0, 1.0) or 1.0,
-        seed=seed,
-        # vLLM's extension: generate exactly max_tokens (benchmarks).
-        ignore_eos=bool(body.get("ignore_eos", False)),
-    )
-    return Generation(
-        prompt_ids=prompt_ids,
-        params=params,
-        stop=_stop(body),
-        stream=bool(body.get("stream", False)),
-        include_usage=bool(stream_options.get("include_usage", False)),
-        return_token_ids=bool(body.get("return_token_ids", False)),
+def request_error(error: api_requests.RequestError) -> web.Response:
+    return error_response(
+        str(error), status=error.status, kind="invalid_request_error", param=error.param
     )
 
 
-def find_stop(text: str, stops: tuple[str, ...], *, start: int) -> int:
-    """Where the earliest stop string begins in text not yet sent (from `start`), or -1.
-    A stop string may straddle what was held back, so the search starts a bit earlier."""
-    hits = [i for s in stops if (i := text.find(s, max(0, start - len(s) + 1))) >= 0]
-    return min(hits, default=-1)
-
-
-def held_back(text: str, stops: tuple[str, ...]) -> int:
-    """How many trailing characters might start a stop string (so are not streamed yet)."""
-    keep = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), 0, -1):
-            if text.endswith(stop[:n]):
-                keep = max(keep, n)
-                break
-    return keep
+def sampling_params(generation: api_requests.Generation) -> SamplingParams:
+    options = generation.options
+    return SamplingParams(
+        max_new_tokens=generation.max_tokens,
+        temperature=options.temperature,
+        top_p=options.top_p,
+        seed=options.seed,
+        ignore_eos=options.ignore_eos,
+    )
 
 
 # -- the OpenAI API ---------------------------------------------------------------------------
 class OpenAIHandlers:
-    def __init__(self, stage: server.Stage, *, model_name: str) -> None:
+    def __init__(
+        self,
+        stage: server.Stage,
+        *,
+        model_name: str,
+        max_prompt_chars: int,
+        executor: ThreadPoolExecutor,
+    ) -> None:
         self.stage = stage
         self.tokenizer: Any = None  # set once the stage has loaded (attach_coordinator)
         self.model_name = model_name
+        self.max_prompt_chars = max_prompt_chars
+        # Parsing and tokenizing run here, never on the event loop, and not in the compute
+        # thread either: a long prompt must not hold up the ring's micro-batches.
+        self.executor = executor
         self.created = int(time.time())
 
     async def models(self, request: web.Request) -> web.Response:
@@ -197,27 +108,20 @@ class OpenAIHandlers:
                 kind="service_unavailable",
             )
         try:
-            body = await request.json()
-        except json.JSONDecodeError as error:
+            data = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            limit = api_requests.max_body_bytes(self.max_prompt_chars)
             return error_response(
-                f"request body is not JSON: {error}", status=400, kind="invalid_request_error"
+                f"request body is larger than {limit} bytes (the stage takes prompts "
+                f"of up to {self.max_prompt_chars} characters)",
+                status=413,
+                kind="invalid_request_error",
             )
+        loop = asyncio.get_running_loop()
         try:
-            if not isinstance(body, dict):
-                raise RequestError("request body must be a JSON object")
-            self._check_model(body)
-            prompt_ids = self._chat_prompt(body) if chat else self._text_prompt(body)
-            assert self.stage.runtime is not None
-            generation = parse_generation(
-                body,
-                prompt_ids,
-                context_limit=self.stage.runtime.context_limit,
-                default_max=None if chat else 16,
-            )
-        except RequestError as error:
-            return error_response(
-                str(error), status=error.status, kind="invalid_request_error", param=error.param
-            )
+            generation = await loop.run_in_executor(self.executor, self._prepare, data, chat)
+        except api_requests.RequestError as error:
+            return request_error(error)
         # A ring that just returned a token is up; otherwise ask every stage (fail fast on a
         # dead or stuck one). Skipping the check under load keeps a busy stage's slow
         # answer from turning into a false 503.
@@ -230,61 +134,46 @@ class OpenAIHandlers:
             )
         kind = "chat.completion" if chat else "text_completion"
         reply_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        if generation.stream:
+        if generation.options.stream:
             return await self._stream(request, generation, chat=chat, reply_id=reply_id)
         return await self._complete(generation, chat=chat, reply_id=reply_id, kind=kind)
 
-    def _check_model(self, body: dict[str, Any]) -> None:
-        model = body.get("model")
-        if model is not None and model != self.model_name:
-            raise RequestError(
-                f"model {model!r} does not exist; this server serves {self.model_name!r}",
-                status=404,
-                param="model",
-            )
-
-    def _text_prompt(self, body: dict[str, Any]) -> list[int]:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            return list(self.tokenizer.encode(prompt))
-        vocab = len(self.tokenizer)
-        if isinstance(prompt, list) and all(
-            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in prompt
-        ):
-            return list(prompt)
-        raise RequestError(
-            "prompt must be a string or a list of token ids "
-            f"in [0, {vocab}) (one prompt per request)",
-            param="prompt",
+    def _prepare(self, data: bytes, chat: bool) -> api_requests.Generation:
+        """In the tokenizer thread: body bytes -> checked request -> token ids -> limits."""
+        body = api_requests.parse_body(data)
+        parsed = api_requests.parse_completion(
+            body, chat=chat, model_name=self.model_name, max_prompt_chars=self.max_prompt_chars
+        )
+        assert self.stage.runtime is not None
+        return api_requests.fit_context(
+            parsed,
+            self._prompt_ids(parsed),
+            context_limit=self.stage.runtime.context_limit,
+            vocab_size=len(self.tokenizer),
+            default_max=None if chat else 16,
         )
 
-    def _chat_prompt(self, body: dict[str, Any]) -> list[int]:
-        messages = body.get("messages")
-        if (
-            not isinstance(messages, list)
-            or not messages
-            or not all(
-                isinstance(m, dict)
-                and isinstance(m.get("role"), str)
-                and isinstance(m.get("content"), str)
-                for m in messages
+    def _prompt_ids(self, parsed: api_requests.CompletionRequest) -> list[int]:
+        if parsed.token_ids is not None:
+            return list(parsed.token_ids)
+        if not parsed.chat:
+            return list(self.tokenizer.encode(parsed.text))
+        try:
+            text = self.tokenizer.apply_chat_template(
+                [{"role": role, "content": content} for role, content in parsed.messages],
+                tokenize=False,
+                add_generation_prompt=True,
             )
-        ):
-            raise RequestError(
-                "messages must be a non-empty list of {role, content} objects with string content",
-                param="messages",
-            )
-        text = self.tokenizer.apply_chat_template(
-            [{"role": m["role"], "content": m["content"]} for m in messages],
-            tokenize=False,
-            add_generation_prompt=True,
-        )
+        except Exception as error:  # noqa: BLE001 (classified: a client error, below)
+            # The template is the model's own code over checked strings: what it raises is
+            # its refusal of this conversation (e.g. "roles must alternate"), a client error.
+            raise api_requests.RequestError(
+                f"the model's chat template refused these messages: {error}", param="messages"
+            ) from None
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     async def _tokens(
-        self, generation: Generation
+        self, generation: api_requests.Generation
     ) -> AsyncIterator[tuple[str, str | None, list[int]]]:
         """Yield (new text, finish reason or None, token ids so far) as tokens arrive."""
         assert self.stage.coordinator is not None
@@ -293,23 +182,24 @@ class OpenAIHandlers:
         finish = "length"
         eos = self.stage.coordinator.settings.eos_token_ids
         async with contextlib.aclosing(
-            self.stage.coordinator.generate(generation.prompt_ids, generation.params)
+            self.stage.coordinator.generate(generation.prompt_ids, sampling_params(generation))
         ) as tokens:
             # Without streaming or stop strings the text is only needed once, at the end.
-            incremental = generation.stream or bool(generation.stop)
+            stops = generation.options.stop
+            incremental = generation.options.stream or bool(stops)
             async for token in tokens:
                 ids.append(token)
-                if token in eos and not generation.params.ignore_eos:
+                if token in eos and not generation.options.ignore_eos:
                     finish = "stop"
                 if not incremental:
                     continue
                 text = self.tokenizer.decode(ids, skip_special_tokens=True)
-                cut = find_stop(text, generation.stop, start=sent)
+                cut = api_requests.find_stop(text, stops, start=sent)
                 if cut >= 0:
                     yield text[sent:cut], "stop", ids
                     return
                 # Hold back an incomplete character and a possible start of a stop string.
-                safe = len(text) - held_back(text, generation.stop)
+                safe = len(text) - api_requests.held_back(text, stops)
                 if text.endswith("\ufffd"):
                     safe = min(safe, len(text) - 1)
                 if safe > sent:
@@ -319,7 +209,7 @@ class OpenAIHandlers:
             yield text[sent:], finish, ids
 
     async def _complete(
-        self, generation: Generation, *, chat: bool, reply_id: str, kind: str
+        self, generation: api_requests.Generation, *, chat: bool, reply_id: str, kind: str
     ) -> web.Response:
         parts: list[str] = []
         finish: str | None = None
@@ -338,7 +228,7 @@ class OpenAIHandlers:
             choice["message"] = {"role": "assistant", "content": content}
         else:
             choice["text"] = content
-        if generation.return_token_ids:
+        if generation.options.return_token_ids:
             choice["token_ids"] = ids
         return web.json_response(
             {
@@ -351,7 +241,7 @@ class OpenAIHandlers:
             }
         )
 
-    def _usage(self, generation: Generation, ids: list[int]) -> dict[str, int]:
+    def _usage(self, generation: api_requests.Generation, ids: list[int]) -> dict[str, int]:
         prompt = len(generation.prompt_ids)
         return {
             "prompt_tokens": prompt,
@@ -360,7 +250,12 @@ class OpenAIHandlers:
         }
 
     async def _stream(
-        self, request: web.Request, generation: Generation, *, chat: bool, reply_id: str
+        self,
+        request: web.Request,
+        generation: api_requests.Generation,
+        *,
+        chat: bool,
+        reply_id: str,
     ) -> web.StreamResponse:
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
@@ -401,7 +296,7 @@ class OpenAIHandlers:
                 ids = so_far
                 if text or finish:
                     await response.write(chunk(text, finish))
-            if generation.include_usage:
+            if generation.options.include_usage:
                 usage = {
                     "id": reply_id,
                     "object": kind,
@@ -448,10 +343,13 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     stage = request.app[STAGE_KEY]
-    if stage.index == 0:
-        ready, reason = await stage.pipeline_status()
-    else:
+    if stage.index != 0:
         ready, reason = stage.ready, f"stage {stage.index} is {stage.progress.phase}"
+    elif stage.coordinator is not None and stage.coordinator.progressing(within_s=1.0):
+        # A token came around the ring within the last second: every stage is serving.
+        ready, reason = True, "all stages ready (tokens are flowing)"
+    else:
+        ready, reason = await stage.pipeline_status()
     return web.json_response({"ready": ready, "reason": reason}, status=200 if ready else 503)
 
 
@@ -463,22 +361,100 @@ async def metrics(request: web.Request) -> web.Response:
     )
 
 
+# -- API keys (stage 0) -----------------------------------------------------------------------
+def require_keys(ring: api_keys.KeyRing, *, protect_metrics: bool) -> Any:
+    """Middleware: the OpenAI routes (and /metrics when asked) need one of the ring's keys;
+    /healthz and /readyz stay open for the kubelet's probes."""
+
+    @web.middleware
+    async def check(request: web.Request, handler: Any) -> web.StreamResponse:
+        path = request.path
+        guarded = path.startswith("/v1/") or (protect_metrics and path == "/metrics")
+        if guarded and not ring.allows(request.headers.get("Authorization")):
+            missing = api_keys.bearer_token(request.headers.get("Authorization")) is None
+            return error_response(
+                "missing API key: send it as 'Authorization: Bearer <key>'"
+                if missing
+                else "invalid API key",
+                status=401,
+                kind="invalid_request_error",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": 'Bearer realm="llmpipe"'},
+            )
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    return check
+
+
+# -- the listener -----------------------------------------------------------------------------
+WILDCARDS = ("", "0.0.0.0", "::", "[::]")
+
+
+def dual_stack_socket(port: int) -> socket.socket:
+    """One socket on every IPv6 and IPv4 address (IPv4 as mapped addresses), as gRPC does
+    for a wildcard; an IPv4 socket where the machine has no IPv6."""
+    try:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    except OSError:
+        sock = None
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("::", port))
+            return sock
+        except OSError as error:
+            sock.close()
+            if error.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT):
+                raise
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("0.0.0.0", port))
+    return sock
+
+
 async def start_http(stage: server.Stage, *, host: str, port: int) -> web.AppRunner:
-    app = web.Application(client_max_size=64 * 1024 * 1024)
+    settings = stage.settings
+    middlewares = []
+    if stage.index == 0 and settings.api_keys is not None:
+        ring = api_keys.KeyRing(settings.api_keys)
+        ring.keys()  # logs at start when the keys cannot be read
+        middlewares.append(require_keys(ring, protect_metrics=settings.protect_metrics))
+    app = web.Application(
+        client_max_size=api_requests.max_body_bytes(settings.max_prompt_chars),
+        middlewares=middlewares,
+    )
     app[STAGE_KEY] = stage
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     if stage.index == 0:
-        handlers = OpenAIHandlers(stage, model_name=stage.settings.pipeline.model_name)
+        executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
+        handlers = OpenAIHandlers(
+            stage,
+            model_name=settings.pipeline.model_name,
+            max_prompt_chars=settings.max_prompt_chars,
+            executor=executor,
+        )
         app[HANDLERS_KEY] = handlers
+
+        async def stop_executor(app: web.Application) -> None:
+            executor.shutdown(wait=False, cancel_futures=True)
+
+        app.on_cleanup.append(stop_executor)
         app.router.add_get("/v1/models", handlers.models)
         app.router.add_post("/v1/completions", handlers.completions)
         app.router.add_post("/v1/chat/completions", handlers.chat_completions)
     # A client that disconnects cancels its handler, which frees the sequence everywhere.
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
+    site: web.BaseSite
+    if host in WILDCARDS:
+        site = web.SockSite(runner, dual_stack_socket(port))
+    else:
+        site = web.TCPSite(runner, host, port)
+    await site.start()
     return runner
 
 

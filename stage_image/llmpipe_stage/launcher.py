@@ -103,6 +103,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "micro-batches than cores add per-batch overhead without adding parallelism)",
     )
     parser.add_argument(
+        "--api-key-file",
+        type=Path,
+        default=None,
+        help="require 'Authorization: Bearer <key>' on the OpenAI API, keys one per line "
+        "in FILE (re-read when it changes; default: no keys, loopback only)",
+    )
+    parser.add_argument(
         "--run-dir",
         type=Path,
         default=None,
@@ -270,6 +277,8 @@ def start_stages(
             "--micro-batches",
             str(args.micro_batches or min(count, os.cpu_count() or 1)),
         ]
+        if index == 0 and args.api_key_file is not None:
+            command += ["--api-keys", str(args.api_key_file.resolve())]
         processes.append(
             subprocess.Popen(
                 command,
@@ -348,6 +357,11 @@ def banner(
             f"  logs        {run_dir}",
             "try:",
             f"  curl -N {base}/v1/chat/completions -H 'Content-Type: application/json' \\",
+            *(
+                [f"    -H 'Authorization: Bearer <a key from {args.api_key_file}>' \\"]
+                if args.api_key_file is not None
+                else []
+            ),
             f"    -d '{body}'",
             "Ctrl-C stops every stage.",
         ]
@@ -395,6 +409,8 @@ def main(argv: list[str]) -> int:
     started = time.monotonic()
     processes: list[subprocess.Popen[bytes]] = []
     try:
+        if args.api_key_file is not None and not args.api_key_file.is_file():
+            raise LaunchError(f"--api-key-file {args.api_key_file}: no such file")
         model_dir, name = resolve_model(args)
         model_config = json.loads((model_dir / "config.json").read_text())
         plan = make_plan(args, model_config)

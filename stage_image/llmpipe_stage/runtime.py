@@ -146,18 +146,28 @@ class Sampler:
             generator.manual_seed(message.seed)
         else:
             generator.seed()
-        top_p = message.top_p if 0.0 < message.top_p <= 1.0 else 1.0
-        return cls(temperature=max(0.0, message.temperature), top_p=top_p, generator=generator)
+        top_p = message.top_p if 0.0 <= message.top_p <= 1.0 else 1.0
+        temperature = message.temperature if math.isfinite(message.temperature) else 0.0
+        return cls(temperature=max(0.0, temperature), top_p=top_p, generator=generator)
 
     def pick(self, logits: torch.Tensor) -> int:
-        """logits: [vocab] (float32)."""
+        """logits: [vocab] (float32). Safe for every temperature > 0, however small: the
+        largest logit is subtracted first, so the scaled logits are <= 0 (never +inf) and
+        the most likely token keeps weight exp(0) = 1; a tiny temperature sends every other
+        weight to 0, which is greedy, instead of inf / inf = nan."""
         if self.temperature == 0.0:
             return int(torch.argmax(logits).item())
-        probs = torch.softmax(logits / self.temperature, dim=-1)
+        # A subnormal temperature could be flushed to 0 (0 / 0 = nan): use the least normal.
+        temperature = max(self.temperature, torch.finfo(torch.float32).tiny)
+        # scaled: [vocab], max 0, the others <= 0 or -inf
+        scaled = (logits - logits.max()) / temperature
+        probs = torch.softmax(scaled, dim=-1)
         if self.top_p < 1.0:
             sorted_probs, order = torch.sort(probs, descending=True)
             before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-            sorted_probs[before >= self.top_p] = 0.0  # keep the smallest set reaching top_p
+            drop = before >= self.top_p  # keep the smallest set reaching top_p ...
+            drop[0] = False  # ... and always the most likely token (top_p 0 is greedy)
+            sorted_probs[drop] = 0.0
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
         return int(torch.multinomial(probs, 1, generator=self.generator).item())
 

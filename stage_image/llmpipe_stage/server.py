@@ -26,7 +26,7 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from llmpipe_stage import loading, wire
+from llmpipe_stage import api_requests, loading, wire
 from llmpipe_stage.config import PipelineConfig
 from llmpipe_stage.coordinator import Coordinator, CoordinatorSettings
 from llmpipe_stage.metrics import StageMetrics
@@ -36,6 +36,8 @@ from llmpipe_stage.runtime import StageRuntime, StepError
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 1 << 30
+READY_BUDGET_S = 2.0
+"""Stage 0's /readyz asks every stage within this long; the kubelet's probe waits 3 s."""
 GIL_SWITCH_INTERVAL_S = 0.0005
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -67,6 +69,12 @@ class StageSettings:
     attn_implementation: str = "sdpa"
     micro_batches: int | None = None
     """Micro-batches stage 0 keeps in the ring; default one per stage."""
+    max_prompt_chars: int = api_requests.DEFAULT_MAX_PROMPT_CHARS
+    """Stage 0 refuses longer prompts (HTTP 400) before tokenizing them."""
+    api_keys: Path | None = None
+    """Stage 0: a key file or directory; None serves the OpenAI API without keys."""
+    protect_metrics: bool = False
+    """Whether /metrics also needs a key (it holds counts, never prompt text)."""
 
 
 @dataclass
@@ -316,17 +324,21 @@ class Stage:
             self.metrics.cache_bytes.set(self.runtime.cache_bytes())
 
     # -- readiness of the whole pipeline (stage 0's /readyz) --------------------------------
-    async def pipeline_status(self) -> tuple[bool, str]:
+    async def pipeline_status(self, *, budget_s: float = READY_BUDGET_S) -> tuple[bool, str]:
+        """Ask every other stage at once, all within one budget (the probe's timeout)."""
         if not self.ready:
             return False, f"stage {self.index} is {self.progress.phase}"
-        for i in range(self.settings.pipeline.num_stages):
-            if i == self.index:
-                continue
-            try:
-                info = await self.peers.stub(i).Info(stage_pb2.InfoRequest(), timeout=2.0)
-            except grpc.aio.AioRpcError as error:
-                return False, rpc_failure(error, self.peers.describe(i))
-            if not info.ready:
+        others = [i for i in range(self.settings.pipeline.num_stages) if i != self.index]
+        answers = await asyncio.gather(
+            *(self.peers.stub(i).Info(stage_pb2.InfoRequest(), timeout=budget_s) for i in others),
+            return_exceptions=True,
+        )
+        for i, answer in zip(others, answers, strict=True):
+            if isinstance(answer, grpc.aio.AioRpcError):
+                return False, rpc_failure(answer, self.peers.describe(i))
+            if isinstance(answer, BaseException):
+                raise answer
+            if not answer.ready:
                 return False, f"{self.peers.describe(i)} is still loading"
         return True, "all stages ready"
 
