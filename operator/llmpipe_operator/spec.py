@@ -169,11 +169,22 @@ class RuntimeSpec:
 
 
 @dataclass(frozen=True)
+class AuthSpec:
+    api_key_secret: str | None = None
+    """Secret (this namespace) of API keys; None serves the API without keys, as before."""
+    protect_metrics: bool = False
+    """Prometheus scrapes without credentials by default, and /metrics holds no text."""
+
+
+@dataclass(frozen=True)
 class ServiceSpec:
     port: int = 8000
     """The stage's own HTTP port, so port-forwarding and in-cluster URLs look the same."""
     type: ServiceType = "ClusterIP"
     """Private by default; expose on purpose."""
+    auth: AuthSpec = AuthSpec()
+    max_prompt_characters: int = 1_000_000
+    """Refused before tokenizing; about 250k tokens of text, tokenized in well under 1 s."""
 
 
 @dataclass(frozen=True)
@@ -383,7 +394,18 @@ def _parse_service(raw: Mapping[str, Any]) -> ServiceSpec:
     port = _positive_int(raw, "port", where, default=8000)
     if port > 65535:
         raise SpecError(f"{where}.port must be at most 65535 (got {port})")
+    auth = _object(raw, "auth", where)
+    protect = auth.get("protectMetrics", False)
+    if not isinstance(protect, bool):
+        raise SpecError(f"{where}.auth.protectMetrics must be true or false (got {protect!r})")
     return ServiceSpec(
+        auth=AuthSpec(
+            api_key_secret=_string(auth, "apiKeySecret", f"{where}.auth") or None,
+            protect_metrics=protect,
+        ),
+        max_prompt_characters=_positive_int(
+            raw, "maxPromptCharacters", where, default=ServiceSpec.max_prompt_characters
+        ),
         port=port,
         type=_choice(
             raw,

@@ -119,6 +119,7 @@ class Coordinator:
         self._ids = itertools.count(secrets.randbits(40) << 20)
         self._tasks: set[asyncio.Task[None]] = set()
         self.last_token_at = float("-inf")  # monotonic time a token last came back
+        self.last_failure_at = float("-inf")  # monotonic time a failure was last reported
 
     # -- the gateway's API -----------------------------------------------------------------
     async def generate(
@@ -178,8 +179,12 @@ class Coordinator:
 
     # -- ring events (from the server) -----------------------------------------------------
     def progressing(self, *, within_s: float) -> bool:
-        """Whether a token came back around the ring in the last `within_s` seconds."""
-        return time.monotonic() - self.last_token_at < within_s
+        """Whether a token came back around the ring in the last `within_s` seconds, with
+        no failure reported since."""
+        return (
+            time.monotonic() - self.last_token_at < within_s
+            and self.last_token_at > self.last_failure_at
+        )
 
     def on_tokens(self, sequence_ids: list[int], token_ids: list[int]) -> None:
         now = time.monotonic()
@@ -207,6 +212,7 @@ class Coordinator:
                 self.ready.put_nowait(sequence)
 
     def on_failure(self, sequence_ids: list[int], reason: str) -> None:
+        self.last_failure_at = time.monotonic()
         for sid in sequence_ids:
             sequence = self.sequences.get(sid)
             if sequence is not None and not sequence.finished:

@@ -3,7 +3,8 @@ wildcard address: malformed bodies of every kind get 400 (or 404/413) in OpenAI'
 shape and never a 500 or a dropped connection (hypothesis over JSON-ish bodies and raw
 bytes); booleans are booleans; a huge prompt is refused or tokenized off the event loop
 without stalling a concurrent stream; a tiny temperature is greedy; the KV cache gauges
-return to 0; the listener answers on IPv4 and, where the machine has it, IPv6 (`::1`)."""
+return to 0; the listener answers on IPv4 and, where the machine has it, IPv6 (`::1`);
+/readyz answers within the probe's timeout when a stage is stuck."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import http.client
 import itertools
 import json
 import re
+import signal
 import socket
 import threading
 import time
@@ -32,8 +34,9 @@ PROMPT_CHARS = 1_000_000  # the default --max-prompt-chars
 
 @pytest.fixture(scope="module")
 def pipeline(model_dirs: dict[str, Path], start_pipeline) -> Iterator[pipelines.Pipeline]:
+    # Every stage binds the wildcard (the last --host wins); peers dial 127.0.0.1.
     yield start_pipeline(
-        model_dirs["llama-gqa"], stages=2, max_context=CONTEXT, hosts=["0.0.0.0", "127.0.0.1"]
+        model_dirs["llama-gqa"], stages=2, max_context=CONTEXT, extra_args=("--host", "0.0.0.0")
     )
 
 
@@ -97,7 +100,9 @@ json_values = st.recursive(
     | st.integers(min_value=-(2**70), max_value=2**70)
     | st.floats()
     | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 FIELDS = [
@@ -281,3 +286,20 @@ def test_the_listener_serves_ipv4_and_ipv6(pipeline: pipelines.Pipeline) -> None
         connection.close()
     if len(hosts) == 1:
         pytest.skip("no IPv6 loopback here: IPv4 checked, IPv6 not")
+
+
+def test_readyz_answers_within_the_probe_timeout_when_a_stage_is_stuck(
+    pipeline: pipelines.Pipeline,
+) -> None:
+    time.sleep(1.2)  # an idle ring: /readyz asks the other stages
+    pipeline.processes[1].send_signal(signal.SIGSTOP)
+    try:
+        # The kubelet gives the probe 3 s (manifests/stages.py); an answer later than that
+        # is a failed probe whatever it says.
+        status, body = pipelines.http_json(
+            f"http://127.0.0.1:{pipeline.http_ports[0]}/readyz", timeout=3
+        )
+    finally:
+        pipeline.processes[1].send_signal(signal.SIGCONT)
+    assert status == 503 and "stage 1" in body["reason"] and "unreachable" in body["reason"]
+    pipeline.wait_ready(30)

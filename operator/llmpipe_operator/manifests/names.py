@@ -67,6 +67,13 @@ def plan_hash(plan: Mapping[str, Any], spec: spec_mod.PipelineSpec) -> str:
             "resources": spec.runtime.resources,
             "env": list(spec.runtime.env),
         },
+        # Stage 0's flags and volumes (prompt bound, API keys); the keys themselves live
+        # in the Secret and rotate without new pods.
+        "api": {
+            "maxPromptCharacters": spec.service.max_prompt_characters,
+            "apiKeySecret": spec.service.auth.api_key_secret,
+            "protectMetrics": spec.service.auth.protect_metrics,
+        },
     }
     canonical = json.dumps(inputs, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:HASH_LENGTH]

@@ -14,6 +14,7 @@ from llmpipe_operator.manifests import names
 from llmpipe_operator.planning import inventory
 
 CONFIG_DIR = "/etc/llmpipe"
+API_KEYS_DIR = "/etc/llmpipe-api-keys"
 RUN_AS_USER = 10001
 WIDEST_STORED_BYTES = 4
 """Checkpoints ship in float32 at most, whatever dtype the stage runs in."""
@@ -44,7 +45,7 @@ def build_stage_deployment(
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [_stage_container(spec, stage)],
-        "volumes": _volumes(pipeline, spec, digest),
+        "volumes": _volumes(pipeline, spec, digest, index=index),
     }
     if spec.placement.tolerations:
         pod_spec["tolerations"] = [t.to_dict() for t in spec.placement.tolerations]
@@ -79,6 +80,12 @@ def build_stage_service(
         "spec": {
             "type": "ClusterIP",
             "selector": selector,
+            # Neighbours reach a stage whatever its readiness: stage 0's /readyz reports the
+            # whole pipeline, and the last stage returns tokens through this Service, so
+            # the ring must not wait on its own readiness. A stage still loading refuses
+            # calls itself (UNAVAILABLE). Users reach stage 0 through the endpoint Service,
+            # which does follow readiness.
+            "publishNotReadyAddresses": True,
             "ports": [
                 {
                     "name": "grpc",
@@ -143,6 +150,8 @@ def _stage_container(spec: spec_mod.PipelineSpec, stage: Mapping[str, Any]) -> d
         ],
     }
     container["resources"] = stage_resources(spec.runtime.resources, stage)
+    if index == 0:
+        _serve_the_api(container, spec.service)
     return container
 
 
@@ -170,6 +179,24 @@ def _quantity(value: Any) -> int:
         return inventory.parse_quantity(value)
     except ValueError:
         return 0  # the API server refuses a malformed quantity; ours replaces it meanwhile
+
+
+def _serve_the_api(container: dict[str, Any], service: spec_mod.ServiceSpec) -> None:
+    """Stage 0's OpenAI API: the prompt bound, and the API keys when a Secret is named
+    (flags before `--model-dir`, which stays last)."""
+    flags = ["--max-prompt-chars", str(service.max_prompt_characters)]
+    if service.auth.api_key_secret is not None:
+        flags += ["--api-keys", API_KEYS_DIR]
+        if service.auth.protect_metrics:
+            flags.append("--protect-metrics")
+    command: list[str] = container["command"]
+    at = command.index("--model-dir")
+    command[at:at] = flags
+    if service.auth.api_key_secret is None:
+        return
+    container["volumeMounts"].append(
+        {"name": "api-keys", "mountPath": API_KEYS_DIR, "readOnly": True}
+    )
 
 
 def _download_container(
@@ -223,14 +250,21 @@ def _download_container(
 
 
 def _volumes(
-    pipeline: names.PipelineRef, spec: spec_mod.PipelineSpec, digest: str
+    pipeline: names.PipelineRef, spec: spec_mod.PipelineSpec, digest: str, *, index: int
 ) -> list[dict[str, Any]]:
-    return [
+    volumes = [
         {"name": "plan", "configMap": {"name": names.plan_configmap_name(pipeline, digest)}},
         {"name": "model", **_model_volume(spec)},
         {"name": "tmp", "emptyDir": {}},
         *_gguf_volumes(spec.model.source),
     ]
+    if index == 0 and spec.service.auth.api_key_secret is not None:
+        # A volume, not env: the kubelet updates its files when the Secret changes, and
+        # the gateway re-reads them (rotation without a restart). Group-readable for the
+        # stage's fsGroup only.
+        secret = {"secretName": spec.service.auth.api_key_secret, "defaultMode": 0o440}
+        volumes.append({"name": "api-keys", "secret": secret})
+    return volumes
 
 
 def _model_volume(spec: spec_mod.PipelineSpec) -> dict[str, Any]:

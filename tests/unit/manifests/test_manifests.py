@@ -231,6 +231,8 @@ def test_plan_hash_follows_what_the_stage_pods_are_built_from() -> None:
     assert names.plan_hash(plan, a_spec().build()) == base  # deterministic
     assert names.plan_hash(plan, a_spec().service(port=9000).build()) == base
     assert names.plan_hash(plan, a_spec().runtime(image="other:2").build()) != base
+    keys = a_spec().service(auth={"apiKeySecret": "keys"}).build()
+    assert names.plan_hash(plan, keys) != base  # stage 0 mounts the Secret
     other_plan = a_plan(spec, max_stages=1)
     assert names.plan_hash(other_plan, spec) != base
 
@@ -373,3 +375,55 @@ def test_gguf_source_converts_in_an_init_container(location: dict, file_in_pod: 
                 "readOnly": True,
             }
             assert mounts["gguf"]["mountPath"] == "/gguf"
+
+
+def test_stage_services_publish_not_ready_addresses() -> None:
+    """The last stage returns tokens to stage 0 through stage 0's Service: the ring must not
+    depend on stage 0's readiness (which reports the whole pipeline)."""
+    spec = a_spec().build()
+    plan = a_plan(spec)
+    for stage in plan["stages"]:
+        service = stages.build_stage_service(REF, stage, digest="abcd1234")
+        assert service["spec"]["publishNotReadyAddresses"] is True
+    # The user-facing Service still follows readiness.
+    user = endpoint.build_endpoint_service(REF, spec, serving_digest="abcd1234")
+    assert "publishNotReadyAddresses" not in user["spec"]
+
+
+def test_api_keys_are_a_secret_volume_on_stage_zero_only() -> None:
+    spec = a_spec().service(auth={"apiKeySecret": "chat-keys"}, maxPromptCharacters=5000).build()
+    plan = a_plan(spec)
+    pods = [
+        stages.build_stage_deployment(REF, spec, stage, digest="abcd1234")["spec"]["template"][
+            "spec"
+        ]
+        for stage in plan["stages"]
+    ]
+    first = pods[0]["containers"][0]
+    command = first["command"]
+    assert command[command.index("--api-keys") + 1] == stages.API_KEYS_DIR
+    assert command[command.index("--max-prompt-chars") + 1] == "5000"
+    assert "--protect-metrics" not in command
+    assert command[-2] == "--model-dir"
+    mount = next(m for m in first["volumeMounts"] if m["name"] == "api-keys")
+    assert mount == {"name": "api-keys", "mountPath": stages.API_KEYS_DIR, "readOnly": True}
+    volume = next(v for v in pods[0]["volumes"] if v["name"] == "api-keys")
+    assert volume["secret"] == {"secretName": "chat-keys", "defaultMode": 0o440}
+    # Keys never as env (no restart on rotation), and never on the other stages.
+    assert all("chat-keys" not in json.dumps(e) for e in first["env"])
+    for pod in pods[1:]:
+        assert "api-keys" not in json.dumps(pod)
+        assert "--max-prompt-chars" not in pod["containers"][0]["command"]
+
+
+def test_metrics_protection_and_the_open_default() -> None:
+    protected = a_spec().service(auth={"apiKeySecret": "k", "protectMetrics": True}).build()
+    stage = a_plan(protected)["stages"][0]
+    pod = stages.build_stage_deployment(REF, protected, stage, digest="abcd1234")
+    assert "--protect-metrics" in pod["spec"]["template"]["spec"]["containers"][0]["command"]
+    open_spec = a_spec().build()
+    pod = stages.build_stage_deployment(REF, open_spec, stage, digest="abcd1234")
+    command = pod["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert "--api-keys" not in command
+    assert command[command.index("--max-prompt-chars") + 1] == "1000000"
+    assert all(v["name"] != "api-keys" for v in pod["spec"]["template"]["spec"]["volumes"])

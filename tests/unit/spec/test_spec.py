@@ -48,6 +48,8 @@ PARSED = {
     ("runtime", "runtimeOverhead"): lambda s: s.runtime.runtime_overhead_bytes,
     ("service", "port"): lambda s: s.service.port,
     ("service", "type"): lambda s: s.service.type,
+    ("service", "maxPromptCharacters"): lambda s: s.service.max_prompt_characters,
+    ("service", "auth", "protectMetrics"): lambda s: s.service.auth.protect_metrics,
     ("replan", "improvementMargin"): lambda s: s.replan.improvement_margin,
     ("replan", "debounceSeconds"): lambda s: s.replan.debounce_seconds,
     ("replan", "switchTimeoutSeconds"): lambda s: s.replan.switch_timeout_seconds,
@@ -190,3 +192,17 @@ tolerations = pytest.mark.parametrize(
 @tolerations
 def test_tolerations_match_taints_like_kubernetes(toleration, taint, tolerated) -> None:
     assert toleration.tolerates(taint) is tolerated
+
+
+def test_service_auth_and_prompt_bound() -> None:
+    spec = a_spec().service(auth={"apiKeySecret": "keys", "protectMetrics": True}).build()
+    assert spec.service.auth == spec_mod.AuthSpec(api_key_secret="keys", protect_metrics=True)
+    assert a_spec().build().service.auth == spec_mod.AuthSpec(None, False)  # open by default
+    for service, says in (
+        ({"auth": {"protectMetrics": "yes"}}, "spec.service.auth.protectMetrics"),
+        ({"auth": {"apiKeySecret": 7}}, "spec.service.auth.apiKeySecret"),
+        ({"auth": "keys"}, "spec.service.auth must be an object"),
+        ({"maxPromptCharacters": 0}, "spec.service.maxPromptCharacters"),
+    ):
+        with pytest.raises(spec_mod.SpecError, match=says):
+            a_spec().service(**service).build()
