@@ -141,7 +141,16 @@ def test_llmpipe_serve_with_an_api_key_file(tmp_path: Path) -> None:
         PYTHONPATH=f"{pipelines.ROOT / 'operator'}:{pipelines.ROOT / 'stage_image'}",
     )
     command = [
-        *(sys.executable, "-m", "llmpipe_operator.cli", "serve", "--stages", "1"),
+        *(
+            sys.executable,
+            "-m",
+            "llmpipe_operator.cli",
+            "serve",
+            "--model",
+            "demo",
+            "--stages",
+            "1",
+        ),
         *("--port", str(http_port), "--grpc-port", str(grpc_port), "--threads", "1"),
         *("--api-key-file", str(key_file), "--run-dir", str(tmp_path / "run")),
     ]
