@@ -15,6 +15,7 @@ import errno
 import json
 import logging
 import socket
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -77,6 +78,9 @@ class OpenAIHandlers:
         # Parsing and tokenizing run here, never on the event loop, and not in the compute
         # thread either: a long prompt must not hold up the ring's micro-batches.
         self.executor = executor
+        # One prompt at a time through the tokenizer: a fast tokenizer is not safe to call
+        # from two threads at once ("Already borrowed"); bodies still parse side by side.
+        self.tokenizing = threading.Lock()
         self.created = int(time.time())
 
     async def models(self, request: web.Request) -> web.Response:
@@ -145,9 +149,11 @@ class OpenAIHandlers:
             body, chat=chat, model_name=self.model_name, max_prompt_chars=self.max_prompt_chars
         )
         assert self.stage.runtime is not None
+        with self.tokenizing:
+            prompt_ids = self._prompt_ids(parsed)
         return api_requests.fit_context(
             parsed,
-            self._prompt_ids(parsed),
+            prompt_ids,
             context_limit=self.stage.runtime.context_limit,
             vocab_size=len(self.tokenizer),
             default_max=None if chat else 16,
