@@ -23,10 +23,16 @@ from typing import Any
 MAX_DEPTH = 32
 """Nesting a request body may have; real requests need 4 (body > messages > message > part)."""
 MAX_STOP = 4
+MAX_STOP_CHARS = 256
+"""Stop strings are matched against the text after every token (cost grows with their
+length squared); real ones are a few characters."""
 INT64_MAX = 2**63 - 1
 DEFAULT_MAX_PROMPT_CHARS = 1_000_000
 """About 250k tokens of English text: more than any context this project serves, and a
 prompt this long takes well under a second to tokenize off the event loop."""
+MAX_MESSAGES = 4096
+"""Messages per chat request: the template renders each one (in Python), so even empty
+ones cost time; long conversations have hundreds."""
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
@@ -207,11 +213,12 @@ def _stop(body: Mapping[str, Any]) -> tuple[str, ...]:
         stop = [stop]
     if (
         not isinstance(stop, list)
-        or not all(isinstance(s, str) and s for s in stop)
+        or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop)
         or len(stop) > MAX_STOP
     ):
         raise RequestError(
-            f"stop must be a string or a list of up to {MAX_STOP} non-empty strings",
+            f"stop must be a string or a list of up to {MAX_STOP} non-empty strings "
+            f"of at most {MAX_STOP_CHARS} characters",
             param="stop",
         )
     return tuple(stop)
@@ -311,6 +318,11 @@ def _messages(body: Mapping[str, Any], *, max_chars: int) -> tuple[tuple[str, st
     )
     if not isinstance(messages, list) or not messages:
         raise shape
+    if len(messages) > MAX_MESSAGES:
+        raise RequestError(
+            f"messages holds {len(messages)} messages; at most {MAX_MESSAGES} are taken",
+            param="messages",
+        )
     parsed: list[tuple[str, str]] = []
     chars = 0
     for index, message in enumerate(messages):

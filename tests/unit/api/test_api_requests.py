@@ -47,6 +47,7 @@ def test_defaults_follow_openai() -> None:
         ({"seed": 2**64}, "seed must be an integer in"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "up to 4 non-empty strings"),
         ({"stop": [""]}, "up to 4 non-empty strings"),
+        ({"stop": "x" * 257}, "of at most 256 characters"),
         ({"n": 2}, "only n=1"),
         ({"n": True}, "n must be an integer"),
         ({"stream": "false"}, "stream must be true or false (a JSON boolean), got 'false'"),
@@ -115,6 +116,12 @@ def test_chat_messages_take_strings_or_text_parts() -> None:
     ):
         with pytest.raises(api.RequestError, match="messages must be"):
             completion({"messages": bad}, chat=True)
+
+
+def test_the_number_of_messages_is_bounded() -> None:
+    many = [{"role": "user", "content": ""}] * (api.MAX_MESSAGES + 1)
+    with pytest.raises(api.RequestError, match="at most 4096 are taken"):
+        completion({"messages": many}, chat=True)
 
 
 def test_unpaired_surrogates_are_refused() -> None:
