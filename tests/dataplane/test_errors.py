@@ -2,13 +2,15 @@
 and the stage keeps serving; a prompt over the context limit gets HTTP 400 naming the limit;
 a client that disconnects frees its sequence on every stage; a stage that is down makes
 requests fail fast with 503 and a reason, leaking no cache, and the pipeline recovers when
-the stage comes back; a stuck stage makes requests fail after the step timeout."""
+the stage comes back; a stuck stage makes requests fail after the step timeout; /readyz asks
+every stage at once, within the probe's timeout."""
 
 from __future__ import annotations
 
 import http.client
 import json
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -224,3 +226,31 @@ def test_stage_down_fails_fast_with_503_and_recovers(
     pipeline.wait_ready(120)
     assert serves(client)
     assert pipeline.wait_no_cache() == {0: [], 1: [], 2: []}
+
+
+def test_readyz_asks_every_stage_at_once_within_the_probe_timeout(
+    pipeline: pipelines.Pipeline,
+) -> None:
+    """Stage 1 answers 1.6 s late, and stage 2 stops just as stage 1 resumes: asked one
+    after the other, the stages would take 3.2 s, past the kubelet's 3 s probe timeout;
+    asked at once, both answers are in after 1.6 s, within the 2 s budget."""
+    first, second = pipeline.processes[1], pipeline.processes[2]
+
+    def late_answers() -> None:
+        time.sleep(1.6)
+        second.send_signal(signal.SIGSTOP)
+        first.send_signal(signal.SIGCONT)
+        time.sleep(1.6)
+        second.send_signal(signal.SIGCONT)
+
+    first.send_signal(signal.SIGSTOP)
+    timer = threading.Thread(target=late_answers)
+    timer.start()
+    try:
+        status, body = pipelines.http_json(f"{pipeline.base_url}/readyz", timeout=3)
+    finally:
+        timer.join()
+        first.send_signal(signal.SIGCONT)
+        second.send_signal(signal.SIGCONT)
+    assert status == 200, body
+    assert body["reason"] == "all stages ready"
