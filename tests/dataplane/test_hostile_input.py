@@ -3,17 +3,22 @@ wildcard address: malformed bodies of every kind get 400 (or 404/413) in OpenAI'
 shape and never a 500 or a dropped connection (hypothesis over JSON-ish bodies and raw
 bytes); booleans are booleans; a huge prompt is refused or tokenized off the event loop
 without stalling a concurrent stream; a tiny temperature is greedy; the KV cache gauges
-return to 0; the listener answers on IPv4 and, where the machine has it, IPv6 (`::1`);
-/readyz answers within the probe's timeout when a stage is stuck."""
+return to 0; the listener answers on IPv4 and, where the machine has it, IPv6 (`::1`), and
+on IPv4 where IPv6 is switched off; /readyz answers within the probe's timeout when a stage
+is stuck."""
 
 from __future__ import annotations
 
 import http.client
 import itertools
 import json
+import os
 import re
+import shutil
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -303,3 +308,35 @@ def test_readyz_answers_within_the_probe_timeout_when_a_stage_is_stuck(
         pipeline.processes[1].send_signal(signal.SIGCONT)
     assert status == 503 and "stage 1" in body["reason"] and "unreachable" in body["reason"]
     pipeline.wait_ready(30)
+
+
+PROBE = """
+import socket, sys
+from llmpipe_stage import gateway
+server = gateway.dual_stack_socket(0)
+server.listen()
+client = socket.create_connection(("127.0.0.1", server.getsockname()[1]), timeout=5)
+conn, peer = server.accept()
+client.sendall(b"ping")
+print(conn.recv(4).decode(), server.family.name)
+"""
+
+
+def test_the_listener_serves_ipv4_where_ipv6_is_disabled(tmp_path: Path) -> None:
+    """In a network namespace of its own with IPv6 switched off (the kernel's sysctl), the
+    wildcard listener still binds and takes IPv4 connections."""
+    if os.geteuid() != 0 or not (shutil.which("unshare") and shutil.which("ip")):
+        pytest.skip("needs root, unshare and ip for a network namespace")
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    off = " ".join(f"net.ipv6.conf.{name}.disable_ipv6=1" for name in ("all", "default", "lo"))
+    script = f"ip link set lo up && sysctl -qw {off} && {sys.executable} {probe}"
+    result = subprocess.run(
+        ["unshare", "-n", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(pipelines.ROOT / "stage_image")},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[0] == "ping", result.stdout
