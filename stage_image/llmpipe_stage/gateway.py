@@ -368,13 +368,14 @@ async def metrics(request: web.Request) -> web.Response:
 
 # -- API keys (stage 0) -----------------------------------------------------------------------
 def require_keys(ring: api_keys.KeyRing, *, protect_metrics: bool) -> Any:
-    """Middleware: the OpenAI routes (and /metrics when asked) need one of the ring's keys;
-    /healthz and /readyz stay open for the kubelet's probes."""
+    """Middleware: every path needs one of the ring's keys (fail closed: an unknown path is
+    a 401 too) except /healthz and /readyz, open for the kubelet's probes, and /metrics
+    unless protect_metrics."""
+    open_paths = {"/healthz", "/readyz"} | (set() if protect_metrics else {"/metrics"})
 
     @web.middleware
     async def check(request: web.Request, handler: Any) -> web.StreamResponse:
-        path = request.path
-        guarded = path.startswith("/v1/") or (protect_metrics and path == "/metrics")
+        guarded = request.path not in open_paths
         if guarded and not ring.allows(request.headers.get("Authorization")):
             missing = api_keys.bearer_token(request.headers.get("Authorization")) is None
             return error_response(

@@ -63,7 +63,12 @@ COMPLETION = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 3, "temperatur
 def test_a_missing_or_wrong_key_is_401_in_the_openai_shape(
     pipeline: pipelines.Pipeline, key: str | None
 ) -> None:
-    for path, body in (("/v1/completions", COMPLETION), ("/v1/models", None)):
+    for path, body in (
+        ("/v1/completions", COMPLETION),
+        ("/v1/models", None),
+        ("/v1/unknown", None),
+        ("/v1/../v1/models", None),
+    ):
         status, headers, data = call(f"{pipeline.base_url}{path}", key=key, body=body)
         assert status == 401, (path, key)
         error = json.loads(data)["error"]
