@@ -3,6 +3,9 @@
 The container contract: the config dir is the mounted plan ConfigMap (`plan.json`,
 `pipeline.json`); `LLMPIPE_STAGE_INDEX` may replace `--stage-index`; gRPC listens on 50051
 and HTTP on 8000 unless `--grpc-port` / `--http-port` say otherwise (local multi-process runs).
+Stage links are mutual TLS: `--tls-dir` (or env LLMPIPE_TLS_DIR) holds `ca.crt`, `tls.crt`
+and `tls.key` (the mounted stage Secret); `--plaintext` turns TLS and the per-RPC checks off
+(an explicit opt-out for benchmarks; never in a shared cluster).
 """
 
 from __future__ import annotations
@@ -96,12 +99,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="with --api-keys, /metrics needs a key too (default: open; it holds no text)",
     )
+    links = parser.add_mutually_exclusive_group()
+    links.add_argument(
+        "--tls-dir",
+        type=Path,
+        default=Path(os.environ["LLMPIPE_TLS_DIR"]) if os.environ.get("LLMPIPE_TLS_DIR") else None,
+        help="directory with ca.crt, tls.crt, tls.key for mutual TLS between the stages "
+        "(or env LLMPIPE_TLS_DIR)",
+    )
+    links.add_argument(
+        "--plaintext",
+        action="store_true",
+        help="no TLS and no per-RPC checks on the stage links (benchmarks only: anyone who "
+        "can reach the gRPC port can then drive the stage)",
+    )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     if args.stage_index is None:
         parser.error("--stage-index (or LLMPIPE_STAGE_INDEX) is required")
     if args.max_prompt_chars < 1:
         parser.error("--max-prompt-chars must be at least 1")
+    if args.plaintext:
+        args.tls_dir = None
+    elif args.tls_dir is None:
+        parser.error(
+            "stage links are mutual TLS: give --tls-dir (or LLMPIPE_TLS_DIR), or opt out "
+            "explicitly with --plaintext"
+        )
     return args
 
 
@@ -142,8 +166,15 @@ def main(argv: list[str] | None = None) -> int:
         max_prompt_chars=args.max_prompt_chars,
         api_keys=args.api_keys,
         protect_metrics=args.protect_metrics,
+        tls_dir=args.tls_dir,
     )
-    return asyncio.run(server.serve(settings))
+    from llmpipe_stage import tls
+
+    try:
+        return asyncio.run(server.serve(settings))
+    except tls.TlsError as error:
+        print(f"llmpipe-stage: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

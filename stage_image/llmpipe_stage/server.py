@@ -26,7 +26,7 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from llmpipe_stage import api_requests, loading, wire
+from llmpipe_stage import api_requests, loading, tls, wire
 from llmpipe_stage.config import PipelineConfig
 from llmpipe_stage.coordinator import Coordinator, CoordinatorSettings
 from llmpipe_stage.metrics import StageMetrics
@@ -75,6 +75,9 @@ class StageSettings:
     """Stage 0: a key file or directory; None serves the OpenAI API without keys."""
     protect_metrics: bool = False
     """Whether /metrics also needs a key (it holds counts, never prompt text)."""
+    tls_dir: Path | None = None
+    """ca.crt, tls.crt, tls.key for mutual TLS with the other stages; None means plaintext
+    gRPC with no authentication (an explicit opt-out, `--plaintext`, for benchmarks)."""
 
 
 @dataclass
@@ -87,20 +90,48 @@ class LoadProgress:
 
 
 class Peers:
-    """gRPC stubs to the other stages, created once and reused (channels reconnect)."""
+    """gRPC stubs to the other stages, created once and reused (channels reconnect).
 
-    def __init__(self, addresses: tuple[str, ...], *, index: int) -> None:
+    With TLS, a renewed certificate (the files changed) opens new channels for the calls
+    that follow; the old ones finish the calls they carry, then close."""
+
+    RETIRE_GRACE_S = 30.0
+
+    def __init__(
+        self, addresses: tuple[str, ...], *, index: int, tls_files: tls.TlsFiles | None = None
+    ) -> None:
         self.addresses = addresses
         self.index = index
+        self.tls_files = tls_files
+        self._generation = tls_files.generation if tls_files is not None else 0
         self._stubs: dict[int, stage_pb2_grpc.StageStub] = {}
         self._channels: list[grpc.aio.Channel] = []
+        self._retiring: set[asyncio.Future[None]] = set()
 
     def stub(self, index: int) -> stage_pb2_grpc.StageStub:
+        if self.tls_files is not None:
+            self.tls_files.refresh()
+            if self.tls_files.generation != self._generation:
+                self._generation = self.tls_files.generation
+                self._retire_channels()
         if index not in self._stubs:
-            channel = grpc.aio.insecure_channel(self.addresses[index], options=CHANNEL_OPTIONS)
+            channel = self._open(self.addresses[index])
             self._channels.append(channel)
             self._stubs[index] = stage_pb2_grpc.StageStub(channel)  # type: ignore[no-untyped-call]
         return self._stubs[index]
+
+    def _open(self, address: str) -> grpc.aio.Channel:
+        if self.tls_files is None:
+            return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        credentials = tls.channel_credentials(self.tls_files.material)
+        return grpc.aio.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
+
+    def _retire_channels(self) -> None:
+        for channel in self._channels:
+            task = asyncio.ensure_future(channel.close(grace=self.RETIRE_GRACE_S))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+        self._channels, self._stubs = [], {}
 
     def describe(self, index: int) -> str:
         return f"stage {index} at {self.addresses[index]}"
@@ -143,7 +174,9 @@ class Stage:
         self.is_last = self.index == settings.pipeline.num_stages - 1
         self.metrics = StageMetrics(stage_index=self.index)
         self.progress = LoadProgress()
-        self.peers = Peers(settings.pipeline.addresses, index=self.index)
+        self.tls = _tls_files(settings)
+        self.peer_identities = tls.PeerIdentities()
+        self.peers = Peers(settings.pipeline.addresses, index=self.index, tls_files=self.tls)
         # One compute thread: torch runs there, so the event loop keeps moving bytes.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self.runtime: StageRuntime | None = None
@@ -357,15 +390,51 @@ class Stage:
         )
 
 
+def _tls_files(settings: StageSettings) -> tls.TlsFiles | None:
+    """This stage's TLS files, checked to name this stage (TlsError otherwise)."""
+    if settings.tls_dir is None:
+        return None
+    files = tls.TlsFiles(settings.tls_dir)
+    if files.material.identity.index != settings.stage_index:
+        raise tls.TlsError(
+            f"{settings.tls_dir / 'tls.crt'} names {files.material.identity}, "
+            f"but this is stage {settings.stage_index}"
+        )
+    return files
+
+
 class StageServicer(stage_pb2_grpc.StageServicer):
-    """The RPC layer: validate, enqueue or delegate; never compute."""
+    """The RPC layer: authorize, validate, enqueue or delegate; never compute."""
 
     def __init__(self, stage: Stage) -> None:
         self.stage = stage
 
+    async def _authorize(self, rpc: str, context: grpc.aio.ServicerContext) -> int | None:
+        """PERMISSION_DENIED unless the caller's certificate names the one stage that may
+        send `rpc` here (`tls.allowed`); returns the caller's stage index (None: plaintext)."""
+        files = self.stage.tls
+        if files is None:
+            return None
+        peer = self.stage.peer_identities.of(context)
+        if peer is None:
+            reason: str | None = "the caller presented no llmpipe stage certificate"
+        else:
+            reason = tls.allowed(
+                rpc,
+                peer=peer,
+                me=files.material.identity,
+                num_stages=self.stage.settings.pipeline.num_stages,
+            )
+        if reason is not None:
+            log.warning("stage %d: refused %s: %s", self.stage.index, rpc, reason)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
+        assert peer is not None
+        return peer.index
+
     async def Forward(
         self, request: stage_pb2.Activations, context: grpc.aio.ServicerContext
     ) -> stage_pb2.Ack:
+        await self._authorize("Forward", context)
         stage = self.stage
         if stage.index == 0:
             await context.abort(
@@ -409,6 +478,7 @@ class StageServicer(stage_pb2_grpc.StageServicer):
     async def ReturnTokens(
         self, request: stage_pb2.Tokens, context: grpc.aio.ServicerContext
     ) -> stage_pb2.Ack:
+        await self._authorize("ReturnTokens", context)
         if self.stage.coordinator is None:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -426,6 +496,12 @@ class StageServicer(stage_pb2_grpc.StageServicer):
     async def Fail(
         self, request: stage_pb2.Failure, context: grpc.aio.ServicerContext
     ) -> stage_pb2.Ack:
+        caller = await self._authorize("Fail", context)
+        if caller is not None and request.stage_index != caller:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"stage {caller} reported a failure as stage {request.stage_index}",
+            )
         if self.stage.coordinator is None:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -438,12 +514,14 @@ class StageServicer(stage_pb2_grpc.StageServicer):
     async def ReleaseSequences(
         self, request: stage_pb2.Release, context: grpc.aio.ServicerContext
     ) -> stage_pb2.Ack:
+        await self._authorize("ReleaseSequences", context)
         await self.stage.release_local(list(request.sequence_ids))
         return stage_pb2.Ack()
 
     async def Info(
         self, request: stage_pb2.InfoRequest, context: grpc.aio.ServicerContext
     ) -> stage_pb2.StageInfo:
+        await self._authorize("Info", context)
         return self.stage.info()
 
 
@@ -465,7 +543,12 @@ async def serve(settings: StageSettings) -> int:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     address = f"{settings.host}:{settings.grpc_port}"
-    if server.add_insecure_port(address) == 0:
+    if stage.tls is None:
+        log.warning("stage %d: plaintext gRPC (--plaintext): stage links are open", stage.index)
+        bound = server.add_insecure_port(address)
+    else:
+        bound = server.add_secure_port(address, tls.server_credentials(stage.tls))
+    if bound == 0:
         raise OSError(f"cannot bind gRPC port {address}")
     await server.start()
     runner = await gateway.start_http(stage, host=settings.host, port=settings.http_port)

@@ -1,12 +1,15 @@
 """Test helpers: tiny random models on disk and real stage processes on loopback.
 
 `Pipeline.start(model_dir, stages=N)` writes the same plan.json + pipeline.json the operator
-mounts, starts `python -m llmpipe_stage` once per stage (torch threads = 1 each) on free
-ports, and waits for stage 0's /readyz. Nothing here is mocked.
+mounts and a fresh CA with one certificate per stage (`run_dir/tls/stage-<i>`, what the
+operator's stage Secrets hold), starts `python -m llmpipe_stage` once per stage (torch
+threads = 1 each) on free ports with mutual TLS, and waits for stage 0's /readyz.
+`channel(i, as_stage=k)` dials stage i with stage k's certificate. Nothing here is mocked.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -16,6 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +27,7 @@ from typing import Any
 import grpc
 
 from llmpipe_stage import config as stage_config
+from llmpipe_stage import tls
 from llmpipe_stage.proto import stage_pb2, stage_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -96,6 +101,26 @@ class Pipeline:
     """Address each stage binds and is reached at (default 127.0.0.1)."""
     prefixes: list[list[str]] = field(default_factory=list)
     """Command prefix per stage, e.g. ["ip", "netns", "exec", NS] to run it elsewhere."""
+    plaintext: bool = False
+    """Stages run with --plaintext (no TLS) instead of their certificates."""
+    ca: Any = None
+    """The pipeline's CA (`pki.KeyPair`, key included), kept in memory for tests that
+    issue certificates of their own."""
+
+    def tls_dir(self, index: int) -> Path:
+        return self.run_dir / "tls" / f"stage-{index}"
+
+    @contextlib.contextmanager
+    def channel(self, index: int, *, as_stage: int = 0) -> Iterator[grpc.Channel]:
+        """A channel to stage `index` presenting stage `as_stage`'s certificate."""
+        address = f"{self.host(index)}:{self.grpc_ports[index]}"
+        if self.plaintext:
+            with grpc.insecure_channel(address) as channel:
+                yield channel
+            return
+        material = tls.TlsFiles(self.tls_dir(as_stage)).material
+        with grpc.secure_channel(address, tls.channel_credentials(material)) as channel:
+            yield channel
 
     def host(self, index: int) -> str:
         return self.hosts[index] if self.hosts else "127.0.0.1"
@@ -122,6 +147,7 @@ class Pipeline:
         ready_timeout: float = 180.0,
         hosts: list[str] | None = None,
         prefixes: list[list[str]] | None = None,
+        plaintext: bool = False,
     ) -> Pipeline:
         config = json.loads((model_dir / "config.json").read_text())
         ports = free_ports(2 * stages)
@@ -132,6 +158,13 @@ class Pipeline:
             ports[stages:],
             hosts=hosts or [],
             prefixes=prefixes or [],
+            plaintext=plaintext,
+        )
+        pipeline.ca = tls.write_local_pki(
+            run_dir / "tls",
+            hosts=[pipeline.host(i) for i in range(stages)],
+            pipeline=name,
+            plan=run_dir.name.lower().replace("_", "-"),
         )
         config_dir = run_dir / "config"
         config_dir.mkdir(parents=True, exist_ok=True)
@@ -180,6 +213,7 @@ class Pipeline:
             str(self.http_ports[index]),
             "--threads",
             "1",
+            *(["--plaintext"] if self.plaintext else ["--tls-dir", str(self.tls_dir(index))]),
             *extra_args,
         ]
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -212,8 +246,8 @@ class Pipeline:
         self.stop()
         raise RuntimeError(f"pipeline not ready after {timeout} s\n{self.logs()}")
 
-    def info(self, index: int) -> stage_pb2.StageInfo:
-        with grpc.insecure_channel(f"{self.host(index)}:{self.grpc_ports[index]}") as channel:
+    def info(self, index: int, *, as_stage: int = 0) -> stage_pb2.StageInfo:
+        with self.channel(index, as_stage=as_stage) as channel:
             return stage_pb2_grpc.StageStub(channel).Info(stage_pb2.InfoRequest(), timeout=5)
 
     def cached_sequences(self, *, stages: list[int] | None = None) -> dict[int, list[int]]:

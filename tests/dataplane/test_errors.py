@@ -45,7 +45,7 @@ def serves(client: openai.OpenAI) -> bool:
 
 
 def forward(pipeline: pipelines.Pipeline, stage: int, message: stage_pb2.Activations) -> None:
-    with grpc.insecure_channel(f"127.0.0.1:{pipeline.grpc_ports[stage]}") as channel:
+    with pipeline.channel(stage, as_stage=stage - 1) as channel:
         stage_pb2_grpc.StageStub(channel).Forward(message, timeout=5)
 
 
