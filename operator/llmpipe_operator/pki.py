@@ -168,7 +168,9 @@ def issue_stage(
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
             critical=False,
         )
         .add_extension(
@@ -230,7 +232,9 @@ def verify_issued_by(ca_pem: bytes, cert_pem: bytes, *, now: datetime.datetime) 
     try:
         cert.verify_directly_issued_by(ca)
     except (ValueError, TypeError, InvalidSignature) as error:
-        raise PkiError(f"the CA's signature does not verify: {error or type(error).__name__}")
+        raise PkiError(
+            f"the CA's signature does not verify: {error or type(error).__name__}"
+        ) from None
     if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
         raise PkiError(
             f"the certificate is valid from {cert.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ} "

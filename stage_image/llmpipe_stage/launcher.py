@@ -9,6 +9,10 @@ from `--plan FILE` (the DESIGN plan JSON), `--cluster FILE` (planned by
 same `plan.json` + `pipeline.json` the operator mounts in Kubernetes, starts
 `python -m llmpipe_stage` per stage, shows loading progress, then prints how to call the
 OpenAI API and waits until Ctrl-C (or a stage dies).
+
+The stages talk mutual TLS, as in Kubernetes: a fresh CA and one certificate per stage are
+generated at every start into a private (0700) temp dir, removed on exit; the CA's key is
+never written. `--plaintext` opts out (benchmarks only).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -114,6 +119,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         type=Path,
         default=None,
         help="where to write the config and stage logs (default: a temp dir)",
+    )
+    parser.add_argument(
+        "--plaintext",
+        action="store_true",
+        help="stage links without TLS or per-RPC checks (benchmarks only; TLS is the default)",
     )
     parser.add_argument(
         "--ready-timeout",
@@ -249,8 +259,25 @@ def stage_env() -> dict[str, str]:
     return env
 
 
+def write_certificates(args: argparse.Namespace, *, count: int) -> Path | None:
+    """A private temp dir with a fresh CA and one certificate per stage (None: --plaintext)."""
+    if args.plaintext:
+        return None
+    from llmpipe_stage import tls
+
+    directory = Path(tempfile.mkdtemp(prefix="llmpipe-tls-"))
+    tls.write_local_pki(directory, hosts=[args.host] * count)
+    return directory
+
+
 def start_stages(
-    args: argparse.Namespace, *, config_dir: Path, model_dir: Path, run_dir: Path, count: int
+    args: argparse.Namespace,
+    *,
+    config_dir: Path,
+    model_dir: Path,
+    run_dir: Path,
+    count: int,
+    tls_dir: Path | None,
 ) -> list[subprocess.Popen[bytes]]:
     threads = args.threads or max(1, (os.cpu_count() or 1) // count)
     processes = []
@@ -276,6 +303,7 @@ def start_stages(
             str(threads),
             "--micro-batches",
             str(args.micro_batches or min(count, os.cpu_count() or 1)),
+            *(["--tls-dir", str(tls_dir / f"stage-{index}")] if tls_dir else ["--plaintext"]),
         ]
         if index == 0 and args.api_key_file is not None:
             command += ["--api-keys", str(args.api_key_file.resolve())]
@@ -336,7 +364,13 @@ def wait_ready(
 
 
 def banner(
-    args: argparse.Namespace, *, name: str, run_dir: Path, count: int, started: float
+    args: argparse.Namespace,
+    *,
+    name: str,
+    run_dir: Path,
+    count: int,
+    started: float,
+    tls_dir: Path | None,
 ) -> str:
     base = f"http://{args.host}:{args.port}"
     body = json.dumps(
@@ -355,6 +389,9 @@ def banner(
             f"  OpenAI API  {base}/v1  (models, completions, chat/completions)",
             f"  metrics     {base}/metrics (stage i: port {args.port}+i)",
             f"  logs        {run_dir}",
+            "  stage links plaintext gRPC (--plaintext: no TLS, no checks)"
+            if tls_dir is None
+            else f"  stage links mutual TLS, certificates in {tls_dir} (removed on exit)",
             "try:",
             f"  curl -N {base}/v1/chat/completions -H 'Content-Type: application/json' \\",
             *(
@@ -408,6 +445,7 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     started = time.monotonic()
     processes: list[subprocess.Popen[bytes]] = []
+    tls_dir: Path | None = None
     try:
         if args.api_key_file is not None and not args.api_key_file.is_file():
             raise LaunchError(f"--api-key-file {args.api_key_file}: no such file")
@@ -421,12 +459,19 @@ def main(argv: list[str]) -> int:
             args.host,
             [args.port + i for i in range(count)] + [args.grpc_port + i for i in range(count)],
         )
-        say(f"starting {count} stages of {name} ({model_dir}) on {args.host}:")
+        tls_dir = write_certificates(args, count=count)
+        links = "plaintext gRPC (--plaintext)" if tls_dir is None else "mutual TLS"
+        say(f"starting {count} stages of {name} ({model_dir}) on {args.host}, {links}:")
         processes = start_stages(
-            args, config_dir=config_dir, model_dir=model_dir, run_dir=run_dir, count=count
+            args,
+            config_dir=config_dir,
+            model_dir=model_dir,
+            run_dir=run_dir,
+            count=count,
+            tls_dir=tls_dir,
         )
         wait_ready(args, processes, run_dir, plan)
-        say(banner(args, name=name, run_dir=run_dir, count=count, started=started))
+        say(banner(args, name=name, run_dir=run_dir, count=count, started=started, tls_dir=tls_dir))
         return supervise(processes, run_dir)
     except (LaunchError, stage_config.ConfigError) as error:
         print(f"llmpipe serve: {error}", file=sys.stderr)
@@ -435,3 +480,5 @@ def main(argv: list[str]) -> int:
         return 130
     finally:
         stop_stages(processes)
+        if tls_dir is not None:
+            shutil.rmtree(tls_dir, ignore_errors=True)

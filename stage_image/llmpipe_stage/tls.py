@@ -116,8 +116,14 @@ def server_credentials(files: TlsFiles) -> grpc.ServerCredentials:
             [(material.key_pem, material.cert_pem)], root_certificates=material.ca_pem
         )
 
+    applied = [files.generation]  # what the server uses; Peers may have taken a change first
+
     def fetch() -> grpc.ServerCertificateConfiguration | None:
-        return config(files.material) if files.refresh() else None
+        files.refresh()
+        if files.generation == applied[0]:
+            return None
+        applied[0] = files.generation
+        return config(files.material)
 
     return grpc.dynamic_ssl_server_credentials(
         config(files.material), fetch, require_client_authentication=True
@@ -222,7 +228,11 @@ def write_local_pki(
 def write_tls_dir(path: Path, ca_pem: bytes, issued: pki.KeyPair) -> Path:
     """Write one TLS directory; each file replaced atomically (a rename), key mode 0600."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    for name, data in (("ca.crt", ca_pem), ("tls.crt", issued.cert_pem), ("tls.key", issued.key_pem)):
+    for name, data in (
+        ("ca.crt", ca_pem),
+        ("tls.crt", issued.cert_pem),
+        ("tls.key", issued.key_pem),
+    ):
         temp = path / f".{name}.tmp"
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as out:

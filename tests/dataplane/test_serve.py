@@ -2,7 +2,9 @@
 the demo model, starts one process per stage on loopback, reports progress and a curl
 example, streams tokens through the OpenAI API, and Ctrl-C stops every stage; with no model
 it serves SmolLM2-135M-Instruct (the GGUF file from the cache, converted once) as a 2-stage
-pipeline that answers a sanity question sensibly."""
+pipeline that answers a sanity question sensibly. The stage links are mutual TLS with
+certificates generated at start in a private dir (plaintext gRPC calls are refused), and
+that dir is gone after exit."""
 
 from __future__ import annotations
 
@@ -14,8 +16,10 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import openai
 
+from llmpipe_stage.proto import stage_pb2, stage_pb2_grpc
 from tests.dataplane import pipelines
 
 
@@ -63,6 +67,21 @@ def test_serve_demo_model_streams_tokens_and_stops_cleanly(tmp_path: Path) -> No
         assert "generating the demo model" in output, output
         assert "stage 2: layers [6, 8)" in output and "ready" in output, output
         assert f"curl -N http://127.0.0.1:{http_port}/v1/chat/completions" in output, output
+        (tls_line,) = [line for line in lines if "stage links mutual TLS" in line]
+        tls_dir = Path(tls_line.split("certificates in ")[1].split(" (")[0])
+        assert tls_dir.stat().st_mode & 0o777 == 0o700
+        assert sorted(p.name for p in (tls_dir / "stage-1").iterdir()) == [
+            "ca.crt",
+            "tls.crt",
+            "tls.key",
+        ]
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port + 1}") as channel:
+            try:
+                stage_pb2_grpc.StageStub(channel).Info(stage_pb2.InfoRequest(), timeout=5)
+                refused = None
+            except grpc.RpcError as error:
+                refused = error.code()
+        assert refused == grpc.StatusCode.UNAVAILABLE
 
         client = openai.OpenAI(
             base_url=f"http://127.0.0.1:{http_port}/v1", api_key="none", max_retries=0
@@ -81,6 +100,7 @@ def test_serve_demo_model_streams_tokens_and_stops_cleanly(tmp_path: Path) -> No
         process.send_signal(signal.SIGINT)
         code = process.wait(timeout=30)
     assert code == 0
+    assert not tls_dir.exists()
     for port in (http_port, http_port + 1, http_port + 2, grpc_port, grpc_port + 2):
         with socket.socket() as sock:
             assert sock.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still served"
