@@ -3,6 +3,7 @@
     python -m llmpipe_operator --namespace team-a [--namespace team-b ...]
     python -m llmpipe_operator --all-namespaces
         [--health-port 8081] [--metrics-port 8080] [--verbose]
+        [--stage-cert-validity SECONDS] [--stage-cert-renew-fraction F]
 
 Credentials: $KUBECONFIG (or ~/.kube/config), else the in-cluster ServiceAccount.
 """
@@ -17,7 +18,8 @@ import sys
 import kopf
 
 from llmpipe_operator import main as handlers  # noqa: F401  (registers the handlers)
-from llmpipe_operator import telemetry
+from llmpipe_operator import pki, telemetry
+from llmpipe_operator.reconcile import certs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,15 +52,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=8080,
         help="Prometheus metrics GET /metrics (0 = off; default 8080)",
     )
+    defaults = pki.Validity()
+    parser.add_argument(
+        "--stage-cert-validity",
+        type=float,
+        default=defaults.leaf_seconds,
+        metavar="SECONDS",
+        help=f"lifetime of the stages' TLS certificates (default {defaults.leaf_seconds:g} "
+        "= 30 days)",
+    )
+    parser.add_argument(
+        "--stage-cert-renew-fraction",
+        type=float,
+        default=defaults.renew_fraction,
+        metavar="F",
+        help="renew a stage certificate after this fraction of its lifetime (default 2/3)",
+    )
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
     for port in (args.health_port, args.metrics_port):
         if not 0 <= port <= 65535:
             parser.error(f"port {port} is out of range 0-65535")
+    try:
+        args.validity = pki.Validity(
+            leaf_seconds=args.stage_cert_validity, renew_fraction=args.stage_cert_renew_fraction
+        )
+    except pki.PkiError as error:
+        parser.error(f"--stage-cert-*: {error}")
     return args
 
 
 async def run(args: argparse.Namespace) -> None:
+    certs.configure(args.validity)
     metrics = await telemetry.serve(args.metrics_port) if args.metrics_port else None
     try:
         await kopf.operator(

@@ -6,6 +6,8 @@
   safety net for missed events; not a Kopf timer, since those always add a finalizer)
 - every Node event and every LLMPipeline event -> reconcile.replan.Replanner (routes node
   changes to the pipelines they affect; its own task debounces and re-plans)
+- the pipelines the re-planner knows -> reconcile.certs.Renewer (its own task renews stage
+  certificates before they expire)
 
 No finalizers: children are deleted by the garbage collector through owner references, so
 deleting a pipeline never waits on the operator.
@@ -22,7 +24,7 @@ import kopf
 
 from llmpipe_operator.k8s import api, metrics_api
 from llmpipe_operator.manifests import names
-from llmpipe_operator.reconcile import pipeline, switch
+from llmpipe_operator.reconcile import certs, pipeline, switch
 from llmpipe_operator.reconcile import replan as replanning
 
 RESOURCE = (names.GROUP, names.VERSION, names.PLURAL)
@@ -58,9 +60,11 @@ async def start_replanning(memo: kopf.Memo, **_: Any) -> None:
     """The node-metrics poller and the re-planner run as tasks owned by the operator."""
     memo.node_usage = metrics_api.NodeUsagePoller(memo.client)
     memo.replanner = replanning.Replanner(memo.client, usage=memo.node_usage)
+    renewer = certs.Renewer(memo.client, pipelines=lambda: list(memo.replanner.pipelines))
     memo.replan_tasks = [
         asyncio.create_task(memo.node_usage.run(), name="node-metrics"),
         asyncio.create_task(memo.replanner.run(), name="replanner"),
+        asyncio.create_task(renewer.run(), name="certificate-renewer"),
     ]
     for task in memo.replan_tasks:
         task.add_done_callback(_report_death)

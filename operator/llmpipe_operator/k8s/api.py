@@ -14,7 +14,7 @@ from lightkube import AsyncClient
 from lightkube.core.exceptions import ApiError
 from lightkube.generic_resource import create_namespaced_resource
 from lightkube.resources.apps_v1 import Deployment
-from lightkube.resources.core_v1 import ConfigMap, Node, Pod, Service
+from lightkube.resources.core_v1 import ConfigMap, Node, Pod, Secret, Service
 from lightkube.resources.discovery_v1 import EndpointSlice
 from lightkube.types import PatchType
 
@@ -25,8 +25,15 @@ LLMPipeline = create_namespaced_resource(
     "llmpipe.io", "v1alpha1", "LLMPipeline", "llmpipelines", verbs=None
 )
 
-# The kinds the operator writes, in the order a pipeline's objects are deleted.
-_KINDS: Mapping[str, Any] = {"Deployment": Deployment, "Service": Service, "ConfigMap": ConfigMap}
+# The kinds the operator writes, in the order a pipeline's objects are deleted. Secrets (the
+# stages' certificates) are written but never listed: the garbage collector removes them
+# with their owners, so the operator needs no list or delete on Secrets.
+_KINDS: Mapping[str, Any] = {
+    "Deployment": Deployment,
+    "Service": Service,
+    "ConfigMap": ConfigMap,
+    "Secret": Secret,
+}
 
 
 def make_client() -> AsyncClient:
@@ -90,6 +97,27 @@ async def apply_objects(client: AsyncClient, objects: Iterable[Mapping[str, Any]
 async def get_service(client: AsyncClient, *, namespace: str, name: str) -> dict[str, Any] | None:
     try:
         obj = await client.get(Service, name, namespace=namespace)
+    except ApiError as error:
+        if error.status.code == 404:
+            return None
+        raise
+    return dict(obj.to_dict())
+
+
+async def get_configmap(client: AsyncClient, *, namespace: str, name: str) -> dict[str, Any] | None:
+    try:
+        obj = await client.get(ConfigMap, name, namespace=namespace)
+    except ApiError as error:
+        if error.status.code == 404:
+            return None
+        raise
+    return dict(obj.to_dict())
+
+
+async def get_secret(client: AsyncClient, *, namespace: str, name: str) -> dict[str, Any] | None:
+    """One Secret by name (`data` values base64 as stored); None if there is none."""
+    try:
+        obj = await client.get(Secret, name, namespace=namespace)
     except ApiError as error:
         if error.status.code == 404:
             return None

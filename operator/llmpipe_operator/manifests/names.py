@@ -88,6 +88,23 @@ def plan_configmap_name(pipeline: PipelineRef, digest: str) -> str:
     return f"{pipeline.name}-{digest}-plan"
 
 
+def stage_tls_secret_name(pipeline: PipelineRef, digest: str, index: int) -> str:
+    """The stage's certificate and key (mounted into its pod only)."""
+    return f"{stage_name(pipeline, digest, index)}-tls"
+
+
+def ca_secret_name(pipeline: PipelineRef) -> str:
+    """The pipeline's CA key: read by the operator only, mounted nowhere."""
+    return f"{pipeline.name}-llmpipe-ca"
+
+
+def stage_hosts(pipeline: PipelineRef, digest: str, index: int) -> tuple[str, ...]:
+    """The names a neighbour may dial the stage's Service by (its certificate's DNS SANs)."""
+    service = stage_name(pipeline, digest, index)
+    ns = pipeline.namespace
+    return (f"{service}.{ns}.svc", f"{service}.{ns}.svc.cluster.local", f"{service}.{ns}", service)
+
+
 def endpoint_service_name(pipeline: PipelineRef) -> str:
     """The user-facing Service carries the pipeline's own name: stable across plans."""
     return pipeline.name

@@ -15,6 +15,9 @@ from llmpipe_operator.planning import inventory
 
 CONFIG_DIR = "/etc/llmpipe"
 API_KEYS_DIR = "/etc/llmpipe-api-keys"
+TLS_DIR = "/var/run/llmpipe/tls"
+TLS_FILE_MODE = 0o440
+"""Owner root, group fsGroup (10001): the stage's user reads its key, nobody else does."""
 RUN_AS_USER = 10001
 WIDEST_STORED_BYTES = 4
 """Checkpoints ship in float32 at most, whatever dtype the stage runs in."""
@@ -123,6 +126,8 @@ def _stage_container(spec: spec_mod.PipelineSpec, stage: Mapping[str, Any]) -> d
             "llmpipe_stage",
             "--config-dir",
             CONFIG_DIR,
+            "--tls-dir",
+            TLS_DIR,
             "--stage-index",
             str(index),
             "--model-dir",
@@ -147,6 +152,9 @@ def _stage_container(spec: spec_mod.PipelineSpec, stage: Mapping[str, Any]) -> d
             {"name": "plan", "mountPath": CONFIG_DIR, "readOnly": True},
             {"name": "model", "mountPath": spec_mod.MODELS_MOUNT, "readOnly": True},
             {"name": "tmp", "mountPath": "/tmp"},
+            # Not a subPath mount: the kubelet then updates the files when the operator
+            # renews the certificate, and the stage reloads them.
+            {"name": "tls", "mountPath": TLS_DIR, "readOnly": True},
         ],
     }
     container["resources"] = stage_resources(spec.runtime.resources, stage)
@@ -257,6 +265,13 @@ def _volumes(
         {"name": "model", **_model_volume(spec)},
         {"name": "tmp", "emptyDir": {}},
         *_gguf_volumes(spec.model.source),
+        {
+            "name": "tls",
+            "secret": {
+                "secretName": names.stage_tls_secret_name(pipeline, digest, index),
+                "defaultMode": TLS_FILE_MODE,
+            },
+        },
     ]
     if index == 0 and spec.service.auth.api_key_secret is not None:
         # A volume, not env: the kubelet updates its files when the Secret changes, and

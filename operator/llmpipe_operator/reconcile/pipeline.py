@@ -23,7 +23,7 @@ from llmpipe_operator import status, telemetry
 from llmpipe_operator.k8s import api
 from llmpipe_operator.manifests import endpoint, names, render
 from llmpipe_operator.planning import live, planner
-from llmpipe_operator.reconcile import errors, fetch, locks, switch
+from llmpipe_operator.reconcile import certs, errors, fetch, locks, switch
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,15 @@ async def deploy_plan(
             client, namespace=ref.namespace, name=names.endpoint_service_name(ref)
         )
         serving = endpoint.serving_digest(current) or digest
-        await api.apply_objects(client, objects)
+        # The plan ConfigMap first: it owns the stage certificates, which must exist
+        # before the Deployments (their pods mount them).
+        plan_objects = [o for o in objects if o["kind"] == "ConfigMap"]
+        await api.apply_objects(client, plan_objects)
+    await certs.ensure_stage_certificates(
+        client, ref, digest=digest, stage_count=len(plan["stages"])
+    )
+    async with errors.classified("apply the plan's objects"):
+        await api.apply_objects(client, [o for o in objects if o["kind"] != "ConfigMap"])
         await api.apply_objects(
             client, [endpoint.build_endpoint_service(ref, spec, serving_digest=serving)]
         )

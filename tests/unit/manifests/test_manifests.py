@@ -112,6 +112,8 @@ def test_stage_container_follows_the_stage_contract_and_is_restricted() -> None:
         "llmpipe_stage",
         "--config-dir",
         "/etc/llmpipe",
+        "--tls-dir",
+        "/var/run/llmpipe/tls",
         "--stage-index",
         "1",
         "--model-dir",
@@ -143,6 +145,18 @@ def test_stage_container_follows_the_stage_contract_and_is_restricted() -> None:
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["plan"]["configMap"]["name"] == "chat-abcd1234-plan"
     assert volumes["tmp"] == {"name": "tmp", "emptyDir": {}}
+    # The stage's own certificate only, read-only, readable by the stage's group (fsGroup);
+    # a whole-directory mount (no subPath) so the kubelet refreshes renewed files.
+    assert mounts["/var/run/llmpipe/tls"] == {
+        "name": "tls",
+        "mountPath": "/var/run/llmpipe/tls",
+        "readOnly": True,
+    }
+    assert volumes["tls"]["secret"] == {
+        "secretName": "chat-abcd1234-s1-tls",
+        "defaultMode": 0o440,
+    }
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsUser"] == 10001
 
 
 @sources
