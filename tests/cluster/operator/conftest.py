@@ -91,7 +91,12 @@ def render_rbac(
 
 
 def start_operator(
-    control_plane: cp.ControlPlane, *, namespace: str, workdir: Path, watch: list[str] | None = None
+    control_plane: cp.ControlPlane,
+    *,
+    namespace: str,
+    workdir: Path,
+    watch: list[str] | None = None,
+    extra_args: tuple[str, ...] = (),
 ) -> OperatorProcess:
     """Apply the chart's RBAC, then run the operator as its ServiceAccount."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -130,6 +135,7 @@ def start_operator(
     ]
     for ns in watch or [namespace]:
         args += ["--namespace", ns]
+    args += extra_args
     with log.open("wb") as out:
         process = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
     handle = OperatorProcess(process, log, namespace, port, account, cluster_objects)
