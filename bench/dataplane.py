@@ -3,7 +3,9 @@
     make bench            # or: PYTHONPATH=operator:stage_image python bench/dataplane.py
 
 1. Per hop: serialize a 4096-wide fp16 hidden state (one token), send it with the stage's
-   Forward RPC (grpc.aio, loopback) to a process that deserializes it, wait for the ack.
+   Forward RPC (grpc.aio, loopback) to a process that deserializes it, wait for the ack;
+   over mutual TLS with the stage's per-RPC identity check (the default), and over
+   plaintext gRPC (`--plaintext`) next to it.
 2. Bytes on the wire per token per hop, for the hidden state and for the token-id return hop.
 3. Decode throughput with 1, 4 and 16 sequences in flight over 1-4 stage processes
    (`llmpipe serve`, one torch thread per stage) versus single-process `generate` at the
@@ -40,7 +42,7 @@ sys.path[:0] = [str(ROOT / "stage_image"), str(ROOT / "operator")]
 import grpc  # noqa: E402
 import torch  # noqa: E402
 
-from llmpipe_stage import wire  # noqa: E402
+from llmpipe_stage import tls, wire  # noqa: E402
 from llmpipe_stage.proto import stage_pb2, stage_pb2_grpc  # noqa: E402
 
 HIDDEN = 4096
@@ -70,26 +72,49 @@ def free_block(count: int, *, avoid: range = range(0)) -> int:
 
 # -- 1. per-hop overhead ------------------------------------------------------------------------
 class SinkServicer(stage_pb2_grpc.StageServicer):
-    """The receiving half of a hop: deserialize and validate like a stage, then ack."""
+    """The receiving half of a hop: check the caller (with TLS), deserialize and validate
+    like a stage, then ack."""
+
+    def __init__(self, files: tls.TlsFiles | None) -> None:
+        self.files = files
+        self.peers = tls.PeerIdentities()
 
     async def Forward(self, request, context):
+        if self.files is not None:  # what StageServicer._authorize does per RPC
+            peer = self.peers.of(context)
+            me = self.files.material.identity
+            if peer is None or tls.allowed("Forward", peer=peer, me=me, num_stages=2):
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, "refused")
         wire.decode_activations(request, hidden_size=HIDDEN, dtype=torch.float16)
         return stage_pb2.Ack()
 
 
-async def run_sink(port: int) -> None:
+async def run_sink(port: int, tls_dir: str | None) -> None:
+    files = tls.TlsFiles(Path(tls_dir)) if tls_dir else None
     server = grpc.aio.server()
-    stage_pb2_grpc.add_StageServicer_to_server(SinkServicer(), server)
-    server.add_insecure_port(f"127.0.0.1:{port}")
+    stage_pb2_grpc.add_StageServicer_to_server(SinkServicer(files), server)
+    if files is None:
+        server.add_insecure_port(f"127.0.0.1:{port}")
+    else:
+        server.add_secure_port(f"127.0.0.1:{port}", tls.server_credentials(files))
     await server.start()
     print("ready", flush=True)
     await server.wait_for_termination()
 
 
-async def time_hops(port: int, *, batch: int, calls: int) -> list[float]:
+def open_channel(port: int, tls_dir: Path | None) -> grpc.aio.Channel:
+    if tls_dir is None:
+        return grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    credentials = tls.channel_credentials(tls.TlsFiles(tls_dir).material)
+    return grpc.aio.secure_channel(f"127.0.0.1:{port}", credentials)
+
+
+async def time_hops(
+    port: int, *, batch: int, calls: int, tls_dir: Path | None = None
+) -> list[float]:
     hidden = torch.randn(batch, HIDDEN).to(torch.float16)
     steps = [wire.Step(1000 + i, 57, 1) for i in range(batch)]
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    async with open_channel(port, tls_dir) as channel:
         stub = stage_pb2_grpc.StageStub(channel)
         times = []
         for i in range(calls + 50):
@@ -101,24 +126,47 @@ async def time_hops(port: int, *, batch: int, calls: int) -> list[float]:
     return times
 
 
-def per_hop() -> None:
-    port = free_port()
-    env = dict(os.environ, PYTHONPATH=f"{ROOT / 'stage_image'}", OMP_NUM_THREADS="1")
-    sink = subprocess.Popen(
-        [sys.executable, __file__, "--sink", str(port)], env=env, stdout=subprocess.PIPE, text=True
+def per_hop(*, calls: int) -> None:
+    print(
+        f"\n## per-hop overhead: {HIDDEN}-wide fp16 hidden state, loopback gRPC "
+        "(serialize + Forward RPC + deserialize + ack)"
     )
+    print(
+        f"{'links':>9} {'tokens/msg':>10} {'median ms':>10} {'p90 ms':>8} {'bytes/msg':>10} "
+        f"{'bytes/token':>12}"
+    )
+    with tempfile.TemporaryDirectory(prefix="llmpipe-bench-tls-") as pki_dir:
+        tls.write_local_pki(Path(pki_dir), hosts=["127.0.0.1", "127.0.0.1"])
+        for links in ("mTLS", "plaintext"):
+            stage_dir = (lambda i: Path(pki_dir) / f"stage-{i}") if links == "mTLS" else None
+            hops(links, calls=calls, stage_dir=stage_dir)
+    tokens = stage_pb2.Tokens(
+        sequence_ids=[2**40 + i for i in range(16)], token_ids=list(range(31000, 31016))
+    )
+    print(
+        f"return hop (token ids, 16 sequences): {len(tokens.SerializeToString())} bytes, "
+        f"{len(tokens.SerializeToString()) / 16:.1f} bytes/token"
+    )
+    print(f"payload alone: hidden_size x 2 bytes = {HIDDEN * 2} bytes/token")
+
+
+def hops(links: str, *, calls: int, stage_dir) -> None:
+    """One sink process (stage 1), timed from stage 0's side, for each batch size."""
+    port = free_port()
+    env = dict(
+        os.environ,
+        PYTHONPATH=f"{ROOT / 'stage_image'}:{ROOT / 'operator'}",
+        OMP_NUM_THREADS="1",
+    )
+    command = [sys.executable, __file__, "--sink", str(port)]
+    if stage_dir is not None:
+        command += ["--sink-tls", str(stage_dir(1))]
+    sink = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True)
     try:
         assert sink.stdout is not None and sink.stdout.readline().strip() == "ready"
-        print(
-            f"\n## per-hop overhead: {HIDDEN}-wide fp16 hidden state, loopback gRPC "
-            "(serialize + Forward RPC + deserialize + ack)"
-        )
-        print(
-            f"{'tokens/msg':>10} {'median ms':>10} {'p90 ms':>8} {'bytes/msg':>10} "
-            f"{'bytes/token':>12}"
-        )
         for batch in (1, 4, 16):
-            times = asyncio.run(time_hops(port, batch=batch, calls=500))
+            client_dir = stage_dir(0) if stage_dir is not None else None
+            times = asyncio.run(time_hops(port, batch=batch, calls=calls, tls_dir=client_dir))
             hidden = torch.zeros(batch, HIDDEN, dtype=torch.float16)
             steps = [wire.Step(1000 + i, 57, 1) for i in range(batch)]
             size = len(
@@ -128,17 +176,9 @@ def per_hop() -> None:
             )
             quantiles = statistics.quantiles(times, n=10)
             print(
-                f"{batch:>10} {statistics.median(times) * 1e3:>10.3f} "
+                f"{links:>9} {batch:>10} {statistics.median(times) * 1e3:>10.3f} "
                 f"{quantiles[8] * 1e3:>8.3f} {size:>10} {size / batch:>12.1f}"
             )
-        tokens = stage_pb2.Tokens(
-            sequence_ids=[2**40 + i for i in range(16)], token_ids=list(range(31000, 31016))
-        )
-        print(
-            f"return hop (token ids, 16 sequences): {len(tokens.SerializeToString())} bytes, "
-            f"{len(tokens.SerializeToString()) / 16:.1f} bytes/token"
-        )
-        print(f"payload alone: hidden_size x 2 bytes = {HIDDEN * 2} bytes/token")
     finally:
         sink.send_signal(signal.SIGTERM)
         sink.wait()
@@ -310,6 +350,8 @@ def throughput(
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sink", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--sink-tls", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--hop-calls", type=int, default=500, help="timed calls per hop size")
     parser.add_argument("--stages", default="1,2,3,4")
     parser.add_argument("--batches", default="1,4,16")
     parser.add_argument("--new-tokens", type=int, default=48)
@@ -318,11 +360,11 @@ def main() -> int:
     parser.add_argument("--skip-throughput", action="store_true")
     args = parser.parse_args()
     if args.sink:
-        asyncio.run(run_sink(args.sink))
+        asyncio.run(run_sink(args.sink, args.sink_tls))
         return 0
     torch.set_num_threads(1)
     print(f"machine: {os.cpu_count()} cores; torch {torch.__version__}")
-    per_hop()
+    per_hop(calls=args.hop_calls)
     if not args.skip_throughput:
         throughput(
             [int(s) for s in args.stages.split(",")],
