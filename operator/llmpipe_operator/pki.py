@@ -74,6 +74,13 @@ class StageIdentity:
     """The plan hash (`manifests.names.plan_hash`): stages of two plans never talk."""
     index: int
 
+    def __post_init__(self) -> None:
+        if not _URI.match(self.uri):
+            raise PkiError(
+                f"{self.uri!r} is not an llmpipe stage identity (lowercase DNS names and a "
+                "stage index >= 0)"
+            )
+
     @property
     def uri(self) -> str:
         return (

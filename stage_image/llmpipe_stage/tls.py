@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -214,6 +215,7 @@ def write_local_pki(
     import datetime
 
     validity = validity or pki.Validity()
+    pipeline = dns_label(pipeline)
     now = datetime.datetime.now(datetime.UTC)
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
@@ -223,6 +225,13 @@ def write_local_pki(
         issued = pki.issue_stage(ca, identity, hosts=(host,), now=now, validity=validity)
         write_tls_dir(directory / f"stage-{index}", ca.cert_pem, issued)
     return ca
+
+
+def dns_label(name: str) -> str:
+    """`name` as an identity component: lowercase, other characters as '-' (a model name
+    such as SmolLM2-135M-Instruct names a local pipeline)."""
+    label = re.sub(r"[^a-z0-9.-]+", "-", name.lower()).strip("-.")
+    return label or "pipeline"
 
 
 def write_tls_dir(path: Path, ca_pem: bytes, issued: pki.KeyPair) -> Path:

@@ -45,3 +45,11 @@ def test_a_peer_of_another_plan_or_pipeline_is_refused(rpc: str) -> None:
 
 def test_an_unknown_rpc_is_refused() -> None:
     assert tls.allowed("Evil", peer=stage(0), me=stage(1), num_stages=STAGES) == "unknown RPC Evil"
+
+
+def test_local_pipeline_names_become_identity_labels() -> None:
+    assert tls.dns_label("SmolLM2-135M-Instruct") == "smollm2-135m-instruct"
+    assert tls.dns_label("my model_v1.5") == "my-model-v1.5"
+    assert tls.dns_label("__") == "pipeline"
+    with pytest.raises(pki.PkiError, match="not an llmpipe stage identity"):
+        pki.StageIdentity("team-a", "SmolLM2", "p1", 0)
