@@ -2,8 +2,12 @@
 
     python -m llmpipe_operator --namespace team-a [--namespace team-b ...]
     python -m llmpipe_operator --all-namespaces
-        [--health-port 8081] [--metrics-port 8080] [--verbose]
+        [--policy FILE] [--health-port 8081] [--metrics-port 8080] [--verbose]
         [--stage-cert-validity SECONDS] [--stage-cert-renew-fraction F]
+
+--policy: the cluster admin's policy as JSON (the chart mounts it from the values'
+`policy:`); without it, the built-in safe default (only the project's stage image, host
+paths only under /var/lib/llmpipe/models).
 
 Credentials: $KUBECONFIG (or ~/.kube/config), else the in-cluster ServiceAccount.
 """
@@ -12,14 +16,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
+from pathlib import Path
 
 import kopf
 
 from llmpipe_operator import main as handlers  # noqa: F401  (registers the handlers)
-from llmpipe_operator import pki, telemetry
-from llmpipe_operator.reconcile import certs
+from llmpipe_operator import pki, policy, telemetry
+from llmpipe_operator.reconcile import certs, fetch
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -68,8 +74,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="F",
         help="renew a stage certificate after this fraction of its lifetime (default 2/3)",
     )
+    parser.add_argument(
+        "--policy",
+        type=Path,
+        metavar="FILE",
+        help="the cluster's llmpipe policy, JSON (default: only the project's stage image, "
+        "host paths under /var/lib/llmpipe/models)",
+    )
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
+    try:
+        args.policy = load_policy(args.policy)
+    except (OSError, ValueError) as error:
+        parser.error(f"--policy {args.policy}: {error}")
     for port in (args.health_port, args.metrics_port):
         if not 0 <= port <= 65535:
             parser.error(f"port {port} is out of range 0-65535")
@@ -80,6 +97,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     except pki.PkiError as error:
         parser.error(f"--stage-cert-*: {error}")
     return args
+
+
+def load_policy(path: Path | None) -> policy.Policy:
+    """The policy file's content (json.JSONDecodeError and PolicyError are ValueErrors)."""
+    if path is None:
+        return policy.default_policy()
+    return policy.parse_policy(json.loads(path.read_text()))
 
 
 async def run(args: argparse.Namespace) -> None:
@@ -104,6 +128,14 @@ def main(argv: list[str] | None = None) -> int:
     # Kopf sets up logging (its own format, object prefixes); the HTTP client's per-request
     # lines are noise at INFO.
     kopf.configure(verbose=args.verbose, log_prefix=True)
+    fetch.configure_policy(args.policy)
+    logging.getLogger(__name__).info(
+        "policy: profiles %s (default %s), images %s, host paths %s",
+        ", ".join(sorted(args.policy.profiles)),
+        args.policy.default_profile,
+        ", ".join(args.policy.allowed_images) or "none",
+        ", ".join(p or "/" for p in args.policy.allowed_host_paths) or "none",
+    )
     logging.getLogger("httpx2").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     asyncio.run(run(args))
     return 0

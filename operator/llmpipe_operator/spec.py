@@ -159,9 +159,13 @@ class WorkloadSpec:
 
 @dataclass(frozen=True)
 class RuntimeSpec:
-    image: str = "ghcr.io/llmpipe/llmpipe-stage:0.1.0"
-    image_pull_policy: str = "IfNotPresent"
-    """Images imported with `k3s ctr images import` need no registry."""
+    profile: str | None = None
+    """A runtime profile of the cluster's policy (llmpipe_operator.policy); None: the
+    admin's default profile."""
+    image: str | None = None
+    """None: the profile's image. The policy completes it before anything is rendered."""
+    image_pull_policy: str | None = None
+    """None: the profile's pull policy."""
     resources: Mapping[str, Any] = field(default_factory=dict)
     env: tuple[Mapping[str, Any], ...] = ()
     runtime_overhead_bytes: int = 512 * 1024**2
@@ -185,6 +189,9 @@ class ServiceSpec:
     auth: AuthSpec = AuthSpec()
     max_prompt_characters: int = 1_000_000
     """Refused before tokenizing; about 250k tokens of text, tokenized in well under 1 s."""
+    allow_from: tuple[Mapping[str, Any], ...] = ()
+    """NetworkPolicy peers that may reach the HTTP port; () = pods of the pipeline's own
+    namespace, the narrowest useful default (manifests/network.py)."""
 
 
 @dataclass(frozen=True)
@@ -374,14 +381,13 @@ def _parse_runtime(raw: Mapping[str, Any]) -> RuntimeSpec:
     for i, item in enumerate(env):
         if not isinstance(item, Mapping) or not item.get("name"):
             raise SpecError(f"{where}.env[{i}] must be an object with a name")
+    pulls = ("Always", "IfNotPresent", "Never")
+    pull = raw.get("imagePullPolicy")
     return RuntimeSpec(
-        image=_string(raw, "image", where, default=RuntimeSpec.image),
-        image_pull_policy=_choice(
-            raw,
-            "imagePullPolicy",
-            where,
-            ("Always", "IfNotPresent", "Never"),
-            default="IfNotPresent",
+        profile=_string(raw, "profile", where) or None,
+        image=_string(raw, "image", where) or None,
+        image_pull_policy=(
+            None if pull is None else _choice(raw, "imagePullPolicy", where, pulls, default="")
         ),
         resources=dict(_object(raw, "resources", where)),
         env=tuple(dict(item) for item in env),
@@ -407,6 +413,7 @@ def _parse_service(raw: Mapping[str, Any]) -> ServiceSpec:
             raw, "maxPromptCharacters", where, default=ServiceSpec.max_prompt_characters
         ),
         port=port,
+        allow_from=_parse_peers(raw, where),
         type=_choice(
             raw,
             "type",
@@ -415,6 +422,23 @@ def _parse_service(raw: Mapping[str, Any]) -> ServiceSpec:
             default="ClusterIP",
         ),
     )
+
+
+PEER_KINDS = ("podSelector", "namespaceSelector", "ipBlock")
+
+
+def _parse_peers(raw: Mapping[str, Any], where: str) -> tuple[Mapping[str, Any], ...]:
+    """`allowFrom` items are NetworkPolicy peers: podSelector/namespaceSelector/ipBlock."""
+    peers = []
+    for i, item in enumerate(_list(raw, "allowFrom", where)):
+        at = f"{where}.allowFrom[{i}]"
+        if not isinstance(item, Mapping) or not item or set(item) - set(PEER_KINDS):
+            raise SpecError(f"{at} must set podSelector, namespaceSelector or ipBlock (only)")
+        alone = set(item) == {"ipBlock"}
+        if "ipBlock" in item and (not alone or not _object(item, "ipBlock", at).get("cidr")):
+            raise SpecError(f"{at}.ipBlock needs a cidr and stands alone")
+        peers.append(dict(item))
+    return tuple(peers)
 
 
 def _parse_replan(raw: Mapping[str, Any]) -> replanning.ReplanSettings:

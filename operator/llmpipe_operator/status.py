@@ -22,6 +22,7 @@ READY = "Ready"
 DEGRADED = "Degraded"
 
 REASON_INVALID_SPEC = "InvalidSpec"
+REASON_POLICY_VIOLATION = "PolicyViolation"
 REASON_INSUFFICIENT_MEMORY = "InsufficientMemory"
 REASON_NO_ELIGIBLE_NODES = "NoEligibleNodes"
 REASON_PLANNED = "Planned"
@@ -156,14 +157,20 @@ def merge_conditions(
 
 
 def invalid_spec(
-    message: str, *, generation: int, now: str, previous: Sequence[Mapping[str, Any]] = ()
+    message: str,
+    *,
+    generation: int,
+    now: str,
+    previous: Sequence[Mapping[str, Any]] = (),
+    reason: str = REASON_INVALID_SPEC,
 ) -> dict[str, Any]:
-    """The spec cannot be acted on; nothing is planned or deployed for it."""
+    """The spec cannot be acted on; nothing is planned or deployed for it. `reason` is
+    InvalidSpec, or PolicyViolation for a spec the cluster's policy refuses."""
     conds = [
         condition(
             PLANNED,
             False,
-            REASON_INVALID_SPEC,
+            reason,
             message,
             generation=generation,
             now=now,
@@ -172,7 +179,7 @@ def invalid_spec(
         condition(
             READY,
             False,
-            REASON_INVALID_SPEC,
+            reason,
             "no plan",
             generation=generation,
             now=now,

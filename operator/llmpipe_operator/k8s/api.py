@@ -16,6 +16,7 @@ from lightkube.generic_resource import create_namespaced_resource
 from lightkube.resources.apps_v1 import Deployment
 from lightkube.resources.core_v1 import ConfigMap, Node, Pod, Secret, Service
 from lightkube.resources.discovery_v1 import EndpointSlice
+from lightkube.resources.networking_v1 import NetworkPolicy
 from lightkube.types import PatchType
 
 FIELD_MANAGER = "llmpipe-operator"
@@ -33,6 +34,7 @@ _KINDS: Mapping[str, Any] = {
     "Service": Service,
     "ConfigMap": ConfigMap,
     "Secret": Secret,
+    "NetworkPolicy": NetworkPolicy,
 }
 
 

@@ -110,6 +110,11 @@ def endpoint_service_name(pipeline: PipelineRef) -> str:
     return pipeline.name
 
 
+def network_policy_name(pipeline: PipelineRef) -> str:
+    """One per pipeline, stable across plans (it selects every plan's stage pods)."""
+    return f"{pipeline.name}-network"
+
+
 def stage_address(pipeline: PipelineRef, digest: str, index: int) -> str:
     """gRPC address of a stage's Service, resolvable from any namespace."""
     return f"{stage_name(pipeline, digest, index)}.{pipeline.namespace}.svc:{GRPC_PORT}"
@@ -135,6 +140,11 @@ def plan_labels(pipeline: PipelineRef, digest: str) -> dict[str, str]:
 def stage_selector(pipeline: PipelineRef, digest: str, index: int) -> dict[str, str]:
     """The labels that select exactly one stage's pod (also the endpoint Service's selector)."""
     return {LABEL_PIPELINE: pipeline.name, LABEL_PLAN_HASH: digest, LABEL_STAGE_INDEX: str(index)}
+
+
+def stage_pods_selector(pipeline: PipelineRef) -> dict[str, str]:
+    """The labels every stage pod of the pipeline carries, whatever its plan."""
+    return {LABEL_PIPELINE: pipeline.name, LABEL_COMPONENT: "stage"}
 
 
 def owner_reference(pipeline: PipelineRef) -> dict[str, Any]:

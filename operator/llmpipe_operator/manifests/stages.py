@@ -103,6 +103,13 @@ def build_stage_service(
     }
 
 
+def _image(spec: spec_mod.PipelineSpec) -> str:
+    """The image the cluster policy resolved (policy.resolve runs before rendering)."""
+    if not spec.runtime.image:
+        raise ValueError("spec.runtime.image is unset: resolve the spec with the policy first")
+    return spec.runtime.image
+
+
 def _pin_to_node(node: str) -> dict[str, Any]:
     term = {
         "matchExpressions": [{"key": "kubernetes.io/hostname", "operator": "In", "values": [node]}]
@@ -118,8 +125,8 @@ def _stage_container(spec: spec_mod.PipelineSpec, stage: Mapping[str, Any]) -> d
     index = int(stage["index"])
     container: dict[str, Any] = {
         "name": "stage",
-        "image": spec.runtime.image,
-        "imagePullPolicy": spec.runtime.image_pull_policy,
+        "image": _image(spec),
+        "imagePullPolicy": spec.runtime.image_pull_policy or "IfNotPresent",
         "command": [
             "python",
             "-m",
@@ -232,8 +239,8 @@ def _download_container(
         )
     return {
         "name": "fetch-model",
-        "image": spec.runtime.image,
-        "imagePullPolicy": spec.runtime.image_pull_policy,
+        "image": _image(spec),
+        "imagePullPolicy": spec.runtime.image_pull_policy or "IfNotPresent",
         "command": [
             "python",
             "-m",

@@ -21,7 +21,7 @@ from lightkube import AsyncClient
 from llmpipe_operator import spec as spec_mod
 from llmpipe_operator import status, telemetry
 from llmpipe_operator.k8s import api
-from llmpipe_operator.manifests import endpoint, names, render
+from llmpipe_operator.manifests import endpoint, names, network, render
 from llmpipe_operator.planning import live, planner
 from llmpipe_operator.reconcile import certs, errors, fetch, locks, switch
 
@@ -129,7 +129,8 @@ async def deploy_plan(
         # The plan ConfigMap first: it owns the stage certificates, which must exist
         # before the Deployments (their pods mount them).
         plan_objects = [o for o in objects if o["kind"] == "ConfigMap"]
-        await api.apply_objects(client, plan_objects)
+        # The NetworkPolicy with it: no stage pod runs a moment without it.
+        await api.apply_objects(client, [network.build_network_policy(ref, spec), *plan_objects])
     await certs.ensure_stage_certificates(
         client, ref, digest=digest, stage_count=len(plan["stages"])
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from llmpipe_operator import policy
 from llmpipe_operator import spec as spec_mod
 from llmpipe_operator.manifests import names
 from llmpipe_operator.planning import inventory, planner
@@ -20,7 +21,7 @@ class SpecBuilder:
         self.raw: dict[str, Any] = {
             "model": {
                 "name": "tiny-llama",
-                "source": {"hostPath": {"path": "/var/lib/models/tiny"}},
+                "source": {"hostPath": {"path": "/var/lib/llmpipe/models/tiny"}},
                 "config": copy.deepcopy(TINY_LLAMA_CONFIG),
             }
         }
@@ -58,8 +59,22 @@ class SpecBuilder:
         self.raw.setdefault("service", {}).update(fields)
         return self
 
-    def build(self) -> spec_mod.PipelineSpec:
+    def parsed(self) -> spec_mod.PipelineSpec:
+        """The spec as the parser reads it, runtime not yet completed from a profile."""
         return spec_mod.parse_spec(self.raw)
+
+    def build(self) -> spec_mod.PipelineSpec:
+        """The spec as the operator renders it: resolved under a policy allowing any image
+        and host path (the policy's own rules are tested in tests/unit/policy/)."""
+        return policy.resolve(self.parsed(), ANY_IMAGE_POLICY)
+
+
+ANY_IMAGE_POLICY = policy.Policy(
+    profiles=policy.default_policy().profiles,
+    default_profile="default",
+    allowed_images=("*", "*/*", "*/*/*"),
+    allowed_host_paths=("",),
+)
 
 
 def a_spec() -> SpecBuilder:

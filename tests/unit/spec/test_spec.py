@@ -8,6 +8,7 @@ Kubernetes; an unusable config.json; spec.replan.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +44,6 @@ PARSED = {
     ("workload", "objective"): lambda s: s.workload.objective,
     ("workload", "maxSequences"): lambda s: s.workload.max_sequences,
     ("workload", "maxContextTokens"): lambda s: s.workload.max_context_tokens,
-    ("runtime", "image"): lambda s: s.runtime.image,
-    ("runtime", "imagePullPolicy"): lambda s: s.runtime.image_pull_policy,
     ("runtime", "runtimeOverhead"): lambda s: s.runtime.runtime_overhead_bytes,
     ("service", "port"): lambda s: s.service.port,
     ("service", "type"): lambda s: s.service.type,
@@ -58,7 +57,7 @@ PARSED = {
 
 def test_parser_defaults_are_the_crd_defaults() -> None:
     defaults = schema_defaults(crd_spec_schema())
-    spec = a_spec().build()
+    spec = a_spec().parsed()
     source_defaults = {k for k in defaults if k[:2] == ("model", "source")}
     assert set(defaults) - source_defaults == set(PARSED)
     for path, read in PARSED.items():
@@ -94,9 +93,15 @@ def test_parsed_spec_carries_every_field() -> None:
             tolerations=[{"key": "k", "operator": "Equal", "value": "v", "effect": "NoSchedule"}],
         )
         .workload(objective="latency", maxSequences=2, maxContextTokens=4096)
-        .runtime(image="img:1", runtimeOverhead="1Gi", env=[{"name": "A", "value": "1"}])
-        .service(port=80, type="LoadBalancer")
-        .build()
+        .runtime(
+            profile="gpu",
+            image="img:1",
+            imagePullPolicy="Always",
+            runtimeOverhead="1Gi",
+            env=[{"name": "A", "value": "1"}],
+        )
+        .service(port=80, type="LoadBalancer", allowFrom=[{"namespaceSelector": {}}])
+        .parsed()
     )
     assert spec.model.source == spec_mod.PvcSource(claim_name="models", path="tiny")
     assert spec.placement.node_selector == {"pool": "llm"}
@@ -106,7 +111,10 @@ def test_parsed_spec_carries_every_field() -> None:
     assert spec.workload == spec_mod.WorkloadSpec("latency", 2, 4096)
     assert spec.runtime.runtime_overhead_bytes == 1024**3
     assert spec.runtime.env == ({"name": "A", "value": "1"},)
-    assert spec.service == spec_mod.ServiceSpec(80, "LoadBalancer")
+    assert (spec.runtime.profile, spec.runtime.image) == ("gpu", "img:1")
+    assert spec.runtime.image_pull_policy == "Always"
+    assert (spec.service.port, spec.service.type) == (80, "LoadBalancer")
+    assert spec.service.allow_from == ({"namespaceSelector": {}},)
     assert spec.profile().num_layers == 8
 
 
@@ -130,6 +138,12 @@ refused = pytest.mark.parametrize(
         (lambda b: b.gguf(hostPath="/m/model.bin"), "absolute path to a .gguf file"),
         (lambda b: b.gguf(pvc={"claimName": "m", "path": "../x.gguf"}), "without '..'"),
         (lambda b: b.gguf(huggingFace={"id": "a/b"}), "gguf.huggingFace.filename is required"),
+        (lambda b: b.service(allowFrom=[{"pods": {}}]), "spec.service.allowFrom[0] must set"),
+        (
+            lambda b: b.service(allowFrom=[{"ipBlock": {"cidr": "10.0.0.0/8"}, "podSelector": {}}]),
+            "spec.service.allowFrom[0].ipBlock needs a cidr and stands alone",
+        ),
+        (lambda b: b.runtime(imagePullPolicy="Sometimes"), "spec.runtime.imagePullPolicy"),
     ],
     ids=[
         "no-source",
@@ -149,6 +163,9 @@ refused = pytest.mark.parametrize(
         "gguf-not-gguf",
         "gguf-dotdot",
         "gguf-no-filename",
+        "peer-kind",
+        "peer-ipblock",
+        "pull-policy",
     ],
 )
 
@@ -159,9 +176,9 @@ def test_unusable_spec_is_refused_naming_the_field(mutate, message) -> None:
     mutate(builder)
     with pytest.raises(
         spec_mod.SpecError,
-        match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\."),
+        match=re.escape(message),
     ):
-        builder.build()
+        builder.parsed()
 
 
 tolerations = pytest.mark.parametrize(
