@@ -83,10 +83,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
-    try:
-        args.policy = load_policy(args.policy)
-    except (OSError, ValueError) as error:
-        parser.error(f"--policy {args.policy}: {error}")
     for port in (args.health_port, args.metrics_port):
         if not 0 <= port <= 65535:
             parser.error(f"port {port} is out of range 0-65535")
@@ -125,16 +121,23 @@ async def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        rules = load_policy(args.policy)
+    except (OSError, ValueError) as error:
+        print(
+            f"python -m llmpipe_operator: error: --policy {args.policy}: {error}", file=sys.stderr
+        )
+        return 2
     # Kopf sets up logging (its own format, object prefixes); the HTTP client's per-request
     # lines are noise at INFO.
     kopf.configure(verbose=args.verbose, log_prefix=True)
-    fetch.configure_policy(args.policy)
+    fetch.configure_policy(rules)
     logging.getLogger(__name__).info(
         "policy: profiles %s (default %s), images %s, host paths %s",
-        ", ".join(sorted(args.policy.profiles)),
-        args.policy.default_profile,
-        ", ".join(args.policy.allowed_images) or "none",
-        ", ".join(p or "/" for p in args.policy.allowed_host_paths) or "none",
+        ", ".join(sorted(rules.profiles)),
+        rules.default_profile,
+        ", ".join(rules.allowed_images) or "none",
+        ", ".join(p or "/" for p in rules.allowed_host_paths) or "none",
     )
     logging.getLogger("httpx2").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     asyncio.run(run(args))

@@ -58,23 +58,14 @@ app.kubernetes.io/component: operator
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 
-{{/*
-True (non-empty) when the operator watches only the namespaces in .Values.watch.namespaces;
-empty when it watches all namespaces. rbac.yaml uses it to choose per-namespace Roles over
-cluster-wide write permissions.
-*/}}
-{{- define "llmpipe.namespaceScoped" -}}
-{{- if .Values.watch.namespaces }}true{{ end }}
-{{- end }}
-
-{{/* The runner's namespace flags: `--namespace NS` per watched namespace, or `--all-namespaces`. */}}
+{{/* The runner's namespace flags: `--all-namespaces` (opt-in), or `--namespace NS` each. */}}
 {{- define "llmpipe.namespaceArgs" -}}
-{{- if .Values.watch.namespaces }}
+{{- if .Values.watch.allNamespaces }}
+- --all-namespaces
+{{- else }}
 {{- range .Values.watch.namespaces }}
 - --namespace
 - {{ . | quote }}
 {{- end }}
-{{- else }}
-- --all-namespaces
 {{- end }}
 {{- end }}

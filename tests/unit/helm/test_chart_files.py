@@ -2,8 +2,9 @@
 
 Covers: helm/llmpipe/crds/ is byte-identical to crds/; every key in values.yaml is described
 by values.schema.json (and values.yaml itself satisfies the schema's types and enums); the
-chart's appVersion is the tag of the CRD's default stage image, so the images built as the
-README says are the ones a default pipeline and a default install use.
+chart's appVersion is the tag of the default runtime profile's stage image (the chart's
+`policy` values, which the operator's built-in default policy repeats), so the images built as
+the README says are the ones a default pipeline and a default install use.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from llmpipe_operator import policy
 from tests.unit.helm.conftest import CHART, ROOT
 
 
@@ -96,14 +98,13 @@ def test_default_values_satisfy_the_schema_types() -> None:
 
 def test_app_version_is_the_default_stage_image_tag() -> None:
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
-    crd = yaml.safe_load((ROOT / "crds" / "llmpipeline.yaml").read_text())
-    runtime = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"][
-        "properties"
-    ]["runtime"]["properties"]
-    stage_image = runtime["image"]["default"]
+    values, _ = _load_values_and_schema()
+    default = values["policy"]["defaultProfile"]
+    stage_image = values["policy"]["runtimeProfiles"][default]["image"]
+    assert stage_image == policy.PROJECT_STAGE_IMAGE
     assert stage_image.rsplit(":", 1)[1] == chart["appVersion"], (
-        f"CRD default stage image {stage_image} and chart appVersion {chart['appVersion']} "
-        "disagree: the README's docker build tags would not match"
+        f"default profile's stage image {stage_image} and chart appVersion "
+        f"{chart['appVersion']} disagree: the README's docker build tags would not match"
     )
 
 

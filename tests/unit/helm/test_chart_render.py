@@ -1,16 +1,19 @@
 """The chart renders what a user and the operator need, with the real helm binary.
 
 Covers: `helm lint --strict`; the default install (CRD, ServiceAccount, one operator Deployment
-with Recreate, liveness probe, restricted securityContext, resources, `--all-namespaces`);
-namespace scoping (`--namespace` per watched namespace); the optional metrics Service and
-ServiceMonitor (off by default, refused without the Prometheus Operator API); values the
-schema refuses with a message naming them; an existing ServiceAccount; the RBAC bindings'
+with Recreate, liveness probe, restricted securityContext, resources, `--namespace default`,
+the policy mounted and passed as `--policy`); namespace scoping (`--namespace` per watched
+namespace); the cluster-wide opt-in (`--all-namespaces`, no write permission bound
+cluster-wide); refused namespaces (kube-system, the release's own, none at all); the
+optional metrics Service and ServiceMonitor (off by default, refused without the Prometheus
+Operator API); values the schema refuses with a message naming them; an existing ServiceAccount; the RBAC bindings'
 subject is the chart's ServiceAccount. The API server's acceptance of the same output is in
 tests/cluster/helm.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -66,7 +69,10 @@ def test_operator_deployment_shape(render: Render) -> None:
     assert container["image"] == "ghcr.io/llmpipe/llmpipe-operator:0.1.0"
     assert container["command"] == ["python", "-m", "llmpipe_operator"]
     assert container["args"] == [
-        "--all-namespaces",
+        "--namespace",
+        "default",
+        "--policy",
+        "/etc/llmpipe/policy/policy.json",
         "--health-port",
         "8081",
         "--metrics-port",
@@ -182,13 +188,22 @@ def test_existing_service_account_is_used_and_not_created(render: Render) -> Non
 
 
 def test_existing_service_account_needs_a_name(helm: str) -> None:
-    done = run_helm(helm, "template", "demo", str(CHART), "--set", "serviceAccount.create=false")
+    done = run_helm(
+        helm,
+        "template",
+        "demo",
+        str(CHART),
+        "-n",
+        "llmpipe-system",
+        "--set",
+        "serviceAccount.create=false",
+    )
     assert done.returncode != 0
     assert "serviceAccount.name must name an existing ServiceAccount" in done.stderr
 
 
 def test_release_named_llmpipe_is_not_doubled(helm: str) -> None:
-    done = run_helm(helm, "template", "llmpipe", str(CHART))
+    done = run_helm(helm, "template", "llmpipe", str(CHART), "--namespace", "llmpipe-system")
     assert done.returncode == 0, done.stderr
     assert "name: llmpipe\n" in done.stdout and "llmpipe-llmpipe" not in done.stdout
 
@@ -205,7 +220,11 @@ def _need_rbac(objects: list[dict[str, Any]]) -> None:
         pytest.skip("helm/llmpipe/templates/rbac.yaml (operator's file) renders no bindings yet")
 
 
-@pytest.mark.parametrize("sets", [(), ("watch.namespaces={team-a,team-b}",)], ids=["all", "scoped"])
+@pytest.mark.parametrize(
+    "sets",
+    [(), ("watch.namespaces={team-a,team-b}",), ("watch.allNamespaces=true",)],
+    ids=["default", "scoped", "all"],
+)
 def test_every_binding_names_the_chart_service_account(
     render: Render, sets: tuple[str, ...]
 ) -> None:
@@ -246,17 +265,93 @@ def test_scoped_install_writes_only_in_watched_namespaces(render: Render) -> Non
 
 @pytest.mark.parametrize(
     ("sets", "namespaces"),
-    [((), None), (("watch.namespaces={team-a,team-b}",), ["team-a", "team-b"])],
+    [
+        (("watch.allNamespaces=true",), None),
+        (("watch.namespaces={team-a,team-b}",), ["team-a", "team-b"]),
+    ],
     ids=["all", "scoped"],
 )
 def test_operator_runner_accepts_the_rendered_args(
-    render: Render, sets: tuple[str, ...], namespaces: list[str] | None
+    render: Render, sets: tuple[str, ...], namespaces: list[str] | None, tmp_path: Path
 ) -> None:
     from llmpipe_operator import __main__ as runner
+    from llmpipe_operator import policy
 
-    container = _container(render("operator.healthPort=9091", *sets))
+    objects = render("operator.healthPort=9091", *sets)
+    container = _container(objects)
     assert container["command"][-1] == runner.__spec__.parent
     args = runner.parse_args(container["args"])
     assert args.namespace == namespaces
     assert args.all_namespaces is (namespaces is None)
     assert (args.health_port, args.metrics_port) == (9091, 8080)
+    # The file the ConfigMap mounts at --policy is one the runner loads.
+    config = next(
+        o for o in by_kind(objects, "ConfigMap") if o["metadata"]["name"] == "demo-llmpipe-policy"
+    )
+    mounted = tmp_path / args.policy.name
+    mounted.write_text(config["data"]["policy.json"])
+    assert runner.load_policy(mounted) == policy.default_policy()
+
+
+@pytest.mark.parametrize(
+    "sets", [("watch.allNamespaces=true",), ("watch.allNamespaces=true", "watch.namespaces=null")]
+)
+def test_cluster_wide_watch_binds_no_write_permission_cluster_wide(
+    render: Render, sets: tuple[str, ...]
+) -> None:
+    objects = render(*sets)
+    roles = {r["metadata"]["name"]: r for r in by_kind(objects, "ClusterRole")}
+    for binding in by_kind(objects, "ClusterRoleBinding"):
+        role = roles[binding["roleRef"]["name"]]
+        for rule in role["rules"]:
+            writes = WRITE_VERBS & set(rule["verbs"])
+            # Only the operator's own resource (Kopf's annotations, the status) and Events.
+            assert not writes or set(rule["resources"]) <= {
+                "llmpipelines",
+                "llmpipelines/status",
+                "events",
+            }, (role["metadata"]["name"], rule)
+    workloads = roles["demo-llmpipe-workloads"]
+    assert any(
+        "deployments" in r["resources"] and "create" in r["verbs"] for r in workloads["rules"]
+    )
+    granted = [
+        b
+        for b in by_kind(objects, "RoleBinding")
+        if b["roleRef"]["name"] == "demo-llmpipe-workloads"
+    ]
+    assert all(b["roleRef"]["kind"] == "ClusterRole" for b in granted)
+    assert [b["metadata"]["namespace"] for b in granted] == (["default"] if len(sets) == 1 else [])
+
+
+refused_namespaces = pytest.mark.parametrize(
+    ("namespace_args", "message"),
+    [
+        (("--set", "watch.namespaces={team-a,kube-system}"), 'must not hold "kube-system"'),
+        (("--set", "watch.namespaces={llmpipe-system}"), "release's own namespace"),
+        (("--set", "watch.namespaces=null"), "watch.namespaces is empty"),
+    ],
+    ids=["kube-system", "own-namespace", "none"],
+)
+
+
+@refused_namespaces
+def test_write_access_is_refused_where_it_is_dangerous(
+    helm: str, namespace_args: tuple[str, ...], message: str
+) -> None:
+    done = run_helm(helm, "template", "demo", str(CHART), "-n", "llmpipe-system", *namespace_args)
+    assert done.returncode != 0
+    assert message in done.stderr
+
+
+def test_installing_into_the_watched_default_namespace_says_what_to_do(helm: str) -> None:
+    done = run_helm(helm, "template", "demo", str(CHART))  # --namespace default
+    assert done.returncode != 0
+    assert "install the chart in a namespace of its own" in done.stderr
+
+
+def test_scoped_rules_include_network_policies(render: Render) -> None:
+    role = one(render(), "Role")
+    rule = next(r for r in role["rules"] if "networkpolicies" in r["resources"])
+    assert rule["apiGroups"] == ["networking.k8s.io"]
+    assert {"create", "patch", "get"} <= set(rule["verbs"]) and "delete" not in rule["verbs"]
