@@ -6,9 +6,9 @@ the policy mounted and passed as `--policy`); namespace scoping (`--namespace` p
 namespace); the cluster-wide opt-in (`--all-namespaces`, no write permission bound
 cluster-wide); refused namespaces (kube-system, the release's own, none at all); the
 optional metrics Service and ServiceMonitor (off by default, refused without the Prometheus
-Operator API); values the schema refuses with a message naming them; an existing ServiceAccount; the RBAC bindings'
-subject is the chart's ServiceAccount. The API server's acceptance of the same output is in
-tests/cluster/helm.
+Operator API); values the schema refuses with a message naming them; an existing
+ServiceAccount; the RBAC bindings' subject is the chart's ServiceAccount. The API server's
+acceptance of the same output is in tests/cluster/helm.
 """
 
 from __future__ import annotations
