@@ -1,8 +1,10 @@
 """The README's path on a simulated K3s cluster: helm install, label nodes, apply examples.
 
-Covers, with nothing mocked but the nodes (kwok): `helm install` scoped to one namespace;
-the operator as a real process authenticated as the ServiceAccount the chart created (so it
-works with exactly the chart's RBAC); nodes described only by running
+Covers, with nothing mocked but the nodes (kwok): `helm install` into a namespace of its own,
+scoped to one other namespace; the operator as a real process authenticated as the
+ServiceAccount the chart created and reading the policy ConfigMap the chart created (so it
+works with exactly the chart's RBAC and default policy, and the examples pass that policy's
+admission); nodes described only by running
 examples/nodes/label-k3s-edge-cloud.sh (node names prefixed for this test); the three
 example pipelines applied as shipped (plus a selector label that keeps other tests' nodes
 out); each becomes Ready with its stages where the example promises (privacy: stage 0 on
@@ -67,6 +69,7 @@ class Cluster:
         self.workdir = workdir
         self.tag = uuid.uuid4().hex[:6]
         self.namespace = f"user-path-{self.tag}"
+        self.system = f"user-path-system-{self.tag}"
         self.release = f"llmpipe-{self.tag}"
         self.names = {n["name"]: f"up{self.tag}-{n['name']}" for n in self.cluster_file()["nodes"]}
         self.operator: subprocess.Popen[bytes] | None = None
@@ -101,7 +104,7 @@ class Cluster:
                 self.release,
                 str(CHART),
                 "--namespace",
-                self.namespace,
+                self.system,
                 "--set",
                 f"watch.namespaces={{{self.namespace}}}",
                 "--set-string",
@@ -118,9 +121,20 @@ class Cluster:
         )
 
     def start_operator(self) -> None:
-        """The operator process, as the ServiceAccount `helm install` created."""
+        """The operator process, as the ServiceAccount `helm install` created, with the policy
+        file the chart's ConfigMap holds (what its Deployment mounts)."""
         kubeconfig = self.plane.service_account_kubeconfig(
-            self.namespace, self.release, path=self.workdir / "operator.kubeconfig"
+            self.system, self.release, path=self.workdir / "operator.kubeconfig"
+        )
+        policy = self.workdir / "policy.json"
+        policy.write_text(
+            run(
+                self.plane,
+                [
+                    *(str(self.plane.bin_dir / "kubectl"), "get", "configmap", "-n", self.system),
+                    *(f"{self.release}-policy", "-o", "jsonpath={.data.policy\\.json}"),
+                ],
+            )
         )
         port = cp.free_port()
         argv = [
@@ -133,6 +147,8 @@ class Cluster:
             str(port),
             "--metrics-port",
             "0",
+            "--policy",
+            str(policy),
         ]
         env = {
             **self.plane.env,
@@ -171,7 +187,7 @@ class Cluster:
                 "uninstall",
                 self.release,
                 "--namespace",
-                self.namespace,
+                self.system,
                 "--wait",
             ],
             check=False,
@@ -258,11 +274,13 @@ def cluster(
 ) -> Iterator[Cluster]:
     made = Cluster(control_plane, tmp_path_factory.mktemp("user-path"))
     control_plane.create_namespace(made.namespace)
+    control_plane.create_namespace(made.system)
     try:
         yield made
     finally:
         made.stop()
         control_plane.delete_namespace(made.namespace)
+        control_plane.delete_namespace(made.system)
         control_plane.kubectl(
             "delete", "pv", f"models-{made.tag}", "--ignore-not-found", "--wait=false", check=False
         )

@@ -1,9 +1,12 @@
 """Fixtures for the operator's cluster tests: the CRD, and the operator as a real process.
 
-`operator` renders the chart's RBAC and ServiceAccount with the real `helm template`
-(scoped to the test's namespace), applies them, and starts `python -m llmpipe_operator
---namespace <ns>` authenticated as that ServiceAccount's token: the tests exercise the
-operator under exactly the permissions the chart grants, never as admin.
+`operator` renders the chart's RBAC, ServiceAccount and policy ConfigMap with the real
+`helm template` (the release in a namespace of its own, as the chart requires, watching the
+test's namespace), applies them, and starts `python -m llmpipe_operator --namespace <ns>
+--policy <the ConfigMap's policy.json>` authenticated as that ServiceAccount's token: the
+tests exercise the operator under exactly the permissions and the policy the chart renders,
+never as admin. The policy adds the test stage image (`llmpipe-stage:*`) to the chart's
+defaults.
 `pool` adds simulated nodes carrying a label unique to the test, which the test's pipelines
 select, so nodes of other tests sharing the control plane never take part.
 """
@@ -34,6 +37,8 @@ REPO = Path(__file__).resolve().parents[3]
 CRD = REPO / "crds" / "llmpipeline.yaml"
 CHART = REPO / "helm" / "llmpipe"
 POOL_LABEL = "test.llmpipe.io/pool"
+TEST_POLICY = ("policy.allowedImages={llmpipe-stage:*,ghcr.io/llmpipe/llmpipe-stage:*}",)
+"""Values for the test operator's policy: the chart's defaults plus the test stage image."""
 
 
 @pytest.fixture(scope="session")
@@ -54,6 +59,7 @@ class OperatorProcess:
     health_port: int
     account: str = ""
     cluster_objects: list[str] = field(default_factory=list)
+    release_namespace: str = ""
 
     def log_tail(self, lines: int = 60) -> str:
         text = self.log.read_text(errors="replace") if self.log.exists() else ""
@@ -67,27 +73,52 @@ class OperatorProcess:
 
 
 def render_rbac(
-    control_plane: cp.ControlPlane, *, release: str, namespace: str, watch: list[str]
+    control_plane: cp.ControlPlane,
+    *,
+    release: str,
+    namespace: str,
+    watch: list[str],
+    templates: tuple[str, ...] = ("serviceaccount.yaml", "rbac.yaml"),
+    values: tuple[str, ...] = (),
 ) -> list[dict[str, Any]]:
-    """The chart's ServiceAccount + RBAC for `watch` namespaces, from the real helm binary."""
-    args = [
-        str(control_plane.bin_dir / "helm"),
-        "template",
-        release,
-        str(CHART),
-        "--namespace",
-        namespace,
-        "--show-only",
-        "templates/serviceaccount.yaml",
-        "--show-only",
-        "templates/rbac.yaml",
-    ]
+    """The chart's ServiceAccount + RBAC (or other `templates`) of a release in `namespace`
+    watching `watch`, from the real helm binary."""
+    args = [str(control_plane.bin_dir / "helm"), "template", release, str(CHART)]
+    args += ["--namespace", namespace]  # watch.namespaces[i] replaces the default list's items
+    for template in templates:
+        args += ["--show-only", f"templates/{template}"]
     for i, ns in enumerate(watch):
         args += ["--set", f"watch.namespaces[{i}]={ns}"]
+    for pair in values:
+        args += ["--set", pair]
     rendered = subprocess.run(
         args, env=control_plane.env, capture_output=True, text=True, check=True, timeout=60
     ).stdout
     return [doc for doc in yaml.safe_load_all(rendered) if doc]
+
+
+def operator_release_namespace(control_plane: cp.ControlPlane) -> str:
+    """A namespace of its own for the operator's ServiceAccount (the chart refuses to let the
+    operator write in its release namespace, so it must not be a watched one)."""
+    name = f"llmpipe-op-{uuid.uuid4().hex[:8]}"
+    control_plane.create_namespace(name)
+    return name
+
+
+def write_policy(
+    control_plane: cp.ControlPlane, *, release: str, namespace: str, path: Path
+) -> Path:
+    """The chart's policy ConfigMap (TEST_POLICY values) as the file --policy reads."""
+    (config,) = render_rbac(
+        control_plane,
+        release=release,
+        namespace=namespace,
+        watch=["unused"],
+        templates=("policy.yaml",),
+        values=(*TEST_POLICY, "policy.admission.enabled=false"),
+    )
+    path.write_text(config["data"]["policy.json"])
+    return path
 
 
 def start_operator(
@@ -97,16 +128,21 @@ def start_operator(
     workdir: Path,
     watch: list[str] | None = None,
     extra_args: tuple[str, ...] = (),
+    policy_file: Path | None = None,
 ) -> OperatorProcess:
-    """Apply the chart's RBAC, then run the operator as its ServiceAccount."""
+    """Apply the chart's RBAC, then run the operator as its ServiceAccount under the chart's
+    policy (TEST_POLICY, or `policy_file`)."""
     workdir.mkdir(parents=True, exist_ok=True)
     release = f"llmpipe-{uuid.uuid4().hex[:6]}"
-    docs = render_rbac(
-        control_plane, release=release, namespace=namespace, watch=watch or [namespace]
-    )
+    home = operator_release_namespace(control_plane)
+    docs = render_rbac(control_plane, release=release, namespace=home, watch=watch or [namespace])
     manifest = workdir / "rbac.yaml"
     manifest.write_text(yaml.safe_dump_all(docs))
     control_plane.kubectl("apply", "-f", str(manifest))
+    if policy_file is None:
+        policy_file = write_policy(
+            control_plane, release=release, namespace=home, path=workdir / "policy.json"
+        )
     cluster_objects = [
         f"{d['kind'].lower()}/{d['metadata']['name']}"
         for d in docs
@@ -114,7 +150,7 @@ def start_operator(
     ]
     (account,) = [d["metadata"]["name"] for d in docs if d["kind"] == "ServiceAccount"]
     kubeconfig = control_plane.service_account_kubeconfig(
-        namespace, account, path=workdir / "operator.kubeconfig"
+        home, account, path=workdir / "operator.kubeconfig"
     )
     port = cp.free_port()
     log = workdir / "operator.log"
@@ -132,13 +168,15 @@ def start_operator(
         str(port),
         "--metrics-port",
         "0",
+        "--policy",
+        str(policy_file),
     ]
     for ns in watch or [namespace]:
         args += ["--namespace", ns]
     args += extra_args
     with log.open("wb") as out:
         process = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
-    handle = OperatorProcess(process, log, namespace, port, account, cluster_objects)
+    handle = OperatorProcess(process, log, namespace, port, account, cluster_objects, home)
     wait.until(
         lambda: process.poll() is None and _healthy(port),
         what="the operator's /healthz",
@@ -159,6 +197,10 @@ def stop_operator(control_plane: cp.ControlPlane, handle: OperatorProcess) -> No
             handle.process.wait(timeout=5)
     for obj in handle.cluster_objects:
         control_plane.kubectl("delete", "--ignore-not-found", obj, check=False)
+    if handle.release_namespace:
+        control_plane.kubectl(
+            "delete", "namespace", handle.release_namespace, "--wait=false", check=False
+        )
 
 
 def _healthy(port: int) -> bool:

@@ -519,7 +519,7 @@ def test_operator_runs_with_least_privilege(
     control_plane: cp.ControlPlane, operator: OperatorProcess, namespace: str, crd: object
 ) -> None:
     """What the chart's RBAC lets the operator's ServiceAccount do, asked of the API server."""
-    user = f"system:serviceaccount:{namespace}:{operator.account}"
+    user = f"system:serviceaccount:{operator.release_namespace}:{operator.account}"
 
     def can(*args: str) -> bool:
         result = control_plane.kubectl("auth", "can-i", *args, "--as", user, check=False)
@@ -539,7 +539,11 @@ def test_operator_runs_with_least_privilege(
     assert not can("watch", "secrets", "-n", namespace)
     assert not can("delete", "secrets", "-n", namespace)
     assert not can("get", "secrets", "-n", "default")
+    assert can("create", "networkpolicies.networking.k8s.io", "-n", namespace)
     assert not can("create", "deployments.apps", "-n", "default")
+    assert not can("create", "deployments.apps", "-n", "kube-system")
+    assert not can("patch", "deployments.apps", "-n", operator.release_namespace)
+    assert not can("create", "deployments.apps", "-n", operator.release_namespace)
     assert not can("create", "llmpipelines.llmpipe.io", "-n", namespace)
     assert not can("list", "customresourcedefinitions.apiextensions.k8s.io")
     assert not can("create", "pods", "-n", namespace)

@@ -122,25 +122,28 @@ class OperatorProcess:
 def _operator_account(
     plane: cp.ControlPlane, namespace: str, workdir: Path
 ) -> tuple[Path, list[str]]:
-    """Apply the chart's ServiceAccount and RBAC for `namespace`; a kubeconfig acting as it."""
-    from tests.cluster.operator.conftest import render_rbac
+    """Apply the chart's ServiceAccount (in a release namespace of its own) and RBAC for
+    `namespace`; a kubeconfig acting as it. The namespace is listed with the cluster objects
+    so that stopping the operator removes it."""
+    from tests.cluster.operator.conftest import operator_release_namespace, render_rbac
 
+    home = operator_release_namespace(plane)
     docs = render_rbac(
-        plane, release=f"llmpipe-{uuid.uuid4().hex[:6]}", namespace=namespace, watch=[namespace]
+        plane, release=f"llmpipe-{uuid.uuid4().hex[:6]}", namespace=home, watch=[namespace]
     )
     manifest = workdir / f"rbac-{namespace}.yaml"
     manifest.write_text(yaml.safe_dump_all(docs))
     plane.kubectl("apply", "-f", str(manifest))
     (account,) = [d["metadata"]["name"] for d in docs if d["kind"] == "ServiceAccount"]
     kubeconfig = _service_account_kubeconfig(
-        plane, namespace, account, workdir / f"operator-{namespace}.kubeconfig"
+        plane, home, account, workdir / f"operator-{namespace}.kubeconfig"
     )
     cluster = [
         f"{d['kind'].lower()}/{d['metadata']['name']}"
         for d in docs
         if d["kind"] in ("ClusterRole", "ClusterRoleBinding")
     ]
-    return kubeconfig, cluster
+    return kubeconfig, [*cluster, f"namespace/{home}"]
 
 
 @dataclass
