@@ -5,9 +5,12 @@ server-side dry-run apply; `helm install --wait` creates the operator Deployment
 scheduled by the real scheduler onto our own simulated node, made Running by kwok) and the
 CRD is Established and served (`kubectl get llmp`); the example pipelines pass the CRD's
 OpenAPI + CEL validation and a bad one is refused with the rule's message; the chart's RBAC
-gives the operator's ServiceAccount what it needs and no more (`kubectl auth can-i`);
-`helm upgrade` to namespace scoping rewrites the runner's flags and moves write access into
-the watched namespaces only; `helm uninstall` removes the release and keeps the CRD and the
+gives the operator's ServiceAccount what it needs and no more (`kubectl auth can-i`): by
+default it writes only in `default`, never in kube-system, its own namespace or a namespace
+without pipelines; `helm upgrade` to namespace scoping rewrites the runner's flags and moves
+write access into the watched namespaces only; the cluster-wide opt-in reads everywhere but
+writes only where a RoleBinding grants it (one rendered, one added by `kubectl create
+rolebinding` as NOTES says), never in kube-system or its own namespace; `helm uninstall` removes the release and keeps the CRD and the
 users' pipelines (Helm never deletes CRDs from `crds/`).
 
 The tests in this module run in file order and share one release (install -> upgrade ->
@@ -145,8 +148,13 @@ def template(rel: Release, *values: str) -> str:
 
 variants = pytest.mark.parametrize(
     "values",
-    [(), ("--set", "watch.namespaces={WATCHED}"), ("--set", "metrics.service.enabled=true")],
-    ids=["default", "namespace-scoped", "metrics-service"],
+    [
+        (),
+        ("--set", "watch.namespaces={WATCHED}"),
+        ("--set", "watch.allNamespaces=true"),
+        ("--set", "metrics.service.enabled=true"),
+    ],
+    ids=["default", "namespace-scoped", "cluster-wide", "metrics-service"],
 )
 
 
@@ -177,14 +185,15 @@ def test_install_creates_the_operator_deployment(release: Release) -> None:
     assert "violate PodSecurity" not in done.stderr, done.stderr
     # NOTES.txt: what to do next, with this release's names filled in.
     assert f"kubectl -n {release.namespace} rollout status deployment/{release.name}" in notes
-    assert "The operator watches LLMPipelines in every namespace." in notes
+    assert "The operator watches LLMPipelines in: default." in notes
     assert "kubectl apply -f examples/pipelines/edge-cloud-privacy.yaml" in notes
     client = release.plane.client()
     deployment = wait.deployment_available(client, release.name, release.namespace, timeout=60)
     assert deployment.spec.strategy.type == "Recreate"
     assert deployment.spec.replicas == 1
     (container,) = deployment.spec.template.spec.containers
-    assert container.args[:1] == ["--all-namespaces"]
+    assert container.args[:2] == ["--namespace", "default"]
+    assert container.args[2:4] == ["--policy", "/etc/llmpipe/policy/policy.json"]
     pods = list(
         client.list(
             Pod, namespace=release.namespace, labels={"app.kubernetes.io/instance": release.name}
@@ -239,13 +248,15 @@ def test_bad_pipeline_is_refused_with_the_rule_message(release: Release) -> None
     assert "spec.placement.maxStages" in done.stderr
 
 
-def test_operator_account_can_do_its_job_cluster_wide(release: Release) -> None:
-    for namespace in (*release.watched, release.unwatched):
-        assert release.can("watch", "llmpipelines.llmpipe.io", namespace)
-        assert release.can("patch", "llmpipelines.llmpipe.io/status", namespace)
-        assert release.can("create", "deployments.apps", namespace)
-        assert release.can("create", "services", namespace)
-        assert release.can("create", "configmaps", namespace)
+def test_default_install_writes_only_in_the_default_namespace(release: Release) -> None:
+    assert release.can("watch", "llmpipelines.llmpipe.io", "default")
+    assert release.can("patch", "llmpipelines.llmpipe.io/status", "default")
+    for kind in ("deployments.apps", "services", "configmaps", "networkpolicies.networking.k8s.io"):
+        assert release.can("create", kind, "default"), kind
+    for namespace in ("kube-system", release.namespace, *release.watched, release.unwatched):
+        assert not release.can("create", "deployments.apps", namespace), namespace
+        assert not release.can("patch", "deployments.apps", namespace), namespace
+        assert not release.can("create", "services", namespace), namespace
     assert release.can("list", "nodes")
     assert release.can("watch", "nodes")
 
@@ -288,7 +299,63 @@ def test_upgrade_to_namespace_scoping(release: Release) -> None:
         assert release.can("patch", "llmpipelines.llmpipe.io/status", namespace)
     assert not release.can("create", "deployments.apps", release.unwatched)
     assert not release.can("create", "services", release.unwatched)
+    assert not release.can("create", "deployments.apps", "default")
+    assert not release.can("create", "deployments.apps", "kube-system")
     assert release.can("list", "nodes")
+
+
+def test_upgrade_to_the_cluster_wide_opt_in_still_writes_only_where_granted(
+    release: Release,
+) -> None:
+    granted, other = release.watched
+    done = release.helm(
+        "upgrade",
+        release.name,
+        str(CHART),
+        *release.pin,
+        "--set",
+        "watch.allNamespaces=true",
+        "--set",
+        f"watch.namespaces={{{granted}}}",
+        "--wait",
+        "--timeout",
+        "120s",
+    )
+    notes = ok(done)
+    assert "WARNING: cluster-wide watch" in notes
+    deployment = wait.deployment_available(
+        release.plane.client(), release.name, release.namespace, timeout=60
+    )
+    (container,) = deployment.spec.template.spec.containers
+    assert container.args[:1] == ["--all-namespaces"]
+    everywhere = ("kube-system", release.namespace, granted, other, release.unwatched)
+    for namespace in everywhere:  # reads for the cluster-wide watch
+        assert release.can("watch", "llmpipelines.llmpipe.io", namespace), namespace
+        assert release.can("patch", "llmpipelines.llmpipe.io/status", namespace), namespace
+        assert release.can("watch", "deployments.apps", namespace), namespace
+    assert release.can("create", "deployments.apps", granted)
+    assert release.can("create", "networkpolicies.networking.k8s.io", granted)
+    for namespace in ("kube-system", release.namespace, other, release.unwatched):
+        assert not release.can("create", "deployments.apps", namespace), namespace
+        assert not release.can("delete", "services", namespace), namespace
+        assert not release.can("create", "configmaps", namespace), namespace
+        assert not release.can("get", "secrets", namespace), namespace
+    # Onboarding a namespace is one RoleBinding, as NOTES says.
+    command = next(line for line in notes.splitlines() if "kubectl create rolebinding" in line)
+    assert f"{release.name}-pipelines -n <namespace>" in command
+    ok(
+        release.kubectl(
+            "create",
+            "rolebinding",
+            f"{release.name}-pipelines",
+            "-n",
+            other,
+            f"--clusterrole={release.name}-workloads",
+            f"--serviceaccount={release.namespace}:{release.name}",
+        )
+    )
+    assert release.can("create", "deployments.apps", other)
+    assert not release.can("create", "deployments.apps", release.unwatched)
 
 
 def test_uninstall_removes_the_release_and_keeps_crd_and_pipelines(release: Release) -> None:
