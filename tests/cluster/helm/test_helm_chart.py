@@ -10,8 +10,9 @@ default it writes only in `default`, never in kube-system, its own namespace or 
 without pipelines; `helm upgrade` to namespace scoping rewrites the runner's flags and moves
 write access into the watched namespaces only; the cluster-wide opt-in reads everywhere but
 writes only where a RoleBinding grants it (one rendered, one added by `kubectl create
-rolebinding` as NOTES says), never in kube-system or its own namespace; `helm uninstall` removes the release and keeps the CRD and the
-users' pipelines (Helm never deletes CRDs from `crds/`).
+rolebinding` as NOTES says), never in kube-system or its own namespace; `helm uninstall`
+removes the release and keeps the CRD and the users' pipelines (Helm never deletes CRDs from
+`crds/`).
 
 The tests in this module run in file order and share one release (install -> upgrade ->
 uninstall), in namespaces and on a node of their own.
