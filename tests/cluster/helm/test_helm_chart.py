@@ -187,7 +187,7 @@ def test_install_creates_the_operator_deployment(release: Release) -> None:
     # NOTES.txt: what to do next, with this release's names filled in.
     assert f"kubectl -n {release.namespace} rollout status deployment/{release.name}" in notes
     assert "The operator watches LLMPipelines in: default." in notes
-    assert "kubectl apply -f examples/pipelines/edge-cloud-privacy.yaml" in notes
+    assert "kubectl apply -n default -f examples/pipelines/edge-cloud-privacy.yaml" in notes
     client = release.plane.client()
     deployment = wait.deployment_available(client, release.name, release.namespace, timeout=60)
     assert deployment.spec.strategy.type == "Recreate"
@@ -343,12 +343,12 @@ def test_upgrade_to_the_cluster_wide_opt_in_still_writes_only_where_granted(
         assert not release.can("get", "secrets", namespace), namespace
     # Onboarding a namespace is one RoleBinding, as NOTES says.
     command = next(line for line in notes.splitlines() if "kubectl create rolebinding" in line)
-    assert f"{release.name}-pipelines -n <namespace>" in command
+    assert f"{release.name}-workloads -n <namespace>" in command
     ok(
         release.kubectl(
             "create",
             "rolebinding",
-            f"{release.name}-pipelines",
+            f"{release.name}-workloads",
             "-n",
             other,
             f"--clusterrole={release.name}-workloads",

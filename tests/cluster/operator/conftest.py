@@ -129,13 +129,21 @@ def start_operator(
     watch: list[str] | None = None,
     extra_args: tuple[str, ...] = (),
     policy_file: Path | None = None,
+    all_namespaces: bool = False,
 ) -> OperatorProcess:
     """Apply the chart's RBAC, then run the operator as its ServiceAccount under the chart's
-    policy (TEST_POLICY, or `policy_file`)."""
+    policy (TEST_POLICY, or `policy_file`). `all_namespaces`: the chart's cluster-wide
+    opt-in (`--all-namespaces`; writes granted in `watch` only)."""
     workdir.mkdir(parents=True, exist_ok=True)
     release = f"llmpipe-{uuid.uuid4().hex[:6]}"
     home = operator_release_namespace(control_plane)
-    docs = render_rbac(control_plane, release=release, namespace=home, watch=watch or [namespace])
+    docs = render_rbac(
+        control_plane,
+        release=release,
+        namespace=home,
+        watch=watch or [namespace],
+        values=("watch.allNamespaces=true",) if all_namespaces else (),
+    )
     manifest = workdir / "rbac.yaml"
     manifest.write_text(yaml.safe_dump_all(docs))
     control_plane.kubectl("apply", "-f", str(manifest))
@@ -171,7 +179,9 @@ def start_operator(
         "--policy",
         str(policy_file),
     ]
-    for ns in watch or [namespace]:
+    if all_namespaces:
+        args.append("--all-namespaces")
+    for ns in [] if all_namespaces else watch or [namespace]:
         args += ["--namespace", ns]
     args += extra_args
     with log.open("wb") as out:

@@ -11,7 +11,9 @@ rule's message; the allowed spec still runs (Ready, the default profile's image)
 admission binding gone (admission bypassed), the operator, holding the chart's default policy,
 refuses the same attacks: Planned=False reason PolicyViolation naming the rules, a Warning
 Event, no Deployment, and a running pipeline switched to a violating spec loses its
-Deployments; the NetworkPolicy of a pipeline exists with the selectors of its stage pods
+Deployments; an operator with the chart's cluster-wide opt-in deploys a pipeline where a
+RoleBinding grants it and nothing in a namespace without one; the NetworkPolicy of a
+pipeline exists with the selectors of its stage pods
 (the test control plane has no CNI, so nothing enforces it here: docs/security.md).
 """
 
@@ -35,6 +37,7 @@ from tests.cluster.operator.conftest import (
     MODEL_CONFIG,
     OperatorProcess,
     Pool,
+    pipeline_manifest,
     render_rbac,
     start_operator,
     stop_operator,
@@ -435,3 +438,49 @@ def assert_event(client: Client, namespace: str, name: str, operator: OperatorPr
     )
     assert event.type == "Warning"
     assert "refused by the cluster's llmpipe policy" in (event.message or "")
+
+
+def test_a_cluster_wide_operator_deploys_only_where_granted(
+    control_plane: cp.ControlPlane,
+    client: Client,
+    crd: object,
+    namespace: str,
+    pool: Pool,
+    tmp_path: Path,
+) -> None:
+    ungranted = f"ungranted-{uuid.uuid4().hex[:6]}"
+    control_plane.create_namespace(ungranted)
+    handle = start_operator(
+        control_plane, namespace=namespace, workdir=tmp_path / "op", all_namespaces=True
+    )
+    try:
+        for node in ("a", "b"):
+            pool.add(node, tier="cloud", memory="2Gi")
+        for where in (namespace, ungranted):
+            done = kubectl(
+                control_plane,
+                "apply",
+                "-n",
+                where,
+                "-f",
+                "-",
+                stdin=yaml.safe_dump(pipeline_manifest("wide", selector=pool.selector)),
+            )
+            assert done.returncode == 0, done.stderr
+        wait_ready(client, handle, namespace, "wide")
+        # In the namespace without a RoleBinding: seen (the watch is cluster-wide), status
+        # written, but every write of a workload forbidden.
+        wait.until(
+            lambda: (
+                f"{ungranted}" in handle.log_tail(200) and "operator's RBAC" in handle.log_tail(200)
+            ),
+            what="the operator's forbidden write in the ungranted namespace",
+            timeout=60,
+            seen=handle.log_tail,
+        )
+        assert status_of(client, ungranted, "wide").get("phase") == "Planning"
+        assert not list(client.list(Deployment, namespace=ungranted))
+        assert not list(client.list(NetworkPolicy, namespace=ungranted))
+    finally:
+        stop_operator(control_plane, handle)
+        control_plane.delete_namespace(ungranted)
