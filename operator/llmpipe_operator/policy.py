@@ -17,10 +17,11 @@ The rules (docs/security.md):
   other extended resources) only when the chosen profile lists them;
 - literalEnv: `spec.runtime.env` holds literal values only (no valueFrom of any kind), and
   no variable that changes which code the stage loads (LD_*, PYTHONPATH, ...);
-- hostPathPrefixes: a hostPath model source lies under one of the admin's prefixes, without
-  `.` or `..` segments (it is mounted read-only).
-Secrets reach a stage only through `spec.model.source.huggingFace.tokenSecret`, a Secret of
-the pipeline's own namespace (a secretKeyRef cannot name another namespace); PVC sources are
+- hostPathPrefixes: a hostPath model source (a directory, or a GGUF file) lies under one of
+  the admin's prefixes, without `.` or `..` segments (it is mounted read-only).
+Secrets reach a stage only through the fields made for them (the Hub `tokenSecret` of a
+huggingFace or gguf source, `spec.service.auth.apiKeySecret`), Secrets of the pipeline's own
+namespace (a secretKeyRef or a secret volume cannot name another namespace); PVC sources are
 claims of the pipeline's namespace. Neither needs a rule here.
 
 Must not: read files, talk to the API server, import kopf or a client (import-linter).
@@ -286,17 +287,25 @@ def _check_env(spec: spec_mod.PipelineSpec) -> list[Violation]:
 
 def _check_host_path(spec: spec_mod.PipelineSpec, policy: Policy) -> list[Violation]:
     source = spec.model.source
-    if not isinstance(source, spec_mod.HostPathSource):
+    if isinstance(source, spec_mod.HostPathSource):
+        path, field_path = source.path, "spec.model.source.hostPath.path"
+    elif isinstance(source, spec_mod.GgufSource) and source.host_path is not None:
+        path, field_path = source.host_path, "spec.model.source.gguf.hostPath"
+    else:
         return []
-    path = source.path
-    clean = not {".", ".."} & set(path.split("/"))
-    if clean and any(path == p or path.startswith(p + "/") for p in policy.allowed_host_paths):
+    if _under_prefix(path, policy.allowed_host_paths):
         return []
     allowed = ", ".join(p or "/" for p in policy.allowed_host_paths) or "none"
     return [
         Violation(
             RULE_HOST_PATH,
-            f"spec.model.source.hostPath.path {path!r} is not under an allowed host "
-            f"directory ({allowed}), or contains . or .. segments",
+            f"{field_path} {path!r} is not under an allowed host directory ({allowed}), "
+            "or contains . or .. segments",
         )
     ]
+
+
+def _under_prefix(path: str, prefixes: Sequence[str]) -> bool:
+    if {".", ".."} & set(path.split("/")):
+        return False
+    return any(path == p or path.startswith(p + "/") for p in prefixes)

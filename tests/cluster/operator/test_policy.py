@@ -91,6 +91,10 @@ def host_etc(spec: dict[str, Any]) -> None:
     spec["model"]["source"] = {"hostPath": {"path": "/etc"}}
 
 
+def gguf_host_etc(spec: dict[str, Any]) -> None:
+    spec["model"]["source"] = {"gguf": {"hostPath": "/etc/llmpipe/../shadow.gguf"}}
+
+
 ATTACKS = {
     "foreign-image": (
         foreign_image,
@@ -100,6 +104,10 @@ ATTACKS = {
     "host-etc": (
         host_etc,
         "[hostPathPrefixes] spec.model.source.hostPath.path /etc is not under an allowed host",
+    ),
+    "gguf-host-path": (
+        gguf_host_etc,
+        "[hostPathPrefixes] spec.model.source.gguf.hostPath /etc/llmpipe/../shadow.gguf is not",
     ),
 }
 attacks = pytest.mark.parametrize("attack", list(ATTACKS))

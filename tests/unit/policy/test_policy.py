@@ -94,6 +94,7 @@ attacks = pytest.mark.parametrize(
             "hostPathPrefixes",
             "models-evil",
         ),
+        (lambda b: b.source(gguf={"hostPath": "/etc/x.gguf"}), "hostPathPrefixes", "gguf.hostPath"),
         (lambda b: b.runtime(profile="gpu"), "runtimeProfile", "'gpu' is not a runtime profile"),
         (
             lambda b: b.runtime(resources={"limits": {"nvidia.com/gpu": 1}}),
@@ -110,6 +111,7 @@ attacks = pytest.mark.parametrize(
         "host-etc",
         "host-dotdot",
         "host-sibling-prefix",
+        "gguf-host-etc",
         "unknown-profile",
         "device",
     ],
@@ -152,6 +154,9 @@ def test_allowed_things_pass() -> None:
     assert rules(a_spec().pvc("models").parsed()) == []
     assert rules(a_spec().hugging_face("org/model", secret="hf").parsed()) == []
     assert rules(a_spec().source(hostPath={"path": "/var/lib/llmpipe/models"}).parsed()) == []
+    gguf = a_spec().source(gguf={"hostPath": "/var/lib/llmpipe/models/m-q8_0.gguf"})
+    assert rules(gguf.parsed()) == []
+    assert rules(a_spec().source(gguf={"pvc": {"claimName": "m", "path": "m.gguf"}}).parsed()) == []
 
 
 patterns = pytest.mark.parametrize(
