@@ -375,8 +375,8 @@ def _gguf_containers(
     containers.append(
         {
             "name": "convert-gguf",
-            "image": spec.runtime.image,
-            "imagePullPolicy": spec.runtime.image_pull_policy,
+            "image": _image(spec),
+            "imagePullPolicy": spec.runtime.image_pull_policy or "IfNotPresent",
             "command": command,
             "env": [*(dict(item) for item in spec.runtime.env), {"name": "HOME", "value": "/tmp"}],
             "securityContext": _restricted(),
