@@ -188,7 +188,19 @@ HUGE = [
 ]
 
 
-def test_a_huge_prompt_does_not_stall_a_concurrent_stream(pipeline: pipelines.Pipeline) -> None:
+def worst_gap(arrivals: list[float], start: float, end: float) -> float:
+    """The longest time between two stream events around [start, end] (the events just
+    before and after included, so a stall that swallows every event still counts)."""
+    inside = [t for t in arrivals if start <= t <= end]
+    after = [t for t in arrivals if t > end][:1]
+    before = [t for t in arrivals if t < start][-1:]
+    return max(b - a for a, b in itertools.pairwise(before + inside + after))
+
+
+def huge_requests_beside_a_stream(pipeline: pipelines.Pipeline) -> list[tuple[str, float, float]]:
+    """One attempt: the HUGE requests one after another while a stream runs. Returns
+    (what, request seconds, worst gap) per request, plus ("outside", 0, worst gap) for the
+    stream's gaps away from every request: this machine's own noise."""
     arrivals: list[float] = []
     streamer = threading.Thread(target=stream_arrivals, args=(pipeline, arrivals))
     streamer.start()
@@ -204,28 +216,33 @@ def test_a_huge_prompt_does_not_stall_a_concurrent_stream(pipeline: pipelines.Pi
         assert answer[0] == status, (what, answer[1][:300])
         assert_client_error(*answer, says=says)
     streamer.join(timeout=120)
+    assert arrivals[-1] > windows[-1][2], "the stream ended before the requests did"
+    busy = [(start - 0.5, end + 0.5) for _, start, end in windows]
+    outside = [
+        b - a
+        for a, b in itertools.pairwise(arrivals)
+        if not any(low <= b and a <= high for low, high in busy)
+    ]
+    return [
+        *((what, end - start, worst_gap(arrivals, start, end)) for what, start, end in windows),
+        ("outside", 0.0, max(outside)),
+    ]
 
-    def worst_gap(start: float, end: float) -> float:
-        inside = [t for t in arrivals if start <= t <= end]
-        after = [t for t in arrivals if t > end][:1]
-        before = [t for t in arrivals if t < start][-1:]
-        points = before + inside + after
-        return max(b - a for a, b in itertools.pairwise(points))
 
-    baseline_end = windows[0][1]
-    baseline = [b - a for a, b in itertools.pairwise(arrivals) if b < baseline_end]
-    print(
-        f"\nstream events before the huge prompts: {len(baseline) + 1}, worst gap "
-        f"{max(baseline) * 1000:.1f} ms"
-    )
-    for what, start, end in windows:
-        assert arrivals[-1] > end, f"the stream ended before '{what}' did: lengthen it"
-        gap = worst_gap(start, end)
-        print(
-            f"{what}: request {(end - start) * 1000:.0f} ms, worst stream gap {gap * 1000:.1f} ms"
-        )
-        # The issue's bound (100 ms), on top of the gaps this shared machine shows anyway.
-        assert gap < 0.1 + max(baseline), what
+def test_a_huge_prompt_does_not_stall_a_concurrent_stream(pipeline: pipelines.Pipeline) -> None:
+    """The issue's bound: no stall over 100 ms beyond the gaps the same stream shows away
+    from the huge requests. A loaded shared machine can starve any process for that long
+    now and then, so up to three attempts are made; a stall caused by the requests (the
+    tokenizer on the event loop took 1-17 s for such prompts) fails every one."""
+    for attempt in range(1, 4):
+        figures = huge_requests_beside_a_stream(pipeline)
+        noise = figures[-1][2]
+        print(f"\nattempt {attempt}: worst stream gap away from the requests {noise * 1000:.1f} ms")
+        for what, took, gap in figures[:-1]:
+            print(f"  {what}: request {took * 1000:.0f} ms, worst stream gap {gap * 1000:.1f} ms")
+        if all(gap < 0.1 + noise for _, _, gap in figures[:-1]):
+            return
+    pytest.fail(f"a huge request stalled the stream by over 100 ms in 3 attempts: {figures}")
 
 
 # -- sampling, metrics, listener --------------------------------------------------------------
@@ -336,7 +353,10 @@ def test_the_listener_serves_ipv4_where_ipv6_is_disabled(tmp_path: Path) -> None
         capture_output=True,
         text=True,
         timeout=60,
-        env={**os.environ, "PYTHONPATH": str(pipelines.ROOT / "stage_image")},
+        env={
+            **os.environ,
+            "PYTHONPATH": f"{pipelines.ROOT / 'stage_image'}:{pipelines.ROOT / 'operator'}",
+        },
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split()[0] == "ping", result.stdout
