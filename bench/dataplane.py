@@ -9,7 +9,9 @@
 2. Bytes on the wire per token per hop, for the hidden state and for the token-id return hop.
 3. Decode throughput with 1, 4 and 16 sequences in flight over 1-4 stage processes
    (`llmpipe serve`, one torch thread per stage) versus single-process `generate` at the
-   same batch (one torch thread), printed side by side with the ratio.
+   same batch (one torch thread), printed side by side with the ratio; on the synthetic
+   model (random Llama, 8 layers, hidden 512) and on the real default model
+   (SmolLM2-135M-Instruct from its GGUF file, 30 layers, hidden 576), `--model` picks.
 Figures are printed, never asserted; docs/benchmarks.md records a run.
 """
 
@@ -306,13 +308,34 @@ def pipeline_tokens_per_second(served: Served, *, batch: int, prompt: int, new: 
     return produced / took
 
 
+MODELS = {
+    "synthetic": "Llama 8 layers, hidden 512, GQA 8/4 (random weights, ~23 M parameters)",
+    "smollm2": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized; 30 layers, hidden 576, GQA 9/3)",
+}
+
+
+def model_dir_of(name: str, work: Path) -> Path:
+    if name == "synthetic":
+        return bench_model(work / "model")
+    from llmpipe_stage import gguf_convert, models
+
+    gguf = models.ensure_default_model()
+    return gguf_convert.ensure_converted(gguf, models.CACHE_DIR / "gguf")
+
+
 def throughput(
-    stage_counts: list[int], batches: list[int], *, prompt: int, new: int, repeat: int
+    model: str,
+    stage_counts: list[int],
+    batches: list[int],
+    *,
+    prompt: int,
+    new: int,
+    repeat: int,
 ) -> None:
     work = Path(tempfile.mkdtemp(prefix="llmpipe-bench-"))
-    model_dir = bench_model(work / "model")
+    model_dir = model_dir_of(model, work)
     print(
-        f"\n## decode throughput: Llama 8 layers, hidden 512, GQA 8/4, fp32, prompt {prompt} "
+        f"\n## decode throughput: {MODELS[model]}, fp32, prompt {prompt} "
         f"tokens, {new} new tokens per sequence; 1 torch thread per process; best of "
         f"{repeat}, pipeline and generate measured alternately"
     )
@@ -326,7 +349,8 @@ def throughput(
     for stages in stage_counts:
         # serve's default (min(stages, cores)) and, when different, one per stage.
         for micro in sorted({min(stages, cores), stages}):
-            served = Served(model_dir, stages, work / f"run-{stages}-{micro}", micro_batches=micro)
+            run_dir = work / f"run-{model}-{stages}-{micro}"
+            served = Served(model_dir, stages, run_dir, micro_batches=micro)
             try:
                 for batch in batches:
                     pipe, base = 0.0, 0.0
@@ -358,21 +382,28 @@ def main() -> int:
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--skip-per-hop", action="store_true")
+    parser.add_argument(
+        "--model", choices=[*MODELS, "both"], default="both", help="throughput on which model"
+    )
     args = parser.parse_args()
     if args.sink:
         asyncio.run(run_sink(args.sink, args.sink_tls))
         return 0
     torch.set_num_threads(1)
     print(f"machine: {os.cpu_count()} cores; torch {torch.__version__}")
-    per_hop(calls=args.hop_calls)
+    if not args.skip_per_hop:
+        per_hop(calls=args.hop_calls)
     if not args.skip_throughput:
-        throughput(
-            [int(s) for s in args.stages.split(",")],
-            [int(b) for b in args.batches.split(",")],
-            prompt=args.prompt_tokens,
-            new=args.new_tokens,
-            repeat=args.repeat,
-        )
+        for model in MODELS if args.model == "both" else [args.model]:
+            throughput(
+                model,
+                [int(s) for s in args.stages.split(",")],
+                [int(b) for b in args.batches.split(",")],
+                prompt=args.prompt_tokens,
+                new=args.new_tokens,
+                repeat=args.repeat,
+            )
     return 0
 
 

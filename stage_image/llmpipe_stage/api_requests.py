@@ -14,11 +14,14 @@ Fields the API does not know are ignored, as OpenAI-compatible servers do.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from llmpipe_stage import scoring
 
 MAX_DEPTH = 32
 """Nesting a request body may have; real requests need 4 (body > messages > message > part)."""
@@ -66,6 +69,10 @@ class Options:
     stream: bool = False
     include_usage: bool = False
     return_token_ids: bool = False
+    logprobs: bool = False
+    """Completions' `logprobs: 0`: the chosen tokens' log-probabilities (llmpipe_stage.scoring)."""
+    echo: bool = False
+    """Completions' `echo`: the prompt in front of the text (scored too with logprobs)."""
 
 
 @dataclass(frozen=True)
@@ -344,6 +351,11 @@ def parse_completion(
     """Everything that can be checked before tokenizing (cheap: no tokenizer, no model)."""
     check_model(body, model_name=model_name)
     options = parse_options(body)
+    try:
+        asked = scoring.parse_scoring(body, chat=chat, stream=options.stream)
+    except scoring.ScoringError as error:
+        raise RequestError(str(error), param=error.param) from None
+    options = dataclasses.replace(options, logprobs=asked.logprobs, echo=asked.echo)
     if chat:
         return CompletionRequest(
             chat=True, options=options, messages=_messages(body, max_chars=max_prompt_chars)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from llmpipe_stage.metrics import StageMetrics
 from llmpipe_stage.proto import stage_pb2
 from llmpipe_stage.runtime import StageRuntime
-from llmpipe_stage.wire import Step
+from llmpipe_stage.wire import Sampled, Step
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +41,30 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     ignore_eos: bool = False
+    logprobs: bool = False
+    """Return each sampled token's log-probability."""
+    prompt_logprobs: bool = False
+    """Score the prompt too (echo): its tokens travel to the last stage with the first step."""
 
-    def to_message(self) -> stage_pb2.Sampling:
+    def to_message(self, prompt: list[int]) -> stage_pb2.Sampling:
         return stage_pb2.Sampling(
             temperature=self.temperature,
             top_p=self.top_p,
             has_seed=self.seed is not None,
             seed=self.seed or 0,
+            logprobs=self.logprobs,
+            prompt_token_ids=prompt[1:] if self.prompt_logprobs else [],
         )
+
+
+@dataclass
+class Scores:
+    """Log-probabilities a request asked for, filled in as its tokens come back."""
+
+    prompt: list[float] | None = None
+    """log P(prompt[i] | prompt[:i]) for i >= 1, once the first token is back."""
+    tokens: list[float] = field(default_factory=list)
+    """Of each generated token."""
 
 
 _END = object()
@@ -66,6 +82,7 @@ class Sequence:
     finished: bool = False
     admitted: bool = False
     outcome: str = "cancelled"  # set to "ok" or "failed" when the pipeline ends it
+    scores: Scores | None = None
 
     @property
     def position(self) -> int:
@@ -74,7 +91,7 @@ class Sequence:
 
     def next_step(self) -> tuple[Step, list[int]]:
         if not self.generated:
-            sampling = self.params.to_message()
+            sampling = self.params.to_message(self.prompt)
             return Step(self.id, 0, len(self.prompt), sampling), self.prompt
         return Step(self.id, self.position, 1), [self.generated[-1]]
 
@@ -123,10 +140,11 @@ class Coordinator:
 
     # -- the gateway's API -----------------------------------------------------------------
     async def generate(
-        self, prompt: list[int], params: SamplingParams
+        self, prompt: list[int], params: SamplingParams, *, scores: Scores | None = None
     ) -> AsyncGenerator[int, None]:
-        """Yield the sequence's tokens; raises PipelineError. Leaving early frees it."""
-        sequence = Sequence(next(self._ids), list(prompt), params)
+        """Yield the sequence's tokens; raises PipelineError. Leaving early frees it.
+        `scores` receives the log-probabilities `params` asks for."""
+        sequence = Sequence(next(self._ids), list(prompt), params, scores=scores)
         try:
             await self._admit(sequence)
             while True:
@@ -186,14 +204,19 @@ class Coordinator:
             and self.last_token_at > self.last_failure_at
         )
 
-    def on_tokens(self, sequence_ids: list[int], token_ids: list[int]) -> None:
+    def on_tokens(self, sequence_ids: list[int], sampled: Sampled) -> None:
         now = time.monotonic()
         self.last_token_at = now
-        self.metrics.count_tokens(len(token_ids))
-        for sid, token in zip(sequence_ids, token_ids, strict=True):
+        self.metrics.count_tokens(len(sampled.tokens))
+        for row, (sid, token) in enumerate(zip(sequence_ids, sampled.tokens, strict=True)):
             sequence = self.sequences.get(sid)
             if sequence is None or sequence.finished:
                 continue  # cancelled while its step was in the ring
+            if sequence.scores is not None:
+                if sampled.logprobs is not None:
+                    sequence.scores.tokens.append(sampled.logprobs[row])
+                if sid in sampled.prompt_logprobs:
+                    sequence.scores.prompt = sampled.prompt_logprobs[sid]
             if not sequence.generated:
                 self.metrics.ttft.observe(now - sequence.created)
             sequence.generated.append(token)
@@ -257,7 +280,7 @@ class Coordinator:
         self.metrics.compute.observe(time.perf_counter() - started)
         self.metrics.batch_tokens.observe(len(token_ids))
         if self.forward is None:
-            assert isinstance(result, list)
+            assert isinstance(result, Sampled)
             self.on_tokens([s.sequence_id for s in steps], result)
         else:
             self._spawn(self.forward(steps, result))
@@ -267,7 +290,7 @@ class Coordinator:
         hidden = self.runtime.run(steps, hidden)
         self._measure_caches()
         if self.forward is None:
-            return self.runtime.sample(steps, hidden)
+            return self.runtime.sample_scored(steps, hidden)
         return hidden
 
     async def _watch_timeouts(self) -> None:

@@ -24,8 +24,8 @@ from typing import Any
 
 from aiohttp import web
 
-from llmpipe_stage import api_keys, api_requests, server
-from llmpipe_stage.coordinator import PipelineError, SamplingParams
+from llmpipe_stage import api_keys, api_requests, scoring, server
+from llmpipe_stage.coordinator import PipelineError, SamplingParams, Scores
 
 log = logging.getLogger(__name__)
 STAGE_KEY = web.AppKey("stage", server.Stage)
@@ -58,6 +58,9 @@ def sampling_params(generation: api_requests.Generation) -> SamplingParams:
         top_p=options.top_p,
         seed=options.seed,
         ignore_eos=options.ignore_eos,
+        logprobs=options.logprobs,
+        # echo with logprobs: the last stage scores the prompt too
+        prompt_logprobs=options.logprobs and options.echo,
     )
 
 
@@ -179,7 +182,7 @@ class OpenAIHandlers:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     async def _tokens(
-        self, generation: api_requests.Generation
+        self, generation: api_requests.Generation, *, scores: Scores | None = None
     ) -> AsyncIterator[tuple[str, str | None, list[int]]]:
         """Yield (new text, finish reason or None, token ids so far) as tokens arrive."""
         assert self.stage.coordinator is not None
@@ -188,7 +191,9 @@ class OpenAIHandlers:
         finish = "length"
         eos = self.stage.coordinator.settings.eos_token_ids
         async with contextlib.aclosing(
-            self.stage.coordinator.generate(generation.prompt_ids, sampling_params(generation))
+            self.stage.coordinator.generate(
+                generation.prompt_ids, sampling_params(generation), scores=scores
+            )
         ) as tokens:
             # Without streaming or stop strings the text is only needed once, at the end.
             stops = generation.options.stop
@@ -220,8 +225,9 @@ class OpenAIHandlers:
         parts: list[str] = []
         finish: str | None = None
         ids: list[int] = []
+        scores = Scores() if generation.options.logprobs else None
         try:
-            async for text, reason, so_far in self._tokens(generation):
+            async for text, reason, so_far in self._tokens(generation, scores=scores):
                 parts.append(text)
                 finish, ids = reason, so_far
         except PipelineError as error:
@@ -230,6 +236,17 @@ class OpenAIHandlers:
             )
         content = "".join(parts)
         choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+        echo = generation.options.echo
+        if echo:
+            content = self.tokenizer.decode(generation.prompt_ids) + content
+        if scores is not None:
+            shown = [*generation.prompt_ids, *ids] if echo else ids
+            choice["logprobs"] = scoring.logprobs_object(
+                [self.tokenizer.decode([t]) for t in shown],
+                prompt_scores=scores.prompt,
+                token_scores=scores.tokens,
+                echo=echo,
+            )
         if chat:
             choice["message"] = {"role": "assistant", "content": content}
         else:

@@ -21,7 +21,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from llmpipe_stage.loading import StageSlice
 from llmpipe_stage.proto import stage_pb2
-from llmpipe_stage.wire import Step
+from llmpipe_stage.wire import Sampled, Step
 
 
 class StepError(ValueError):
@@ -136,6 +136,10 @@ class Sampler:
     temperature: float = 0.0
     top_p: float = 1.0
     generator: torch.Generator = field(default_factory=torch.Generator)
+    logprobs: bool = False
+    """Report each sampled token's log-probability."""
+    prompt_targets: tuple[int, ...] = ()
+    """Prompt tokens 1..n-1 to score on the first step (echo with logprobs)."""
 
     @classmethod
     def from_message(cls, message: stage_pb2.Sampling | None) -> Sampler:
@@ -148,7 +152,13 @@ class Sampler:
             generator.seed()
         top_p = message.top_p if 0.0 <= message.top_p <= 1.0 else 1.0
         temperature = message.temperature if math.isfinite(message.temperature) else 0.0
-        return cls(temperature=max(0.0, temperature), top_p=top_p, generator=generator)
+        return cls(
+            temperature=max(0.0, temperature),
+            top_p=top_p,
+            generator=generator,
+            logprobs=message.logprobs,
+            prompt_targets=tuple(message.prompt_token_ids),
+        )
 
     def pick(self, logits: torch.Tensor) -> int:
         """logits: [vocab] (float32). Safe for every temperature > 0, however small: the
@@ -170,6 +180,10 @@ class Sampler:
             sorted_probs[drop] = 0.0
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
         return int(torch.multinomial(probs, 1, generator=self.generator).item())
+
+
+PROMPT_SCORE_CHUNK = 256
+"""Prompt positions scored per head call: bounds the logits held at once (256 x vocab)."""
 
 
 class StageRuntime:
@@ -272,20 +286,53 @@ class StageRuntime:
     # -- last stage ------------------------------------------------------------------------
     def sample(self, steps: list[Step], hidden: torch.Tensor) -> list[int]:
         """Final norm + head on each step's last token, then that sequence's sampler."""
+        return self.sample_scored(steps, hidden).tokens
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [rows, hidden_size] -> float32 logits [rows, vocab]."""
         if self.stage.norm is None or self.stage.head_weight is None:
             raise StepError("this stage holds no head")
+        return functional.linear(self.stage.norm(hidden), self.stage.head_weight).float()
+
+    def sample_scored(self, steps: list[Step], hidden: torch.Tensor) -> Sampled:
+        """`sample`, plus the log-probabilities the steps' sequences asked for."""
         ends = []
         total = 0
         for step in steps:
             total += step.length
             ends.append(total - 1)
+        samplers = [self.samplers.get(step.sequence_id, Sampler()) for step in steps]
         with torch.inference_mode():
-            last = hidden[ends]  # [batch, hidden_size]
-            logits = functional.linear(self.stage.norm(last), self.stage.head_weight).float()
-        return [
-            self.samplers.get(step.sequence_id, Sampler()).pick(logits[row])
-            for row, step in enumerate(steps)
-        ]
+            logits = self._logits(hidden[ends])  # [batch, vocab]
+            tokens = [sampler.pick(logits[row]) for row, sampler in enumerate(samplers)]
+            logprobs = None
+            if any(s.logprobs for s in samplers):
+                norms = torch.logsumexp(logits, dim=-1)  # [batch]
+                logprobs = [
+                    float(logits[row, token] - norms[row]) if s.logprobs else math.nan
+                    for row, (s, token) in enumerate(zip(samplers, tokens, strict=True))
+                ]
+            prompts = {
+                step.sequence_id: self._score_prompt(
+                    hidden[end + 1 - step.length : end], sampler.prompt_targets
+                )
+                for step, end, sampler in zip(steps, ends, samplers, strict=True)
+                if sampler.prompt_targets and step.position == 0
+            }
+        return Sampled(tokens, logprobs, prompts)
+
+    def _score_prompt(self, hidden: torch.Tensor, targets: tuple[int, ...]) -> list[float]:
+        """log P(target[i] | prefix) from the prompt's hidden states [n - 1, hidden_size],
+        in chunks so a long prompt never holds [n, vocab] logits at once."""
+        if hidden.shape[0] != len(targets):
+            raise StepError(f"{len(targets)} prompt targets for {hidden.shape[0]} positions")
+        target = torch.tensor(targets, dtype=torch.long)
+        out: list[float] = []
+        for start in range(0, len(targets), PROMPT_SCORE_CHUNK):
+            logits = self._logits(hidden[start : start + PROMPT_SCORE_CHUNK])
+            chosen = logits.gather(1, target[start : start + PROMPT_SCORE_CHUNK, None])[:, 0]
+            out.extend((chosen - torch.logsumexp(logits, dim=-1)).tolist())
+        return out
 
     # -- cache lifetime --------------------------------------------------------------------
     def release(self, sequence_ids: list[int]) -> list[int]:

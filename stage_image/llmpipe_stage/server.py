@@ -262,7 +262,7 @@ class Stage:
 
     def _compute(
         self, steps: list[wire.Step], hidden: torch.Tensor
-    ) -> tuple[list[wire.Step], torch.Tensor | list[int]]:
+    ) -> tuple[list[wire.Step], torch.Tensor | wire.Sampled]:
         assert self.runtime is not None
         # Sequences released while their step waited here are dropped, not recomputed.
         live = [i for i, s in enumerate(steps) if s.sequence_id not in self.released]
@@ -280,13 +280,13 @@ class Stage:
             return [], hidden
         out = self.runtime.run(steps, hidden)
         if self.is_last:
-            return steps, self.runtime.sample(steps, out)
+            return steps, self.runtime.sample_scored(steps, out)
         return steps, out
 
-    async def _pass_on(self, steps: list[wire.Step], output: torch.Tensor | list[int]) -> None:
+    async def _pass_on(self, steps: list[wire.Step], output: torch.Tensor | wire.Sampled) -> None:
         ids = [s.sequence_id for s in steps]
-        if isinstance(output, list):
-            message = stage_pb2.Tokens(sequence_ids=ids, token_ids=output)
+        if isinstance(output, wire.Sampled):
+            message = wire.encode_tokens(ids, output)
             target = 0
             call = self.peers.stub(0).ReturnTokens
         else:
@@ -484,13 +484,12 @@ class StageServicer(stage_pb2_grpc.StageServicer):
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"stage {self.stage.index} does not take token ids",
             )
-        if len(request.sequence_ids) != len(request.token_ids):
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"{len(request.sequence_ids)} sequence ids but {len(request.token_ids)} token ids",
-            )
+        try:
+            ids, sampled = wire.decode_tokens(request)
+        except wire.WireError as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         assert self.stage.coordinator is not None
-        self.stage.coordinator.on_tokens(list(request.sequence_ids), list(request.token_ids))
+        self.stage.coordinator.on_tokens(ids, sampled)
         return stage_pb2.Ack()
 
     async def Fail(

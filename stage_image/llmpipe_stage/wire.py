@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -40,6 +40,38 @@ class Step:
     position: int
     length: int
     sampling: stage_pb2.Sampling | None = None
+
+
+@dataclass
+class Sampled:
+    """What the last stage returns for a micro-batch (the `Tokens` message, unpacked)."""
+
+    tokens: list[int]
+    logprobs: list[float] | None = None
+    """Parallel to tokens when any sequence asked (NaN for the others)."""
+    prompt_logprobs: dict[int, list[float]] = field(default_factory=dict)
+    """sequence id -> log P(prompt[i] | prompt[:i]) for i >= 1 (first steps that asked)."""
+
+
+def encode_tokens(sequence_ids: list[int], sampled: Sampled) -> stage_pb2.Tokens:
+    message = stage_pb2.Tokens(
+        sequence_ids=sequence_ids, token_ids=sampled.tokens, logprobs=sampled.logprobs or []
+    )
+    for sid, scores in sampled.prompt_logprobs.items():
+        message.prompt_logprobs.add(sequence_id=sid, logprobs=scores)
+    return message
+
+
+def decode_tokens(message: stage_pb2.Tokens) -> tuple[list[int], Sampled]:
+    """Validate and unpack sampled tokens; raise WireError naming what is wrong."""
+    ids = list(message.sequence_ids)
+    if len(ids) != len(message.token_ids):
+        raise WireError(f"{len(ids)} sequence ids but {len(message.token_ids)} token ids")
+    if message.logprobs and len(message.logprobs) != len(ids):
+        raise WireError(f"{len(ids)} sequence ids but {len(message.logprobs)} logprobs")
+    prompts = {p.sequence_id: list(p.logprobs) for p in message.prompt_logprobs}
+    logprobs = list(message.logprobs) if message.logprobs else None
+    return ids, Sampled(list(message.token_ids), logprobs, prompts)
 
 
 def encode_tensor(tensor: torch.Tensor) -> stage_pb2.Tensor:
