@@ -90,14 +90,12 @@ GGUF_DEFAULT_DTYPE = "float32"
 def gguf_config(path: Path, *, dtype: str | None = None) -> dict[str, Any]:
     """The config.json of the model in a GGUF file (the converter's own mapping)."""
     try:
-        from llmpipe_stage import gguf_convert, gguf_file
+        from llmpipe_stage import gguf_file
     except ImportError as error:  # pragma: no cover - both images ship the stage package
         raise ModelFileError(f"{path}: reading GGUF needs the llmpipe_stage package") from error
     try:
         header = gguf_file.read_header(path)
-        config: dict[str, Any] = gguf_convert.model_config(
-            header, dtype=dtype or GGUF_DEFAULT_DTYPE
-        )
+        config: dict[str, Any] = gguf_file.model_config(header, dtype=dtype or GGUF_DEFAULT_DTYPE)
     except gguf_file.GgufError as error:
         raise ModelFileError(str(error)) from error
     return config

@@ -37,7 +37,6 @@ from llmpipe_stage.gguf_file import Floats, GgufError, GgufHeader
 
 CONVERTER_VERSION = 1
 """Part of the cache key: bump it when the output of a conversion changes."""
-ARCHITECTURES = {"llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForCausalLM")}
 TOKENIZER_MODELS = ("gpt2",)
 DTYPES = {"float32": ("F32", 4), "float16": ("F16", 2), "bfloat16": ("BF16", 2)}
 COMPLETE_MARK = ".complete"
@@ -82,77 +81,6 @@ Progress = Callable[[str, int, int], None]
 class Shard:
     filename: str
     tensors: list[tuple[str, str]]  # (GGUF name, transformers name)
-
-
-# -- metadata -> config ------------------------------------------------------------------------
-def architecture(header: GgufHeader) -> str:
-    arch = header.get("general.architecture")
-    if arch not in ARCHITECTURES:
-        raise GgufError(
-            f"{header.path}: architecture {arch!r} is not supported; supported: "
-            f"{', '.join(sorted(ARCHITECTURES))}"
-        )
-    return str(arch)
-
-
-def _required(header: GgufHeader, key: str) -> Any:
-    value = header.get(key)
-    if value is None:
-        raise GgufError(f"{header.path}: metadata {key!r} is missing")
-    return value
-
-
-def model_config(header: GgufHeader, *, dtype: str = "float32", name: str = "") -> dict[str, Any]:
-    """The transformers config.json of the model in this file."""
-    arch = architecture(header)
-    model_type, class_name = ARCHITECTURES[arch]
-    hidden = int(_required(header, f"{arch}.embedding_length"))
-    heads = int(_required(header, f"{arch}.attention.head_count"))
-    head_dim = int(header.get(f"{arch}.attention.key_length", hidden // heads))
-    rotary = int(header.get(f"{arch}.rope.dimension_count", head_dim))
-    if rotary != head_dim:
-        raise GgufError(
-            f"{header.path}: partial rotary embeddings ({rotary} of {head_dim} dimensions) "
-            "are not supported"
-        )
-    if "rope_freqs.weight" in header.tensors:
-        raise GgufError(
-            f"{header.path}: per-dimension rope frequencies (Llama 3.1 style) are not supported"
-        )
-    tokens = _required(header, "tokenizer.ggml.tokens")
-    config: dict[str, Any] = {
-        "architectures": [class_name],
-        "model_type": model_type,
-        "_name_or_path": name or header.path.stem,
-        "vocab_size": len(tokens),
-        "hidden_size": hidden,
-        "intermediate_size": int(_required(header, f"{arch}.feed_forward_length")),
-        "num_hidden_layers": int(_required(header, f"{arch}.block_count")),
-        "num_attention_heads": heads,
-        "num_key_value_heads": int(header.get(f"{arch}.attention.head_count_kv", heads)),
-        "head_dim": head_dim,
-        "max_position_embeddings": int(header.get(f"{arch}.context_length", 2048)),
-        "rms_norm_eps": float(header.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
-        "rope_theta": float(header.get(f"{arch}.rope.freq_base", 10000.0)),
-        "hidden_act": "silu",
-        "tie_word_embeddings": "output.weight" not in header.tensors,
-        "torch_dtype": dtype,
-    }
-    scaling = header.get(f"{arch}.rope.scaling.type")
-    if scaling not in (None, "none"):
-        if scaling != "linear":
-            raise GgufError(f"{header.path}: rope scaling {scaling!r} is not supported (linear is)")
-        factor = float(_required(header, f"{arch}.rope.scaling.factor"))
-        config["rope_scaling"] = {"rope_type": "linear", "factor": factor}
-    if model_type == "llama":
-        config.update(attention_bias=False, mlp_bias=False)
-    else:
-        config.update(use_sliding_window=False)
-    for field in ("bos", "eos", "padding"):
-        value = header.get(f"tokenizer.ggml.{field}_token_id")
-        if value is not None:
-            config["pad_token_id" if field == "padding" else f"{field}_token_id"] = int(value)
-    return config
 
 
 # -- tensors -----------------------------------------------------------------------------------
@@ -296,10 +224,10 @@ def write_tokenizer(header: GgufHeader, out: Path, *, config: dict[str, Any]) ->
     from tokenizers import AddedToken, Tokenizer, decoders, models, processors
 
     check_tokenizer(header)
-    tokens: list[str] = list(_required(header, "tokenizer.ggml.tokens"))
+    tokens: list[str] = list(gguf_file.required(header, "tokenizer.ggml.tokens"))
     types: list[int] = list(header.get("tokenizer.ggml.token_type", [1] * len(tokens)))
     merges = []
-    for line in _required(header, "tokenizer.ggml.merges"):
+    for line in gguf_file.required(header, "tokenizer.ggml.merges"):
         pair = line.split(" ")
         if len(pair) != 2:
             raise GgufError(f"{header.path}: merge {line!r} is not two tokens")
@@ -356,7 +284,7 @@ def write_tokenizer(header: GgufHeader, out: Path, *, config: dict[str, Any]) ->
 # -- the whole conversion ----------------------------------------------------------------------
 def check_supported(header: GgufHeader) -> None:
     """Refuse early (before any writing) what the conversion cannot do, naming it."""
-    architecture(header)
+    gguf_file.architecture(header)
     check_tokenizer(header)
     for info in header.tensors.values():
         gguf_file.quant_of(info, path=header.path)
@@ -368,7 +296,7 @@ def convert(
     """Write the model directory for `path` into the (new or empty) directory `out`."""
     header = gguf_file.read_header(path)
     check_supported(header)
-    config = model_config(header, dtype=dtype)
+    config = gguf_file.model_config(header, dtype=dtype)
     shards = plan_shards(header, config)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config, indent=2))
@@ -492,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.print_config:
             header = gguf_file.read_header(args.file)
-            print(json.dumps(model_config(header, dtype=args.dtype), indent=2))
+            print(json.dumps(gguf_file.model_config(header, dtype=args.dtype), indent=2))
             return 0
         if args.out is not None:
             if args.out.exists() and any(args.out.iterdir()):

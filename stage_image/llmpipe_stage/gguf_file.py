@@ -1,4 +1,5 @@
-"""Reading GGUF files: the header (metadata, tensor table) and dequantized tensors.
+"""Reading GGUF files: the header (metadata, tensor table), the transformers config its
+metadata describes, and dequantized tensors.
 
 Pure computation over a read-only memory map, numpy only (no torch), so the operator's
 `llmpipe profile` can read a header too. The file layout: magic `GGUF`, version (2 or 3),
@@ -202,6 +203,8 @@ QUANTS: dict[int, Quant] = {
     14: Quant("Q6_K", 256, 210, dequant_q6_k),
 }
 SUPPORTED_TYPES = tuple(q.name for q in QUANTS.values())
+ARCHITECTURES = {"llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForCausalLM")}
+"""GGUF architecture -> (transformers model_type, class); the stages run these families."""
 
 
 def quant_of(info: TensorInfo, *, path: Path) -> Quant:
@@ -346,6 +349,77 @@ def _parse(buffer: mmap.mmap, path: Path, size: int) -> GgufHeader:
                     f"bytes up to {end} but the file has {size}: the file is truncated"
                 )
     return GgufHeader(path, version, metadata, tensors, data_start, size)
+
+
+# -- metadata -> transformers config ------------------------------------------------------
+def architecture(header: GgufHeader) -> str:
+    arch = header.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise GgufError(
+            f"{header.path}: architecture {arch!r} is not supported; supported: "
+            f"{', '.join(sorted(ARCHITECTURES))}"
+        )
+    return str(arch)
+
+
+def required(header: GgufHeader, key: str) -> Any:
+    value = header.get(key)
+    if value is None:
+        raise GgufError(f"{header.path}: metadata {key!r} is missing")
+    return value
+
+
+def model_config(header: GgufHeader, *, dtype: str = "float32", name: str = "") -> dict[str, Any]:
+    """The transformers config.json of the model in this file."""
+    arch = architecture(header)
+    model_type, class_name = ARCHITECTURES[arch]
+    hidden = int(required(header, f"{arch}.embedding_length"))
+    heads = int(required(header, f"{arch}.attention.head_count"))
+    head_dim = int(header.get(f"{arch}.attention.key_length", hidden // heads))
+    rotary = int(header.get(f"{arch}.rope.dimension_count", head_dim))
+    if rotary != head_dim:
+        raise GgufError(
+            f"{header.path}: partial rotary embeddings ({rotary} of {head_dim} dimensions) "
+            "are not supported"
+        )
+    if "rope_freqs.weight" in header.tensors:
+        raise GgufError(
+            f"{header.path}: per-dimension rope frequencies (Llama 3.1 style) are not supported"
+        )
+    tokens = required(header, "tokenizer.ggml.tokens")
+    config: dict[str, Any] = {
+        "architectures": [class_name],
+        "model_type": model_type,
+        "_name_or_path": name or header.path.stem,
+        "vocab_size": len(tokens),
+        "hidden_size": hidden,
+        "intermediate_size": int(required(header, f"{arch}.feed_forward_length")),
+        "num_hidden_layers": int(required(header, f"{arch}.block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(header.get(f"{arch}.attention.head_count_kv", heads)),
+        "head_dim": head_dim,
+        "max_position_embeddings": int(header.get(f"{arch}.context_length", 2048)),
+        "rms_norm_eps": float(header.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": float(header.get(f"{arch}.rope.freq_base", 10000.0)),
+        "hidden_act": "silu",
+        "tie_word_embeddings": "output.weight" not in header.tensors,
+        "torch_dtype": dtype,
+    }
+    scaling = header.get(f"{arch}.rope.scaling.type")
+    if scaling not in (None, "none"):
+        if scaling != "linear":
+            raise GgufError(f"{header.path}: rope scaling {scaling!r} is not supported (linear is)")
+        factor = float(required(header, f"{arch}.rope.scaling.factor"))
+        config["rope_scaling"] = {"rope_type": "linear", "factor": factor}
+    if model_type == "llama":
+        config.update(attention_bias=False, mlp_bias=False)
+    else:
+        config.update(use_sliding_window=False)
+    for field in ("bos", "eos", "padding"):
+        value = header.get(f"tokenizer.ggml.{field}_token_id")
+        if value is not None:
+            config["pad_token_id" if field == "padding" else f"{field}_token_id"] = int(value)
+    return config
 
 
 # -- tensor data -------------------------------------------------------------------------------
