@@ -422,6 +422,14 @@ bad_specs = pytest.mark.parametrize(
             lambda m: m["spec"]["model"].update(source={"gguf": {"hostPath": "/m/model.bin"}}),
             "spec.model.source.gguf.hostPath in body should match",
         ),
+        (
+            lambda m: m["spec"].update(service={"auth": {"apiKeySecret": "Not_A_Name"}}),
+            "spec.service.auth.apiKeySecret in body should match",
+        ),
+        (
+            lambda m: m["spec"].update(service={"maxPromptCharacters": 0}),
+            "spec.service.maxPromptCharacters in body should be greater than or equal to 1",
+        ),
     ],
     ids=[
         "maxStages-0",
@@ -432,6 +440,8 @@ bad_specs = pytest.mark.parametrize(
         "name",
         "gguf-two-locations",
         "gguf-not-gguf",
+        "api-key-secret-name",
+        "prompt-bound-0",
     ],
 )
 
@@ -450,6 +460,18 @@ def test_bad_spec_is_refused_at_apply(
     assert message in result.stderr, result.stderr
     with pytest.raises(ApiError):
         control_plane.client().get(LLMPipeline, manifest["metadata"]["name"], namespace=namespace)
+
+
+def test_api_keys_and_the_prompt_bound_are_stored_with_their_defaults(
+    control_plane: cp.ControlPlane, crd: object, namespace: str
+) -> None:
+    manifest = pipeline_manifest("keys", selector={"pool": "none"}, workload={})
+    manifest["spec"]["service"] = {"auth": {"apiKeySecret": "keys-api"}}
+    result = apply(control_plane, namespace, manifest)
+    assert result.returncode == 0, result.stderr
+    stored = control_plane.client().get(LLMPipeline, "keys", namespace=namespace)
+    assert stored.spec["service"]["auth"] == {"apiKeySecret": "keys-api", "protectMetrics": False}
+    assert stored.spec["service"]["maxPromptCharacters"] == 1_000_000
 
 
 def test_gguf_source_is_accepted_with_its_defaults(
