@@ -4,8 +4,8 @@
 
 1. Per hop: serialize a 4096-wide fp16 hidden state (one token), send it with the stage's
    Forward RPC (grpc.aio, loopback) to a process that deserializes it, wait for the ack;
-   over mutual TLS with the stage's per-RPC identity check (the default), and over
-   plaintext gRPC (`--plaintext`) next to it.
+   over mutual TLS with the stage's per-RPC identity check (the default) and over
+   plaintext gRPC (`--plaintext`), alternating in rounds so both see the same load.
 2. Bytes on the wire per token per hop, for the hidden state and for the token-id return hop.
 3. Decode throughput with 1, 4 and 16 sequences in flight over 1-4 stage processes
    (`llmpipe serve`, one torch thread per stage) versus single-process `generate` at the
@@ -128,6 +128,11 @@ async def time_hops(
     return times
 
 
+ROUNDS = 5
+"""Per-hop rounds, TLS and plaintext alternating: on a loaded machine the load drifts
+between runs by more than TLS costs, so both see the same drift."""
+
+
 def per_hop(*, calls: int) -> None:
     print(
         f"\n## per-hop overhead: {HIDDEN}-wide fp16 hidden state, loopback gRPC "
@@ -138,10 +143,24 @@ def per_hop(*, calls: int) -> None:
         f"{'bytes/token':>12}"
     )
     with tempfile.TemporaryDirectory(prefix="llmpipe-bench-tls-") as pki_dir:
-        tls.write_local_pki(Path(pki_dir), hosts=["127.0.0.1", "127.0.0.1"])
-        for links in ("mTLS", "plaintext"):
-            stage_dir = (lambda i: Path(pki_dir) / f"stage-{i}") if links == "mTLS" else None
-            hops(links, calls=calls, stage_dir=stage_dir)
+        stage_dir = Path(pki_dir)
+        tls.write_local_pki(stage_dir, hosts=["127.0.0.1", "127.0.0.1"])
+        sinks = {"mTLS": start_sink(stage_dir / "stage-1"), "plaintext": start_sink(None)}
+        try:
+            for batch in (1, 4, 16):
+                times: dict[str, list[float]] = {links: [] for links in sinks}
+                for _ in range(ROUNDS):
+                    for links, (port, _) in sinks.items():
+                        client = stage_dir / "stage-0" if links == "mTLS" else None
+                        times[links] += asyncio.run(
+                            time_hops(port, batch=batch, calls=calls // ROUNDS, tls_dir=client)
+                        )
+                for links in sinks:
+                    print_hops(links, batch, times[links])
+        finally:
+            for _, sink in sinks.values():
+                sink.send_signal(signal.SIGTERM)
+                sink.wait()
     tokens = stage_pb2.Tokens(
         sequence_ids=[2**40 + i for i in range(16)], token_ids=list(range(31000, 31016))
     )
@@ -152,8 +171,8 @@ def per_hop(*, calls: int) -> None:
     print(f"payload alone: hidden_size x 2 bytes = {HIDDEN * 2} bytes/token")
 
 
-def hops(links: str, *, calls: int, stage_dir) -> None:
-    """One sink process (stage 1), timed from stage 0's side, for each batch size."""
+def start_sink(tls_dir: Path | None) -> tuple[int, subprocess.Popen[str]]:
+    """One sink process (a stage 1), with its certificate or plaintext."""
     port = free_port()
     env = dict(
         os.environ,
@@ -161,29 +180,23 @@ def hops(links: str, *, calls: int, stage_dir) -> None:
         OMP_NUM_THREADS="1",
     )
     command = [sys.executable, __file__, "--sink", str(port)]
-    if stage_dir is not None:
-        command += ["--sink-tls", str(stage_dir(1))]
+    if tls_dir is not None:
+        command += ["--sink-tls", str(tls_dir)]
     sink = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True)
-    try:
-        assert sink.stdout is not None and sink.stdout.readline().strip() == "ready"
-        for batch in (1, 4, 16):
-            client_dir = stage_dir(0) if stage_dir is not None else None
-            times = asyncio.run(time_hops(port, batch=batch, calls=calls, tls_dir=client_dir))
-            hidden = torch.zeros(batch, HIDDEN, dtype=torch.float16)
-            steps = [wire.Step(1000 + i, 57, 1) for i in range(batch)]
-            size = len(
-                wire.encode_activations(
-                    steps, hidden, sent_unix_ns=time.time_ns()
-                ).SerializeToString()
-            )
-            quantiles = statistics.quantiles(times, n=10)
-            print(
-                f"{links:>9} {batch:>10} {statistics.median(times) * 1e3:>10.3f} "
-                f"{quantiles[8] * 1e3:>8.3f} {size:>10} {size / batch:>12.1f}"
-            )
-    finally:
-        sink.send_signal(signal.SIGTERM)
-        sink.wait()
+    assert sink.stdout is not None and sink.stdout.readline().strip() == "ready"
+    return port, sink
+
+
+def print_hops(links: str, batch: int, times: list[float]) -> None:
+    hidden = torch.zeros(batch, HIDDEN, dtype=torch.float16)
+    steps = [wire.Step(1000 + i, 57, 1) for i in range(batch)]
+    message = wire.encode_activations(steps, hidden, sent_unix_ns=time.time_ns())
+    size = len(message.SerializeToString())
+    quantiles = statistics.quantiles(times, n=10)
+    print(
+        f"{links:>9} {batch:>10} {statistics.median(times) * 1e3:>10.3f} "
+        f"{quantiles[8] * 1e3:>8.3f} {size:>10} {size / batch:>12.1f}"
+    )
 
 
 # -- 3. throughput ------------------------------------------------------------------------------
