@@ -394,3 +394,55 @@ def test_swapping_the_certificate_files_rotates_without_a_restart(
     pipeline.spawn(2)
     pipeline.wait_ready(120)
     assert_exact(completion(pipeline, max_tokens=LONG), expected)
+
+
+def kubelet_layout(root: Path, version: str, ca_pem: bytes, pair: pki.KeyPair) -> None:
+    """Write the files the way the kubelet's atomic writer does for a Secret volume: a
+    timestamped dir, `..data` pointing at it, and each key a symlink through `..data`;
+    an update is a new dir and one rename of the `..data` symlink."""
+    tls.write_tls_dir(root / version, ca_pem, pair)
+    link = root / "..data_tmp"
+    link.symlink_to(version)
+    link.rename(root / "..data")
+    for name in tls.FILES:
+        if not (root / name).is_symlink():
+            (root / name).symlink_to(Path("..data") / name)
+
+
+def test_a_renewed_secret_volume_is_taken_whole_and_a_half_written_set_is_not(
+    tmp_path: Path,
+) -> None:
+    now = datetime.datetime.now(datetime.UTC)
+    ca = pki.new_ca(namespace="ns", pipeline="p", now=now, validity=pki.Validity())
+    identity = pki.StageIdentity("ns", "p", "abc", 1)
+    first, second, third = (
+        pki.issue_stage(ca, identity, hosts=("s1",), now=now, validity=pki.Validity())
+        for _ in range(3)
+    )
+    kubelet_layout(tmp_path, "..2026_12_01_a", ca.cert_pem, first)
+    files = tls.TlsFiles(tmp_path)
+    assert files.material.cert_pem == first.cert_pem
+    assert not files.refresh(force=True)  # nothing changed
+
+    kubelet_layout(tmp_path, "..2026_12_01_b", ca.cert_pem, second)  # the kubelet's swap
+    assert files.refresh(force=True)
+    assert (files.generation, files.material.cert_pem) == (1, second.cert_pem)
+
+    # A writer that replaces files one by one: new certificate, old key -> not taken yet.
+    plain = tmp_path / "plain"
+    tls.write_tls_dir(plain, ca.cert_pem, first)
+    files = tls.TlsFiles(plain)
+    (plain / "tls.crt").write_bytes(third.cert_pem)
+    assert not files.refresh(force=True)
+    assert files.material.cert_pem == first.cert_pem
+    (plain / "tls.key").write_bytes(third.key_pem)
+    assert files.refresh(force=True)
+    assert files.material.cert_pem == third.cert_pem
+
+    # Files naming another stage are refused: a process never changes who it is.
+    other = pki.issue_stage(
+        ca, pki.StageIdentity("ns", "p", "abc", 2), hosts=("s2",), now=now, validity=pki.Validity()
+    )
+    tls.write_tls_dir(plain, ca.cert_pem, other)
+    assert not files.refresh(force=True)
+    assert files.material.identity == identity
