@@ -13,6 +13,7 @@ channels when the files change, so rotation drops no connection and no request.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import re
@@ -212,8 +213,6 @@ def write_local_pki(
     """A fresh CA and one TLS directory per stage (`stage-<i>/`) under `directory`, which
     is created private (0700). The CA (with its key) is returned, never written: once the
     caller drops it, nobody can issue more."""
-    import datetime
-
     validity = validity or pki.Validity()
     pipeline = dns_label(pipeline)
     now = datetime.datetime.now(datetime.UTC)
