@@ -199,8 +199,8 @@ def worst_gap(arrivals: list[float], start: float, end: float) -> float:
 
 def huge_requests_beside_a_stream(pipeline: pipelines.Pipeline) -> list[tuple[str, float, float]]:
     """One attempt: the HUGE requests one after another while a stream runs. Returns
-    (what, request seconds, worst gap) per request, plus ("outside", 0, worst gap) for the
-    stream's gaps away from every request: this machine's own noise."""
+    (what, request seconds, worst gap) per request, plus ("outside", 0, 99th percentile)
+    of the stream's gaps away from every request: this machine's own noise."""
     arrivals: list[float] = []
     streamer = threading.Thread(target=stream_arrivals, args=(pipeline, arrivals))
     streamer.start()
@@ -225,19 +225,21 @@ def huge_requests_beside_a_stream(pipeline: pipelines.Pipeline) -> list[tuple[st
     ]
     return [
         *((what, end - start, worst_gap(arrivals, start, end)) for what, start, end in windows),
-        ("outside", 0.0, max(outside)),
+        # The 99th percentile: one rare starvation spike elsewhere must not loosen the bound.
+        ("outside", 0.0, sorted(outside)[int(0.99 * (len(outside) - 1))]),
     ]
 
 
 def test_a_huge_prompt_does_not_stall_a_concurrent_stream(pipeline: pipelines.Pipeline) -> None:
     """The issue's bound: no stall over 100 ms beyond the gaps the same stream shows away
-    from the huge requests. A loaded shared machine can starve any process for that long
-    now and then, so up to three attempts are made; a stall caused by the requests (the
-    tokenizer on the event loop took 1-17 s for such prompts) fails every one."""
+    from the huge requests (their 99th percentile). A loaded shared machine can starve
+    any process for that long now and then, so up to three attempts are made; a stall
+    caused by the requests (the tokenizer on the event loop took 1-17 s for such prompts)
+    fails every one."""
     for attempt in range(1, 4):
         figures = huge_requests_beside_a_stream(pipeline)
         noise = figures[-1][2]
-        print(f"\nattempt {attempt}: worst stream gap away from the requests {noise * 1000:.1f} ms")
+        print(f"\nattempt {attempt}: p99 stream gap away from the requests {noise * 1000:.1f} ms")
         for what, took, gap in figures[:-1]:
             print(f"  {what}: request {took * 1000:.0f} ms, worst stream gap {gap * 1000:.1f} ms")
         if all(gap < 0.1 + noise for _, _, gap in figures[:-1]):
