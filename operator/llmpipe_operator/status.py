@@ -23,6 +23,7 @@ DEGRADED = "Degraded"
 
 REASON_INVALID_SPEC = "InvalidSpec"
 REASON_POLICY_VIOLATION = "PolicyViolation"
+REASON_FORBIDDEN = "Forbidden"
 REASON_INSUFFICIENT_MEMORY = "InsufficientMemory"
 REASON_NO_ELIGIBLE_NODES = "NoEligibleNodes"
 REASON_PLANNED = "Planned"
@@ -189,6 +190,29 @@ def invalid_spec(
     return {
         "observedGeneration": generation,
         "phase": "Failed",
+        "conditions": merge_conditions(previous, conds),
+    }
+
+
+def forbidden(
+    message: str, *, generation: int, now: str, previous: Sequence[Mapping[str, Any]] = ()
+) -> dict[str, Any]:
+    """Planned, but the operator may not write the plan's objects in this namespace (no
+    RoleBinding grants it): Pending until an admin grants it; retried slowly."""
+    conds = [
+        condition(
+            PLANNED,
+            False,
+            REASON_FORBIDDEN,
+            message,
+            generation=generation,
+            now=now,
+            previous=previous,
+        )
+    ]
+    return {
+        "observedGeneration": generation,
+        "phase": "Pending",
         "conditions": merge_conditions(previous, conds),
     }
 

@@ -15,6 +15,10 @@ FORBIDDEN_DELAY_SECONDS = 60.0
 """Missing RBAC needs a human; retry slowly so the fix is picked up without a restart."""
 
 
+class Forbidden(kopf.TemporaryError):
+    """The operator's RBAC does not allow the step (retried slowly: a human must grant it)."""
+
+
 @asynccontextmanager
 async def classified(step: str) -> AsyncIterator[None]:
     """Re-raise API failures of `step` as kopf.TemporaryError or kopf.PermanentError."""
@@ -25,7 +29,7 @@ async def classified(step: str) -> AsyncIterator[None]:
         if k8s_errors.is_transient(error):
             raise kopf.TemporaryError(text, delay=TRANSIENT_DELAY_SECONDS) from error
         if k8s_errors.is_forbidden(error):
-            raise kopf.TemporaryError(
+            raise Forbidden(
                 f"{text} (check the operator's RBAC: helm/llmpipe/templates/rbac.yaml)",
                 delay=FORBIDDEN_DELAY_SECONDS,
             ) from error

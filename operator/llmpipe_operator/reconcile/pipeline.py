@@ -51,7 +51,11 @@ async def reconcile_pipeline(
             await report_infeasible(client, pipeline, nodes, error)
             return None
         # 3. render  4. apply  5. report
-        digest = await deploy_plan(client, pipeline, plan)
+        try:
+            digest = await deploy_plan(client, pipeline, plan)
+        except errors.Forbidden as error:
+            await report_forbidden(client, pipeline, error)
+            raise
     await switch.advance(client, namespace=namespace, name=name)
     return digest
 
@@ -162,6 +166,31 @@ async def deploy_plan(
             message=f"plan {digest}: {status.describe_plan(plan)}",
         )
     return digest
+
+
+async def report_forbidden(
+    client: AsyncClient, pipeline: fetch.Pipeline, error: errors.Forbidden
+) -> None:
+    """Say on the pipeline why nothing is deployed when the operator may not write in its
+    namespace (the cluster-wide watch sees pipelines where no RoleBinding grants writes)."""
+    ref = pipeline.ref
+    message = (
+        f"the operator may not write in namespace {ref.namespace}: {error}; a cluster admin "
+        "grants it with a RoleBinding to the chart's <release>-workloads ClusterRole "
+        "(the chart's NOTES print the command)"
+    )
+    patch = status.forbidden(
+        message, generation=pipeline.generation, now=fetch.now(), previous=pipeline.conditions
+    )
+    async with errors.classified("report the forbidden write"):
+        await api.patch_status(client, namespace=ref.namespace, name=ref.name, status=patch)
+    if not any(c.get("message") == message for c in pipeline.conditions):
+        kopf.event(
+            fetch.events_body(pipeline.body),
+            type="Warning",
+            reason=status.REASON_FORBIDDEN,
+            message=message,
+        )
 
 
 async def report_phase(client: AsyncClient, pipeline: fetch.Pipeline, phase: str) -> None:

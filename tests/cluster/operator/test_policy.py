@@ -476,8 +476,8 @@ def test_a_cluster_wide_operator_deploys_only_where_granted(
             )
             assert done.returncode == 0, done.stderr
         wait_ready(client, handle, namespace, "wide")
-        # In the namespace without a RoleBinding: seen (the watch is cluster-wide), status
-        # written, but every write of a workload forbidden.
+        # In the namespace without a RoleBinding: seen (the watch is cluster-wide), every write
+        # of a workload forbidden, and the status says so.
         wait.until(
             lambda: (
                 f"{ungranted}" in handle.log_tail(200) and "operator's RBAC" in handle.log_tail(200)
@@ -486,7 +486,16 @@ def test_a_cluster_wide_operator_deploys_only_where_granted(
             timeout=60,
             seen=handle.log_tail,
         )
-        assert status_of(client, ungranted, "wide").get("phase") == "Planning"
+
+        def refused() -> dict[str, Any] | None:
+            st = status_of(client, ungranted, "wide")
+            return st if condition(st, "Planned").get("reason") == "Forbidden" else None
+
+        st = wait.until(refused, what="Planned=False Forbidden", timeout=60, seen=handle.log_tail)
+        assert st["phase"] == "Pending"
+        message = condition(st, "Planned")["message"]
+        assert f"the operator may not write in namespace {ungranted}" in message
+        assert "<release>-workloads ClusterRole" in message
         assert not list(client.list(Deployment, namespace=ungranted))
         assert not list(client.list(NetworkPolicy, namespace=ungranted))
     finally:

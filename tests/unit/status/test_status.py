@@ -144,6 +144,25 @@ def test_invalid_spec_fails_and_no_nodes_is_pending() -> None:
     assert cond(waiting, "Planned")["reason"] == "NoEligibleNodes"
 
 
+def test_policy_violation_fails_and_forbidden_waits_for_a_grant() -> None:
+    refused = status.invalid_spec(
+        "[allowedImages] x", generation=2, now=NOW, reason="PolicyViolation"
+    )
+    assert refused["phase"] == "Failed"
+    assert (
+        cond(refused, "Planned")["reason"] == cond(refused, "Ready")["reason"] == "PolicyViolation"
+    )
+    assert cond(refused, "Planned")["message"] == "[allowedImages] x"
+    ready = status.condition("Ready", True, "StagesAvailable", "1/1", generation=1, now=NOW)
+    blocked = status.forbidden("may not write", generation=3, now=LATER, previous=[ready])
+    assert blocked["phase"] == "Pending" and blocked["observedGeneration"] == 3
+    assert (cond(blocked, "Planned")["status"], cond(blocked, "Planned")["reason"]) == (
+        "False",
+        "Forbidden",
+    )
+    assert cond(blocked, "Ready") == ready  # only Planned changes
+
+
 def test_transition_time_moves_only_when_the_status_flips() -> None:
     first = status.condition("Ready", False, "A", "a", generation=1, now=NOW)
     same = status.condition("Ready", False, "B", "b", generation=2, now=LATER, previous=[first])
