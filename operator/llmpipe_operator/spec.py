@@ -11,6 +11,7 @@ with the field's path, which the handlers turn into a `kopf.PermanentError`.
 from __future__ import annotations
 
 import posixpath
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -24,6 +25,13 @@ ServiceType = Literal["ClusterIP", "NodePort", "LoadBalancer"]
 
 DTYPES = ("bfloat16", "float16", "float32")
 MODELS_MOUNT = "/models"
+
+
+LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$")
+LABEL_KEY = re.compile(
+    r"^([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
+"""Kubernetes label keys and values (the CRD's pattern for spec.placement.nodeSelector)."""
 
 
 class SpecError(ValueError):
@@ -325,6 +333,12 @@ def _parse_placement(raw: Mapping[str, Any]) -> PlacementSpec:
     max_stages = raw.get("maxStages")
     if max_stages is not None and (not _is_int(max_stages) or max_stages < 1):
         raise SpecError(f"{where}.maxStages must be an integer >= 1 (got {max_stages!r})")
+    for key, value in selector.items():
+        if not LABEL_KEY.match(str(key)) or not LABEL_VALUE.match(str(value)):
+            raise SpecError(
+                f"{where}.nodeSelector: {_brief(key)}={_brief(value)} is not a Kubernetes "
+                "label key and value (values: at most 63 of [A-Za-z0-9._-])"
+            )
     return PlacementSpec(
         node_selector={str(k): str(v) for k, v in selector.items()},
         tolerations=tuple(
@@ -500,6 +514,12 @@ def _positive_int(raw: Mapping[str, Any], key: str, where: str, *, default: int)
     if not _is_int(value) or value < 1:
         raise SpecError(f"{where}.{key} must be an integer >= 1 (got {value!r})")
     return int(value)
+
+
+def _brief(value: Any, limit: int = 64) -> str:
+    """A value for an error message, cut so a 100 KiB string does not fill it."""
+    text = str(value)
+    return text if len(text) <= limit else f"{text[:limit]}...({len(text)} characters)"
 
 
 def _is_int(value: Any) -> bool:

@@ -35,6 +35,19 @@ REASON_AS_PLANNED = "AsPlanned"
 REASON_SWITCH_TIMED_OUT = "SwitchTimedOut"
 
 
+MESSAGE_LIMIT = 1024
+"""Longest condition or Event message we write: an Event's note is capped at 1 KiB by
+events.k8s.io, and a status that repeats a 100 KiB spec value helps no one."""
+
+
+def truncate(text: str, limit: int = MESSAGE_LIMIT) -> str:
+    """`text`, cut to at most `limit` characters with a note of how much was left out."""
+    if len(text) <= limit:
+        return text
+    cut = max(0, limit - 40)  # the note takes at most ~35 characters
+    return f"{text[:cut]}... ({len(text) - cut} more characters)"
+
+
 @dataclass(frozen=True)
 class StageAvailability:
     """One stage Deployment as observed: is its single replica available?"""
@@ -138,7 +151,7 @@ def condition(
         "type": kind,
         "status": value,
         "reason": reason,
-        "message": message,
+        "message": truncate(message),
         "lastTransitionTime": since or now,
         "observedGeneration": generation,
     }

@@ -153,6 +153,12 @@ async def list_pods(client: AsyncClient, *, namespace: str, pipeline: str) -> li
     ]
 
 
+async def list_all_pods(client: AsyncClient) -> list[dict[str, Any]]:
+    """Every pod in every namespace: what is bound (or pinned) to each node, and its
+    memory requests, which the planner subtracts from the node's allocatable memory."""
+    return [dict(p.to_dict()) async for p in client.list(Pod, namespace="*")]
+
+
 async def list_endpoint_slices(
     client: AsyncClient, *, namespace: str, service: str
 ) -> list[dict[str, Any]]:

@@ -6,7 +6,10 @@ calls. The facts come from the node (docs/design.md):
 
 - tier, TFLOP/s, memory bandwidth, uplink: the `llmpipe.io/*` labels (defaults below when
   a label is absent, so an unlabelled cluster still plans, conservatively);
-- memory: `status.allocatable.memory` minus the usage metrics.k8s.io reports, if served;
+- memory: `status.allocatable.memory` minus what others hold there: the larger of the
+  memory requests of the pods on the node (every pod but this pipeline's own, plus the
+  stages other pipelines were planned but whose pods do not exist yet; `held_memory`)
+  and the usage metrics.k8s.io reports, if served;
 - links: the `llmpipe.io/links` annotation, JSON `{"<peer>": {"mbps": 940, "rttMs": 0.4}}`.
 
 A node is eligible when it is Ready, schedulable, matches the pipeline's nodeSelector, is
@@ -61,6 +64,164 @@ class LiveInventory:
     """Node name -> why it is not eligible (for status messages and Events)."""
     notes: tuple[str, ...] = ()
     """Problems that did not exclude a node (e.g. a malformed links annotation)."""
+    holdings: NodeHoldings | None = None
+    """What others hold on the nodes (set by the caller that read the pods)."""
+    full: frozenset[str] = frozenset()
+    """Nodes left out only because others hold all their memory."""
+
+    def held_on_candidates(self) -> str:
+        """Who holds memory on the nodes the pipeline may use (eligible or full)."""
+        if self.holdings is None:
+            return ""
+        names = {n.name for n in self.inventory.nodes} | set(self.full)
+        return self.holdings.describe(sorted(names))
+
+
+# --- memory others hold on each node ---------------------------------------------------------
+
+POD_LABEL_PIPELINE = "llmpipe.io/pipeline"
+POD_LABEL_PLAN_HASH = "llmpipe.io/plan-hash"
+POD_LABEL_STAGE_INDEX = "llmpipe.io/stage-index"
+"""The labels the operator puts on stage pods (manifests.names; a unit test keeps them equal)."""
+
+PipelineKey = tuple[str, str]
+"""(namespace, name) of an LLMPipeline."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Reservation:
+    """The stages of a plan this operator decided on, whose pods may not exist yet."""
+
+    digest: str
+    stages: Mapping[int, tuple[str, int]]
+    """stage index -> (node, memoryBytes)"""
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeHoldings:
+    total: Mapping[str, int]
+    """node -> bytes others hold there"""
+    holders: Mapping[str, Mapping[str, int]]
+    """node -> holder ("pipeline ns/name", "pod ns/name") -> bytes"""
+
+    def describe(self, nodes: Sequence[str], *, per_node: int = 3) -> str:
+        """`n1: 1.2 GiB (pipeline a/x 1.0 GiB, pod kube-system/y 200 MiB); n2: ...`"""
+        parts = []
+        for node in nodes:
+            held = self.holders.get(node) or {}
+            if not held:
+                continue
+            ranked = sorted(held.items(), key=lambda item: (-item[1], item[0]))
+            shown = ", ".join(f"{who} {_mib(size)}" for who, size in ranked[:per_node])
+            more = f", {len(ranked) - per_node} more" if len(ranked) > per_node else ""
+            parts.append(f"{node}: {_mib(self.total.get(node, 0))} ({shown}{more})")
+        return "; ".join(parts)
+
+
+def held_memory(
+    pods: Iterable[Mapping[str, Any]],
+    *,
+    pipeline: PipelineKey,
+    reservations: Mapping[PipelineKey, Reservation],
+) -> NodeHoldings:
+    """Memory requested on each node by everyone but `pipeline`.
+
+    Counted: every pod bound to a node (or pinned to one by a required node affinity and
+    not yet bound) that has not terminated, at its effective memory request; and every
+    reserved stage of another pipeline whose pod does not exist yet (planned, being
+    created). `pipeline`'s own pods, of whatever plan, are not counted: its plan is
+    made on the memory its stages hold now (counted once, by the plan itself).
+    """
+    total: dict[str, int] = {}
+    holders: dict[str, dict[str, int]] = {}
+    existing: set[tuple[str, str, str, str]] = set()
+
+    def add(node: str, who: str, size: int) -> None:
+        total[node] = total.get(node, 0) + size
+        holders.setdefault(node, {})
+        holders[node][who] = holders[node].get(who, 0) + size
+
+    for pod in pods:
+        meta = pod.get("metadata") or {}
+        labels = meta.get("labels") or {}
+        namespace = str(meta.get("namespace", ""))
+        owner = labels.get(POD_LABEL_PIPELINE)
+        if owner is not None:
+            existing.add(
+                (
+                    namespace,
+                    str(owner),
+                    str(labels.get(POD_LABEL_PLAN_HASH, "")),
+                    str(labels.get(POD_LABEL_STAGE_INDEX, "")),
+                )
+            )
+        node = pod_node(pod)
+        if node is None or _terminated(pod) or (namespace, owner) == pipeline:
+            continue
+        size = pod_memory_request(pod)
+        if size > 0:
+            who = (
+                f"pipeline {namespace}/{owner}" if owner else f"pod {namespace}/{meta.get('name')}"
+            )
+            add(node, who, size)
+    for key, reservation in sorted(reservations.items()):
+        if key == pipeline:
+            continue
+        for index, (node, size) in sorted(reservation.stages.items()):
+            if (*key, reservation.digest, str(index)) not in existing:
+                add(node, f"pipeline {key[0]}/{key[1]}", size)
+    return NodeHoldings(total=total, holders=holders)
+
+
+def pod_node(pod: Mapping[str, Any]) -> str | None:
+    """The node a pod runs on, or the one node its required node affinity pins it to."""
+    spec = pod.get("spec") or {}
+    if spec.get("nodeName"):
+        return str(spec["nodeName"])
+    required = ((spec.get("affinity") or {}).get("nodeAffinity") or {}).get(
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ) or {}
+    terms = required.get("nodeSelectorTerms") or []
+    if len(terms) != 1:
+        return None
+    for expression in terms[0].get("matchExpressions") or []:
+        values = expression.get("values") or []
+        if (
+            expression.get("key") == "kubernetes.io/hostname"
+            and expression.get("operator") == "In"
+            and len(values) == 1
+        ):
+            return str(values[0])
+    return None
+
+
+def pod_memory_request(pod: Mapping[str, Any]) -> int:
+    """The scheduler's view: max(sum over containers, largest init container) + overhead."""
+    spec = pod.get("spec") or {}
+
+    def request(container: Mapping[str, Any]) -> int:
+        value = ((container.get("resources") or {}).get("requests") or {}).get("memory")
+        if value is None:
+            return 0
+        try:
+            return inventory.parse_quantity(value)
+        except ValueError:
+            return 0  # the API server validates quantities; nothing sensible to count
+
+    containers = sum(request(c) for c in spec.get("containers") or [])
+    init = max((request(c) for c in spec.get("initContainers") or []), default=0)
+    overhead = request({"resources": {"requests": spec.get("overhead") or {}}})
+    return max(containers, init) + overhead
+
+
+def _terminated(pod: Mapping[str, Any]) -> bool:
+    return (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
+
+
+def _mib(size: int) -> str:
+    if size >= 2**30:
+        return f"{size / 2**30:.1f} GiB"
+    return f"{size / 2**20:.0f} MiB"
 
 
 def build_inventory(
@@ -74,6 +235,7 @@ def build_inventory(
     usage = memory_usage or {}
     planned: list[inventory.Node] = []
     excluded: dict[str, str] = {}
+    full: set[str] = set()
     raw_by_name: dict[str, Mapping[str, Any]] = {}
     for raw in nodes:
         name = str(raw.get("metadata", {}).get("name", ""))
@@ -82,6 +244,9 @@ def build_inventory(
         if reason is None:
             try:
                 node = to_node(raw, defaults=defaults, used_bytes=usage.get(name, 0))
+            except NodeFull as error:
+                reason = str(error)
+                full.add(name)
             except inventory.InventoryError as error:
                 reason = str(error)
         if node is None:
@@ -96,6 +261,7 @@ def build_inventory(
         ),
         excluded=excluded,
         notes=notes,
+        full=frozenset(full),
     )
 
 
@@ -162,8 +328,12 @@ def _free_memory(raw: Mapping[str, Any], name: str, used_bytes: int) -> int:
         ) from error
     free = total - max(used_bytes, 0)
     if free <= 0:
-        raise inventory.InventoryError(f"node {name!r}: no free memory ({used_bytes} B in use)")
+        raise NodeFull(f"no free memory ({_mib(max(used_bytes, 0))} held of {_mib(total)})")
     return free
+
+
+class NodeFull(inventory.InventoryError):
+    """Others hold all of a node's allocatable memory."""
 
 
 def _label_number(labels: Mapping[str, str], key: str, name: str, default: float) -> float:

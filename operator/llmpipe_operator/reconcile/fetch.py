@@ -89,7 +89,12 @@ async def fetch_pipeline(client: AsyncClient, *, namespace: str, name: str) -> P
                     str(error), generation=generation, now=now(), previous=previous
                 ),
             )
-        kopf.event(events_body(body), type="Warning", reason="InvalidSpec", message=str(error))
+        kopf.event(
+            events_body(body),
+            type="Warning",
+            reason="InvalidSpec",
+            message=status.truncate(str(error)),
+        )
         raise kopf.PermanentError(f"invalid spec: {error}") from error
     try:
         resolved = policy_mod.resolve(parsed, _policy)

@@ -11,6 +11,7 @@ A new plan never replaces a running one in place: its objects carry a new plan h
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -23,13 +24,17 @@ from llmpipe_operator import status, telemetry
 from llmpipe_operator.k8s import api
 from llmpipe_operator.manifests import endpoint, names, network, render
 from llmpipe_operator.planning import live, planner
-from llmpipe_operator.reconcile import certs, errors, fetch, locks, switch
+from llmpipe_operator.reconcile import capacity, certs, errors, fetch, locks, switch
 
 log = logging.getLogger(__name__)
 
 
 class NoEligibleNodes(Exception):
     """No node passes the pipeline's placement filters (or none is Ready)."""
+
+
+class NodesFull(Exception):
+    """Nodes pass the filters, but others hold all of their memory (InsufficientMemory)."""
 
 
 async def reconcile_pipeline(
@@ -39,16 +44,28 @@ async def reconcile_pipeline(
     async with locks.pipeline_lock(namespace, name):
         pipeline = await fetch.fetch_pipeline(client, namespace=namespace, name=name)
         if pipeline is None:
+            capacity.release((namespace, name))
             return None
         if pipeline.status.get("observedGeneration") != pipeline.generation:
             await report_phase(client, pipeline, "Planning")
-        # 1. observe nodes
-        nodes = await observe_nodes(client, pipeline.spec, memory_usage=memory_usage)
-        # 2. plan
-        try:
-            plan = make_plan(pipeline.spec, nodes)
-        except (planner.PlanInfeasible, NoEligibleNodes) as error:
-            await report_infeasible(client, pipeline, nodes, error)
+        async with capacity.planning():  # one pipeline at a time claims free memory
+            # 1. observe nodes
+            nodes = await observe_nodes(
+                client, pipeline.spec, owner=(namespace, name), memory_usage=memory_usage
+            )
+            # 2. plan
+            try:
+                plan = make_plan(pipeline.spec, nodes)
+            except INFEASIBLE as error:
+                capacity.release((namespace, name))
+                failure: Exception | None = error
+            else:
+                failure = None
+                capacity.reserve(
+                    (namespace, name), plan, digest=names.plan_hash(plan, pipeline.spec)
+                )
+        if failure is not None:
+            await report_infeasible(client, pipeline, nodes, failure)
             return None
         # 3. render  4. apply  5. report
         try:
@@ -60,31 +77,46 @@ async def reconcile_pipeline(
     return digest
 
 
+INFEASIBLE = (planner.PlanInfeasible, NoEligibleNodes, NodesFull)
+"""What make_plan raises when no plan can be made now; report_infeasible reports each."""
+
+
 async def observe_nodes(
     client: AsyncClient,
     spec: spec_mod.PipelineSpec,
     *,
+    owner: live.PipelineKey,
     memory_usage: Mapping[str, int] | None = None,
 ) -> live.LiveInventory:
-    """The eligible nodes. `memory_usage` (bytes in use per node, from metrics.k8s.io via
-    `k8s.metrics_api`) is subtracted from allocatable memory when the caller has it."""
-    async with errors.classified("list nodes"):
+    """The eligible nodes, each with the memory others leave free on it: allocatable minus
+    the larger of what the pods there request (all but `owner`'s own, plus other
+    pipelines' reserved stages not yet created; see `capacity`) and `memory_usage` (bytes
+    in use by others per node, from metrics.k8s.io via `k8s.metrics_api`) when the caller
+    has it. Call under `capacity.planning()`."""
+    async with errors.classified("list nodes and pods"):
         raw_nodes = await api.list_nodes(client)
+        pods = await api.list_all_pods(client)
+    holdings = live.held_memory(pods, pipeline=owner, reservations=capacity.reservations())
+    usage = dict(memory_usage or {})
+    for node, held in holdings.total.items():
+        usage[node] = max(usage.get(node, 0), held)
     tolerations = spec.placement.tolerations
     eligibility = live.Eligibility(
         node_selector=spec.placement.node_selector,
         exclude_nodes=spec.placement.exclude_nodes,
         tolerates=lambda taint: any(t.tolerates(taint) for t in tolerations),
     )
-    nodes = live.build_inventory(raw_nodes, eligibility=eligibility, memory_usage=memory_usage)
+    nodes = live.build_inventory(raw_nodes, eligibility=eligibility, memory_usage=usage)
     for note in nodes.notes:
         log.warning("%s", note)  # e.g. a malformed llmpipe.io/links annotation: links ignored
-    return nodes
+    return dataclasses.replace(nodes, holdings=holdings)
 
 
 def make_plan(spec: spec_mod.PipelineSpec, nodes: live.LiveInventory) -> dict[str, Any]:
     """The DESIGN plan JSON for this spec on these nodes; raises planner.PlanInfeasible
-    (naming the memory shortfall) or NoEligibleNodes."""
+    (naming the memory shortfall), NodesFull or NoEligibleNodes."""
+    if not nodes.inventory.nodes and nodes.full:
+        raise NodesFull(f"others hold all the memory of the {len(nodes.full)} matching node(s)")
     if not nodes.inventory.nodes:
         raise NoEligibleNodes(
             "no eligible node: none is Ready, schedulable, tolerated and matching spec.placement"
@@ -163,7 +195,7 @@ async def deploy_plan(
             fetch.events_body(pipeline.body),
             type="Normal",
             reason="Planned",
-            message=f"plan {digest}: {status.describe_plan(plan)}",
+            message=status.truncate(f"plan {digest}: {status.describe_plan(plan)}"),
         )
     return digest
 
@@ -210,6 +242,9 @@ async def report_infeasible(
     half-deployed pipeline), one that serves keeps serving. Call under the lock."""
     ref = pipeline.ref
     message = str(error)
+    held = nodes.held_on_candidates()
+    if held and not isinstance(error, NoEligibleNodes):
+        message = f"{message}; memory held by others: {held}"
     if nodes.excluded:
         left_out = ", ".join(f"{n} ({why})" for n, why in sorted(nodes.excluded.items()))
         message = f"{message}; nodes not eligible: {left_out}"
@@ -253,5 +288,5 @@ async def report_infeasible(
         fetch.events_body(pipeline.body),
         type="Warning",
         reason=str(patch["conditions"][0]["reason"]),
-        message=message,
+        message=status.truncate(message),
     )

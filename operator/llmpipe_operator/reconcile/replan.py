@@ -39,8 +39,9 @@ from lightkube import AsyncClient
 from llmpipe_operator import spec as spec_mod
 from llmpipe_operator import status, telemetry
 from llmpipe_operator.k8s import api, events, metrics_api
-from llmpipe_operator.planning import live, planner, replan
-from llmpipe_operator.reconcile import errors, fetch, locks, pipeline, switch
+from llmpipe_operator.manifests import names
+from llmpipe_operator.planning import live, replan
+from llmpipe_operator.reconcile import capacity, errors, fetch, locks, pipeline, switch
 
 log = logging.getLogger(__name__)
 
@@ -328,6 +329,7 @@ async def replan_pipeline(
         # 1. observe
         current_pipeline = await fetch.fetch_pipeline(client, namespace=namespace, name=name)
         if current_pipeline is None:
+            capacity.release((namespace, name))
             return None
         settings = replan.ReplanSettings.from_spec(
             (current_pipeline.body.get("spec") or {}).get("replan")
@@ -335,25 +337,35 @@ async def replan_pipeline(
         current = await running_plan(client, current_pipeline)
         own = own_stage_memory(current)
         memory_usage = others_usage(usage, own) if usage.served else None
-        nodes = await pipeline.observe_nodes(
-            client, current_pipeline.spec, memory_usage=memory_usage
-        )
-        # 2. plan
-        try:
-            candidate = pipeline.make_plan(current_pipeline.spec, nodes)
-        except (planner.PlanInfeasible, pipeline.NoEligibleNodes) as error:
-            outcome = Outcome(
-                "infeasible", f"{replan.summarize_changes(changes)}: {error}", str(error)
+        key = (namespace, name)
+        async with capacity.planning():  # one pipeline at a time claims free memory
+            nodes = await pipeline.observe_nodes(
+                client, current_pipeline.spec, owner=key, memory_usage=memory_usage
             )
-            await pipeline.report_infeasible(client, current_pipeline, nodes, error)
+            # 2. plan
+            try:
+                candidate = pipeline.make_plan(current_pipeline.spec, nodes)
+            except pipeline.INFEASIBLE as error:
+                capacity.release(key)
+                failure: Exception | None = error
+            else:
+                failure = None
+                # 3. decide
+                available = {n.name: n.memory_bytes for n in nodes.inventory.nodes}
+                problems = replan.plan_problems(current, available) if current else []
+                decision = replan.decide_switch(
+                    current, candidate, problems=problems, margin=settings.improvement_margin
+                )
+                if decision.switch:
+                    planned = names.plan_hash(candidate, current_pipeline.spec)
+                    capacity.reserve(key, candidate, digest=planned)
+        if failure is not None:
+            outcome = Outcome(
+                "infeasible", f"{replan.summarize_changes(changes)}: {failure}", str(failure)
+            )
+            await pipeline.report_infeasible(client, current_pipeline, nodes, failure)
             await record(client, current_pipeline, outcome, changes=changes, usage=usage)
             return outcome
-        # 3. decide
-        available = {n.name: n.memory_bytes for n in nodes.inventory.nodes}
-        problems = replan.plan_problems(current, available) if current else []
-        decision = replan.decide_switch(
-            current, candidate, problems=problems, margin=settings.improvement_margin
-        )
         cause = replan.describe(changes, current, candidate)
         # 4. deploy (the switch proper is switch.advance's, below, outside the lock)
         digest = None
@@ -428,7 +440,9 @@ async def record(
         outcome.cause if outcome.outcome == "switched" else f"{outcome.cause} ({outcome.decision})"
     )
     async with errors.classified("post the re-plan Event"):
-        await events.post(client, current.body, type=kind, reason=reason, message=message)
+        await events.post(
+            client, current.body, type=kind, reason=reason, message=status.truncate(message)
+        )
     cause = replan.primary_kind(changes)
     telemetry.replanned(cause=cause.value if cause else "unknown", outcome=outcome.outcome)
     log.info(
@@ -471,7 +485,7 @@ async def report_stall(client: AsyncClient, *, namespace: str, name: str) -> Non
                 body,
                 type="Warning",
                 reason=status.REASON_SWITCH_TIMED_OUT,
-                message=str(degraded.get("message")),
+                message=status.truncate(str(degraded.get("message"))),
             )
         telemetry.replanned(cause="switch-timeout", outcome="timed-out")
 

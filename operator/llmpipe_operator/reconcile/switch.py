@@ -29,7 +29,7 @@ from llmpipe_operator import status, telemetry
 from llmpipe_operator.k8s import api
 from llmpipe_operator.manifests import endpoint, names
 from llmpipe_operator.planning import replan
-from llmpipe_operator.reconcile import errors, fetch, locks
+from llmpipe_operator.reconcile import capacity, errors, fetch, locks
 
 _DELETE_ORDER = {"Deployment": 0, "Service": 1, "ConfigMap": 2}
 
@@ -41,6 +41,7 @@ async def advance(client: AsyncClient, *, namespace: str, name: str) -> str | No
         pipeline = await fetch.fetch_pipeline(client, namespace=namespace, name=name)
         if pipeline is None:
             locks.forget(namespace, name)
+            capacity.release((namespace, name))
             telemetry.forget_pipeline(namespace, name)
             return None
         target = pipeline.status.get("planHash")

@@ -152,3 +152,133 @@ def test_tolerated_taints_and_prefer_no_schedule_keep_a_node() -> None:
     ]
     result = build(nodes, tolerations=(spec_mod.Toleration("gpu", "Exists"),))
     assert {n.name for n in result.inventory.nodes} == {"gpu", "soft", "pool"}
+
+
+# --- memory others hold: pods' requests and other pipelines' planned stages --------------
+
+MiB = 2**20
+
+
+def a_pod(
+    name: str,
+    *,
+    node: str | None = None,
+    pinned: str | None = None,
+    memory: str | None = "100Mi",
+    pipeline: tuple[str, str, str, int] | None = None,
+    namespace: str = "default",
+    phase: str = "Running",
+    init: str | None = None,
+) -> dict[str, Any]:
+    labels = {}
+    if pipeline is not None:
+        namespace = pipeline[0]
+        labels = {
+            live.POD_LABEL_PIPELINE: pipeline[1],
+            live.POD_LABEL_PLAN_HASH: pipeline[2],
+            live.POD_LABEL_STAGE_INDEX: str(pipeline[3]),
+        }
+    spec: dict[str, Any] = {
+        "containers": [
+            {"name": "c", "resources": {"requests": {"memory": memory}} if memory else {}}
+        ]
+    }
+    if node:
+        spec["nodeName"] = node
+    if pinned:
+        term = {
+            "matchExpressions": [
+                {"key": "kubernetes.io/hostname", "operator": "In", "values": [pinned]}
+            ]
+        }
+        spec["affinity"] = {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [term]}
+            }
+        }
+    if init:
+        spec["initContainers"] = [{"name": "i", "resources": {"requests": {"memory": init}}}]
+    return {
+        "metadata": {"name": name, "namespace": namespace, "labels": labels},
+        "spec": spec,
+        "status": {"phase": phase},
+    }
+
+
+def test_requests_of_bound_and_pinned_pods_count_but_not_our_own_or_finished_ones() -> None:
+    pods = [
+        a_pod("dns", node="n1", memory="70Mi", namespace="kube-system"),
+        a_pod("other-s0", node="n1", memory="200Mi", pipeline=("team-b", "other", "h1", 0)),
+        a_pod("other-s1", pinned="n2", memory="300Mi", pipeline=("team-b", "other", "h1", 1)),
+        a_pod("mine", node="n1", memory="1Gi", pipeline=("team-a", "chat", "h9", 0)),
+        a_pod("job", node="n2", memory="5Gi", phase="Succeeded"),
+        a_pod("nowhere", memory="5Gi"),  # neither bound nor pinned: no node to charge
+        a_pod("besteffort", node="n2", memory=None),
+    ]
+    held = live.held_memory(pods, pipeline=("team-a", "chat"), reservations={})
+    assert held.total == {"n1": 270 * MiB, "n2": 300 * MiB}
+    assert held.holders["n1"] == {
+        "pod kube-system/dns": 70 * MiB,
+        "pipeline team-b/other": 200 * MiB,
+    }
+    assert (
+        "n1: 270 MiB (pipeline team-b/other 200 MiB, pod kube-system/dns 70 MiB)"
+        in held.describe(["n1", "n2"])
+    )
+
+
+def test_a_pod_request_is_the_larger_of_its_containers_and_its_init_container() -> None:
+    assert live.pod_memory_request(a_pod("p", node="n", memory="100Mi", init="300Mi")) == 300 * MiB
+    assert live.pod_memory_request(a_pod("p", node="n", memory="400Mi", init="300Mi")) == 400 * MiB
+
+
+def test_reserved_stages_count_until_their_pod_exists_and_never_twice() -> None:
+    reservations = {
+        ("team-b", "other"): live.Reservation(
+            digest="h2", stages={0: ("n1", 500 * MiB), 1: ("n2", 600 * MiB)}
+        ),
+        ("team-a", "chat"): live.Reservation(digest="h9", stages={0: ("n1", 4 * 2**30)}),
+    }
+    # stage 0 of other's new plan exists already (pinned, Pending); stage 1 not yet
+    pods = [a_pod("other-s0", pinned="n1", memory="500Mi", pipeline=("team-b", "other", "h2", 0))]
+    held = live.held_memory(pods, pipeline=("team-a", "chat"), reservations=reservations)
+    assert held.total == {"n1": 500 * MiB, "n2": 600 * MiB}  # our own reservation is ours
+
+
+def test_held_memory_is_taken_off_allocatable_and_a_full_node_is_told_apart() -> None:
+    nodes = [a_node("small").memory("1Gi"), a_node("full").memory("1Gi")]
+    result = live.build_inventory(
+        [n.obj for n in nodes],
+        eligibility=live.Eligibility(),
+        memory_usage={"small": 400 * MiB, "full": 2**30},
+    )
+    assert result.inventory.node("small").memory_bytes == 624 * MiB
+    assert result.full == frozenset({"full"})
+    assert result.excluded["full"] == "no free memory (1.0 GiB held of 1.0 GiB)"
+
+
+def test_stage_pod_labels_match_the_manifests() -> None:
+    from llmpipe_operator.manifests import names
+
+    assert (live.POD_LABEL_PIPELINE, live.POD_LABEL_PLAN_HASH, live.POD_LABEL_STAGE_INDEX) == (
+        names.LABEL_PIPELINE,
+        names.LABEL_PLAN_HASH,
+        names.LABEL_STAGE_INDEX,
+    )
+
+
+def test_stage_pods_rendered_by_the_operator_are_charged_to_their_node() -> None:
+    from llmpipe_operator.manifests import stages
+    from tests.unit.manifests.builders import REF, a_plan, a_spec
+
+    spec = a_spec().build()
+    plan = a_plan(spec)
+    pods = []
+    for stage in plan["stages"]:
+        template = stages.build_stage_deployment(REF, spec, stage, digest="d1")["spec"]["template"]
+        pods.append({"metadata": {**template["metadata"], "namespace": REF.namespace}, **template})
+    held = live.held_memory(pods, pipeline=("elsewhere", "x"), reservations={})
+    expected: dict[str, int] = {}
+    for stage in plan["stages"]:
+        expected[stage["node"]] = expected.get(stage["node"], 0) + stage["memoryBytes"]
+    assert held.total == expected

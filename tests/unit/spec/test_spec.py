@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from llmpipe_operator import spec as spec_mod
+from tests.support.models import TINY_LLAMA_CONFIG
 from tests.unit.manifests.builders import a_spec
 
 CRD = Path(__file__).resolve().parents[3] / "crds" / "llmpipeline.yaml"
@@ -223,3 +224,40 @@ def test_service_auth_and_prompt_bound() -> None:
     ):
         with pytest.raises(spec_mod.SpecError, match=says):
             a_spec().service(**service).build()
+
+
+def test_a_config_beyond_the_bounds_is_an_invalid_spec_at_once() -> None:
+    raw = {
+        "model": {
+            "name": "deep",
+            "source": {"hostPath": {"path": "/m"}},
+            "config": {**TINY_LLAMA_CONFIG, "num_hidden_layers": 100_000},
+        }
+    }
+    with pytest.raises(
+        spec_mod.SpecError, match=r"spec\.model\.config: .*num_hidden_layers is 100000"
+    ):
+        spec_mod.parse_spec(raw)
+
+
+label_refusals = pytest.mark.parametrize(
+    "selector",
+    [{"zone": "x" * 100 * 1024}, {"zone": "-bad"}, {"zone": "a b"}, {"bad key!": "x"}],
+)
+
+
+@label_refusals
+def test_node_selector_entries_must_be_label_keys_and_values(selector: dict[str, str]) -> None:
+    body = {
+        "model": {
+            "name": "m",
+            "source": {"hostPath": {"path": "/m"}},
+            "config": dict(TINY_LLAMA_CONFIG),
+        },
+        "placement": {"nodeSelector": selector},
+    }
+    with pytest.raises(
+        spec_mod.SpecError, match="is not a Kubernetes label key and value"
+    ) as raised:
+        spec_mod.parse_spec(body)
+    assert len(str(raised.value)) < 300

@@ -183,3 +183,19 @@ def test_seconds_display(value: float, text: str) -> None:
 @pytest.mark.parametrize("value, text", [(512, "512"), (1536, "1.5Ki"), (3 * 2**30 // 2, "1.5Gi")])
 def test_bytes_display(value: int, text: str) -> None:
     assert status.format_bytes(value) == text
+
+
+def test_long_messages_are_truncated_in_conditions() -> None:
+    huge = "does not match nodeSelector zone=" + "x" * 100 * 1024
+    patch = status.infeasible(huge, generation=1, now=NOW, serving=False)
+    planned = next(c for c in patch["conditions"] if c["type"] == status.PLANNED)
+    assert len(planned["message"]) <= status.MESSAGE_LIMIT
+    assert planned["message"].startswith("does not match nodeSelector zone=xxx")
+    assert planned["message"].endswith(
+        f"... ({len(huge) - status.MESSAGE_LIMIT + 40} more characters)"
+    )
+
+
+@pytest.mark.parametrize("length", [0, 1, status.MESSAGE_LIMIT])
+def test_short_messages_are_kept_whole(length: int) -> None:
+    assert status.truncate("m" * length) == "m" * length
