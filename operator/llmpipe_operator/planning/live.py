@@ -104,18 +104,22 @@ class NodeHoldings:
     holders: Mapping[str, Mapping[str, int]]
     """node -> holder ("pipeline ns/name", "pod ns/name") -> bytes"""
 
-    def describe(self, nodes: Sequence[str], *, per_node: int = 3) -> str:
-        """`n1: 1.2 GiB (pipeline a/x 1.0 GiB, pod kube-system/y 200 MiB); n2: ...`"""
-        parts = []
-        for node in nodes:
-            held = self.holders.get(node) or {}
-            if not held:
-                continue
-            ranked = sorted(held.items(), key=lambda item: (-item[1], item[0]))
-            shown = ", ".join(f"{who} {_mib(size)}" for who, size in ranked[:per_node])
-            more = f", {len(ranked) - per_node} more" if len(ranked) > per_node else ""
-            parts.append(f"{node}: {_mib(self.total.get(node, 0))} ({shown}{more})")
-        return "; ".join(parts)
+    def describe(self, nodes: Sequence[str], *, shown: int = 4) -> str:
+        """`pipeline a/x 1.0 GiB on 2 nodes, pod kube-system/y 200 MiB on n1, 3 more`:
+        who holds memory on these nodes, largest first."""
+        by_holder: dict[str, tuple[int, list[str]]] = {}
+        for node in sorted(nodes):
+            for who, size in (self.holders.get(node) or {}).items():
+                total, where = by_holder.get(who, (0, []))
+                by_holder[who] = (total + size, [*where, node])
+        ranked = sorted(by_holder.items(), key=lambda item: (-item[1][0], item[0]))
+        parts = [
+            f"{who} {_mib(size)} on {where[0] if len(where) == 1 else f'{len(where)} nodes'}"
+            for who, (size, where) in ranked[:shown]
+        ]
+        if len(ranked) > shown:
+            parts.append(f"{len(ranked) - shown} more")
+        return ", ".join(parts)
 
 
 def held_memory(

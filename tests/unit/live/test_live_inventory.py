@@ -221,10 +221,10 @@ def test_requests_of_bound_and_pinned_pods_count_but_not_our_own_or_finished_one
         "pod kube-system/dns": 70 * MiB,
         "pipeline team-b/other": 200 * MiB,
     }
-    assert (
-        "n1: 270 MiB (pipeline team-b/other 200 MiB, pod kube-system/dns 70 MiB)"
-        in held.describe(["n1", "n2"])
+    assert held.describe(["n1", "n2"]) == (
+        "pipeline team-b/other 500 MiB on 2 nodes, pod kube-system/dns 70 MiB on n1"
     )
+    assert held.describe(["n2"]) == "pipeline team-b/other 300 MiB on n2"
 
 
 def test_a_pod_request_is_the_larger_of_its_containers_and_its_init_container() -> None:
