@@ -127,14 +127,16 @@ def held_memory(
     *,
     pipeline: PipelineKey,
     reservations: Mapping[PipelineKey, Reservation],
+    beside: str | None = None,
 ) -> NodeHoldings:
     """Memory requested on each node by everyone but `pipeline`.
 
     Counted: every pod bound to a node (or pinned to one by a required node affinity and
     not yet bound) that has not terminated, at its effective memory request; and every
     reserved stage of another pipeline whose pod does not exist yet (planned, being
-    created). `pipeline`'s own pods, of whatever plan, are not counted: its plan is
-    made on the memory its stages hold now (counted once, by the plan itself).
+    created). `pipeline`'s own pods are not counted: its plan is made on the memory its
+    stages hold now. With `beside` (a plan hash), its own pods of every other plan are
+    counted too: they keep running while a switch to that plan brings its stages up.
     """
     total: dict[str, int] = {}
     holders: dict[str, dict[str, int]] = {}
@@ -160,13 +162,16 @@ def held_memory(
                 )
             )
         node = pod_node(pod)
-        if node is None or _terminated(pod) or (namespace, owner) == pipeline:
+        if node is None or _terminated(pod):
             continue
+        who = f"pipeline {namespace}/{owner}" if owner else f"pod {namespace}/{meta.get('name')}"
+        if (namespace, owner) == pipeline:
+            digest = str(labels.get(POD_LABEL_PLAN_HASH, ""))
+            if beside is None or digest == beside:
+                continue
+            who = f"{who} (its running plan {digest})"
         size = pod_memory_request(pod)
         if size > 0:
-            who = (
-                f"pipeline {namespace}/{owner}" if owner else f"pod {namespace}/{meta.get('name')}"
-            )
             add(node, who, size)
     for key, reservation in sorted(reservations.items()):
         if key == pipeline:
@@ -175,6 +180,18 @@ def held_memory(
             if (*key, reservation.digest, str(index)) not in existing:
                 add(node, f"pipeline {key[0]}/{key[1]}", size)
     return NodeHoldings(total=total, holders=holders)
+
+
+def own_plans(pods: Iterable[Mapping[str, Any]], *, pipeline: PipelineKey) -> frozenset[str]:
+    """The plan hashes of `pipeline`'s pods that still hold memory."""
+    found = set()
+    for pod in pods:
+        meta = pod.get("metadata") or {}
+        labels = meta.get("labels") or {}
+        key = (str(meta.get("namespace", "")), labels.get(POD_LABEL_PIPELINE))
+        if key == pipeline and not _terminated(pod) and POD_LABEL_PLAN_HASH in labels:
+            found.add(str(labels[POD_LABEL_PLAN_HASH]))
+    return frozenset(found)
 
 
 def pod_node(pod: Mapping[str, Any]) -> str | None:

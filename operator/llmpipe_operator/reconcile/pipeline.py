@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import kopf
@@ -41,31 +41,32 @@ async def reconcile_pipeline(
     client: AsyncClient, *, namespace: str, name: str, memory_usage: Mapping[str, int] | None = None
 ) -> str | None:
     """Plan and deploy the pipeline as its spec says; returns the plan hash (None: no plan)."""
+    key = (namespace, name)
     async with locks.pipeline_lock(namespace, name):
         pipeline = await fetch.fetch_pipeline(client, namespace=namespace, name=name)
         if pipeline is None:
-            capacity.release((namespace, name))
+            capacity.release(key)
             return None
         if pipeline.status.get("observedGeneration") != pipeline.generation:
             await report_phase(client, pipeline, "Planning")
         async with capacity.planning():  # one pipeline at a time claims free memory
-            # 1. observe nodes
-            nodes = await observe_nodes(
-                client, pipeline.spec, owner=(namespace, name), memory_usage=memory_usage
+            # 1. observe nodes (and the pods on them)
+            observed = await observe_nodes(
+                client, pipeline.spec, owner=key, memory_usage=memory_usage
             )
             # 2. plan
             try:
-                plan = make_plan(pipeline.spec, nodes)
-            except INFEASIBLE as error:
-                capacity.release((namespace, name))
-                failure: Exception | None = error
+                plan, digest, _ = plan_now(
+                    pipeline.spec, observed, rolled_out=pipeline.status.get("planHash")
+                )
+            except Unplanned as unplanned:
+                capacity.release(key)
+                failure: Unplanned | None = unplanned
             else:
                 failure = None
-                capacity.reserve(
-                    (namespace, name), plan, digest=names.plan_hash(plan, pipeline.spec)
-                )
+                capacity.reserve(key, plan, digest=digest)
         if failure is not None:
-            await report_infeasible(client, pipeline, nodes, failure)
+            await report_infeasible(client, pipeline, failure.nodes, failure.error)
             return None
         # 3. render  4. apply  5. report
         try:
@@ -77,8 +78,52 @@ async def reconcile_pipeline(
     return digest
 
 
+class NoRoomToSwitch(Exception):
+    """A new plan exists, but not beside the running plan, which serves until the switch."""
+
+
 INFEASIBLE = (planner.PlanInfeasible, NoEligibleNodes, NodesFull)
-"""What make_plan raises when no plan can be made now; report_infeasible reports each."""
+"""What make_plan raises when no plan can be made now."""
+
+
+class Unplanned(Exception):
+    """No plan now: `error` says why (one of INFEASIBLE or NoRoomToSwitch), `nodes` what
+    the planner saw; report_infeasible reports it."""
+
+    def __init__(self, error: Exception, nodes: live.LiveInventory) -> None:
+        super().__init__(str(error))
+        self.error, self.nodes = error, nodes
+
+
+@dataclasses.dataclass(frozen=True)
+class Observed:
+    """Nodes and pods as listed once, under `capacity.planning()`."""
+
+    raw_nodes: Sequence[Mapping[str, Any]]
+    pods: Sequence[Mapping[str, Any]]
+    owner: live.PipelineKey
+    eligibility: live.Eligibility
+    memory_usage: Mapping[str, int]
+    reservations: Mapping[live.PipelineKey, live.Reservation]
+
+    def inventory(self, *, beside: str | None = None) -> live.LiveInventory:
+        """The eligible nodes, each with the memory others leave free: allocatable minus
+        the larger of what the pods there request (all but the owner's own -- or, with
+        `beside`, all but the owner's pods of that plan -- plus other pipelines' reserved
+        stages not yet created; see `capacity`) and `memory_usage`."""
+        holdings = live.held_memory(
+            self.pods, pipeline=self.owner, reservations=self.reservations, beside=beside
+        )
+        usage = dict(self.memory_usage)
+        for node, held in holdings.total.items():
+            usage[node] = max(usage.get(node, 0), held)
+        nodes = live.build_inventory(
+            self.raw_nodes, eligibility=self.eligibility, memory_usage=usage
+        )
+        return dataclasses.replace(nodes, holdings=holdings)
+
+    def own_plans(self) -> frozenset[str]:
+        return live.own_plans(self.pods, pipeline=self.owner)
 
 
 async def observe_nodes(
@@ -87,29 +132,66 @@ async def observe_nodes(
     *,
     owner: live.PipelineKey,
     memory_usage: Mapping[str, int] | None = None,
-) -> live.LiveInventory:
-    """The eligible nodes, each with the memory others leave free on it: allocatable minus
-    the larger of what the pods there request (all but `owner`'s own, plus other
-    pipelines' reserved stages not yet created; see `capacity`) and `memory_usage` (bytes
-    in use by others per node, from metrics.k8s.io via `k8s.metrics_api`) when the caller
+) -> Observed:
+    """Nodes, pods and reservations for planning `owner` with `spec`. `memory_usage` is
+    bytes in use by others per node (metrics.k8s.io via `k8s.metrics_api`) when the caller
     has it. Call under `capacity.planning()`."""
     async with errors.classified("list nodes and pods"):
         raw_nodes = await api.list_nodes(client)
         pods = await api.list_all_pods(client)
-    holdings = live.held_memory(pods, pipeline=owner, reservations=capacity.reservations())
-    usage = dict(memory_usage or {})
-    for node, held in holdings.total.items():
-        usage[node] = max(usage.get(node, 0), held)
     tolerations = spec.placement.tolerations
     eligibility = live.Eligibility(
         node_selector=spec.placement.node_selector,
         exclude_nodes=spec.placement.exclude_nodes,
         tolerates=lambda taint: any(t.tolerates(taint) for t in tolerations),
     )
-    nodes = live.build_inventory(raw_nodes, eligibility=eligibility, memory_usage=usage)
-    for note in nodes.notes:
+    observed = Observed(
+        raw_nodes=raw_nodes,
+        pods=pods,
+        owner=owner,
+        eligibility=eligibility,
+        memory_usage=dict(memory_usage or {}),
+        reservations=capacity.reservations(),
+    )
+    for note in observed.inventory().notes:
         log.warning("%s", note)  # e.g. a malformed llmpipe.io/links annotation: links ignored
-    return dataclasses.replace(nodes, holdings=holdings)
+    return observed
+
+
+def plan_now(
+    spec: spec_mod.PipelineSpec,
+    observed: Observed,
+    *,
+    rolled_out: str | None,
+    discard_running: bool = False,
+) -> tuple[dict[str, Any], str, live.LiveInventory]:
+    """(plan, its hash, the inventory it was made on); raises Unplanned.
+
+    The pipeline's own stages are counted once. First the plan is made on the memory they
+    hold now (as if they were gone): if that is the plan already rolled out, or the
+    pipeline has no pods of another plan, that is it. Otherwise the new stages will come
+    up next to the running ones (which serve until the switch), so it is planned again
+    with the running stages counted as held: the plan that fits beside them, or
+    NoRoomToSwitch (the running plan keeps serving). A later re-plan, once the old stages
+    are gone, may move to the plan the freed memory allows. `discard_running`: the
+    running plan cannot serve (a stage's node is gone), so its stages make room instead
+    (the caller removes them before deploying).
+    """
+    nodes = observed.inventory()
+    try:
+        plan = make_plan(spec, nodes)
+    except INFEASIBLE as error:
+        raise Unplanned(error, nodes) from error
+    digest = names.plan_hash(plan, spec)
+    if discard_running or digest == rolled_out or not observed.own_plans() - {digest}:
+        return plan, digest, nodes
+    beside = observed.inventory(beside=digest)
+    try:
+        plan = make_plan(spec, beside)
+    except INFEASIBLE as error:
+        refusal = NoRoomToSwitch(f"no new plan fits beside the running one: {error}")
+        raise Unplanned(refusal, beside) from error
+    return plan, names.plan_hash(plan, spec), beside
 
 
 def make_plan(spec: spec_mod.PipelineSpec, nodes: live.LiveInventory) -> dict[str, Any]:

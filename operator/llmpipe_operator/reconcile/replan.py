@@ -39,7 +39,6 @@ from lightkube import AsyncClient
 from llmpipe_operator import spec as spec_mod
 from llmpipe_operator import status, telemetry
 from llmpipe_operator.k8s import api, events, metrics_api
-from llmpipe_operator.manifests import names
 from llmpipe_operator.planning import live, replan
 from llmpipe_operator.reconcile import capacity, errors, fetch, locks, pipeline, switch
 
@@ -339,37 +338,47 @@ async def replan_pipeline(
         memory_usage = others_usage(usage, own) if usage.served else None
         key = (namespace, name)
         async with capacity.planning():  # one pipeline at a time claims free memory
-            nodes = await pipeline.observe_nodes(
+            observed = await pipeline.observe_nodes(
                 client, current_pipeline.spec, owner=key, memory_usage=memory_usage
             )
+            lost = lost_nodes(current, observed.raw_nodes)
             # 2. plan
             try:
-                candidate = pipeline.make_plan(current_pipeline.spec, nodes)
-            except pipeline.INFEASIBLE as error:
+                candidate, planned, _ = pipeline.plan_now(
+                    current_pipeline.spec,
+                    observed,
+                    rolled_out=current_pipeline.status.get("planHash"),
+                    discard_running=bool(lost),
+                )
+            except pipeline.Unplanned as unplanned:
                 capacity.release(key)
-                failure: Exception | None = error
+                failure: pipeline.Unplanned | None = unplanned
             else:
                 failure = None
-                # 3. decide
-                available = {n.name: n.memory_bytes for n in nodes.inventory.nodes}
+                # 3. decide (does the running plan still fit what its own stages hold?)
+                own_room = observed.inventory()
+                available = {n.name: n.memory_bytes for n in own_room.inventory.nodes}
                 problems = replan.plan_problems(current, available) if current else []
                 decision = replan.decide_switch(
                     current, candidate, problems=problems, margin=settings.improvement_margin
                 )
                 if decision.switch:
-                    planned = names.plan_hash(candidate, current_pipeline.spec)
                     capacity.reserve(key, candidate, digest=planned)
         if failure is not None:
             outcome = Outcome(
-                "infeasible", f"{replan.summarize_changes(changes)}: {failure}", str(failure)
+                "infeasible",
+                f"{replan.summarize_changes(changes)}: {failure.error}",
+                str(failure.error),
             )
-            await pipeline.report_infeasible(client, current_pipeline, nodes, failure)
+            await pipeline.report_infeasible(client, current_pipeline, failure.nodes, failure.error)
             await record(client, current_pipeline, outcome, changes=changes, usage=usage)
             return outcome
         cause = replan.describe(changes, current, candidate)
         # 4. deploy (the switch proper is switch.advance's, below, outside the lock)
         digest = None
         if decision.switch:
+            if lost:  # the running ring is broken: its stages give their memory to the new plan
+                await switch.remove_running(client, current_pipeline.ref, keep=planned)
             digest = await pipeline.deploy_plan(client, current_pipeline, candidate)
             kind = "switched"
         else:
@@ -396,6 +405,13 @@ async def running_plan(client: AsyncClient, current: fetch.Pipeline) -> dict[str
             client, namespace=current.ref.namespace, pipeline=current.ref.name, kinds=("ConfigMap",)
         )
     return switch.plan_of(children, digest)
+
+
+def lost_nodes(plan: Mapping[str, Any] | None, raw_nodes: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Nodes of the running plan that are gone or not Ready: its ring cannot serve."""
+    ready = {str((n.get("metadata") or {}).get("name")) for n in raw_nodes if live.is_ready(n)}
+    stages = (plan or {}).get("stages") or []
+    return sorted({str(s["node"]) for s in stages} - ready)
 
 
 def own_stage_memory(plan: Mapping[str, Any] | None) -> dict[str, int]:

@@ -140,6 +140,15 @@ async def remove_unserved(client: AsyncClient, ref: names.PipelineRef) -> str | 
     return serving
 
 
+async def remove_running(client: AsyncClient, ref: names.PipelineRef, *, keep: str) -> None:
+    """Delete every plan's objects but `keep`'s, the serving one's too: for a ring that is
+    broken (a stage's node is gone), whose stages' memory the new plan needs (the
+    scheduler counts their requests until their pods are gone)."""
+    async with errors.classified("list the broken plan's objects"):
+        children = await api.list_children(client, namespace=ref.namespace, pipeline=ref.name)
+    await remove_plans(client, children, keep={keep})
+
+
 async def remove_plans(
     client: AsyncClient, children: Sequence[Mapping[str, Any]], *, keep: set[str | None]
 ) -> None:

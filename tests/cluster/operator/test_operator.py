@@ -222,7 +222,9 @@ def test_pipeline_is_planned_deployed_on_planned_nodes_and_replans(
 ) -> None:
     pool.add("edge-a", tier="edge", memory="300Mi", tflops=1.0, uplink_mbps=300)
     pool.add("edge-b", tier="edge", memory="300Mi", tflops=1.5, uplink_mbps=300)
-    cloud = pool.add("cloud-a", tier="cloud", memory="1Gi", tflops=20.0, uplink_mbps=1000)
+    # 2Gi: room for two single-stage plans side by side, as the switch of step 3 needs (the
+    # new plan's stage comes up next to the serving one, and both request their memory)
+    cloud = pool.add("cloud-a", tier="cloud", memory="2Gi", tflops=20.0, uplink_mbps=1000)
     manifest = pipeline_manifest(
         "chat", selector=pool.selector, placement={"firstStage": "edge", "maxStages": 3}
     )

@@ -125,8 +125,10 @@ def test_losing_a_node_nothing_can_replace_says_what_is_short(lab, operator) -> 
 
 
 def test_a_switch_never_leaves_the_service_without_a_ready_endpoint(lab, operator) -> None:
+    # twice SMALL: the new plan's stages come up next to the serving ones on the two nodes
+    # left, and the scheduler counts both plans' memory requests until the switch
     for i in range(3):
-        lab.add_node(f"e{i}", **SMALL)
+        lab.add_node(f"e{i}", **{**SMALL, "memory": "96Mi"})
     lab.apply_pipeline("chat", replan={"debounceSeconds": 30})
     first = lab.wait_ready("chat")
     stage0 = lab.planned_nodes(first)[0]

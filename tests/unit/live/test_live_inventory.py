@@ -282,3 +282,16 @@ def test_stage_pods_rendered_by_the_operator_are_charged_to_their_node() -> None
     for stage in plan["stages"]:
         expected[stage["node"]] = expected.get(stage["node"], 0) + stage["memoryBytes"]
     assert held.total == expected
+
+
+def test_beside_a_new_plan_our_running_stages_count_as_held() -> None:
+    pods = [
+        a_pod("old-s0", node="n1", memory="600Mi", pipeline=("team-a", "chat", "old", 0)),
+        a_pod("new-s0", pinned="n1", memory="300Mi", pipeline=("team-a", "chat", "new", 0)),
+    ]
+    mine = ("team-a", "chat")
+    assert live.held_memory(pods, pipeline=mine, reservations={}).total == {}
+    beside = live.held_memory(pods, pipeline=mine, reservations={}, beside="new")
+    assert beside.total == {"n1": 600 * MiB}  # the old plan serves until the switch
+    assert beside.describe(["n1"]) == "pipeline team-a/chat (its running plan old) 600 MiB on n1"
+    assert live.own_plans(pods, pipeline=mine) == {"old", "new"}
