@@ -308,7 +308,11 @@ def download_size_limit(spec: spec_mod.PipelineSpec) -> int:
     """
     profile = spec.profile()
     params = profile.total_weight_bytes // profile.weight_bytes_per_param
-    return params * WIDEST_STORED_BYTES + SMALL_FILES_BYTES
+    per_param = WIDEST_STORED_BYTES
+    if isinstance(spec.model.source, spec_mod.GgufSource):
+        # the .gguf file (at most float32) and the directory converted from it, side by side
+        per_param += profile.weight_bytes_per_param
+    return params * per_param + SMALL_FILES_BYTES
 
 
 GGUF_MOUNT = "/gguf"

@@ -441,3 +441,11 @@ def test_metrics_protection_and_the_open_default() -> None:
     assert "--api-keys" not in command
     assert command[command.index("--max-prompt-chars") + 1] == "1000000"
     assert all(v["name"] != "api-keys" for v in pod["spec"]["template"]["spec"]["volumes"])
+
+
+def test_the_download_size_limit_holds_the_whole_model_at_float32_and_little_more() -> None:
+    spec = a_spec().hugging_face("org/tiny").build()
+    profile = spec.profile()  # bfloat16: 2 bytes per parameter
+    params = profile.total_weight_bytes // 2
+    limit = stages.download_size_limit(spec)
+    assert params * 4 < limit <= params * 4 + 256 * 2**20
