@@ -7,6 +7,7 @@ Ready, cordoned, nodeSelector, excludeNodes, NoSchedule/NoExecute taints vs tole
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -295,3 +296,40 @@ def test_beside_a_new_plan_our_running_stages_count_as_held() -> None:
     assert beside.total == {"n1": 600 * MiB}  # the old plan serves until the switch
     assert beside.describe(["n1"]) == "pipeline team-a/chat (its running plan old) 600 MiB on n1"
     assert live.own_plans(pods, pipeline=mine) == {"old", "new"}
+
+
+def test_a_second_pipeline_plans_on_what_the_first_left_and_never_overcommits() -> None:
+    """The pure path of a reconcile: pods -> held memory -> inventory -> plan."""
+    from llmpipe_operator.manifests import stages
+    from llmpipe_operator.planning import planner
+    from tests.unit.manifests.builders import REF, a_spec
+
+    spec = a_spec().build()
+    profile = spec.profile()
+    workload = planner.Workload(runtime_overhead_bytes=spec.runtime.runtime_overhead_bytes)
+    nodes = [a_node(f"n{i}").memory("700Mi").obj for i in range(3)]
+    pods: list[dict[str, Any]] = []
+    planned = []
+    for number in range(8):
+        me = (REF.namespace, f"p{number}")
+        held = live.held_memory(pods, pipeline=me, reservations={})
+        usage = dict(held.total)
+        offered = live.build_inventory(nodes, eligibility=live.Eligibility(), memory_usage=usage)
+        try:
+            plan = planner.plan_pipeline(profile, offered.inventory, workload=workload).to_dict()
+        except planner.PlanInfeasible:
+            assert held.total, "refused only when others hold memory"
+            continue
+        planned.append(number)
+        ref = dataclasses.replace(REF, name=f"p{number}")
+        for stage in plan["stages"]:
+            template = stages.build_stage_deployment(ref, spec, stage, digest="d")["spec"][
+                "template"
+            ]
+            pods.append(
+                {**template, "metadata": {**template["metadata"], "namespace": REF.namespace}}
+            )
+    assert 0 < len(planned) < 8
+    final = live.held_memory(pods, pipeline=("nobody", "x"), reservations={})
+    for node in nodes:
+        assert final.total.get(node["metadata"]["name"], 0) <= 700 * MiB
