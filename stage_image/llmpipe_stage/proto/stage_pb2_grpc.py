@@ -27,7 +27,10 @@ if _version_not_supported:
 
 
 class StageStub:
-    """Missing associated documentation comment in .proto file."""
+    """Every connection is mutual TLS with the pipeline's CA, and each RPC is taken only from
+    the peer named below (its certificate's URI SAN names its stage and plan); any other
+    caller gets PERMISSION_DENIED (llmpipe_stage/tls.py, docs/security.md).
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -63,7 +66,10 @@ class StageStub:
 
 
 class StageServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Every connection is mutual TLS with the pipeline's CA, and each RPC is taken only from
+    the peer named below (its certificate's URI SAN names its stage and plan); any other
+    caller gets PERMISSION_DENIED (llmpipe_stage/tls.py, docs/security.md).
+    """
 
     def Forward(self, request, context):
         """Hidden states from the previous stage. Returns once queued, not once computed.
@@ -80,21 +86,23 @@ class StageServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Fail(self, request, context):
-        """A downstream stage failed these sequences (served by stage 0 only).
+        """A downstream stage failed these sequences (served by stage 0 only; stage_index must
+        be the caller's own).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ReleaseSequences(self, request, context):
-        """Free the KV cache of these sequences (idempotent).
+        """Free the KV cache of these sequences (idempotent); from stage 0 only.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Info(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """From stage 0 only (it lists the sequence ids a stage holds).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -136,7 +144,10 @@ def add_StageServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Stage:
-    """Missing associated documentation comment in .proto file."""
+    """Every connection is mutual TLS with the pipeline's CA, and each RPC is taken only from
+    the peer named below (its certificate's URI SAN names its stage and plan); any other
+    caller gets PERMISSION_DENIED (llmpipe_stage/tls.py, docs/security.md).
+    """
 
     @staticmethod
     def Forward(request,
