@@ -74,8 +74,13 @@ def build_stage_secret(
     }
 
 
-def read_ca(secret: Mapping[str, Any] | None) -> pki.KeyPair | None:
-    """The CA stored in its Secret, or None when there is none (or it is unusable)."""
+def read_ca(secret: Mapping[str, Any] | None, *, pipeline: names.PipelineRef) -> pki.KeyPair | None:
+    """The CA stored in its Secret, or None when there is none or it is unusable. A Secret
+    the pipeline does not own is unusable: someone who may create Secrets in the namespace
+    must not be able to plant a CA of their own before the pipeline exists."""
+    owners = ((secret or {}).get("metadata") or {}).get("ownerReferences") or []
+    if not any(o.get("uid") == pipeline.uid and o.get("kind") == names.KIND for o in owners):
+        return None
     data = _data(secret)
     if "ca.crt" not in data or "ca.key" not in data:
         return None

@@ -61,13 +61,13 @@ async def ensure_ca(client: AsyncClient, ref: names.PipelineRef) -> pki.KeyPair:
         secret = await api.get_secret(
             client, namespace=ref.namespace, name=names.ca_secret_name(ref)
         )
-    ca = tls_manifests.read_ca(secret)
+    ca = tls_manifests.read_ca(secret, pipeline=ref)
     if ca is not None:
         return ca
     if secret is not None:
         log.warning(
-            "%s/%s: the CA Secret %s is unusable; creating a new CA (every stage gets a new "
-            "certificate)",
+            "%s/%s: the CA Secret %s is unusable or not this pipeline's; creating a new CA "
+            "(every stage gets a new certificate)",
             ref.namespace,
             ref.name,
             names.ca_secret_name(ref),

@@ -200,5 +200,19 @@ def test_stage_secret_is_a_tls_secret_owned_by_its_plan_configmap(
     ca_secret = tls_manifests.build_ca_secret(REF, ca)
     assert ca_secret["metadata"]["name"] == "chat-llmpipe-ca"
     assert ca_secret["metadata"]["ownerReferences"][0]["kind"] == "LLMPipeline"
-    assert tls_manifests.read_ca(ca_secret) == ca
-    assert tls_manifests.read_ca(None) is None
+    assert tls_manifests.read_ca(ca_secret, pipeline=REF) == ca
+    assert tls_manifests.read_ca(None, pipeline=REF) is None
+
+
+def test_a_ca_secret_the_pipeline_does_not_own_is_not_used(ca: pki.KeyPair) -> None:
+    """Planted before the pipeline existed, or left by a deleted pipeline of the same name."""
+    planted = tls_manifests.build_ca_secret(REF, ca)
+    planted["metadata"]["ownerReferences"] = []
+    assert tls_manifests.read_ca(planted, pipeline=REF) is None
+    other = names.PipelineRef(name=REF.name, namespace=REF.namespace, uid="another-uid")
+    assert tls_manifests.read_ca(tls_manifests.build_ca_secret(other, ca), pipeline=REF) is None
+    broken = tls_manifests.build_ca_secret(REF, ca)
+    broken["data"]["ca.key"] = tls_manifests.build_ca_secret(
+        REF, pki.new_ca(namespace="a", pipeline="b", now=NOW, validity=VALIDITY)
+    )["data"]["ca.key"]
+    assert tls_manifests.read_ca(broken, pipeline=REF) is None
