@@ -5,9 +5,11 @@ above the true optimum, infeasible inputs named by their shortfall, and the plan
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -66,9 +68,42 @@ def assert_valid(
     )
 
 
+@contextlib.contextmanager
+def range_minimum_path() -> Iterator[None]:
+    """Make the search take its range-minimum path (the one large models take) even on
+    the small instances brute force can check."""
+    saved = search.DENSE_CELLS
+    search.DENSE_CELLS = 0
+    try:
+        yield
+    finally:
+        search.DENSE_CELLS = saved
+
+
 @PROPERTY
 @given(small_profiles(), small_clusters(), workloads(), placements())
 def test_exact_plan_is_valid_and_equals_brute_force(
+    profile: profiles.ModelProfile,
+    cluster: inventory.Inventory,
+    workload: planner.Workload,
+    placement: planner.Placement,
+) -> None:
+    check_against_brute_force(profile, cluster, workload, placement)
+
+
+@PROPERTY
+@given(small_profiles(), small_clusters(), workloads(), placements())
+def test_exact_plan_on_the_range_minimum_path_equals_brute_force(
+    profile: profiles.ModelProfile,
+    cluster: inventory.Inventory,
+    workload: planner.Workload,
+    placement: planner.Placement,
+) -> None:
+    with range_minimum_path():
+        check_against_brute_force(profile, cluster, workload, placement)
+
+
+def check_against_brute_force(
     profile: profiles.ModelProfile,
     cluster: inventory.Inventory,
     workload: planner.Workload,
@@ -86,8 +121,12 @@ def test_exact_plan_is_valid_and_equals_brute_force(
         assert plan.token_latency_seconds == pytest.approx(best[1], rel=1e-9)
 
 
+paths = pytest.mark.parametrize("path", ["dense", "range-minimum"])
+
+
+@paths
 @objectives
-def test_exact_on_eight_nodes_with_many_layers(objective: str) -> None:
+def test_exact_on_eight_nodes_with_many_layers(objective: str, path: str) -> None:
     """The largest exact case, 8 nodes, against brute force over orders with 5 layers."""
     nodes = [
         a_node(f"n{i}")
@@ -103,7 +142,8 @@ def test_exact_on_eight_nodes_with_many_layers(objective: str) -> None:
     workload = planner.Workload(objective=objective, runtime_overhead_bytes=256 * MiB)  # type: ignore[arg-type]
     placement = planner.Placement(first_stage="edge")
     best = brute_force(profile, cluster, workload=workload, placement=placement)
-    plan = planner.plan_pipeline(profile, cluster, workload=workload, placement=placement)
+    with range_minimum_path() if path == "range-minimum" else contextlib.nullcontext():
+        plan = planner.plan_pipeline(profile, cluster, workload=workload, placement=placement)
     assert best is not None and plan.exact
     assert plan.objective_value == pytest.approx(best[0], rel=1e-9)
 
