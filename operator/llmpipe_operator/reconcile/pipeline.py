@@ -11,6 +11,7 @@ A new plan never replaces a running one in place: its objects carry a new plan h
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
@@ -56,8 +57,8 @@ async def reconcile_pipeline(
             )
             # 2. plan
             try:
-                plan, digest, _ = plan_now(
-                    pipeline.spec, observed, rolled_out=pipeline.status.get("planHash")
+                plan, digest, _ = await asyncio.to_thread(
+                    plan_now, pipeline.spec, observed, rolled_out=pipeline.status.get("planHash")
                 )
             except Unplanned as unplanned:
                 capacity.release(key)
@@ -158,7 +159,7 @@ async def observe_nodes(
     return observed
 
 
-def plan_now(
+def plan_now(  # pure and CPU-bound: callers run it in a thread, off the event loop
     spec: spec_mod.PipelineSpec,
     observed: Observed,
     *,

@@ -344,7 +344,8 @@ async def replan_pipeline(
             lost = lost_nodes(current, observed.raw_nodes)
             # 2. plan
             try:
-                candidate, planned, _ = pipeline.plan_now(
+                candidate, planned, _ = await asyncio.to_thread(
+                    pipeline.plan_now,
                     current_pipeline.spec,
                     observed,
                     rolled_out=current_pipeline.status.get("planHash"),
