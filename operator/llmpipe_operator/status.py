@@ -170,6 +170,21 @@ def merge_conditions(
     )
 
 
+def no_plan_fields() -> dict[str, Any]:
+    """The status fields that describe a deployed plan, cleared: nothing is deployed (a
+    refused spec, or the last plan's objects are gone)."""
+    return {
+        "planHash": None,
+        "servingPlanHash": None,
+        "stageCount": 0,
+        "ready": None,
+        "bottleneck": None,
+        "estimates": None,
+        "plan": None,
+        "endpoint": None,
+    }
+
+
 def invalid_spec(
     message: str,
     *,

@@ -128,18 +128,7 @@ async def refuse_by_policy(
         previous=previous,
         reason=status.REASON_POLICY_VIOLATION,
     )
-    patch.update(
-        {
-            "planHash": None,
-            "servingPlanHash": None,
-            "stageCount": 0,
-            "ready": None,
-            "bottleneck": None,
-            "estimates": None,
-            "plan": None,
-            "endpoint": None,
-        }
-    )
+    patch.update(status.no_plan_fields())
     async with errors.classified("report the policy violation"):
         await api.patch_status(client, namespace=namespace, name=name, status=patch)
     already = any(

@@ -352,18 +352,7 @@ async def report_infeasible(
     if serving is not None:
         patch["planHash"] = serving  # a plan that was still coming up is gone
     else:
-        patch.update(
-            {
-                "planHash": None,
-                "servingPlanHash": None,
-                "stageCount": 0,
-                "ready": None,
-                "bottleneck": None,
-                "estimates": None,
-                "plan": None,
-                "endpoint": None,
-            }
-        )
+        patch.update(status.no_plan_fields())
     async with errors.classified("report the infeasible plan"):
         await api.patch_status(client, namespace=ref.namespace, name=ref.name, status=patch)
     telemetry.set_phase(ref.namespace, ref.name, str(patch["phase"]))
