@@ -121,6 +121,17 @@ class Problem:
         self.ends[self.layers] += profile.head_bytes
         self.mem_starts = self.starts + self.kv_per_layer * span
         self.mem_ends = self.ends + self.kv_per_layer * span
+        self._dense: tuple[FloatArray, BoolArray] | None = None
+
+    def dense_spans(self) -> tuple[FloatArray, BoolArray]:
+        """weights[b, c - 1] of the stage [b, c) and whether b < c, for the dense path of
+        `_advance` (built once per problem: [L, L] each, only for models it serves)."""
+        if self._dense is None:
+            end = self.layers
+            weights = self.ends[None, 1:] - self.starts[:end, None]  # [b, c]
+            before = np.arange(end)[:, None] < np.arange(1, end + 1)[None, :]  # [b, c]
+            self._dense = (weights, before)
+        return self._dense
 
     def weight(self, start: int, end: int) -> float:
         """weights_s of a stage holding [start, end)."""
@@ -281,9 +292,8 @@ def _advance(
     """(value[r, c], start[r, c]) for c in [0, L]: row r's node holds [start, c) after
     arrive[r, :] (shape [R, L], the cost of [0, b) delivered to that node)."""
     end = problem.layers
-    ends = np.broadcast_to(np.arange(1, end + 1), (len(rows), end))
     lo = _window(problem, rows, limit, problem.per_byte_batch)
-    hi = ends - 1
+    hi = np.broadcast_to(np.arange(end), lo.shape)
     valid = lo <= hi
     lo_q = np.minimum(lo, hi)
     p = per_byte[rows][:, None]
@@ -301,9 +311,10 @@ def _advance(
     row = np.arange(len(rows))[:, None]
     value = _combine(how, arrive[row, start], stage(start))
     value = np.where(valid & np.isfinite(value), value, INF)
-    pad_value = np.full((len(rows), 1), INF)
-    pad_start = np.zeros((len(rows), 1), dtype=np.int64)
-    return np.hstack((pad_value, value)), np.hstack((pad_start, start))
+    out_value = np.full((len(rows), end + 1), INF)
+    out_start = np.zeros((len(rows), end + 1), dtype=np.int64)
+    out_value[:, 1:], out_start[:, 1:] = value, start
+    return out_value, out_start
 
 
 DENSE_CELLS = 2**19
@@ -318,15 +329,13 @@ def _best_start_dense(
     problem: Problem, arrive: FloatArray, lo: IntArray, p: FloatArray, how: Combine
 ) -> IntArray:
     """start[r, c - 1] = argmin over b in [lo, c) of combine(arrive[r, b], w(b, c) * p[r])."""
-    end = problem.layers
-    starts = np.arange(end)[None, :, None]  # [1, b, 1]
-    finish = np.arange(1, end + 1)[None, None, :]  # [1, 1, c]
-    weights = problem.ends[None, None, 1:] - problem.starts[None, :end, None]  # [1, b, c]
-    inside = (starts < finish) & (starts >= lo[:, None, :])  # [R, b, c]
-    total = np.where(inside, _combine(how, arrive[:, :, None], weights * p[:, :, None]), INF)
+    weights, before = problem.dense_spans()  # [b, c] each
+    starts = np.arange(problem.layers)[None, :, None]  # [1, b, 1]
+    inside = before[None] & (starts >= lo[:, None, :])  # [R, b, c]
+    total = np.where(inside, _combine(how, arrive[:, :, None], weights[None] * p[:, :, None]), INF)
     best = total.argmin(axis=1)
     # nothing reachable: a start inside the window, whose cost the caller finds infinite
-    fallback = np.minimum(lo, finish[0] - 1)
+    fallback = np.minimum(lo, np.arange(problem.layers)[None, :])
     return np.asarray(np.where(np.isfinite(total.min(axis=1)), best, fallback), dtype=np.int64)
 
 
