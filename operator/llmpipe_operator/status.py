@@ -383,6 +383,26 @@ def planned(
     }
 
 
+_KEEPS_SERVING = (REASON_INSUFFICIENT_MEMORY, REASON_NO_ELIGIBLE_NODES)
+
+
+def _unplanned_generation(
+    previous: Sequence[Mapping[str, Any]], generation: int
+) -> Mapping[str, Any] | None:
+    """The Planned=False condition of this generation that leaves the earlier plan serving
+    (no plan fits, no node eligible), if any: a rollout report of that earlier plan must not
+    turn the pipeline back to Ready as if the current spec ran."""
+    for c in previous:
+        if (
+            c.get("type") == PLANNED
+            and c.get("status") == "False"
+            and c.get("reason") in _KEEPS_SERVING
+            and c.get("observedGeneration") == generation
+        ):
+            return c
+    return None
+
+
 def rollout(
     plan: Mapping[str, Any],
     *,
@@ -420,15 +440,20 @@ def rollout(
                 previous=previous,
             ),
         )
+        unplanned = _unplanned_generation(previous, generation)
         degraded = condition(
             DEGRADED,
-            False,
-            REASON_AS_PLANNED,
-            "running as planned",
+            unplanned is not None,
+            REASON_AS_PLANNED if unplanned is None else str(unplanned["reason"]),
+            "running as planned"
+            if unplanned is None
+            else f"serving the previous plan: {unplanned.get('message', '')}",
             generation=generation,
             now=now,
             previous=previous,
         )
+        if unplanned is not None:
+            phase = "Degraded"
     elif switching and serving_ok:
         phase, ready = (
             "Deploying",

@@ -135,6 +135,58 @@ def test_infeasible_names_the_shortfall_and_fails_when_nothing_serves() -> None:
     assert cond(serving, "Degraded")["status"] == "True"
 
 
+def test_rollout_of_the_earlier_plan_keeps_an_unplannable_spec_degraded(plan: dict) -> None:
+    """A stage-rollout report of the plan still serving, written after the current
+    generation was found infeasible, keeps Degraded instead of turning back to Ready."""
+    ready = status.rollout(
+        plan, digest="h1", serving_digest="h1", target=up(plan), serving=[], generation=1, now=NOW
+    )
+    infeasible = status.infeasible(
+        "short by 3.5 GiB",
+        generation=2,
+        now=NOW,
+        serving=True,
+        previous=ready["conditions"],
+    )
+    report = status.rollout(
+        plan,
+        digest="h1",
+        serving_digest="h1",
+        target=up(plan),
+        serving=[],
+        generation=2,
+        now=LATER,
+        previous=infeasible["conditions"],
+    )
+    assert report["phase"] == "Degraded"
+    degraded = cond(report, "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "InsufficientMemory")
+    assert degraded["message"] == "serving the previous plan: short by 3.5 GiB"
+    assert cond(report, "Ready")["status"] == "True"
+    assert cond(report, "Planned")["reason"] == "InsufficientMemory"
+    # once a later generation plans, the same report is Ready again
+    replanned = status.planned(
+        plan,
+        digest="h1",
+        generation=3,
+        now=LATER,
+        endpoint="http://x:8000/v1",
+        previous=report["conditions"],
+    )
+    again = status.rollout(
+        plan,
+        digest="h1",
+        serving_digest="h1",
+        target=up(plan),
+        serving=[],
+        generation=3,
+        now=LATER,
+        previous=replanned["conditions"],
+    )
+    assert again["phase"] == "Ready"
+    assert cond(again, "Degraded")["status"] == "False"
+
+
 def test_invalid_spec_fails_and_no_nodes_is_pending() -> None:
     invalid = status.invalid_spec("spec.x is required", generation=1, now=NOW)
     assert invalid["phase"] == "Failed"
