@@ -122,6 +122,7 @@ class Problem:
         self.mem_starts = self.starts + self.kv_per_layer * span
         self.mem_ends = self.ends + self.kv_per_layer * span
         self._dense: tuple[FloatArray, BoolArray] | None = None
+        self._stage_costs: dict[tuple[int, bool], FloatArray] = {}
 
     def dense_spans(self) -> tuple[FloatArray, BoolArray]:
         """weights[b, c - 1] of the stage [b, c) and whether b < c, for the dense path of
@@ -132,6 +133,27 @@ class Problem:
             before = np.arange(end)[:, None] < np.arange(1, end + 1)[None, :]  # [b, c]
             self._dense = (weights, before)
         return self._dense
+
+    def stage_costs(self, node: int, *, single: bool) -> FloatArray | None:
+        """compute_s of `node` holding [b, c) for every b, c ([L + 1, L + 1]; inf where it
+        does not fit or b >= c), kept for the heuristic's many re-splits of small models.
+        None once the kept matrices would pass STAGE_COST_CELLS: the caller then takes the
+        near-linear path, so memory never grows with layers^2 x nodes unbounded."""
+        key = (node, single)
+        cached = self._stage_costs.get(key)
+        if cached is not None:
+            return cached
+        cells = (self.layers + 1) ** 2
+        if cells * (len(self._stage_costs) + 1) > STAGE_COST_CELLS:
+            return None
+        weights = self.ends[None, :] - self.starts[:, None]  # [b, c]
+        needs = self.mem_ends[None, :] - self.mem_starts[:, None]  # [b, c]
+        order = np.arange(self.layers + 1)
+        fits = (order[:, None] < order[None, :]) & (needs <= self.capacity[node])
+        per_byte = self.per_byte_single[node] if single else self.per_byte_batch[node]
+        costs = np.where(fits, weights * per_byte, INF)
+        self._stage_costs[key] = costs
+        return costs
 
     def weight(self, start: int, end: int) -> float:
         """weights_s of a stage holding [start, end)."""
@@ -316,6 +338,10 @@ def _advance(
     out_value[:, 1:], out_start[:, 1:] = value, start
     return out_value, out_start
 
+
+STAGE_COST_CELLS = 2**22
+"""Cells of the per-node stage-cost matrices a problem keeps (32 MiB): an 80-layer model's
+matrices for ~600 (node, objective) pairs, a 1,024-layer model's for four."""
 
 DENSE_CELLS = 2**19
 """Up to this many (row, start, end) cells `_advance` compares every start at once: for
@@ -556,6 +582,12 @@ def _chain_dp(
                 slow = problem.forward_row(u, batch=batch, with_hop=False)[v] > limit
                 edge = INF if slow else edge
             incoming = _combine(how, incoming, np.full_like(incoming, edge))
+        stage = _kept_stage_costs(problem, v, single=single, limit=limit)
+        if stage is not None:
+            total = _combine(how, np.append(incoming[0], INF)[:, None], stage)  # [b, c]
+            choices.append(total.argmin(axis=0))
+            value = total.min(axis=0)
+            continue
         reached, begin = _advance(
             problem, incoming, np.array([v]), per_byte=per_byte, how=how, limit=limit
         )
@@ -575,6 +607,20 @@ def _chain_dp(
     for choice in reversed(choices):
         bounds.append(int(choice[bounds[-1]]))
     return result, Chain(nodes=tuple(nodes), bounds=tuple(reversed(bounds)))
+
+
+def _kept_stage_costs(
+    problem: Problem, node: int, *, single: bool, limit: float | None
+) -> FloatArray | None:
+    """The kept [b, c] stage costs for `_chain_dp`, with stages slower than `limit` at
+    batch S ruled out; None when the problem keeps no matrices for this node."""
+    stage = problem.stage_costs(node, single=single)
+    if stage is None or limit is None:
+        return stage
+    batch = problem.stage_costs(node, single=False)
+    if batch is None:
+        return None
+    return np.where(batch <= limit, stage, INF)
 
 
 # heuristic --------------------------------------------------------------------------
