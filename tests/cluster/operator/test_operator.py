@@ -111,6 +111,33 @@ def wait_phase(
     )
 
 
+def wait_planned_false(
+    client: Client,
+    operator: OperatorProcess,
+    namespace: str,
+    name: str,
+    *,
+    reason: str | None = None,
+    timeout: float = 60,
+) -> dict[str, Any]:
+    """The pipeline's status once Planned is False (with `reason`, when one is given)."""
+
+    def refused() -> dict[str, Any] | None:
+        st = status_of(client, namespace, name)
+        planned = condition(st, "Planned")
+        if planned.get("status") != "False" or reason not in (None, planned.get("reason")):
+            return None
+        return st
+
+    return wait.until(
+        refused,
+        what=f"{name} Planned=False" + (f"/{reason}" if reason else ""),
+        timeout=timeout,
+        interval=0.2,
+        seen=lambda: f"{status_of(client, namespace, name)}\n{operator.log_tail()}",
+    )
+
+
 def stage_pods(client: Client, namespace: str, name: str, digest: str) -> list[Pod]:
     return list(
         client.list(
@@ -356,16 +383,7 @@ def test_infeasible_pipeline_is_not_planned_and_deploys_nothing(
     result = apply(control_plane, namespace, pipeline_manifest("big", selector=pool.selector))
     assert result.returncode == 0, result.stderr
 
-    def planned_false() -> dict[str, Any] | None:
-        st = status_of(client, namespace, "big")
-        return st if condition(st, "Planned").get("status") == "False" else None
-
-    st = wait.until(
-        planned_false,
-        what="Planned=False",
-        timeout=60,
-        seen=lambda: f"{status_of(client, namespace, 'big')}\n{operator.log_tail()}",
-    )
+    st = wait_planned_false(client, operator, namespace, "big")
     planned = condition(st, "Planned")
     assert planned["reason"] == "InsufficientMemory"
     assert "short" in planned["message"] or "need" in planned["message"], planned["message"]

@@ -22,7 +22,13 @@ from lightkube import ApiError, Client
 from lightkube.resources.core_v1 import Node, Pod
 
 from tests.cluster.operator.conftest import MODEL_CONFIG, OperatorProcess, Pool, pipeline_manifest
-from tests.cluster.operator.test_operator import LLMPipeline, apply, condition, status_of
+from tests.cluster.operator.test_operator import (
+    LLMPipeline,
+    apply,
+    condition,
+    status_of,
+    wait_planned_false,
+)
 from tests.support import control_plane as cp
 from tests.support import wait
 
@@ -173,17 +179,7 @@ def test_a_100000_layer_config_is_invalid_at_once_and_costs_no_memory(
     result = apply(control_plane, namespace, manifest)
     assert result.returncode == 0, result.stderr
 
-    def invalid() -> dict[str, Any] | None:
-        st = status_of(client, namespace, "deep")
-        return st if condition(st, "Planned").get("reason") == "InvalidSpec" else None
-
-    st = wait.until(
-        invalid,
-        what="Planned=False/InvalidSpec",
-        timeout=30,
-        interval=0.2,
-        seen=lambda: f"{status_of(client, namespace, 'deep')}\n{operator.log_tail()}",
-    )
+    st = wait_planned_false(client, operator, namespace, "deep", reason="InvalidSpec", timeout=30)
     elapsed, rss = time.monotonic() - started, operator.rss_bytes()
     print(f"\nInvalidSpec after {elapsed:.2f}s, operator RSS {rss >> 20} MiB")
     planned = condition(st, "Planned")
