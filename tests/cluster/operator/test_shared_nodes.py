@@ -21,6 +21,7 @@ import yaml
 from lightkube import ApiError, Client
 from lightkube.resources.core_v1 import Node, Pod
 
+from llmpipe_operator.planning import inventory, live
 from tests.cluster.operator.conftest import MODEL_CONFIG, OperatorProcess, Pool, pipeline_manifest
 from tests.cluster.operator.test_operator import (
     LLMPipeline,
@@ -44,24 +45,10 @@ def client(control_plane: cp.ControlPlane) -> Client:
     return control_plane.client()
 
 
-def quantity(value: str) -> int:
-    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "k": 10**3, "M": 10**6, "G": 10**9}
-    for suffix, factor in units.items():
-        if value.endswith(suffix):
-            return int(float(value[: -len(suffix)]) * factor)
-    return int(value)
-
-
 def pod_request(pod: Pod) -> int:
-    """The scheduler's memory request of a pod: max(sum of containers, largest init)."""
-
-    def one(container: Any) -> int:
-        requests = (container.resources.requests or {}) if container.resources else {}
-        return quantity(str(requests.get("memory", "0")))
-
-    containers = sum(one(c) for c in pod.spec.containers)
-    init = max((one(c) for c in pod.spec.initContainers or []), default=0)
-    return max(containers, init)
+    """The scheduler's memory request of a pod (the operator's own accounting, unit-tested
+    in tests/unit/live)."""
+    return live.pod_memory_request(pod.to_dict())
 
 
 def settled(client: Client, namespace: str, name: str) -> dict[str, Any] | None:
@@ -148,7 +135,7 @@ def test_competing_pipelines_never_overcommit_a_node(
     # nothing overcommits: bound requests per node stay within allocatable
     for node_name in names:
         node = client.get(Node, node_name)
-        allocatable = quantity(node.status.allocatable["memory"])
+        allocatable = inventory.parse_quantity(node.status.allocatable["memory"])
         bound = [
             p
             for p in client.list(Pod, namespace="*", fields={"spec.nodeName": node_name})
