@@ -78,6 +78,50 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
+READY_LINE = "Ctrl-C stops every stage"
+"""The last line `llmpipe serve` prints once every stage serves."""
+
+
+@dataclass
+class Served:
+    """A running `llmpipe serve`: what it printed up to its ready line, and (after the
+    `serving` block) the exit code Ctrl-C gave."""
+
+    process: subprocess.Popen[str]
+    lines: list[str] = field(default_factory=list)
+    exit_code: int | None = None
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+
+@contextlib.contextmanager
+def serving(args: list[str], *, timeout: float, cache: Path | None = None) -> Iterator[Served]:
+    """`llmpipe serve ARGS` from the checkout, read up to its ready line (or its exit, or
+    `timeout`), then stopped with Ctrl-C (SIGINT) as a user would. `cache` replaces the
+    user's cache directory (LLMPIPE_CACHE); None keeps it (the fetched default model)."""
+    environment = dict(os.environ, PYTHONPATH=f"{ROOT / 'operator'}:{ROOT / 'stage_image'}")
+    if cache is not None:
+        environment["LLMPIPE_CACHE"] = str(cache)
+    command = [sys.executable, "-m", "llmpipe_operator.cli", "serve", *args]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=environment, text=True
+    )
+    assert process.stdout is not None
+    served = Served(process)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and process.poll() is None:
+            served.lines.append(process.stdout.readline())
+            if served.lines[-1].startswith(READY_LINE):
+                break
+        yield served
+    finally:
+        process.send_signal(signal.SIGINT)
+        served.exit_code = process.wait(timeout=30)
+
+
 def http_json(
     url: str, body: dict[str, Any] | None = None, timeout: float = 60.0
 ) -> tuple[int, dict[str, Any]]:

@@ -7,11 +7,6 @@ rewriting the key files rotates the keys without a restart, and `llmpipe serve
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -140,43 +135,15 @@ def test_llmpipe_serve_with_an_api_key_file(tmp_path: Path) -> None:
     http_port, grpc_port = pipelines.free_ports(2)
     key_file = tmp_path / "keys"
     key_file.write_text("serve-key\n")
-    env = dict(
-        os.environ,
-        LLMPIPE_CACHE=str(tmp_path / "cache"),
-        PYTHONPATH=f"{pipelines.ROOT / 'operator'}:{pipelines.ROOT / 'stage_image'}",
-    )
-    command = [
-        *(
-            sys.executable,
-            "-m",
-            "llmpipe_operator.cli",
-            "serve",
-            "--model",
-            "demo",
-            "--stages",
-            "1",
-        ),
-        *("--port", str(http_port), "--grpc-port", str(grpc_port), "--threads", "1"),
-        *("--api-key-file", str(key_file), "--run-dir", str(tmp_path / "run")),
-    ]
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True
-    )
-    assert process.stdout is not None
-    lines: list[str] = []
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and process.poll() is None:
-            lines.append(process.stdout.readline())
-            if lines[-1].startswith("Ctrl-C stops every stage"):
-                break
-        output = "".join(lines)
+    args = ["--model", "demo", "--stages", "1", "--port", str(http_port)]
+    args += ["--grpc-port", str(grpc_port), "--threads", "1", "--api-key-file", str(key_file)]
+    args += ["--run-dir", str(tmp_path / "run")]
+    with pipelines.serving(args, timeout=180, cache=tmp_path / "cache") as served:
+        output = served.output
         assert f"Authorization: Bearer <a key from {key_file}>" in output, output
         base = f"http://127.0.0.1:{http_port}/v1"
         client = openai.OpenAI(base_url=base, api_key="serve-key", max_retries=0)
         reply = client.completions.create(model="llmpipe-demo", prompt="hello", max_tokens=3)
         assert reply.usage is not None and reply.usage.completion_tokens >= 1
         assert call(f"{base}/models")[0] == 401
-    finally:
-        process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=30) == 0
+    assert served.exit_code == 0

@@ -8,12 +8,7 @@ that dir is gone after exit."""
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import grpc
@@ -25,45 +20,10 @@ from tests.dataplane import pipelines
 
 def test_serve_demo_model_streams_tokens_and_stops_cleanly(tmp_path: Path) -> None:
     http_port, grpc_port = pipelines.free_ports(2)
-    env = dict(
-        os.environ,
-        LLMPIPE_CACHE=str(tmp_path / "cache"),
-        PYTHONPATH=f"{pipelines.ROOT / 'operator'}:{pipelines.ROOT / 'stage_image'}",
-    )
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "llmpipe_operator.cli",
-            "serve",
-            "--model",
-            "demo",
-            "--stages",
-            "3",
-            "--port",
-            str(http_port),
-            "--grpc-port",
-            str(grpc_port),
-            "--threads",
-            "1",
-            "--run-dir",
-            str(tmp_path / "run"),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env=env,
-        text=True,
-    )
-    assert process.stdout is not None
-    lines: list[str] = []
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and process.poll() is None:
-            line = process.stdout.readline()
-            lines.append(line)
-            if line.startswith("Ctrl-C stops every stage"):
-                break
-        output = "".join(lines)
+    args = ["--model", "demo", "--stages", "3", "--port", str(http_port)]
+    args += ["--grpc-port", str(grpc_port), "--threads", "1", "--run-dir", str(tmp_path / "run")]
+    with pipelines.serving(args, timeout=180, cache=tmp_path / "cache") as served:
+        output, lines = served.output, served.lines
         assert "generating the demo model" in output, output
         assert "stage 2: layers [6, 8)" in output and "ready" in output, output
         assert f"curl -N http://127.0.0.1:{http_port}/v1/chat/completions" in output, output
@@ -96,10 +56,7 @@ def test_serve_demo_model_streams_tokens_and_stops_cleanly(tmp_path: Path) -> No
         )
         pieces = [c.choices[0].delta.content for c in stream if c.choices]
         assert len([p for p in pieces if p]) >= 2, pieces
-    finally:
-        process.send_signal(signal.SIGINT)
-        code = process.wait(timeout=30)
-    assert code == 0
+    assert served.exit_code == 0
     assert not tls_dir.exists()
     for port in (http_port, http_port + 1, http_port + 2, grpc_port, grpc_port + 2):
         with socket.socket() as sock:
@@ -116,24 +73,9 @@ def test_serve_default_model_answers_sanity_prompts(tmp_path: Path, smollm2_dir:
     """The README quickstart: `make serve` with no model (smoke: the answers' words, not an
     exactness check; the exact checks are in test_real_model)."""
     http_port, grpc_port = pipelines.free_ports(2)
-    env = dict(
-        os.environ,
-        PYTHONPATH=f"{pipelines.ROOT / 'operator'}:{pipelines.ROOT / 'stage_image'}",
-    )
-    command = [sys.executable, "-m", "llmpipe_operator.cli", "serve", "--port", str(http_port)]
-    command += ["--grpc-port", str(grpc_port), "--threads", "1", "--run-dir", str(tmp_path)]
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True
-    )
-    assert process.stdout is not None
-    lines: list[str] = []
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and process.poll() is None:
-            lines.append(process.stdout.readline())
-            if lines[-1].startswith("Ctrl-C stops every stage"):
-                break
-        output = "".join(lines)
+    args = ["--port", str(http_port), "--grpc-port", str(grpc_port), "--threads", "1"]
+    with pipelines.serving([*args, "--run-dir", str(tmp_path)], timeout=300) as served:
+        output = served.output
         assert "2-stage pipeline of SmolLM2-135M-Instruct ready" in output, output
         assert "stage 1: layers [15, 30)" in output, output
         client = openai.OpenAI(
@@ -147,7 +89,4 @@ def test_serve_default_model_answers_sanity_prompts(tmp_path: Path, smollm2_dir:
                 messages=[{"role": "user", "content": question}],
             )
             assert word in (reply.choices[0].message.content or ""), (question, reply)
-    finally:
-        process.send_signal(signal.SIGINT)
-        code = process.wait(timeout=30)
-    assert code == 0
+    assert served.exit_code == 0
