@@ -25,7 +25,7 @@ import kopf
 
 from llmpipe_operator import main as handlers  # noqa: F401  (registers the handlers)
 from llmpipe_operator import pki, policy, telemetry
-from llmpipe_operator.reconcile import certs, fetch
+from llmpipe_operator.reconcile import certs, fetch, probes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -81,6 +81,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the cluster's llmpipe policy, JSON (default: only the project's stage image, "
         "host paths under /var/lib/llmpipe/models)",
     )
+    parser.add_argument(
+        "--probe-namespace",
+        metavar="NS",
+        help="read the node probes (pods labelled app.kubernetes.io/component=node-probe) in "
+        "this namespace and write their figures to the Nodes (default: off)",
+    )
+    parser.add_argument(
+        "--probe-interval",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="seconds between reads of the node probes (default 60)",
+    )
+    parser.add_argument(
+        "--probe-links-interval",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="seconds between re-measurements of each pair's link (default 3600)",
+    )
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
     for port in (args.health_port, args.metrics_port):
@@ -104,6 +124,15 @@ def load_policy(path: Path | None) -> policy.Policy:
 
 async def run(args: argparse.Namespace) -> None:
     certs.configure(args.validity)
+    probes.configure(
+        probes.ProbeSettings(
+            namespace=args.probe_namespace,
+            poll_seconds=args.probe_interval,
+            links_seconds=args.probe_links_interval,
+        )
+        if args.probe_namespace
+        else None
+    )
     metrics = await telemetry.serve(args.metrics_port) if args.metrics_port else None
     try:
         await kopf.operator(

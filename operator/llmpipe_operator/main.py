@@ -8,6 +8,8 @@
   changes to the pipelines they affect; its own task debounces and re-plans)
 - the pipelines the re-planner knows -> reconcile.certs.Renewer (its own task renews stage
   certificates before they expire)
+- with `--probe-namespace`: reconcile.probes.ProbeCollector (its own task writes the node
+  probes' figures to the Nodes)
 
 No finalizers: children are deleted by the garbage collector through owner references, so
 deleting a pipeline never waits on the operator.
@@ -24,7 +26,7 @@ import kopf
 
 from llmpipe_operator.k8s import api, metrics_api
 from llmpipe_operator.manifests import names
-from llmpipe_operator.reconcile import certs, pipeline, switch
+from llmpipe_operator.reconcile import certs, pipeline, probes, switch
 from llmpipe_operator.reconcile import replan as replanning
 
 RESOURCE = (names.GROUP, names.VERSION, names.PLURAL)
@@ -66,6 +68,10 @@ async def start_replanning(memo: kopf.Memo, **_: Any) -> None:
         asyncio.create_task(memo.replanner.run(), name="replanner"),
         asyncio.create_task(renewer.run(), name="certificate-renewer"),
     ]
+    probe_settings = probes.configured()
+    if probe_settings is not None:
+        collector = probes.ProbeCollector(memo.client, probe_settings)
+        memo.replan_tasks.append(asyncio.create_task(collector.run(), name="node-probes"))
     for task in memo.replan_tasks:
         task.add_done_callback(_report_death)
 

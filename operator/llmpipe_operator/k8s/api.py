@@ -47,6 +47,25 @@ async def list_nodes(client: AsyncClient) -> list[dict[str, Any]]:
     return [node.to_dict() async for node in client.list(Node)]
 
 
+async def patch_node_annotations(
+    client: AsyncClient, *, name: str, annotations: Mapping[str, str]
+) -> None:
+    """JSON merge patch of a Node's annotations (the node probe's `llmpipe.io/measured`
+    and `llmpipe.io/links`; RBAC grants node patch only when the probe is enabled)."""
+    await client.patch(
+        Node, name, {"metadata": {"annotations": dict(annotations)}}, patch_type=PatchType.MERGE
+    )
+
+
+async def list_labelled_pods(
+    client: AsyncClient, *, namespace: str, labels: Mapping[str, str]
+) -> list[dict[str, Any]]:
+    """Pods in `namespace` carrying `labels` (the node probes of the operator's release)."""
+    return [
+        dict(p.to_dict()) async for p in client.list(Pod, namespace=namespace, labels=dict(labels))
+    ]
+
+
 async def get_pipeline(client: AsyncClient, *, namespace: str, name: str) -> dict[str, Any] | None:
     """The pipeline as stored now (None once deleted)."""
     try:

@@ -4,8 +4,10 @@ Pure: takes the node dicts `k8s` listed and, optionally, the memory usage metric
 reported; returns the eligible nodes plus, for every node left out, the reason. No API
 calls. The facts come from the node (docs/design.md):
 
-- tier, TFLOP/s, memory bandwidth, uplink: the `llmpipe.io/*` labels (defaults below when
-  a label is absent, so an unlabelled cluster still plans, conservatively);
+- tier, TFLOP/s, memory bandwidth, uplink: the `llmpipe.io/*` labels; where a label is
+  absent, the node probe's figure from the `llmpipe.io/measured` annotation (labels win,
+  measurement fills gaps: `planning.measured`); with neither, the defaults below, so an
+  unlabelled, unmeasured cluster still plans, conservatively;
 - memory: `status.allocatable.memory` minus what others hold there: the larger of the
   memory requests of the pods on the node (every pod but this pipeline's own, plus the
   stages other pipelines were planned but whose pods do not exist yet; `held_memory`)
@@ -24,11 +26,11 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from llmpipe_operator.planning import inventory
+from llmpipe_operator.planning import inventory, measured
 
 LABEL_TIER = "llmpipe.io/tier"
-LABEL_TFLOPS = "llmpipe.io/tflops"
-LABEL_BANDWIDTH = "llmpipe.io/memory-bandwidth-gbps"
+LABEL_TFLOPS = measured.MEASURED_FIELDS["tflops"]  # "llmpipe.io/tflops"
+LABEL_BANDWIDTH = measured.MEASURED_FIELDS["memoryBandwidthGBps"]  # ...memory-bandwidth-gbps
 LABEL_UPLINK = "llmpipe.io/uplink-mbps"
 ANNOTATION_LINKS = "llmpipe.io/links"
 
@@ -276,6 +278,7 @@ def build_inventory(
         planned.append(node)
         raw_by_name[name] = raw
     links, notes = _links(raw_by_name)
+    notes += _measured_notes(raw_by_name)
     return LiveInventory(
         inventory=inventory.Inventory(
             nodes=tuple(sorted(planned, key=lambda n: n.name)), links=links
@@ -324,17 +327,39 @@ def to_node(
         raise inventory.InventoryError(
             f"node {name!r}: label {LABEL_TIER} must be edge or cloud, got {tier!r}"
         )
+    figures, _ = measured.parse((meta.get("annotations") or {}).get(measured.ANNOTATION_MEASURED))
     return inventory.Node(
         name=name,
         tier=tier,
         memory_bytes=_free_memory(raw, name, used_bytes),
-        tflops=_label_number(labels, LABEL_TFLOPS, name, defaults.tflops),
-        memory_bandwidth_gbps=_label_number(
-            labels, LABEL_BANDWIDTH, name, defaults.memory_bandwidth_gbps
+        tflops=_fact(labels, figures, "tflops", name, defaults.tflops),
+        memory_bandwidth_gbps=_fact(
+            labels, figures, "memoryBandwidthGBps", name, defaults.memory_bandwidth_gbps
         ),
         uplink_mbps=_label_number(labels, LABEL_UPLINK, name, defaults.uplink_mbps),
         labels=labels,
     )
+
+
+def _fact(
+    labels: Mapping[str, str], figures: measured.Measured, key: str, name: str, default: float
+) -> float:
+    """A label a person set wins; else the probe's measurement; else the default."""
+    label = measured.MEASURED_FIELDS[key]
+    if label in labels:
+        return _label_number(labels, label, name, default)
+    value = measured.fact(labels, figures, key)
+    return default if value is None else float(value)
+
+
+def _measured_notes(raw_by_name: Mapping[str, Mapping[str, Any]]) -> tuple[str, ...]:
+    notes = []
+    for name in sorted(raw_by_name):
+        annotations = raw_by_name[name].get("metadata", {}).get("annotations") or {}
+        _, note = measured.parse(annotations.get(measured.ANNOTATION_MEASURED))
+        if note:
+            notes.append(f"node {name!r}: {note}")
+    return tuple(notes)
 
 
 def _free_memory(raw: Mapping[str, Any], name: str, used_bytes: int) -> int:

@@ -355,3 +355,34 @@ def test_scoped_rules_include_network_policies(render: Render) -> None:
     rule = next(r for r in role["rules"] if "networkpolicies" in r["resources"])
     assert rule["apiGroups"] == ["networking.k8s.io"]
     assert {"create", "patch", "get"} <= set(rule["verbs"]) and "delete" not in rule["verbs"]
+
+
+def test_the_node_probe_is_opt_in(render: Render) -> None:
+    objects = render()
+    assert "DaemonSet" not in {o["kind"] for o in objects}
+    rules = [r for o in by_kind(objects, "ClusterRole") for r in o["rules"]]
+    assert not any("nodes" in r["resources"] and "patch" in r["verbs"] for r in rules)
+    assert "--probe-namespace" not in _container(objects)["args"]
+
+
+def test_the_node_probe_has_no_api_rights_and_a_restricted_pod(render: Render) -> None:
+    objects = render("probe.enabled=true")
+    daemonset = one(objects, "DaemonSet")
+    pod = daemonset["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["command"] == ["python", "-m", "llmpipe_stage.probe"]
+    assert "cpu" not in container["resources"].get("limits", {})  # it measures the node
+    priority = one(objects, "PriorityClass")
+    assert pod["priorityClassName"] == priority["metadata"]["name"]
+    assert priority["value"] < 0 and priority["preemptionPolicy"] == "Never"
+    labels = daemonset["spec"]["template"]["metadata"]["labels"]
+    assert labels["app.kubernetes.io/component"] == "node-probe"
+    args = _container(objects)["args"]
+    assert args[args.index("--probe-namespace") + 1] == daemonset["metadata"]["namespace"]
+    rules = [r for o in by_kind(objects, "ClusterRole") for r in o["rules"]]
+    assert any("nodes" in r["resources"] and r["verbs"] == ["patch"] for r in rules)

@@ -1,0 +1,357 @@
+"""The node probe: what one node really offers a stage, measured, bounded, with no API rights.
+
+`python -m llmpipe_stage.probe` runs in the stage image (the chart's opt-in DaemonSet, one
+pod per node, or any process in an emulated node). It measures:
+
+- compute: dense matmul TFLOP/s at the stage's dtype on the device a stage would use (the
+  CPU threads the pod may run, or the GPU), the rate `llmpipe.io/tflops` stands for;
+- memory bandwidth: a streaming read (`sum`) of a buffer much larger than the caches, the
+  rate at which a decode step streams its weights (`llmpipe.io/memory-bandwidth-gbps`);
+- links, when asked: bulk TCP transfer rate and ping-pong round-trip time to another
+  probe's link port, never more than `max_bytes` (a few MB) per pair per run.
+
+It never talks to the API server: the operator reads `GET /facts` from each probe, asks
+one probe at a time to `POST /links` to another (so no two measured links share a node at
+the same moment), and writes the results to the Nodes itself (docs/operator.md,
+"Measured node facts"). Each measurement is bounded in time (`budget_seconds`) and bytes.
+
+HTTP endpoints (port `--port`): `GET /healthz`, `GET /facts` (503 until the first
+measurement ends), `POST /links` with `{"peer": "host:port"}`. The link port (`--link-port`)
+takes the peers' transfers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import http.server
+import json
+import logging
+import os
+import socket
+import socketserver
+import statistics
+import struct
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger("llmpipe.probe")
+
+PROBE_VERSION = "1"
+"""Bumped when a method changes, so an operator can tell figures of different methods apart."""
+
+MAX_LINK_BYTES = 4 * 2**20
+"""Bytes one link measurement may send at most (plus the 256 KiB sizing transfer)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Budget:
+    """How long each local measurement may take; the defaults keep a probe run under 10 s."""
+
+    compute_seconds: float = 2.0
+    """Two seconds span twenty CFS periods, so a CPU quota shows as its average rate."""
+    memory_seconds: float = 2.0
+    """Same reason; each pass over the buffer is one sample."""
+    memory_bytes: int = 256 * 2**20
+    """Far beyond any last-level cache, so the read streams from DRAM (or HBM)."""
+
+
+# --- local measurements ------------------------------------------------------------------
+
+
+def _timed(work: Callable[[], object], sync: Callable[[], None], *, seconds: float) -> float:
+    """Seconds per call of `work`, run repeatedly for about `seconds` after a warm-up."""
+    work()
+    sync()
+    calls, started = 0, time.perf_counter()
+    while True:
+        work()
+        calls += 1
+        sync()
+        took = time.perf_counter() - started
+        if took >= seconds:
+            return took / calls
+
+
+def measure_compute(*, dtype: str, device: str, seconds: float, size: int = 0) -> dict[str, Any]:
+    """Dense matmul TFLOP/s (2 n^3 FLOPs per n x n product) at `dtype` on `device`."""
+    import torch
+
+    size = size or (4096 if device.startswith("cuda") else 512)
+    torch_dtype = getattr(torch, dtype)
+    a = torch.randn(size, size, device=device).to(torch_dtype)  # [n, n]
+    b = torch.randn(size, size, device=device).to(torch_dtype)  # [n, n]
+    per_call = _timed(lambda: torch.mm(a, b), _sync(device), seconds=seconds)
+    threads = torch.get_num_threads() if device == "cpu" else 0
+    return {
+        "tflops": 2 * size**3 / per_call / 1e12,
+        "method": f"{dtype} matmul {size}x{size} on {device}"
+        + (f", {threads} threads" if threads else "")
+        + f", {seconds:g} s",
+    }
+
+
+def measure_memory_bandwidth(*, device: str, seconds: float, size_bytes: int) -> dict[str, Any]:
+    """Streaming-read GB/s: one `sum` over a float32 buffer of `size_bytes` reads it once."""
+    import torch
+
+    buffer = torch.ones(size_bytes // 4, dtype=torch.float32, device=device)  # [n]
+    per_call = _timed(lambda: buffer.sum(), _sync(device), seconds=seconds)
+    return {
+        "memoryBandwidthGBps": size_bytes / per_call / 1e9,
+        "method": f"float32 sum over {size_bytes // 2**20} MiB on {device}, {seconds:g} s",
+    }
+
+
+def _sync(device: str) -> Callable[[], None]:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+def measure_node(*, dtype: str, device: str, budget: Budget) -> dict[str, Any]:
+    """The node's facts in the `llmpipe.io/measured` shape (less the links)."""
+    compute = measure_compute(dtype=dtype, device=device, seconds=budget.compute_seconds)
+    memory = measure_memory_bandwidth(
+        device=device, seconds=budget.memory_seconds, size_bytes=budget.memory_bytes
+    )
+    return {
+        "probeVersion": PROBE_VERSION,
+        "measuredAt": now_text(),
+        "device": device,
+        "dtype": dtype,
+        "tflops": round(compute["tflops"], 6),
+        "memoryBandwidthGBps": round(memory["memoryBandwidthGBps"], 3),
+        "method": {"tflops": compute["method"], "memoryBandwidthGBps": memory["method"]},
+    }
+
+
+def now_text() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# --- links: the peer side ----------------------------------------------------------------
+#
+# One TCP connection per measurement. The client sends one op byte:
+#   b"P" + uint32 n      n one-byte ping-pongs (the server echoes each byte)
+#   b"B" + uint64 size   `size` bytes; the server answers float64 seconds from the end of
+#                        the first read to the last byte, and uint64 bytes received in it
+# The receiver times the bulk transfer, so the sender's socket buffer does not count.
+
+_PING = struct.Struct("!I")
+_BULK = struct.Struct("!Q")
+_BULK_REPLY = struct.Struct("!dQ")
+_CHUNK = 64 * 2**10
+
+
+class _LinkHandler(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        conn: socket.socket = self.request
+        conn.settimeout(60)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        op = _read_exact(conn, 1)
+        if op == b"P":
+            (count,) = _PING.unpack(_read_exact(conn, _PING.size))
+            for _ in range(min(count, 1000)):
+                conn.sendall(_read_exact(conn, 1))
+        elif op == b"B":
+            (size,) = _BULK.unpack(_read_exact(conn, _BULK.size))
+            size = min(size, MAX_LINK_BYTES + 2**20)
+            first = conn.recv(min(_CHUNK, size))
+            started, counted, left = time.perf_counter(), 0, size - len(first)
+            while left > 0:
+                data = conn.recv(min(_CHUNK, left))
+                if not data:
+                    raise ConnectionError("peer closed during the transfer")
+                counted += len(data)
+                left -= len(data)
+            conn.sendall(_BULK_REPLY.pack(time.perf_counter() - started, counted))
+
+
+def _read_exact(conn: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = conn.recv(size - len(data))
+        if not chunk:
+            raise ConnectionError("peer closed the connection")
+        data += chunk
+    return data
+
+
+class LinkServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, host: str, port: int) -> None:
+        super().__init__((host, port), _LinkHandler)
+
+
+# --- links: the measuring side -----------------------------------------------------------
+
+
+def measure_rtt(host: str, port: int, *, pings: int = 20) -> float:
+    """Median round-trip milliseconds of one-byte ping-pongs on one TCP connection."""
+    with socket.create_connection((host, port), timeout=10) as conn:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.sendall(b"P" + _PING.pack(pings))
+        samples = []
+        for _ in range(pings):
+            started = time.perf_counter()
+            conn.sendall(b"x")
+            _read_exact(conn, 1)
+            samples.append(time.perf_counter() - started)
+    return statistics.median(samples) * 1000
+
+
+def bulk_transfer(host: str, port: int, size: int) -> tuple[float, int]:
+    """(seconds, bytes) the receiver timed for a `size`-byte transfer."""
+    payload = os.urandom(_CHUNK)
+    with socket.create_connection((host, port), timeout=60) as conn:
+        conn.sendall(b"B" + _BULK.pack(size))
+        left = size
+        while left > 0:
+            conn.sendall(payload[: min(_CHUNK, left)])
+            left -= min(_CHUNK, left)
+        seconds, counted = _BULK_REPLY.unpack(_read_exact(conn, _BULK_REPLY.size))
+    return float(seconds), int(counted)
+
+
+def measure_link(
+    host: str, port: int, *, max_bytes: int = MAX_LINK_BYTES, target_seconds: float = 1.0
+) -> dict[str, Any]:
+    """Mbit/s and RTT to a peer's link port: a 256 KiB transfer sizes the real one, which
+    lasts about `target_seconds` and never exceeds `max_bytes`."""
+    rtt_ms = measure_rtt(host, port)
+    sizing = 256 * 2**10
+    seconds, counted = bulk_transfer(host, port, sizing)
+    rate = counted / max(seconds, 1e-6)  # bytes/s
+    size = int(min(max(rate * target_seconds, sizing), max(max_bytes, sizing)))
+    seconds, counted = bulk_transfer(host, port, size)
+    return {
+        "mbps": round(counted * 8 / max(seconds, 1e-6) / 1e6, 3),
+        "rttMs": round(rtt_ms, 3),
+        "bytes": sizing + size,
+        "measuredAt": now_text(),
+    }
+
+
+# --- the probe's HTTP side (what the operator reads) ---------------------------------------
+
+
+class Probe:
+    """The latest facts of this node, re-measured every `interval_seconds`."""
+
+    def __init__(self, *, dtype: str, device: str, budget: Budget, link_port: int) -> None:
+        self.dtype, self.device, self.budget, self.link_port = dtype, device, budget, link_port
+        self.facts: dict[str, Any] | None = None
+        self.link_lock = threading.Lock()
+
+    def measure(self) -> None:
+        facts = measure_node(dtype=self.dtype, device=self.device, budget=self.budget)
+        facts["linkPort"] = self.link_port
+        self.facts = facts
+        log.info("measured %s", json.dumps(facts))
+
+    def run_schedule(self, interval_seconds: float) -> None:
+        while True:
+            self.measure()
+            time.sleep(interval_seconds)
+
+    def link(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        peer = str(body.get("peer", ""))
+        host, _, port = peer.rpartition(":")
+        if not host or not port.isdigit():
+            return 400, {"error": "peer must be host:port"}
+        max_bytes = min(int(body.get("maxBytes", MAX_LINK_BYTES)), MAX_LINK_BYTES)
+        if not self.link_lock.acquire(blocking=False):
+            return 429, {"error": "a link measurement is already running"}
+        try:
+            return 200, measure_link(host.strip("[]"), int(port), max_bytes=max_bytes)
+        except OSError as error:
+            return 502, {"error": f"link to {peer}: {error}"}
+        finally:
+            self.link_lock.release()
+
+
+def http_handler(probe: Probe) -> type[http.server.BaseHTTPRequestHandler]:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path == "/healthz":
+                self._reply(200, {"ok": True})
+            elif self.path == "/facts":
+                facts = probe.facts
+                self._reply(200, facts) if facts else self._reply(503, {"error": "measuring"})
+            else:
+                self._reply(404, {"error": "not found"})
+
+        def do_POST(self) -> None:
+            if self.path != "/links":
+                self._reply(404, {"error": "not found"})
+                return
+            length = min(int(self.headers.get("Content-Length") or 0), 4096)
+            try:
+                body = json.loads(self.rfile.read(length) or b"{}")
+            except json.JSONDecodeError:
+                self._reply(400, {"error": "body must be JSON"})
+                return
+            self._reply(*probe.link(body if isinstance(body, dict) else {}))
+
+        def _reply(self, code: int, body: dict[str, Any]) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            log.debug(format, *args)
+
+    return Handler
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="llmpipe-probe", description=__doc__)
+    parser.add_argument("--host", default="0.0.0.0", help="bind address (0.0.0.0)")
+    parser.add_argument("--port", type=int, default=8090, help="HTTP port (8090)")
+    parser.add_argument("--link-port", type=int, default=8091, help="link port (8091)")
+    parser.add_argument("--dtype", default="float32", help="the stages' dtype (float32)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (cpu)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (torch's choice)")
+    parser.add_argument(
+        "--interval", type=float, default=3600.0, help="seconds between re-measurements (3600)"
+    )
+    parser.add_argument("--seconds", type=float, default=2.0, help="per measurement (2)")
+    parser.add_argument("--once", action="store_true", help="measure, print JSON, exit")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    budget = Budget(compute_seconds=args.seconds, memory_seconds=args.seconds)
+    if args.once:
+        print(json.dumps(measure_node(dtype=args.dtype, device=args.device, budget=budget)))
+        return
+    links = LinkServer(args.host, args.link_port)
+    threading.Thread(target=links.serve_forever, name="links", daemon=True).start()
+    probe = Probe(dtype=args.dtype, device=args.device, budget=budget, link_port=args.link_port)
+    threading.Thread(
+        target=probe.run_schedule, args=(args.interval,), name="measure", daemon=True
+    ).start()
+    server = http.server.ThreadingHTTPServer((args.host, args.port), http_handler(probe))
+    print(f"llmpipe probe: http {args.host}:{args.port}, links {args.link_port}", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
