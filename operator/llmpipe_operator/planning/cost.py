@@ -1,4 +1,6 @@
-"""Cost model v1 of docs/design.md: memory, compute, transfer and hop time of each stage.
+"""Cost model v1 of docs/design.md: memory, compute, transfer and hop time of each stage,
+with per-node device facts (a GPU stage's memory budget, compute and bandwidth are its
+GPU's: `stage_budget`, `speeds`).
 
 This module is the one definition of the cost model: the planner's search, the plan it
 reports, the benchmark's baselines and the tests' brute force all evaluate chains here.
@@ -13,11 +15,14 @@ import itertools
 from collections.abc import Sequence
 from typing import Literal
 
+from llmpipe_operator.planning import devices, profiles
 from llmpipe_operator.planning import inventory as inv
-from llmpipe_operator.planning import profiles
 
 Objective = Literal["throughput", "latency"]
 OBJECTIVES: tuple[Objective, ...] = ("throughput", "latency")
+StageDevice = Literal["cpu", "cuda"]
+GPUS_PER_STAGE = 1
+"""A stage runs its layers on one GPU (the runtime has no tensor parallelism)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -33,6 +38,12 @@ class Workload:
     """C, prompt + generated tokens per sequence: enough for chat, small enough for edge."""
     runtime_overhead_bytes: int = 512 * 2**20
     """R, per stage: Python, torch and gRPC buffers take about 0.5 GiB besides weights."""
+    device: devices.Device = "auto"
+    """`spec.runtime.device`: auto uses a node's GPU when it has one free, cpu never does,
+    cuda plans on GPU nodes only."""
+    dtype: str = devices.DTYPE_AUTO
+    """`spec.model.dtype`; `auto` picks per stage (`stage_dtype`). The byte sizes come
+    from the profile either way: every dtype `auto` picks is 2 bytes wide."""
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -43,6 +54,8 @@ class Workload:
         if self.runtime_overhead_bytes < 0:
             overhead = self.runtime_overhead_bytes
             raise ValueError(f"runtime_overhead_bytes must be >= 0, got {overhead}")
+        if self.device not in devices.DEVICES:
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
 
     @property
     def kv_tokens(self) -> int:
@@ -61,6 +74,12 @@ class StageCost:
     has_head: bool
     weight_bytes: int
     memory_bytes: int
+    """memory_s: weights + KV cache + R, in the memory of the stage's device."""
+    host_memory_bytes: int
+    """What the stage's pod requests of the node's memory: memory_s, or only R for a stage
+    on a discrete GPU (its weights and KV cache live in GPU memory)."""
+    device: StageDevice
+    dtype: str
     fits: bool
     compute_batch: float
     """compute_s(S)"""
@@ -106,13 +125,74 @@ def memory_bytes(profile: profiles.ModelProfile, workload: Workload, start: int,
     return weight_bytes(profile, start, end) + kv + workload.runtime_overhead_bytes
 
 
+# per-node device facts ----------------------------------------------------------------
+
+
+def stage_device(node: inv.Node, workload: Workload) -> StageDevice:
+    """cuda when the node has a free GPU and the spec does not say cpu."""
+    return "cuda" if node.gpu is not None and workload.device != "cpu" else "cpu"
+
+
+def usable(node: inv.Node, workload: Workload) -> bool:
+    """False for a node without a GPU when the spec says cuda."""
+    return workload.device != "cuda" or node.gpu is not None
+
+
+def stage_budget(node: inv.Node, workload: Workload) -> int:
+    """The memory a stage on this node may fill with weights + KV cache + R.
+
+    A discrete GPU offers its own memory (GPUS_PER_STAGE of them), as long as the node's
+    memory still holds the process (R); a unified-memory board (Jetson) and a CPU node
+    offer the node's memory: one budget, not two.
+    """
+    if not usable(node, workload):
+        return 0
+    gpu = node.gpu
+    if stage_device(node, workload) == "cpu" or gpu is None or gpu.unified:
+        return node.memory_bytes
+    if node.memory_bytes < workload.runtime_overhead_bytes:
+        return 0
+    return gpu.memory_bytes * min(GPUS_PER_STAGE, gpu.count)
+
+
+def host_memory(node: inv.Node, workload: Workload, memory: int) -> int:
+    """The node memory a stage holding `memory` (memory_s) takes: R on a discrete GPU."""
+    gpu = node.gpu
+    if stage_device(node, workload) == "cuda" and gpu is not None and not gpu.unified:
+        return workload.runtime_overhead_bytes
+    return memory
+
+
+def speeds(node: inv.Node, workload: Workload) -> tuple[float, float]:
+    """(TFLOP/s, memory GB/s) of the device a stage on this node computes on."""
+    if stage_device(node, workload) == "cuda" and node.gpu is not None:
+        return node.gpu.tflops, node.gpu.memory_bandwidth_gbps
+    return node.tflops, node.memory_bandwidth_gbps
+
+
+def stage_dtype(node: inv.Node, workload: Workload) -> str:
+    """The dtype the stage runs in: the spec's, or under auto the device's best."""
+    if workload.dtype != devices.DTYPE_AUTO:
+        return workload.dtype
+    if stage_device(node, workload) == "cuda" and node.gpu is not None:
+        return devices.gpu_dtype(node.gpu)
+    return devices.CPU_AUTO_DTYPE
+
+
 def compute_seconds(
-    profile: profiles.ModelProfile, node: inv.Node, weights: int, *, batch: int
+    profile: profiles.ModelProfile,
+    node: inv.Node,
+    weights: int,
+    *,
+    batch: int,
+    workload: Workload,
 ) -> float:
-    """The larger of reading the weights once and doing 2 FLOPs per parameter per token."""
-    memory_bound = weights / (node.memory_bandwidth_gbps * 1e9)
+    """The larger of reading the weights once and doing 2 FLOPs per parameter per token,
+    on the stage's device (`speeds`)."""
+    tflops, bandwidth = speeds(node, workload)
+    memory_bound = weights / (bandwidth * 1e9)
     params = weights / profile.weight_bytes_per_param
-    flop_bound = 2 * params * batch / (node.tflops * 1e12)
+    flop_bound = 2 * params * batch / (tflops * 1e12)
     return max(memory_bound, flop_bound)
 
 
@@ -161,6 +241,7 @@ def evaluate(
                 transfer_batch = token_ids_seconds(mbps, batch=workload.max_sequences)
                 transfer_single = token_ids_seconds(mbps, batch=1)
             hop = hop_seconds(inventory.rtt_ms(name, after))
+        batch = workload.max_sequences
         stages.append(
             StageCost(
                 node=name,
@@ -170,9 +251,14 @@ def evaluate(
                 has_head=s == count - 1,
                 weight_bytes=weights,
                 memory_bytes=memory,
-                fits=memory <= node.memory_bytes,
-                compute_batch=compute_seconds(profile, node, weights, batch=workload.max_sequences),
-                compute_single=compute_seconds(profile, node, weights, batch=1),
+                host_memory_bytes=host_memory(node, workload, memory),
+                device=stage_device(node, workload),
+                dtype=stage_dtype(node, workload),
+                fits=memory <= stage_budget(node, workload),
+                compute_batch=compute_seconds(
+                    profile, node, weights, batch=batch, workload=workload
+                ),
+                compute_single=compute_seconds(profile, node, weights, batch=1, workload=workload),
                 transfer_batch=transfer_batch,
                 transfer_single=transfer_single,
                 hop=hop,

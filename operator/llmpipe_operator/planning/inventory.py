@@ -14,6 +14,8 @@ from collections.abc import Iterable, Mapping
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
 
+from llmpipe_operator.planning import devices
+
 Tier = Literal["edge", "cloud"]
 TIERS: tuple[Tier, ...] = ("edge", "cloud")
 
@@ -74,6 +76,75 @@ class Node:
     uplink_mbps: float
     """Mbit/s, 1e6 bits per second."""
     labels: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    gpu: devices.Gpu | None = None
+    """The node's free GPUs (GPU Feature Discovery labels, `planning.devices`); None: CPU
+    only. A GPU stage's compute, bandwidth and memory are the GPU's (`cost`)."""
+
+
+LABEL_TIER = "llmpipe.io/tier"
+LABEL_TFLOPS = "llmpipe.io/tflops"
+LABEL_BANDWIDTH = "llmpipe.io/memory-bandwidth-gbps"
+LABEL_UPLINK = "llmpipe.io/uplink-mbps"
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeDefaults:
+    """What an unlabelled node is assumed to offer: a modest machine, so plans err safe."""
+
+    tier: Tier = "cloud"
+    """Only nodes labelled edge count as edge: `firstStage: edge` is a privacy promise."""
+    tflops: float = 1.0
+    """About a Jetson-class GPU or a few CPU cores' effective fp16 rate."""
+    memory_bandwidth_gbps: float = 50.0
+    """A dual-channel DDR4/LPDDR5 board."""
+    uplink_mbps: float = 1000.0
+    """Gigabit Ethernet, the common wired link."""
+
+
+def node_facts(
+    labels: Mapping[str, str],
+    *,
+    where: str,
+    tflops: float | None,
+    memory_bandwidth_gbps: float | None,
+    defaults: NodeDefaults,
+    allocatable_gpus: int | None = None,
+    held_gpus: int = 0,
+) -> tuple[float, float, devices.Gpu | None]:
+    """(CPU TFLOP/s, CPU GB/s, the GPUs) of a node, the one reading of its figures that the
+    cluster file and a live Node share: a given figure (the file's field, else the
+    `llmpipe.io/*` label) wins, a GPU falls back on its product's spec sheet, and the CPU
+    view on `defaults`."""
+    tflops = tflops if tflops is not None else _label(labels, LABEL_TFLOPS, where)
+    bandwidth = memory_bandwidth_gbps
+    if bandwidth is None:
+        bandwidth = _label(labels, LABEL_BANDWIDTH, where)
+    try:
+        gpu = devices.read_gpu(
+            labels,
+            where=where,
+            tflops=tflops,
+            memory_bandwidth_gbps=bandwidth,
+            allocatable=allocatable_gpus,
+            held=held_gpus,
+        )
+    except devices.DeviceError as error:
+        raise InventoryError(str(error)) from error
+    cpu_tflops = tflops if tflops is not None else defaults.tflops
+    cpu_bandwidth = bandwidth if bandwidth is not None else defaults.memory_bandwidth_gbps
+    return cpu_tflops, cpu_bandwidth, gpu
+
+
+def _label(labels: Mapping[str, str], key: str, where: str) -> float | None:
+    if key not in labels:
+        return None
+    try:
+        value = float(labels[key])
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise InventoryError(f"{where}: label {key} must be a positive number, got {labels[key]!r}")
+    return value
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -196,17 +267,37 @@ def _parse_node(raw: Any, index: int) -> Node:
     tier = raw.get("tier")
     if tier not in TIERS:
         raise InventoryError(f"{where}: field 'tier' must be edge or cloud, got {tier!r}")
-    labels = raw.get("labels") or {}
-    if not isinstance(labels, Mapping):
+    raw_labels = raw.get("labels") or {}
+    if not isinstance(raw_labels, Mapping):
         raise InventoryError(f"{where}: field 'labels' must be a mapping")
+    labels = {str(k): str(v) for k, v in raw_labels.items()}
+    given = {
+        key: _positive_number(raw, key, where) if key in raw else None
+        for key in ("tflops", "memoryBandwidthGBps")
+    }
+    tflops, bandwidth, gpu = node_facts(
+        labels,
+        where=where,
+        tflops=given["tflops"],
+        memory_bandwidth_gbps=given["memoryBandwidthGBps"],
+        defaults=NodeDefaults(),
+    )
+    label_of = {"tflops": LABEL_TFLOPS, "memoryBandwidthGBps": LABEL_BANDWIDTH}
+    for key, value in given.items():
+        if value is None and label_of[key] not in labels and gpu is None:
+            raise InventoryError(
+                f"{where}: field {key!r} is missing (it may be left out on a GPU node "
+                "whose labels name a known product)"
+            )
     return Node(
         name=name,
         tier=tier,
         memory_bytes=_positive_quantity(raw, "memory", where),
-        tflops=_positive_number(raw, "tflops", where),
-        memory_bandwidth_gbps=_positive_number(raw, "memoryBandwidthGBps", where),
+        tflops=tflops,
+        memory_bandwidth_gbps=bandwidth,
         uplink_mbps=_positive_number(raw, "uplinkMbps", where),
-        labels={str(k): str(v) for k, v in labels.items()},
+        labels=labels,
+        gpu=gpu,
     )
 
 

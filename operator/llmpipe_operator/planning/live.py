@@ -6,8 +6,12 @@ calls. The facts come from the node (docs/design.md):
 
 - tier, TFLOP/s, memory bandwidth, uplink: the `llmpipe.io/*` labels; where a label is
   absent, the node probe's figure from the `llmpipe.io/measured` annotation (labels win,
-  measurement fills gaps: `planning.measured`); with neither, the defaults below, so an
-  unlabelled, unmeasured cluster still plans, conservatively;
+  measurement fills gaps: `planning.measured`); with neither, the defaults below (a GPU:
+  its product's spec sheet, `planning.devices`), so an unlabelled, unmeasured cluster
+  still plans, conservatively;
+- GPUs: the GPU Feature Discovery labels (`planning.devices`), at most
+  `status.allocatable["nvidia.com/gpu"]`, less the GPUs other pods (and other pipelines'
+  planned GPU stages) hold there;
 - memory: `status.allocatable.memory` minus what others hold there: the larger of the
   memory requests of the pods on the node (every pod but this pipeline's own, plus the
   stages other pipelines were planned but whose pods do not exist yet; `held_memory`)
@@ -26,27 +30,15 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from llmpipe_operator.planning import inventory, measured
+from llmpipe_operator.planning import devices, inventory, measured
 
-LABEL_TIER = "llmpipe.io/tier"
-LABEL_TFLOPS = measured.MEASURED_FIELDS["tflops"]  # "llmpipe.io/tflops"
-LABEL_BANDWIDTH = measured.MEASURED_FIELDS["memoryBandwidthGBps"]  # ...memory-bandwidth-gbps
-LABEL_UPLINK = "llmpipe.io/uplink-mbps"
+LABEL_TIER = inventory.LABEL_TIER
+LABEL_TFLOPS = inventory.LABEL_TFLOPS
+LABEL_BANDWIDTH = inventory.LABEL_BANDWIDTH
+LABEL_UPLINK = inventory.LABEL_UPLINK
 ANNOTATION_LINKS = "llmpipe.io/links"
 
-
-@dataclasses.dataclass(frozen=True)
-class NodeDefaults:
-    """What an unlabelled node is assumed to offer: a modest machine, so plans err safe."""
-
-    tier: inventory.Tier = "cloud"
-    """Only nodes labelled edge count as edge: `firstStage: edge` is a privacy promise."""
-    tflops: float = 1.0
-    """About a Jetson-class GPU or a few CPU cores' effective fp16 rate."""
-    memory_bandwidth_gbps: float = 50.0
-    """A dual-channel DDR4/LPDDR5 board."""
-    uplink_mbps: float = 1000.0
-    """Gigabit Ethernet, the common wired link."""
+NodeDefaults = inventory.NodeDefaults
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +88,9 @@ class Reservation:
 
     digest: str
     stages: Mapping[int, tuple[str, int]]
-    """stage index -> (node, memoryBytes)"""
+    """stage index -> (node, host memory bytes: the pod's memory request)"""
+    gpus: Mapping[int, int] = dataclasses.field(default_factory=dict)
+    """stage index -> GPUs it takes (GPU stages only)"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +99,8 @@ class NodeHoldings:
     """node -> bytes others hold there"""
     holders: Mapping[str, Mapping[str, int]]
     """node -> holder ("pipeline ns/name", "pod ns/name") -> bytes"""
+    gpus: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    """node -> GPUs (`nvidia.com/gpu`) others hold there"""
 
     def describe(self, nodes: Sequence[str], *, shown: int = 4) -> str:
         """`pipeline a/x 1.0 GiB on 2 nodes, pod kube-system/y 200 MiB on n1, 3 more`:
@@ -142,6 +138,7 @@ def held_memory(
     """
     total: dict[str, int] = {}
     holders: dict[str, dict[str, int]] = {}
+    gpus: dict[str, int] = {}
     existing: set[tuple[str, str, str, str]] = set()
 
     def add(node: str, who: str, size: int) -> None:
@@ -175,13 +172,19 @@ def held_memory(
         size = pod_memory_request(pod)
         if size > 0:
             add(node, who, size)
+        taken = pod_gpu_request(pod)
+        if taken > 0:
+            gpus[node] = gpus.get(node, 0) + taken
     for key, reservation in sorted(reservations.items()):
         if key == pipeline:
             continue
         for index, (node, size) in sorted(reservation.stages.items()):
             if (*key, reservation.digest, str(index)) not in existing:
                 add(node, f"pipeline {key[0]}/{key[1]}", size)
-    return NodeHoldings(total=total, holders=holders)
+                taken = reservation.gpus.get(index, 0)
+                if taken > 0:
+                    gpus[node] = gpus.get(node, 0) + taken
+    return NodeHoldings(total=total, holders=holders, gpus=gpus)
 
 
 def own_plans(pods: Iterable[Mapping[str, Any]], *, pipeline: PipelineKey) -> frozenset[str]:
@@ -237,6 +240,27 @@ def pod_memory_request(pod: Mapping[str, Any]) -> int:
     return max(containers, init) + overhead
 
 
+def pod_gpu_request(pod: Mapping[str, Any]) -> int:
+    """GPUs (`nvidia.com/gpu`) a pod takes: an extended resource is requested through its
+    limit (the request, when given, must equal it); the larger of the containers' sum and
+    the largest init container, as the scheduler counts it."""
+    spec = pod.get("spec") or {}
+
+    def count(container: Mapping[str, Any]) -> int:
+        resources = container.get("resources") or {}
+        value = (resources.get("limits") or {}).get(devices.RESOURCE_GPU)
+        if value is None:
+            value = (resources.get("requests") or {}).get(devices.RESOURCE_GPU)
+        try:
+            return inventory.parse_quantity(value) if value is not None else 0
+        except ValueError:
+            return 0  # the API server validates quantities
+
+    containers = sum(count(c) for c in spec.get("containers") or [])
+    init = max((count(c) for c in spec.get("initContainers") or []), default=0)
+    return max(containers, init)
+
+
 def _terminated(pod: Mapping[str, Any]) -> bool:
     return (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
 
@@ -252,10 +276,13 @@ def build_inventory(
     *,
     eligibility: Eligibility,
     memory_usage: Mapping[str, int] | None = None,
+    gpus_held: Mapping[str, int] | None = None,
     defaults: NodeDefaults = NodeDefaults(),
 ) -> LiveInventory:
-    """The eligible nodes as the planner's Inventory; `memory_usage` is bytes in use by node."""
+    """The eligible nodes as the planner's Inventory; `memory_usage` is bytes in use by
+    node, `gpus_held` the GPUs others hold by node."""
     usage = memory_usage or {}
+    held_gpus = gpus_held or {}
     planned: list[inventory.Node] = []
     excluded: dict[str, str] = {}
     full: set[str] = set()
@@ -266,7 +293,12 @@ def build_inventory(
         node = None
         if reason is None:
             try:
-                node = to_node(raw, defaults=defaults, used_bytes=usage.get(name, 0))
+                node = to_node(
+                    raw,
+                    defaults=defaults,
+                    used_bytes=usage.get(name, 0),
+                    held_gpus=held_gpus.get(name, 0),
+                )
             except NodeFull as error:
                 reason = str(error)
                 full.add(name)
@@ -316,7 +348,11 @@ def is_ready(node: Mapping[str, Any]) -> bool:
 
 
 def to_node(
-    raw: Mapping[str, Any], *, defaults: NodeDefaults = NodeDefaults(), used_bytes: int = 0
+    raw: Mapping[str, Any],
+    *,
+    defaults: NodeDefaults = NodeDefaults(),
+    used_bytes: int = 0,
+    held_gpus: int = 0,
 ) -> inventory.Node:
     """One Node object as the planner sees it; InventoryError names the node and field."""
     meta = raw.get("metadata", {})
@@ -328,28 +364,34 @@ def to_node(
             f"node {name!r}: label {LABEL_TIER} must be edge or cloud, got {tier!r}"
         )
     figures, _ = measured.parse((meta.get("annotations") or {}).get(measured.ANNOTATION_MEASURED))
+    tflops, bandwidth, gpu = inventory.node_facts(
+        labels,
+        where=f"node {name!r}",
+        tflops=_measured(labels, figures, "tflops"),
+        memory_bandwidth_gbps=_measured(labels, figures, "memoryBandwidthGBps"),
+        defaults=defaults,
+        allocatable_gpus=_allocatable_gpus(raw, name),
+        held_gpus=held_gpus,
+    )
     return inventory.Node(
         name=name,
         tier=tier,
         memory_bytes=_free_memory(raw, name, used_bytes),
-        tflops=_fact(labels, figures, "tflops", name, defaults.tflops),
-        memory_bandwidth_gbps=_fact(
-            labels, figures, "memoryBandwidthGBps", name, defaults.memory_bandwidth_gbps
-        ),
+        tflops=tflops,
+        memory_bandwidth_gbps=bandwidth,
         uplink_mbps=_label_number(labels, LABEL_UPLINK, name, defaults.uplink_mbps),
         labels=labels,
+        gpu=gpu,
     )
 
 
-def _fact(
-    labels: Mapping[str, str], figures: measured.Measured, key: str, name: str, default: float
-) -> float:
-    """A label a person set wins; else the probe's measurement; else the default."""
-    label = measured.MEASURED_FIELDS[key]
-    if label in labels:
-        return _label_number(labels, label, name, default)
+def _measured(labels: Mapping[str, str], figures: measured.Measured, key: str) -> float | None:
+    """The probe's figure where no label gives one (a label a person set wins; it is read
+    by `inventory.node_facts`, like a cluster file's labels)."""
+    if measured.MEASURED_FIELDS[key] in labels:
+        return None
     value = measured.fact(labels, figures, key)
-    return default if value is None else float(value)
+    return None if value is None else float(value)
 
 
 def _measured_notes(raw_by_name: Mapping[str, Mapping[str, Any]]) -> tuple[str, ...]:
@@ -360,6 +402,20 @@ def _measured_notes(raw_by_name: Mapping[str, Mapping[str, Any]]) -> tuple[str, 
         if note:
             notes.append(f"node {name!r}: {note}")
     return tuple(notes)
+
+
+def _allocatable_gpus(raw: Mapping[str, Any], name: str) -> int:
+    """`status.allocatable["nvidia.com/gpu"]`: 0 when the device plugin does not run there
+    (GFD labels alone do not make a GPU schedulable)."""
+    value = ((raw.get("status") or {}).get("allocatable") or {}).get(devices.RESOURCE_GPU)
+    if value is None:
+        return 0
+    try:
+        return inventory.parse_quantity(value)
+    except ValueError as error:
+        raise inventory.InventoryError(
+            f"node {name!r}: status.allocatable[{devices.RESOURCE_GPU}]: {error}"
+        ) from error
 
 
 def _free_memory(raw: Mapping[str, Any], name: str, used_bytes: int) -> int:

@@ -54,8 +54,23 @@ class Stage:
     has_embedding: bool
     has_head: bool
     memory_bytes: int
+    """memory_s, in the memory of the stage's device (a discrete GPU's, else the node's)."""
     compute_seconds: float
     transfer_seconds: float
+    device: cost.StageDevice = "cpu"
+    """Where the stage computes: `cuda` on a node GPU, else `cpu`."""
+    dtype: str = "bfloat16"
+    """The dtype the stage loads its weights in (`spec.model.dtype`, or the device's)."""
+    host_memory_bytes: int | None = None
+    """Node memory the stage's pod requests; None: memory_bytes (CPU and unified memory)."""
+
+    @property
+    def gpus(self) -> int:
+        return cost.GPUS_PER_STAGE if self.device == "cuda" else 0
+
+    @property
+    def host_bytes(self) -> int:
+        return self.memory_bytes if self.host_memory_bytes is None else self.host_memory_bytes
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -68,10 +83,18 @@ class Stage:
             "memoryBytes": self.memory_bytes,
             "computeSeconds": self.compute_seconds,
             "transferSeconds": self.transfer_seconds,
+            "device": self.device,
+            "dtype": self.dtype,
+            "gpus": self.gpus,
+            "hostMemoryBytes": self.host_bytes,
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Stage:
+        """Plans written before devices existed have no device fields: CPU stages."""
+        device = data.get("device", "cpu")
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"plan: unknown stage device {device!r}")
         return cls(
             index=int(data["index"]),
             node=str(data["node"]),
@@ -82,6 +105,11 @@ class Stage:
             memory_bytes=int(data["memoryBytes"]),
             compute_seconds=float(data["computeSeconds"]),
             transfer_seconds=float(data["transferSeconds"]),
+            device=device,
+            dtype=str(data.get("dtype", "bfloat16")),
+            host_memory_bytes=(
+                int(data["hostMemoryBytes"]) if "hostMemoryBytes" in data else None
+            ),
         )
 
 
@@ -161,8 +189,8 @@ class PlanInfeasible(Exception):
     ) -> None:
         super().__init__(message)
         self.reason = reason
-        """A short code: no-nodes, total-memory, largest-layer, first-stage, last-stage,
-        max-stages or fragmented."""
+        """A short code: no-nodes, no-gpu, total-memory, largest-layer, first-stage,
+        last-stage, max-stages or fragmented."""
         self.needed_bytes = needed_bytes
         """Weights + KV cache of the whole model (runtime overhead not included)."""
         self.available_bytes = available_bytes
@@ -207,7 +235,7 @@ def eligible_nodes(
         cost.memory_bytes(profile, workload, i, i + 1) - _ends(profile, i)
         for i in range(profile.num_layers)
     )
-    return [node for node in inventory.nodes if node.memory_bytes >= smallest]
+    return [node for node in inventory.nodes if cost.stage_budget(node, workload) >= smallest]
 
 
 def _ends(profile: profiles.ModelProfile, layer: int) -> int:
@@ -250,6 +278,9 @@ def _plan(
             memory_bytes=st.memory_bytes,
             compute_seconds=st.compute_batch if throughput else st.compute_single,
             transfer_seconds=st.transfer_batch if throughput else st.transfer_single,
+            device=st.device,
+            dtype=st.dtype,
+            host_memory_bytes=st.host_memory_bytes,
         )
         for s, st in enumerate(costed.stages)
     )
@@ -279,7 +310,7 @@ def diagnose(
     kv = workload.kv_tokens * profile.kv_bytes_per_token_per_layer * profile.num_layers
     nodes = eligible_nodes(profile, inventory, workload)
     overhead = workload.runtime_overhead_bytes
-    rooms = sorted((n.memory_bytes - overhead for n in nodes), reverse=True)
+    rooms = sorted((cost.stage_budget(n, workload) - overhead for n in nodes), reverse=True)
     available = sum(rooms)
     needs = f"needs {cost.human_bytes(weights)} of weights + {cost.human_bytes(kv)} of KV cache"
     offer = (
@@ -292,7 +323,7 @@ def diagnose(
         offer = (
             f"none of the {count} matching node{'s' * (count != 1)} has room for the "
             f"smallest stage (largest free: "
-            f"{cost.human_bytes(max(n.memory_bytes for n in inventory.nodes))})"
+            f"{cost.human_bytes(max(cost.stage_budget(n, workload) for n in inventory.nodes))})"
         )
     facts = {
         "needed_bytes": weights + kv,
@@ -319,8 +350,13 @@ def _shortfall(
     largest = max(profile.layer_bytes)
     if not inventory.nodes:
         return "no-nodes", "the cluster has no nodes"
+    if not any(cost.usable(n, workload) for n in inventory.nodes):
+        return "no-gpu", (
+            "spec.runtime.device is cuda, and no matching node has a free GPU (GPU Feature "
+            "Discovery labels nvidia.com/gpu.* and allocatable nvidia.com/gpu)"
+        )
     if not nodes or largest + kv_layer > max(rooms):
-        biggest = max(n.memory_bytes for n in inventory.nodes)
+        biggest = max(cost.stage_budget(n, workload) for n in inventory.nodes)
         return "largest-layer", (
             f"the largest single layer ({cost.human_bytes(largest)} + "
             f"{cost.human_bytes(kv_layer)} KV cache + "
@@ -328,7 +364,7 @@ def _shortfall(
             f"(largest node: {cost.human_bytes(biggest)})"
         )
     need = profile.total_weight_bytes + kv_layer * profile.num_layers
-    rooms_by_node = [n.memory_bytes - workload.runtime_overhead_bytes for n in nodes]
+    rooms_by_node = [cost.stage_budget(n, workload) - workload.runtime_overhead_bytes for n in nodes]
     if sum(rooms) < need:
         return "total-memory", f"short by {cost.human_bytes(need - sum(rooms))}"
     for rule, end, layer, part in (

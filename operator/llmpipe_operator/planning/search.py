@@ -83,14 +83,17 @@ class Problem:
         self.layers = profile.num_layers
         self.max_stages = max_stages
         batch = workload.max_sequences
-        bandwidth = np.array([n.memory_bandwidth_gbps * 1e9 for n in nodes])
-        flops = np.array([n.tflops * 1e12 for n in nodes])
+        # the device each stage computes on: a node's GPU when the stage uses it
+        facts = [cost.speeds(n, workload) for n in nodes]
+        bandwidth = np.array([gbps * 1e9 for _, gbps in facts])
+        flops = np.array([tflops * 1e12 for tflops, _ in facts])
         per_param = 2 / profile.weight_bytes_per_param
         # seconds per stored byte: compute_s(batch) = weights_s * per_byte(batch)
         self.per_byte_batch = np.maximum(1 / bandwidth, per_param * batch / flops)
         self.per_byte_single = np.maximum(1 / bandwidth, per_param / flops)
         self.capacity = np.array(
-            [n.memory_bytes - workload.runtime_overhead_bytes for n in nodes], dtype=np.float64
+            [cost.stage_budget(n, workload) - workload.runtime_overhead_bytes for n in nodes],
+            dtype=np.float64,
         )
         edge = np.array([n.tier == "edge" for n in nodes])
         everyone = np.ones(self.size, dtype=bool)

@@ -46,8 +46,16 @@ def reserve(key: live.PipelineKey, plan: Mapping[str, Any], *, digest: str) -> N
     _ledger[key] = live.Reservation(
         digest=digest,
         stages={
-            int(stage["index"]): (str(stage["node"]), int(stage["memoryBytes"]))
+            int(stage["index"]): (
+                str(stage["node"]),
+                int(stage.get("hostMemoryBytes", stage["memoryBytes"])),
+            )
             for stage in plan.get("stages") or []
+        },
+        gpus={
+            int(stage["index"]): int(stage.get("gpus", 0))
+            for stage in plan.get("stages") or []
+            if int(stage.get("gpus", 0)) > 0
         },
     )
 

@@ -119,7 +119,10 @@ class Observed:
         for node, held in holdings.total.items():
             usage[node] = max(usage.get(node, 0), held)
         nodes = live.build_inventory(
-            self.raw_nodes, eligibility=self.eligibility, memory_usage=usage
+            self.raw_nodes,
+            eligibility=self.eligibility,
+            memory_usage=usage,
+            gpus_held=holdings.gpus,
         )
         return dataclasses.replace(nodes, holdings=holdings)
 

@@ -42,6 +42,24 @@ class NodeBuilder:
     def uplink(self, mbps: float) -> NodeBuilder:
         return self._with(uplinkMbps=mbps)
 
+    def gpu(
+        self, product: str = "NVIDIA-L4", *, memory_mib: int | None = 24576, count: int = 1
+    ) -> NodeBuilder:
+        """GPU Feature Discovery's labels; the node's compute and bandwidth fields are
+        dropped, so the GPU's come from the product table (and the CPU's are the defaults)."""
+        labels = {"nvidia.com/gpu.count": str(count), "nvidia.com/gpu.product": product}
+        if memory_mib is not None:
+            labels["nvidia.com/gpu.memory"] = str(memory_mib)
+        fields = {k: v for k, v in self.fields.items() if k not in ("tflops", "memoryBandwidthGBps")}
+        return NodeBuilder(self.name, {**fields, "labels": {**self.labels, **labels}})
+
+    def label(self, key: str, value: str) -> NodeBuilder:
+        return self._with(labels={**self.labels, key: value})
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return dict(self.fields.get("labels") or {})
+
     def _with(self, **changes: Any) -> NodeBuilder:
         return NodeBuilder(self.name, {**self.fields, **changes})
 

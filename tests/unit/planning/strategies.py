@@ -37,6 +37,12 @@ def small_clusters(
         node = node.edge() if draw(st.booleans()) else node.cloud()
         node = node.tflops(draw(st.sampled_from([0.1, 1.0, 8.0, 100.0])))
         node = node.bandwidth(draw(st.sampled_from([5.0, 60.0, 900.0])))
+        kind = draw(st.sampled_from(["cpu", "cpu", "gpu", "unified"]))
+        if kind == "gpu":  # a discrete GPU: its own memory, the table's speed
+            product = draw(st.sampled_from(["NVIDIA-L4", "Tesla-T4", "NVIDIA-A100-SXM4-40GB"]))
+            node = node.gpu(product, memory_mib=draw(st.integers(1, 12)) * 512)
+        elif kind == "unified":  # a Jetson: the GPU computes out of the node's memory
+            node = node.gpu("NVIDIA-Jetson-AGX-Orin", memory_mib=None)
         nodes.append(node.uplink(draw(st.sampled_from([10.0, 100.0, 1000.0, 10000.0]))))
     cluster = a_cluster(*nodes)
     if count >= 2 and draw(st.booleans()):
@@ -59,6 +65,7 @@ def workloads(draw: st.DrawFn) -> planner.Workload:
         max_sequences=draw(st.sampled_from([1, 4, 64])),
         max_context_tokens=draw(st.sampled_from([128, 2048])),
         runtime_overhead_bytes=draw(st.sampled_from([0, 256 * MiB])),
+        device=draw(st.sampled_from(["auto", "auto", "cpu", "cuda"])),
     )
 
 

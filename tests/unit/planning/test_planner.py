@@ -37,6 +37,27 @@ def _plan_or_none(
         return None
 
 
+def assert_within_the_device(
+    stage: planner.Stage, node: inventory.Node, workload: planner.Workload
+) -> None:
+    """A stage on a discrete GPU puts weights + KV cache within nvidia.com/gpu.memory less
+    R and asks the node for R; anywhere else (CPU, a unified-memory Jetson) weights + KV +
+    R fit the node's memory. Read from the labels, not from the cost model."""
+    has_gpu = "nvidia.com/gpu.product" in node.labels
+    assert stage.device == ("cuda" if has_gpu and workload.device != "cpu" else "cpu")
+    if workload.device == "cuda":
+        assert has_gpu
+    gpu_mib = node.labels.get("nvidia.com/gpu.memory")
+    discrete = stage.device == "cuda" and "orin" not in node.labels["nvidia.com/gpu.product"].lower()
+    if discrete:
+        assert gpu_mib is not None
+        weights_and_kv = stage.memory_bytes - workload.runtime_overhead_bytes
+        assert weights_and_kv <= int(gpu_mib) * 2**20 - workload.runtime_overhead_bytes
+        assert stage.host_bytes == workload.runtime_overhead_bytes <= node.memory_bytes
+    else:
+        assert stage.host_bytes == stage.memory_bytes <= node.memory_bytes
+
+
 def assert_valid(
     plan: planner.Plan,
     profile: profiles.ModelProfile,
@@ -54,7 +75,8 @@ def assert_valid(
     assert len({s.node for s in stages}) == len(stages)
     for s in stages:
         expected = cost.memory_bytes(profile, workload, s.layer_start, s.layer_end)
-        assert s.memory_bytes == expected <= cluster.node(s.node).memory_bytes
+        assert s.memory_bytes == expected
+        assert_within_the_device(s, cluster.node(s.node), workload)
         assert s.has_embedding == (s.index == 0)
         assert s.has_head == (s.index == len(stages) - 1)
     if placement.first_stage == "edge":
@@ -345,8 +367,24 @@ def test_plan_json_has_exactly_the_design_fields_and_round_trips() -> None:
         "memoryBytes",
         "computeSeconds",
         "transferSeconds",
+        "device",
+        "dtype",
+        "gpus",
+        "hostMemoryBytes",
     ]
     assert planner.Plan.from_dict(data) == dataclasses.replace(plan, lower_bound=None)
+
+
+def test_a_plan_written_before_devices_reads_as_cpu_stages() -> None:
+    cluster = a_cluster(a_node("a").memory("1Gi")).build()
+    workload = planner.Workload(runtime_overhead_bytes=0)
+    plan = planner.plan_pipeline(a_profile(2).build(), cluster, workload=workload)
+    data = plan.to_dict()
+    for stage in data["stages"]:
+        for key in ("device", "dtype", "gpus", "hostMemoryBytes"):
+            del stage[key]
+    stage = planner.Plan.from_dict(data).stages[0]
+    assert (stage.device, stage.gpus, stage.host_bytes) == ("cpu", 0, stage.memory_bytes)
 
 
 @pytest.mark.parametrize(
