@@ -147,6 +147,7 @@ PRODUCTS: tuple[Product, ...] = (
         memory_mib=81920,
         bf16=True,
     ),
+    # (A100 datasheet, as above: 80GB PCIe.)
     Product(
         name="A100 80GB PCIe",
         patterns=(("a100", "80gb"), ("a100", "pcie", "80gb")),
@@ -155,6 +156,7 @@ PRODUCTS: tuple[Product, ...] = (
         memory_mib=81920,
         bf16=True,
     ),
+    # (A100 datasheet, as above: 40GB, SXM or PCIe.)
     Product(
         name="A100 40GB",
         patterns=(("a100",),),

@@ -39,6 +39,7 @@ LABEL_UPLINK = inventory.LABEL_UPLINK
 ANNOTATION_LINKS = "llmpipe.io/links"
 
 NodeDefaults = inventory.NodeDefaults
+DEFAULTS = NodeDefaults()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,7 +278,7 @@ def build_inventory(
     eligibility: Eligibility,
     memory_usage: Mapping[str, int] | None = None,
     gpus_held: Mapping[str, int] | None = None,
-    defaults: NodeDefaults = NodeDefaults(),
+    defaults: NodeDefaults = DEFAULTS,
 ) -> LiveInventory:
     """The eligible nodes as the planner's Inventory; `memory_usage` is bytes in use by
     node, `gpus_held` the GPUs others hold by node."""
@@ -350,7 +351,7 @@ def is_ready(node: Mapping[str, Any]) -> bool:
 def to_node(
     raw: Mapping[str, Any],
     *,
-    defaults: NodeDefaults = NodeDefaults(),
+    defaults: NodeDefaults = DEFAULTS,
     used_bytes: int = 0,
     held_gpus: int = 0,
 ) -> inventory.Node:

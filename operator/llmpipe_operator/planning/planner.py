@@ -107,9 +107,7 @@ class Stage:
             transfer_seconds=float(data["transferSeconds"]),
             device=device,
             dtype=str(data.get("dtype", "bfloat16")),
-            host_memory_bytes=(
-                int(data["hostMemoryBytes"]) if "hostMemoryBytes" in data else None
-            ),
+            host_memory_bytes=(int(data["hostMemoryBytes"]) if "hostMemoryBytes" in data else None),
         )
 
 
@@ -364,7 +362,8 @@ def _shortfall(
             f"(largest node: {cost.human_bytes(biggest)})"
         )
     need = profile.total_weight_bytes + kv_layer * profile.num_layers
-    rooms_by_node = [cost.stage_budget(n, workload) - workload.runtime_overhead_bytes for n in nodes]
+    overhead = workload.runtime_overhead_bytes
+    rooms_by_node = [cost.stage_budget(n, workload) - overhead for n in nodes]
     if sum(rooms) < need:
         return "total-memory", f"short by {cost.human_bytes(need - sum(rooms))}"
     for rule, end, layer, part in (

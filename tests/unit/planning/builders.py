@@ -50,7 +50,8 @@ class NodeBuilder:
         labels = {"nvidia.com/gpu.count": str(count), "nvidia.com/gpu.product": product}
         if memory_mib is not None:
             labels["nvidia.com/gpu.memory"] = str(memory_mib)
-        fields = {k: v for k, v in self.fields.items() if k not in ("tflops", "memoryBandwidthGBps")}
+        speeds = ("tflops", "memoryBandwidthGBps")
+        fields = {k: v for k, v in self.fields.items() if k not in speeds}
         return NodeBuilder(self.name, {**fields, "labels": {**self.labels, **labels}})
 
     def label(self, key: str, value: str) -> NodeBuilder:

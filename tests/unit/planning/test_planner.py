@@ -48,7 +48,8 @@ def assert_within_the_device(
     if workload.device == "cuda":
         assert has_gpu
     gpu_mib = node.labels.get("nvidia.com/gpu.memory")
-    discrete = stage.device == "cuda" and "orin" not in node.labels["nvidia.com/gpu.product"].lower()
+    product = node.labels.get("nvidia.com/gpu.product", "").lower()
+    discrete = stage.device == "cuda" and "orin" not in product
     if discrete:
         assert gpu_mib is not None
         weights_and_kv = stage.memory_bytes - workload.runtime_overhead_bytes
