@@ -89,6 +89,9 @@ class RuntimeProfile:
     """Default requests/limits; a spec's own values win key by key."""
     allowed_devices: frozenset[str] = frozenset()
     """Extended resources (e.g. nvidia.com/gpu) a spec with this profile may request."""
+    runtime_class_name: str | None = None
+    """The RuntimeClass of GPU stages when the spec names none (`nvidia` on K3s with the
+    NVIDIA container toolkit); None: the node's default runtime."""
 
 
 @dataclass(frozen=True)
@@ -146,7 +149,17 @@ def _parse_profile(name: str, raw: Any) -> RuntimeProfile:
         image_pull_policy=pull,
         resources=dict(resources),
         allowed_devices=frozenset(_strings(raw, "allowedDevices", where=where)),
+        runtime_class_name=_runtime_class(raw, where),
     )
+
+
+def _runtime_class(raw: Mapping[str, Any], where: str) -> str | None:
+    value = raw.get("runtimeClassName")
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or not spec_mod.RUNTIME_CLASS.match(value):
+        raise PolicyError(f"{where}.runtimeClassName must be a DNS subdomain name")
+    return value
 
 
 def _strings(raw: Mapping[str, Any], key: str, *, where: str = "policy") -> list[str]:
@@ -188,8 +201,9 @@ def check(spec: spec_mod.PipelineSpec, policy: Policy) -> list[Violation]:
 def resolve(spec: spec_mod.PipelineSpec, policy: Policy) -> spec_mod.PipelineSpec:
     """The spec with its runtime completed from the profile; raises PolicyViolation.
 
-    The image and pull policy come from the spec when it sets them, else from the profile;
-    the profile's resources are defaults the spec overrides key by key."""
+    The image, pull policy and GPU stages' RuntimeClass come from the spec when it sets
+    them, else from the profile; the profile's resources are defaults the spec overrides
+    key by key."""
     violations = check(spec, policy)
     if violations:
         raise PolicyViolation(violations)
@@ -206,6 +220,7 @@ def resolve(spec: spec_mod.PipelineSpec, policy: Policy) -> spec_mod.PipelineSpe
         image=runtime.image or profile.image,
         image_pull_policy=runtime.image_pull_policy or profile.image_pull_policy,
         resources=resources,
+        runtime_class_name=runtime.runtime_class_name or profile.runtime_class_name,
     )
     return dataclasses.replace(spec, runtime=resolved)
 

@@ -16,15 +16,19 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from llmpipe_operator.planning import inventory, profiles
+from llmpipe_operator.planning import devices, inventory, profiles
 from llmpipe_operator.planning import replan as replanning
 
 Objective = Literal["throughput", "latency"]
 StageRule = Literal["any", "edge"]
 ServiceType = Literal["ClusterIP", "NodePort", "LoadBalancer"]
 
-DTYPES = ("bfloat16", "float16", "float32")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+PLANNED_AUTO_DTYPE = "bfloat16"
+"""The byte size the planner gives `auto`: every dtype it picks (bfloat16 or float16 on a
+GPU, bfloat16 on a CPU) is 2 bytes per parameter."""
 MODELS_MOUNT = "/models"
+RUNTIME_CLASS = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 
 
 LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$")
@@ -97,8 +101,14 @@ class ModelSpec:
     name: str
     source: ModelSource
     config: Mapping[str, Any]
-    dtype: str = "bfloat16"
-    """bfloat16 halves the memory of float32 and is what most checkpoints ship in."""
+    dtype: str = "auto"
+    """auto: each stage's device picks (bfloat16 where a GPU or CPU runs it natively,
+    float16 on GPUs without it, e.g. a T4); a dtype named here applies to every stage."""
+
+    @property
+    def planned_dtype(self) -> str:
+        """The dtype whose byte sizes the planner uses."""
+        return PLANNED_AUTO_DTYPE if self.dtype == devices.DTYPE_AUTO else self.dtype
 
     @property
     def model_dir(self) -> str:
@@ -178,6 +188,12 @@ class RuntimeSpec:
     env: tuple[Mapping[str, Any], ...] = ()
     runtime_overhead_bytes: int = 512 * 1024**2
     """Python + torch + buffers take about half a GiB beyond weights and KV cache."""
+    device: devices.Device = "auto"
+    """auto: a stage computes on its node's GPU when the node has one free (GPU Feature
+    Discovery labels), else on the CPU; cpu never uses a GPU; cuda plans on GPU nodes only."""
+    runtime_class_name: str | None = None
+    """The RuntimeClass of GPU stages (K3s with the NVIDIA container toolkit: `nvidia`);
+    None: the runtime profile's, else the cluster's default runtime."""
 
 
 @dataclass(frozen=True)
@@ -215,7 +231,7 @@ class PipelineSpec:
         """The planner's view of the model (exact per-layer byte sizes from config.json)."""
         try:
             return profiles.from_config(
-                self.model.config, dtype=self.model.dtype, name=self.model.name
+                self.model.config, dtype=self.model.planned_dtype, name=self.model.name
             )
         except (ValueError, KeyError, TypeError) as error:
             raise SpecError(f"spec.model.config: {error}") from error
@@ -244,7 +260,7 @@ def _parse_model(raw: Mapping[str, Any]) -> ModelSpec:
         name=_string(raw, "name", where, required=True),
         source=_parse_source(_object(raw, "source", where, required=True)),
         config=dict(config),
-        dtype=_choice(raw, "dtype", where, DTYPES, default="bfloat16"),
+        dtype=_choice(raw, "dtype", where, DTYPES, default="auto"),
     )
 
 
@@ -397,6 +413,11 @@ def _parse_runtime(raw: Mapping[str, Any]) -> RuntimeSpec:
             raise SpecError(f"{where}.env[{i}] must be an object with a name")
     pulls = ("Always", "IfNotPresent", "Never")
     pull = raw.get("imagePullPolicy")
+    runtime_class = _string(raw, "runtimeClassName", where) or None
+    if runtime_class is not None and not RUNTIME_CLASS.match(runtime_class):
+        raise SpecError(
+            f"{where}.runtimeClassName must be a DNS subdomain name (got {_brief(runtime_class)})"
+        )
     return RuntimeSpec(
         profile=_string(raw, "profile", where) or None,
         image=_string(raw, "image", where) or None,
@@ -406,6 +427,8 @@ def _parse_runtime(raw: Mapping[str, Any]) -> RuntimeSpec:
         resources=dict(_object(raw, "resources", where)),
         env=tuple(dict(item) for item in env),
         runtime_overhead_bytes=overhead_bytes,
+        device=_choice(raw, "device", where, devices.DEVICES, default="auto"),  # type: ignore[arg-type]
+        runtime_class_name=runtime_class,
     )
 
 

@@ -5,13 +5,14 @@ Pure: (pipeline, spec, plan stage, plan hash) -> plain dicts; `k8s` applies them
 
 from __future__ import annotations
 
+import math
 import posixpath
 from collections.abc import Mapping
 from typing import Any
 
 from llmpipe_operator import spec as spec_mod
 from llmpipe_operator.manifests import names
-from llmpipe_operator.planning import inventory
+from llmpipe_operator.planning import devices, inventory
 
 CONFIG_DIR = "/etc/llmpipe"
 API_KEYS_DIR = "/etc/llmpipe-api-keys"
@@ -52,10 +53,13 @@ def build_stage_deployment(
     }
     if spec.placement.tolerations:
         pod_spec["tolerations"] = [t.to_dict() for t in spec.placement.tolerations]
+    if on_gpu(stage) and spec.runtime.runtime_class_name:
+        # Only GPU stages: a node without the NVIDIA runtime has no handler for the class.
+        pod_spec["runtimeClassName"] = spec.runtime.runtime_class_name
     if isinstance(spec.model.source, spec_mod.HuggingFaceSource):
         pod_spec["initContainers"] = [_download_container(spec, spec.model.source, stage)]
     if isinstance(spec.model.source, spec_mod.GgufSource):
-        pod_spec["initContainers"] = _gguf_containers(spec, spec.model.source)
+        pod_spec["initContainers"] = _gguf_containers(spec, spec.model.source, stage)
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -165,28 +169,70 @@ def _stage_container(spec: spec_mod.PipelineSpec, stage: Mapping[str, Any]) -> d
         ],
     }
     container["resources"] = stage_resources(spec.runtime.resources, stage)
+    threads = thread_count(spec.runtime.resources) if not on_gpu(stage) else None
+    if threads is not None:
+        command: list[str] = container["command"]
+        at = command.index("--model-dir")
+        command[at:at] = ["--threads", str(threads)]
     if index == 0:
         _serve_the_api(container, spec.service)
     return container
 
 
-def stage_resources(resources: Mapping[str, Any], stage: Mapping[str, Any]) -> dict[str, Any]:
-    """spec.runtime.resources with the memory the plan reserves for the stage.
+def on_gpu(stage: Mapping[str, Any]) -> bool:
+    """Whether the plan puts this stage on its node's GPU (plans before devices: no)."""
+    return stage.get("device") == "cuda"
 
-    requests.memory is the plan's memoryBytes (weights + KV cache + runtime overhead), so
-    the scheduler and every other pipeline's planner see what this stage holds. The limit
-    is the same figure unless spec.runtime.resources sets a larger one: the stage
-    preallocates its KV cache, so going past its reservation means a leak, and a leak
-    should kill this stage, not its neighbours on the node.
+
+DEFAULT_CPU_REQUEST = "1"
+"""A stage with no CPU request in spec.runtime.resources still asks for one core, so the
+scheduler (and whoever reads the node's requests) sees it computing there."""
+
+
+def stage_resources(resources: Mapping[str, Any], stage: Mapping[str, Any]) -> dict[str, Any]:
+    """spec.runtime.resources with the memory the plan reserves for the stage, its GPU, and
+    a CPU request.
+
+    requests.memory is the plan's hostMemoryBytes (weights + KV cache + runtime overhead;
+    on a discrete GPU only the overhead, the rest lives in GPU memory), so the scheduler
+    and every other pipeline's planner see what this stage holds. The limit is the same
+    figure unless spec.runtime.resources sets a larger one: the stage preallocates its KV
+    cache, so going past its reservation means a leak, and a leak should kill this stage,
+    not its neighbours on the node. A GPU stage gets `nvidia.com/gpu` as a limit (extended
+    resources are requested through their limit): the device plugin then gives the
+    container exactly the GPUs the plan counted.
     """
-    reserved = int(stage["memoryBytes"])
+    reserved = int(stage.get("hostMemoryBytes", stage["memoryBytes"]))
     requests = dict(resources.get("requests") or {})
     limits = dict(resources.get("limits") or {})
     requests["memory"] = str(reserved)
     limit = limits.get("memory")
     if limit is None or _quantity(limit) < reserved:
         limits["memory"] = str(reserved)
+    if "cpu" not in requests:
+        requests["cpu"] = limits.get("cpu", DEFAULT_CPU_REQUEST)
+    gpus = int(stage.get("gpus", 0))
+    if on_gpu(stage) and gpus > 0:
+        limits[devices.RESOURCE_GPU] = str(gpus)
+        requests.pop(devices.RESOURCE_GPU, None)  # equal to the limit when given; let it follow
     return {**resources, "requests": requests, "limits": limits}
+
+
+def thread_count(resources: Mapping[str, Any]) -> int | None:
+    """torch threads for a CPU stage: its CPU limit, else its CPU request, rounded up (at
+    least 1). torch otherwise starts a thread per host core, and under a CFS quota smaller
+    than the host those threads wait on each other. None when neither is set (the default
+    CPU request of `stage_resources` says nothing about the cores the stage may use)."""
+    for part in ("limits", "requests"):
+        value = (resources.get(part) or {}).get("cpu")
+        if value is None:
+            continue
+        try:
+            cores = inventory.parse_cpu(value)
+        except ValueError:
+            continue  # the API server refuses a malformed quantity
+        return max(1, math.ceil(cores))
+    return None
 
 
 def _quantity(value: Any) -> int:
@@ -343,10 +389,10 @@ def _gguf_volumes(source: spec_mod.ModelSource) -> list[dict[str, Any]]:
 
 
 def _gguf_containers(
-    spec: spec_mod.PipelineSpec, source: spec_mod.GgufSource
+    spec: spec_mod.PipelineSpec, source: spec_mod.GgufSource, stage: Mapping[str, Any]
 ) -> list[dict[str, Any]]:
     """Download the file (Hugging Face only), then convert it into the model emptyDir
-    (`llmpipe_stage.gguf_convert`, dequantized to spec.model.dtype)."""
+    (`llmpipe_stage.gguf_convert`, dequantized to the stage's dtype)."""
     mounts: list[dict[str, Any]] = [
         {"name": "model", "mountPath": spec_mod.MODELS_MOUNT},
         {"name": "tmp", "mountPath": "/tmp"},
@@ -375,7 +421,8 @@ def _gguf_containers(
         mount = GGUF_MOUNT if source.claim_name is not None else gguf_file_path(source)
         mounts.append({"name": "gguf", "mountPath": mount, "readOnly": True})
     command = ["python", "-m", "llmpipe_stage.gguf_convert", gguf_file_path(source)]
-    command += ["--out", spec.model.model_dir, "--dtype", spec.model.dtype]
+    dtype = str(stage.get("dtype") or spec.model.planned_dtype)
+    command += ["--out", spec.model.model_dir, "--dtype", dtype]
     containers.append(
         {
             "name": "convert-gguf",

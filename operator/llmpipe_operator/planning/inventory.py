@@ -61,6 +61,21 @@ def parse_quantity(value: str | int | float) -> int:
     return math.floor(amount * scale)
 
 
+def parse_cpu(value: str | int | float) -> float:
+    """A CPU quantity (`500m`, `2`, `1.5`) in cores."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a CPU quantity: {value!r}")
+    if isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise ValueError(f"not a CPU quantity: {value!r}")
+        return float(value)
+    match = _QUANTITY.match(str(value))
+    if not match or match.group(2) in _BINARY:
+        raise ValueError(f"not a CPU quantity: {value!r}")
+    number, suffix = match.groups()
+    return float(Decimal(number) * _DECIMAL[suffix])
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Node:
     """One node as the planner sees it."""

@@ -212,6 +212,8 @@ def make_plan(spec: spec_mod.PipelineSpec, nodes: live.LiveInventory) -> dict[st
         max_sequences=spec.workload.max_sequences,
         max_context_tokens=spec.workload.max_context_tokens,
         runtime_overhead_bytes=spec.runtime.runtime_overhead_bytes,
+        device=spec.runtime.device,
+        dtype=spec.model.dtype,
     )
     placement = planner.Placement(
         first_stage=spec.placement.first_stage,

@@ -46,6 +46,7 @@ PARSED = {
     ("workload", "maxSequences"): lambda s: s.workload.max_sequences,
     ("workload", "maxContextTokens"): lambda s: s.workload.max_context_tokens,
     ("runtime", "runtimeOverhead"): lambda s: s.runtime.runtime_overhead_bytes,
+    ("runtime", "device"): lambda s: s.runtime.device,
     ("service", "port"): lambda s: s.service.port,
     ("service", "type"): lambda s: s.service.type,
     ("service", "maxPromptCharacters"): lambda s: s.service.max_prompt_characters,
