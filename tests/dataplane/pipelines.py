@@ -19,7 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -192,7 +192,9 @@ class Pipeline:
         hosts: list[str] | None = None,
         prefixes: list[list[str]] | None = None,
         plaintext: bool = False,
+        plan: Mapping[str, Any] | None = None,
     ) -> Pipeline:
+        """`plan` (docs/design.md's plan JSON) splits the layers; default: evenly."""
         config = json.loads((model_dir / "config.json").read_text())
         ports = free_ports(2 * stages)
         pipeline = cls(
@@ -212,7 +214,8 @@ class Pipeline:
         )
         config_dir = run_dir / "config"
         config_dir.mkdir(parents=True, exist_ok=True)
-        plan = stage_config.even_plan(config["num_hidden_layers"], stages)
+        if plan is None:
+            plan = stage_config.even_plan(config["num_hidden_layers"], stages)
         (config_dir / "plan.json").write_text(json.dumps(plan))
         (config_dir / "pipeline.json").write_text(
             json.dumps(

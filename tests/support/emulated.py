@@ -17,6 +17,7 @@ The description is a mapping (a YAML file in bench/clusters):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import random
@@ -28,6 +29,9 @@ from typing import Any
 
 CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
 PERIOD_US = 100_000
+SHARES = 262_144
+"""The largest cpu.shares: on a busy machine a node still gets its whole budget (the quota
+caps it), so a node's CPU is what the cluster file says, not what the neighbours leave."""
 
 
 def available() -> str | None:
@@ -121,11 +125,9 @@ class Cluster:
 
     def _build(self) -> None:
         tag = self.tag
+        self._cgroup(self.reference_cgroup, cpus=1.0)
         for node in self.nodes:
-            node.cgroup.mkdir()
-            self._made.append(("cgroup", str(node.cgroup)))
-            (node.cgroup / "cpu.cfs_period_us").write_text(str(PERIOD_US))
-            node.set_cpus(node.cpus)
+            self._cgroup(node.cgroup, cpus=node.cpus)
             _run("ip", "netns", "add", node.namespace)
             self._made.append(("netns", node.namespace))
             ns = node.netns()
@@ -139,12 +141,41 @@ class Cluster:
             _run("ip", "addr", "add", f"{self.root_address}/32", "dev", outside)
             _run("ip", "link", "set", outside, "up")
             _run(*ns, "ip", "link", "set", inside, "up")
-            _run("ip", "route", "add", f"{node.address}/32", "dev", outside, "src", self.root_address)
-            _run(*ns, "ip", "route", "add", f"{self.root_address}/32", "dev", inside, "src", node.address)
+            _run(
+                "ip", "route", "add", f"{node.address}/32", "dev", outside, "src", self.root_address
+            )
+            _run(
+                *ns,
+                "ip",
+                "route",
+                "add",
+                f"{self.root_address}/32",
+                "dev",
+                inside,
+                "src",
+                node.address,
+            )
         for a in self.nodes:
             for b in self.nodes:
                 if a.index < b.index:
                     self._link(a, b, self.mbps(a.name, b.name))
+
+    @property
+    def reference_cgroup(self) -> Path:
+        return CGROUP_CPU / f"llmpipe-emu-{self.tag}-reference"
+
+    def reference_prefix(self) -> list[str]:
+        """Run a command with one whole core (same shares as the nodes), in this namespace:
+        the figure a node's `cpus` is a share of."""
+        tasks = self.reference_cgroup / "tasks"
+        return ["sh", "-c", f'echo $$ > {tasks} && exec "$@"', "reference"]
+
+    def _cgroup(self, path: Path, *, cpus: float) -> None:
+        path.mkdir()
+        self._made.append(("cgroup", str(path)))
+        (path / "cpu.cfs_period_us").write_text(str(PERIOD_US))
+        (path / "cpu.shares").write_text(str(SHARES))
+        (path / "cpu.cfs_quota_us").write_text(str(int(cpus * PERIOD_US)))
 
     def _link(self, a: Node, b: Node, mbps: float) -> None:
         end_a, end_b = f"lpl{self.tag}{a.index}{b.index}a", f"lpl{self.tag}{a.index}{b.index}b"
@@ -167,8 +198,6 @@ class Cluster:
             elif kind == "link":
                 subprocess.run(["ip", "link", "del", name], capture_output=True, check=False)
             elif kind == "cgroup":
-                try:
+                with contextlib.suppress(OSError):  # a process still in it: left for its end
                     Path(name).rmdir()
-                except OSError:
-                    pass  # a process still in it; the cgroup goes when the caller's does
         self._made.clear()

@@ -1,4 +1,5 @@
-"""Cost model v1 of docs/design.md: memory, compute, transfer and hop time of each stage,
+"""Cost model v2 of docs/design.md: memory, compute (weights and the KV cache read at the
+average context), transfer and hop time of each stage, and a chain's time to first token,
 with per-node device facts (a GPU stage's memory budget, compute and bandwidth are its
 GPU's: `stage_budget`, `speeds`).
 
@@ -44,6 +45,12 @@ class Workload:
     dtype: str = devices.DTYPE_AUTO
     """`spec.model.dtype`; `auto` picks per stage (`stage_dtype`). The byte sizes come
     from the profile either way: every dtype `auto` picks is 2 bytes wide."""
+    average_context_tokens: int | None = None
+    """Ĉ, the context a decode step attends to on average, whose KV cache it reads. None:
+    C / 2 (a sequence's context grows from its prompt to at most C)."""
+    prompt_tokens: int | None = None
+    """P, the prompt the time-to-first-token estimate is for. None: C / 4 (a chat turn
+    with some history)."""
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -56,6 +63,23 @@ class Workload:
             raise ValueError(f"runtime_overhead_bytes must be >= 0, got {overhead}")
         if self.device not in devices.DEVICES:
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        for field in ("average_context_tokens", "prompt_tokens"):
+            value = getattr(self, field)
+            if value is not None and not 1 <= value <= self.max_context_tokens:
+                raise ValueError(
+                    f"{field} must be in [1, max_context_tokens={self.max_context_tokens}], "
+                    f"got {value}"
+                )
+
+    @property
+    def average_context(self) -> int:
+        """Ĉ: `average_context_tokens`, else C / 2 (at least 1)."""
+        return self.average_context_tokens or max(1, self.max_context_tokens // 2)
+
+    @property
+    def prompt(self) -> int:
+        """P: `prompt_tokens`, else C / 4 (at least 1)."""
+        return self.prompt_tokens or max(1, self.max_context_tokens // 4)
 
     @property
     def kv_tokens(self) -> int:
@@ -89,6 +113,8 @@ class StageCost:
     """xfer_s(S), to the next stage (the last stage: token ids back to stage 0)."""
     transfer_single: float
     hop: float
+    prefill: float = 0.0
+    """prefill_s(P): the stage's share of a P-token prompt's first pass."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -98,6 +124,9 @@ class ChainCost:
     """T = max over stages of max(compute_s(S), xfer_s(S))"""
     token_latency_seconds: float
     """Λ = sum over stages of compute_s(1) + xfer_s(1) + hop_s"""
+    time_to_first_token_seconds: float = 0.0
+    """TTFT = sum over stages of prefill_s(P) + the P hidden states' hops + the first
+    token's way back to stage 0"""
 
     @property
     def fits(self) -> bool:
@@ -186,14 +215,36 @@ def compute_seconds(
     *,
     batch: int,
     workload: Workload,
+    layers: int = 0,
 ) -> float:
-    """The larger of reading the weights once and doing 2 FLOPs per parameter per token,
-    on the stage's device (`speeds`)."""
+    """One decode step of `batch` tokens on the stage's device (`speeds`): the larger of
+    reading the weights once and doing 2 FLOPs per parameter per token, plus reading each
+    sequence's KV cache at the average context in each of the stage's `layers` (v2)."""
     tflops, bandwidth = speeds(node, workload)
     memory_bound = weights / (bandwidth * 1e9)
     params = weights / profile.weight_bytes_per_param
     flop_bound = 2 * params * batch / (tflops * 1e12)
-    return max(memory_bound, flop_bound)
+    return max(memory_bound, flop_bound) + kv_read_seconds(
+        profile, node, workload, batch=batch, layers=layers
+    )
+
+
+def kv_read_seconds(
+    profile: profiles.ModelProfile, node: inv.Node, workload: Workload, *, batch: int, layers: int
+) -> float:
+    """kv_s(batch) = batch * Ĉ * kvBytesPerTokenPerLayer * layers / bandwidth."""
+    _, bandwidth = speeds(node, workload)
+    kv_bytes = batch * workload.average_context * profile.kv_bytes_per_token_per_layer * layers
+    return kv_bytes / (bandwidth * 1e9)
+
+
+def prefill_seconds(
+    profile: profiles.ModelProfile, node: inv.Node, weights: int, *, workload: Workload
+) -> float:
+    """prefill_s(P): a P-token prompt in one pass, the larger of reading the weights once
+    and 2 FLOPs per parameter per token (attention over the prompt itself is not counted:
+    beside the weights' FLOPs it is small while P is well below 6 x the hidden size)."""
+    return compute_seconds(profile, node, weights, batch=workload.prompt, workload=workload)
 
 
 def activation_seconds(profile: profiles.ModelProfile, mbps: float, *, batch: int) -> float:
@@ -241,7 +292,7 @@ def evaluate(
                 transfer_batch = token_ids_seconds(mbps, batch=workload.max_sequences)
                 transfer_single = token_ids_seconds(mbps, batch=1)
             hop = hop_seconds(inventory.rtt_ms(name, after))
-        batch = workload.max_sequences
+        batch, span = workload.max_sequences, end - start
         stages.append(
             StageCost(
                 node=name,
@@ -256,19 +307,41 @@ def evaluate(
                 dtype=stage_dtype(node, workload),
                 fits=memory <= stage_budget(node, workload),
                 compute_batch=compute_seconds(
-                    profile, node, weights, batch=batch, workload=workload
+                    profile, node, weights, batch=batch, workload=workload, layers=span
                 ),
-                compute_single=compute_seconds(profile, node, weights, batch=1, workload=workload),
+                compute_single=compute_seconds(
+                    profile, node, weights, batch=1, workload=workload, layers=span
+                ),
                 transfer_batch=transfer_batch,
                 transfer_single=transfer_single,
                 hop=hop,
+                prefill=prefill_seconds(profile, node, weights, workload=workload),
             )
         )
     return ChainCost(
         stages=tuple(stages),
         bottleneck_seconds=max(max(st.compute_batch, st.transfer_batch) for st in stages),
         token_latency_seconds=sum(st.compute_single + st.transfer_single + st.hop for st in stages),
+        time_to_first_token_seconds=_first_token(profile, inventory, workload, nodes, stages),
     )
+
+
+def _first_token(
+    profile: profiles.ModelProfile,
+    inventory: inv.Inventory,
+    workload: Workload,
+    nodes: Sequence[str],
+    stages: Sequence[StageCost],
+) -> float:
+    """Every stage's prefill, the prompt's hidden states down the chain, and the first
+    sampled token back to stage 0 (hop times included)."""
+    total = sum(st.prefill for st in stages)
+    for s, st in enumerate(stages[:-1]):
+        mbps = inventory.mbps(nodes[s], nodes[s + 1])
+        total += activation_seconds(profile, mbps, batch=workload.prompt) + st.hop
+    if len(stages) > 1:
+        total += token_ids_seconds(inventory.mbps(nodes[-1], nodes[0]), batch=1) + stages[-1].hop
+    return total
 
 
 def _check_chain(

@@ -113,13 +113,16 @@ class Stage:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Plan:
-    """A pipeline: ordered stages and what cost model v1 expects of them."""
+    """A pipeline: ordered stages and what cost model v2 expects of them."""
 
     objective: cost.Objective
     bottleneck_seconds: float
     token_latency_seconds: float
     est_tokens_per_second: float
     stages: tuple[Stage, ...]
+    time_to_first_token_seconds: float = 0.0
+    """Cost model v2's estimate for a prompt of the workload's prompt tokens (0: unknown,
+    a plan written before v2)."""
     exact: bool = True
     """True when the search covered every ordered subset and split (the optimum)."""
     lower_bound: float | None = None
@@ -151,6 +154,7 @@ class Plan:
             "bottleneckSeconds": self.bottleneck_seconds,
             "tokenLatencySeconds": self.token_latency_seconds,
             "estTokensPerSecond": self.est_tokens_per_second,
+            "estTimeToFirstTokenSeconds": self.time_to_first_token_seconds,
             "stages": [stage.to_dict() for stage in self.stages],
         }
 
@@ -166,6 +170,7 @@ class Plan:
             token_latency_seconds=float(data["tokenLatencySeconds"]),
             est_tokens_per_second=float(data["estTokensPerSecond"]),
             stages=tuple(Stage.from_dict(s) for s in data["stages"]),
+            time_to_first_token_seconds=float(data.get("estTimeToFirstTokenSeconds", 0.0)),
             exact=True,
             lower_bound=None,
         )
@@ -288,6 +293,7 @@ def _plan(
         token_latency_seconds=costed.token_latency_seconds,
         est_tokens_per_second=workload.max_sequences / costed.bottleneck_seconds,
         stages=stages,
+        time_to_first_token_seconds=costed.time_to_first_token_seconds,
         exact=exact,
         lower_bound=lower_bound,
     )

@@ -28,6 +28,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from llmpipe_operator.planning import cost, profiles
+from llmpipe_operator.planning import inventory as inv
+
 # Only labels and annotations under this prefix feed the planner (`llmpipe.io/tflops`,
 # `llmpipe.io/links`, ...); kubelet and controllers rewrite their own all the time, which
 # must not cause re-plans (other labels matter only through a pipeline's nodeSelector).
@@ -281,6 +284,27 @@ def objective_seconds(plan: Mapping[str, Any]) -> float:
     if plan.get("objective") == "latency":
         return float(plan["tokenLatencySeconds"])
     return float(plan["bottleneckSeconds"])
+
+
+def reevaluate(
+    plan: Mapping[str, Any],
+    profile: profiles.ModelProfile,
+    inventory: inv.Inventory,
+    workload: cost.Workload,
+) -> float | None:
+    """The running plan's objective on today's facts (its layout re-costed with the cost
+    model), or None when a planned node is not in `inventory`. A node measured slower than
+    when the plan was made makes the running plan worse too: comparing a candidate with
+    the figure recorded at deploy time would never switch away from the slowed node."""
+    nodes = [str(s["node"]) for s in plan["stages"]]
+    if any(name not in {n.name for n in inventory.nodes} for name in nodes):
+        return None
+    bounds = [int(s["layerStart"]) for s in plan["stages"]] + [int(plan["stages"][-1]["layerEnd"])]
+    try:
+        costed = cost.evaluate(profile, inventory, workload, nodes=nodes, bounds=bounds)
+    except ValueError:
+        return None  # a layout this model cannot have (another profile): not comparable
+    return costed.value(workload.objective)
 
 
 def layout(plan: Mapping[str, Any]) -> tuple[tuple[str, int, int], ...]:

@@ -10,10 +10,11 @@
 - `lower_bound`: a bound no plan can beat, so a heuristic plan reports how far it may be
   from the optimum.
 
-Costs are linear in the bytes a stage holds (compute_s = weights_s * seconds-per-byte of
-the node at the batch), and a stage's bytes grow with its layer span, so the best start
-of a stage for every end comes from range minima over prefix sums (`_advance`), never
-from an all-pairs (L+1)^2 table. Pure.
+Costs are linear in what a stage holds (cost model v2: compute_s = weights_s x the node's
+seconds per stored byte at the batch + span_s x its seconds per layer of KV cache read,
+`Rates`), and both grow with its layer span, so the best start of a stage for every end
+comes from range minima over prefix sums (`_advance`), never from an all-pairs (L+1)^2
+table. Pure.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -42,6 +43,23 @@ class Chain:
 
     nodes: tuple[int, ...]
     bounds: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Rates:
+    """A stage [b, c) on node n costs weight(b, c) * per_byte[n] + (c - b) * per_layer[n]."""
+
+    per_byte: FloatArray
+    """Seconds per stored weight byte: max(1 / bandwidth, 2 FLOPs per param x batch / FLOP/s)."""
+    per_layer: FloatArray
+    """Seconds per layer to read the KV cache of the batch at the average context."""
+
+    def stage(
+        self, rows: IntArray, weights: npt.NDArray[Any], spans: npt.NDArray[Any]
+    ) -> FloatArray:
+        """Costs of stages of rows' nodes; weights and spans broadcast against [R, 1]."""
+        p, q = self.per_byte[rows][:, None], self.per_layer[rows][:, None]
+        return np.asarray(weights * p + spans * q)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -91,6 +109,10 @@ class Problem:
         # seconds per stored byte: compute_s(batch) = weights_s * per_byte(batch)
         self.per_byte_batch = np.maximum(1 / bandwidth, per_param * batch / flops)
         self.per_byte_single = np.maximum(1 / bandwidth, per_param / flops)
+        # seconds per layer of KV cache read: batch x average context x bytes per token
+        kv_read = workload.average_context * profile.kv_bytes_per_token_per_layer
+        self.batch_rates = Rates(self.per_byte_batch, batch * kv_read / bandwidth)
+        self.single_rates = Rates(self.per_byte_single, kv_read / bandwidth)
         self.capacity = np.array(
             [cost.stage_budget(n, workload) - workload.runtime_overhead_bytes for n in nodes],
             dtype=np.float64,
@@ -124,18 +146,23 @@ class Problem:
         self.ends[self.layers] += profile.head_bytes
         self.mem_starts = self.starts + self.kv_per_layer * span
         self.mem_ends = self.ends + self.kv_per_layer * span
-        self._dense: tuple[FloatArray, BoolArray] | None = None
+        self._dense: tuple[FloatArray, FloatArray, BoolArray] | None = None
         self._stage_costs: dict[tuple[int, bool], FloatArray] = {}
 
-    def dense_spans(self) -> tuple[FloatArray, BoolArray]:
-        """weights[b, c - 1] of the stage [b, c) and whether b < c, for the dense path of
-        `_advance` (built once per problem: [L, L] each, only for models it serves)."""
+    def dense_spans(self) -> tuple[FloatArray, FloatArray, BoolArray]:
+        """weights[b, c - 1] and layers[b, c - 1] of the stage [b, c) and whether b < c, for
+        the dense path of `_advance` (built once per problem: [L, L] each, only for models
+        it serves)."""
         if self._dense is None:
             end = self.layers
             weights = self.ends[None, 1:] - self.starts[:end, None]  # [b, c]
-            before = np.arange(end)[:, None] < np.arange(1, end + 1)[None, :]  # [b, c]
-            self._dense = (weights, before)
+            spans = (np.arange(1, end + 1)[None, :] - np.arange(end)[:, None]).astype(np.float64)
+            before = spans > 0  # [b, c]
+            self._dense = (weights, spans, before)
         return self._dense
+
+    def rates(self, *, single: bool) -> Rates:
+        return self.single_rates if single else self.batch_rates
 
     def stage_costs(self, node: int, *, single: bool) -> FloatArray | None:
         """compute_s of `node` holding [b, c) for every b, c ([L + 1, L + 1]; inf where it
@@ -153,8 +180,9 @@ class Problem:
         needs = self.mem_ends[None, :] - self.mem_starts[:, None]  # [b, c]
         order = np.arange(self.layers + 1)
         fits = (order[:, None] < order[None, :]) & (needs <= self.capacity[node])
-        per_byte = self.per_byte_single[node] if single else self.per_byte_batch[node]
-        costs = np.where(fits, weights * per_byte, INF)
+        spans = (order[None, :] - order[:, None]).astype(np.float64)  # [b, c]
+        rates = self.rates(single=single)
+        costs = np.where(fits, weights * rates.per_byte[node] + spans * rates.per_layer[node], INF)
         self._stage_costs[key] = costs
         return costs
 
@@ -277,27 +305,32 @@ def _query(
     )
 
 
-def _window(
-    problem: Problem, rows: IntArray, limit: float | None, limit_per_byte: FloatArray
-) -> IntArray:
+def _window(problem: Problem, rows: IntArray, limit: float | None) -> IntArray:
     """lo[r, c - 1]: the first start b whose stage [b, c) fits row r's node (memory, and
     compute at batch S <= limit when a limit is given); c - 1 < lo when none does."""
     ends = np.arange(1, problem.layers + 1)
     need = problem.mem_ends[None, 1:] - problem.capacity[rows][:, None]
     lo = np.searchsorted(problem.mem_starts, need, side="left")
     if limit is not None:
-        per_byte = limit_per_byte[rows][:, None]
-        guess = np.searchsorted(problem.starts, problem.ends[None, 1:] - limit / per_byte)
-        lo_limit = np.clip(guess, 0, problem.layers)
+        rates = problem.batch_rates
 
         def within(b: IntArray) -> BoolArray:
             weights = problem.ends[None, 1:] - problem.starts[b]
-            return np.asarray(weights * per_byte <= limit)
+            return np.asarray(rates.stage(rows, weights, ends[None, :] - b) <= limit)
 
-        # the division above may round; settle the edge with the exact comparison
+        # p (ends[c] - starts[b]) + q (c - b) <= limit  <=>  keyed[b] >= target[c], with
+        # keyed = p starts + q b increasing in b: one binary search per distinct node
+        lo_limit = np.zeros((len(rows), problem.layers), dtype=np.int64)
+        index = np.arange(problem.layers + 1)
+        for node in np.unique(rows):
+            p, q = rates.per_byte[node], rates.per_layer[node]
+            target = p * problem.ends[1:] + q * ends - limit
+            lo_limit[rows == node] = np.searchsorted(p * problem.starts + q * index, target)
+        lo_limit = np.minimum(lo_limit, ends[None, :])
+        # the rearrangement may round; settle the edge with the exact comparison
         while True:
             back = (lo_limit > 0) & within(np.maximum(lo_limit - 1, 0))
-            ahead = (lo_limit < ends) & ~within(np.minimum(lo_limit, problem.layers))
+            ahead = (lo_limit < ends) & ~within(np.minimum(lo_limit, problem.layers - 1))
             if not (back.any() or ahead.any()):
                 break
             lo_limit = lo_limit - back + ahead
@@ -310,26 +343,28 @@ def _advance(
     arrive: FloatArray,
     rows: IntArray,
     *,
-    per_byte: FloatArray,
+    rates: Rates,
     how: Combine,
     limit: float | None = None,
 ) -> tuple[FloatArray, IntArray]:
     """(value[r, c], start[r, c]) for c in [0, L]: row r's node holds [start, c) after
     arrive[r, :] (shape [R, L], the cost of [0, b) delivered to that node)."""
     end = problem.layers
-    lo = _window(problem, rows, limit, problem.per_byte_batch)
+    lo = _window(problem, rows, limit)
     hi = np.broadcast_to(np.arange(end), lo.shape)
     valid = lo <= hi
     lo_q = np.minimum(lo, hi)
-    p = per_byte[rows][:, None]
+    ends = np.arange(1, end + 1)[None, :]
 
     def stage(b: IntArray) -> FloatArray:
-        return np.asarray((problem.ends[None, 1:] - problem.starts[b]) * p)
+        return rates.stage(rows, problem.ends[None, 1:] - problem.starts[b], ends - b)
 
     if len(rows) * end * end <= DENSE_CELLS:
-        start = _best_start_dense(problem, arrive, lo, p, how)
+        start = _best_start_dense(problem, arrive, lo, rows, rates, how)
     elif how == "sum":
-        keyed = arrive - p * problem.starts[None, :end]
+        # arrive[b] + p (ends[c] - starts[b]) + q (c - b): the part that depends on b
+        before = rates.stage(rows, problem.starts[None, :end], np.arange(end)[None, :])
+        keyed = np.asarray(arrive - before)
         _, start = _query(_table(keyed), lo_q, hi)
     else:
         start = _crossing(_table(arrive), lo_q, hi, stage)
@@ -355,13 +390,16 @@ paths against brute force)."""
 
 
 def _best_start_dense(
-    problem: Problem, arrive: FloatArray, lo: IntArray, p: FloatArray, how: Combine
+    problem: Problem, arrive: FloatArray, lo: IntArray, rows: IntArray, rates: Rates, how: Combine
 ) -> IntArray:
-    """start[r, c - 1] = argmin over b in [lo, c) of combine(arrive[r, b], w(b, c) * p[r])."""
-    weights, before = problem.dense_spans()  # [b, c] each
+    """start[r, c - 1] = argmin over b in [lo, c) of combine(arrive[r, b], cost_r(b, c))."""
+    weights, spans, before = problem.dense_spans()  # [b, c] each
     starts = np.arange(problem.layers)[None, :, None]  # [1, b, 1]
     inside = before[None] & (starts >= lo[:, None, :])  # [R, b, c]
-    total = np.where(inside, _combine(how, arrive[:, :, None], weights[None] * p[:, :, None]), INF)
+    p = rates.per_byte[rows][:, None, None]
+    q = rates.per_layer[rows][:, None, None]
+    stage = weights[None] * p + spans[None] * q  # [R, b, c]
+    total = np.where(inside, _combine(how, arrive[:, :, None], stage), INF)
     best = total.argmin(axis=1)
     # nothing reachable: a start inside the window, whose cost the caller finds infinite
     fallback = np.minimum(lo, np.arange(problem.layers)[None, :])
@@ -406,17 +444,17 @@ def exact(problem: Problem, *, subset: Sequence[int] | None = None) -> Chain | N
     members = list(range(problem.size)) if subset is None else list(subset)
     fwd_single, ret_single = problem.edge_matrices(members, single=True)
     if problem.workload.objective == "latency":
-        found = _dp(problem, members, problem.per_byte_single, fwd_single, ret_single, "sum")
+        found = _dp(problem, members, problem.single_rates, fwd_single, ret_single, "sum")
         return None if found is None else found[1]
     fwd_batch, ret_batch = problem.edge_matrices(members, single=False)
-    found = _dp(problem, members, problem.per_byte_batch, fwd_batch, ret_batch, "max")
+    found = _dp(problem, members, problem.batch_rates, fwd_batch, ret_batch, "max")
     if found is None:
         return None
     best = found[0]
     tied = _dp(
         problem,
         members,
-        problem.per_byte_single,
+        problem.single_rates,
         np.where(fwd_batch <= best, fwd_single, INF),
         np.where(ret_batch <= best, ret_single, INF),
         "sum",
@@ -432,7 +470,7 @@ def _combine(how: Combine, a: FloatArray, b: FloatArray) -> FloatArray:
 def _dp(
     problem: Problem,
     members: list[int],
-    per_byte: FloatArray,
+    rates: Rates,
     forward: FloatArray,
     back: FloatArray,
     how: Combine,
@@ -453,7 +491,7 @@ def _dp(
     found: list[tuple[float, Chain]] = []
     for i in range(0, len(firsts), batch):
         found.extend(
-            _dp_batch(problem, members, firsts[i : i + batch], per_byte, forward, how, limit, back)
+            _dp_batch(problem, members, firsts[i : i + batch], rates, forward, how, limit, back)
         )
     return min(found, key=lambda item: item[0]) if found else None
 
@@ -470,7 +508,7 @@ def _dp_batch(
     problem: Problem,
     members: list[int],
     firsts: list[int],
-    per_byte: FloatArray,
+    rates: Rates,
     forward: FloatArray,
     how: Combine,
     limit: float | None,
@@ -483,7 +521,7 @@ def _dp_batch(
     parent_b = np.zeros((count, 1 << n, n, end + 1), dtype=np.int32)
     start = np.full((count, end), INF)
     start[:, 0] = 0.0  # nothing covered yet: stage 0 starts at layer 0
-    value, _ = _advance(problem, start, nodes[firsts], per_byte=per_byte, how=how, limit=limit)
+    value, _ = _advance(problem, start, nodes[firsts], rates=rates, how=how, limit=limit)
     best[np.arange(count), 1 << np.array(firsts), firsts] = value
     for mask in range(1, 1 << n):
         if mask.bit_count() >= problem.max_stages:
@@ -502,7 +540,7 @@ def _dp_batch(
         arrive = via.min(axis=2).reshape(-1, end)  # [f * v, b]
         from_u = inside[via.argmin(axis=2)].reshape(-1, end)
         rows = np.tile(nodes[outside], which.size)
-        value, begin = _advance(problem, arrive, rows, per_byte=per_byte, how=how, limit=limit)
+        value, begin = _advance(problem, arrive, rows, rates=rates, how=how, limit=limit)
         pred = np.take_along_axis(from_u, np.minimum(begin, end - 1), axis=1)
         shape = (which.size, outside.size, end + 1)
         grown = mask | (1 << outside)
@@ -571,7 +609,7 @@ def _chain_dp(
     """Min bottleneck (single=False) or min latency (single=True, bottleneck <= limit).
     O(len(nodes) L log L)."""
     how: Combine = "sum" if single else "max"
-    per_byte = problem.per_byte_single if single else problem.per_byte_batch
+    rates = problem.rates(single=single)
     value = np.full(problem.layers + 1, INF)
     value[0] = 0.0
     choices = []
@@ -592,7 +630,7 @@ def _chain_dp(
             value = total.min(axis=0)
             continue
         reached, begin = _advance(
-            problem, incoming, np.array([v]), per_byte=per_byte, how=how, limit=limit
+            problem, incoming, np.array([v]), rates=rates, how=how, limit=limit
         )
         choices.append(begin[0])
         value = reached[0]
@@ -765,8 +803,10 @@ def _reach(problem: Problem, start: int, limit: float) -> tuple[npt.NDArray[np.i
     (start if none), and whether it could hold [start, L) with the head."""
     end = problem.layers
     weights = problem.ends[start + 1 : end + 1] - problem.starts[start]
+    spans = np.arange(1, end - start + 1, dtype=np.float64)
     memory = problem.mem_ends[start + 1 : end + 1] - problem.mem_starts[start]
-    within = (weights[None, :] * problem.per_byte_batch[:, None] <= limit) & (
+    every = np.arange(problem.size)
+    within = (problem.batch_rates.stage(every, weights[None, :], spans[None, :]) <= limit) & (
         memory[None, :] <= problem.capacity[:, None]
     )
     partial = start + within[:, :-1].sum(axis=1)
@@ -790,14 +830,14 @@ def lower_bound(problem: Problem) -> float:
 
 
 def bottleneck_lower_bound(problem: Problem) -> float:
-    alone = _single_stage_cost(problem, problem.per_byte_batch)
+    alone = _single_stage_cost(problem, problem.batch_rates)
     if not _may_have_several(problem):
         return alone
     return min(alone, _bottleneck_several(problem))
 
 
 def latency_lower_bound(problem: Problem) -> float:
-    alone = _single_stage_cost(problem, problem.per_byte_single)
+    alone = _single_stage_cost(problem, problem.single_rates)
     if not _may_have_several(problem):
         return alone
     return min(alone, _latency_several(problem))
@@ -807,12 +847,13 @@ def _may_have_several(problem: Problem) -> bool:
     return problem.max_stages >= 2 and problem.size >= 2 and problem.layers >= 2
 
 
-def _single_stage_cost(problem: Problem, per_byte: FloatArray) -> float:
+def _single_stage_cost(problem: Problem, rates: Rates) -> float:
     whole = problem.memory(0, problem.layers)
     alone = (problem.capacity >= whole) & problem.first_ok & problem.last_ok
     if not alone.any():
         return INF
-    return float(problem.weight(0, problem.layers) * per_byte[alone].min())
+    costs = rates.per_byte * problem.weight(0, problem.layers) + rates.per_layer * problem.layers
+    return float(costs[alone].min())
 
 
 def _end_costs(problem: Problem, per_byte: FloatArray) -> tuple[float, float]:

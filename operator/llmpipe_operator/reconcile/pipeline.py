@@ -207,14 +207,7 @@ def make_plan(spec: spec_mod.PipelineSpec, nodes: live.LiveInventory) -> dict[st
         raise NoEligibleNodes(
             "no eligible node: none is Ready, schedulable, tolerated and matching spec.placement"
         )
-    workload = planner.Workload(
-        objective=spec.workload.objective,
-        max_sequences=spec.workload.max_sequences,
-        max_context_tokens=spec.workload.max_context_tokens,
-        runtime_overhead_bytes=spec.runtime.runtime_overhead_bytes,
-        device=spec.runtime.device,
-        dtype=spec.model.dtype,
-    )
+    workload = workload_of(spec)
     placement = planner.Placement(
         first_stage=spec.placement.first_stage,
         last_stage=spec.placement.last_stage,
@@ -230,6 +223,17 @@ def make_plan(spec: spec_mod.PipelineSpec, nodes: live.LiveInventory) -> dict[st
             raise
     telemetry.plan_computed(feasible=True)
     return dict(plan.to_dict())
+
+
+def workload_of(spec: spec_mod.PipelineSpec) -> planner.Workload:
+    return planner.Workload(
+        objective=spec.workload.objective,
+        max_sequences=spec.workload.max_sequences,
+        max_context_tokens=spec.workload.max_context_tokens,
+        runtime_overhead_bytes=spec.runtime.runtime_overhead_bytes,
+        device=spec.runtime.device,
+        dtype=spec.model.dtype,
+    )
 
 
 async def deploy_plan(

@@ -360,8 +360,24 @@ async def replan_pipeline(
                 own_room = observed.inventory()
                 available = {n.name: n.memory_bytes for n in own_room.inventory.nodes}
                 problems = replan.plan_problems(current, available) if current else []
+                # the running plan re-costed on today's facts (a node measured slower
+                # makes it worse too), not the figure recorded when it was deployed
+                now = (
+                    replan.reevaluate(
+                        current,
+                        current_pipeline.spec.profile(),
+                        own_room.inventory,
+                        pipeline.workload_of(current_pipeline.spec),
+                    )
+                    if current and not problems
+                    else None
+                )
                 decision = replan.decide_switch(
-                    current, candidate, problems=problems, margin=settings.improvement_margin
+                    current,
+                    candidate,
+                    problems=problems,
+                    margin=settings.improvement_margin,
+                    current_objective=now,
                 )
                 if decision.switch:
                     capacity.reserve(key, candidate, digest=planned)

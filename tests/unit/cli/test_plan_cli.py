@@ -68,6 +68,7 @@ def test_json_output_is_exactly_the_plan(capsys: pytest.CaptureFixture[str]) -> 
         "bottleneckSeconds",
         "tokenLatencySeconds",
         "estTokensPerSecond",
+        "estTimeToFirstTokenSeconds",
         "stages",
     }
     assert data["objective"] == "latency"

@@ -66,6 +66,7 @@ def workloads(draw: st.DrawFn) -> planner.Workload:
         max_context_tokens=draw(st.sampled_from([128, 2048])),
         runtime_overhead_bytes=draw(st.sampled_from([0, 256 * MiB])),
         device=draw(st.sampled_from(["auto", "auto", "cpu", "cuda"])),
+        average_context_tokens=draw(st.sampled_from([None, 1, 128])),
     )
 
 

@@ -356,6 +356,7 @@ def test_plan_json_has_exactly_the_design_fields_and_round_trips() -> None:
         "bottleneckSeconds",
         "tokenLatencySeconds",
         "estTokensPerSecond",
+        "estTimeToFirstTokenSeconds",
         "stages",
     ]
     assert list(data["stages"][0]) == [

@@ -173,3 +173,31 @@ def test_bad_settings_are_refused_with_the_field_name(spec, message) -> None:
 )  # fmt: skip
 def test_figures_keep_three_significant_digits(seconds, text) -> None:
     assert replan.format_seconds(seconds) == text
+
+
+def test_a_node_measured_slower_makes_the_running_plan_worse_and_a_switch_possible() -> None:
+    from llmpipe_operator.planning import cost, planner
+    from tests.unit.planning.builders import a_cluster, a_profile
+    from tests.unit.planning.builders import a_node as a_planning_node
+
+    profile = a_profile(8).build()
+    workload = cost.Workload(runtime_overhead_bytes=0)
+
+    def cluster(fast_tflops: float):
+        return a_cluster(
+            a_planning_node("fast").memory("4Gi").tflops(fast_tflops).bandwidth(1000),
+            a_planning_node("slow").memory("4Gi").tflops(1).bandwidth(50),
+        ).build()
+
+    before = planner.plan_pipeline(profile, cluster(10), workload=workload).to_dict()
+    assert before["stages"][0]["node"] == "fast" and len(before["stages"]) == 1
+    slowed = cluster(0.01)  # the probe now says "fast" is a hundred times slower
+    candidate = planner.plan_pipeline(profile, slowed, workload=workload).to_dict()
+    now = replan.reevaluate(before, profile, slowed, workload)
+    assert now is not None and now > replan.objective_seconds(before)
+    # against the figure recorded at deploy time the candidate looks worse: no switch
+    assert not replan.decide_switch(before, candidate, margin=0.2).switch
+    # against the running plan re-costed on today's facts it is a clear gain
+    assert replan.decide_switch(before, candidate, margin=0.2, current_objective=now).switch
+    gone = a_cluster(a_planning_node("slow").memory("4Gi")).build()
+    assert replan.reevaluate(before, profile, gone, workload) is None

@@ -1,0 +1,461 @@
+"""Plans from measured facts on an emulated heterogeneous cluster, run for real.
+
+    sudo PYTHONPATH=operator:stage_image:. python bench/emulated_cluster.py \
+        [--cluster bench/clusters/hetero.yaml] [--layers 24] [--sequences 24] [--new 24]
+
+Builds the cluster file's "nodes" (tests/support/emulated.py: network namespaces with
+cgroup CPU budgets, a tbf-shaped link per pair), then:
+
+1. runs the node probe (`llmpipe_stage.probe`) inside every node, reads it with the
+   operator's own code (`reconcile.probes`: facts, then one link pair at a time), writes
+   the `llmpipe.io/measured` / `llmpipe.io/links` annotations onto Node objects
+   (`planning.measured.node_annotations`) and prints probe vs configured figures
+   (compute: the node's CPU share x a one-core reference probe run beside it);
+2. plans over those Nodes exactly as the operator does (`planning.live` ->
+   `planning.planner`), and costs an even split and a memory-proportional split with the
+   same cost model;
+3. runs each split as real stage processes placed in the nodes (same model, same load:
+   `--sequences` concurrent completions of `--new` tokens) and prints estimated vs
+   measured tokens/s and per-stage compute time per micro-batch;
+4. recalibration: with the planner's plan running, cuts one node's CPU budget, re-probes,
+   lets the operator-side logic decide (annotations written only beyond the margin, the
+   running plan re-costed on the new facts, hysteresis) and runs the new plan.
+
+Needs root, `ip`, `tc` and cgroup v1 cpu. Prints figures; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+from tests.dataplane import pipelines
+from tests.support import emulated
+
+from llmpipe_operator import modelfiles
+from llmpipe_operator.planning import cost, live, measured, planner, replan
+from llmpipe_operator.reconcile import probes
+
+ROOT = Path(__file__).resolve().parents[1]
+PROBE_PORT, LINK_PORT = 8090, 8091
+
+
+# -- 1. probe ------------------------------------------------------------------------------
+def start_probe(node: emulated.Node, *, seconds: float) -> subprocess.Popen[bytes]:
+    command = [
+        *node.prefix(),
+        sys.executable,
+        "-m",
+        "llmpipe_stage.probe",
+        "--host",
+        node.address,
+        "--port",
+        str(PROBE_PORT),
+        "--link-port",
+        str(LINK_PORT),
+        "--threads",
+        "1",
+        "--seconds",
+        str(seconds),
+    ]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def reference_tflops(cluster: emulated.Cluster, *, seconds: float) -> dict[str, Any]:
+    """One whole core: what a node's `cpus` is a share of."""
+    done = subprocess.run(
+        [
+            *cluster.reference_prefix(),
+            sys.executable,
+            "-m",
+            "llmpipe_stage.probe",
+            "--once",
+            "--threads",
+            "1",
+            "--seconds",
+            str(seconds),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return dict(json.loads(done.stdout))
+
+
+async def read_probes(
+    cluster: emulated.Cluster, *, pairs: bool, only: str | None = None
+) -> tuple[dict[str, dict[str, Any]], dict[tuple[str, str], dict[str, float]]]:
+    """The operator's read of the probes: facts (waiting for every probe's first
+    measurement), then, with `pairs`, every link one pair at a time."""
+    found = {
+        n.name: probes.Probe(node=n.name, address=n.address)
+        for n in cluster.nodes
+        if only in (None, n.name)
+    }
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+        facts: dict[str, dict[str, Any]] = {}
+        deadline = time.monotonic() + 180
+        while len(facts) < len(found) and time.monotonic() < deadline:
+            facts = await probes.collect_facts(session, found, port=PROBE_PORT)
+            await asyncio.sleep(1)
+        links = {}
+        if pairs:
+            due = probes.due_pairs(sorted(facts), last_measured={}, now=0, every_seconds=1)
+            links = await probes.measure_pairs(session, found, facts, due, port=PROBE_PORT)
+    return facts, links
+
+
+def node_objects(cluster: emulated.Cluster) -> dict[str, dict[str, Any]]:
+    """The Nodes a live cluster would list: allocatable memory, tier, no compute labels."""
+    return {
+        n.name: {
+            "metadata": {
+                "name": n.name,
+                "labels": {live.LABEL_TIER: str(n.facts.get("tier", "cloud"))},
+                "annotations": {},
+            },
+            "spec": {},
+            "status": {
+                "allocatable": {"memory": str(n.facts["memory"])},
+                "conditions": [{"type": "Ready", "status": "True"}],
+            },
+        }
+        for n in cluster.nodes
+    }
+
+
+def write_round(
+    nodes: dict[str, dict[str, Any]],
+    facts: dict[str, dict[str, Any]],
+    links: dict[tuple[str, str], dict[str, float]],
+    *,
+    margin: float,
+) -> list[str]:
+    """What the operator's probe round writes; returns the nodes it wrote."""
+    written = []
+    for name, node in nodes.items():
+        out = measured.node_annotations(
+            node, facts=facts.get(name), links=probes.links_of(name, links), margin=margin
+        )
+        if out:
+            node["metadata"]["annotations"].update(out)
+            written.append(name)
+    return written
+
+
+def print_probe_table(
+    cluster: emulated.Cluster,
+    facts: dict[str, dict[str, Any]],
+    links: dict[tuple[str, str], dict[str, float]],
+    reference: float,
+) -> None:
+    print(f"\none-core reference probe: {reference * 1e3:.1f} GFLOP/s")
+    print(f"{'node':6} {'cpus':>5} {'configured':>12} {'probe':>10} {'error':>7}   memory GB/s")
+    for node in cluster.nodes:
+        configured = node.cpus * reference
+        got = float(facts[node.name]["tflops"])
+        bandwidth = facts[node.name]["memoryBandwidthGBps"]
+        print(
+            f"{node.name:6} {node.cpus:5.2f} {configured * 1e3:9.1f} GF {got * 1e3:7.1f} GF "
+            f"{got / configured - 1:+7.1%}   {bandwidth:.1f}"
+        )
+    print(f"{'link':12} {'configured':>10} {'probe':>10} {'error':>7} {'rtt ms':>7}")
+    for (a, b), value in sorted(links.items()):
+        configured = cluster.mbps(a, b)
+        print(
+            f"{a + '-' + b:12} {configured:7.0f} Mb {value['mbps']:7.1f} Mb "
+            f"{value['mbps'] / configured - 1:+7.1%} {value['rttMs']:7.3f}"
+        )
+
+
+# -- 2. plans ------------------------------------------------------------------------------
+def split_plan(
+    profile: Any, inventory: Any, workload: cost.Workload, nodes: list[str], bounds: list[int]
+) -> dict[str, Any]:
+    costed = cost.evaluate(profile, inventory, workload, nodes=nodes, bounds=bounds)
+    plan = planner._plan(costed, workload, exact=True, lower_bound=costed.bottleneck_seconds)
+    return plan.to_dict()
+
+
+def proportional_bounds(weights: list[float], layers: int) -> list[int]:
+    """Layers in proportion to `weights`, each stage at least one layer."""
+    total, bounds, acc = sum(weights), [0], 0.0
+    for w in weights[:-1]:
+        acc += w
+        bounds.append(max(bounds[-1] + 1, round(layers * acc / total)))
+    bounds.append(layers)
+    return bounds
+
+
+# -- 3. run a split ------------------------------------------------------------------------
+def run_split(
+    cluster: emulated.Cluster, model_dir: Path, plan: dict[str, Any], args: argparse.Namespace
+) -> dict[str, Any]:
+    order = [s["node"] for s in plan["stages"]]
+    nodes = [cluster.node(name) for name in order]
+    run_dir = Path(tempfile.mkdtemp(prefix="llmpipe-emu-"))
+    pipeline = pipelines.Pipeline.start(
+        model_dir,
+        run_dir,
+        stages=len(nodes),
+        max_sequences=args.sequences,
+        max_context=args.prompt + args.new + 8,
+        hosts=[n.address for n in nodes],
+        prefixes=[n.prefix() for n in nodes],
+        plaintext=True,
+        plan=plan,
+        ready_timeout=300,
+    )
+    try:
+        load(pipeline, sequences=2, new=4, prompt=args.prompt)  # warm-up
+        before = stage_metrics(pipeline)
+        tokens_per_second = load(
+            pipeline, sequences=args.sequences, new=args.new, prompt=args.prompt
+        )
+        after = stage_metrics(pipeline)
+        return {
+            "tokensPerSecond": tokens_per_second,
+            "stages": [
+                {
+                    "computeSeconds": (after[i][0] - before[i][0])
+                    / max(after[i][2] - before[i][2], 1),
+                    "batchTokens": (after[i][1] - before[i][1])
+                    / max(after[i][2] - before[i][2], 1),
+                }
+                for i in range(len(nodes))
+            ],
+            "pipeline": pipeline,
+        }
+    except Exception:
+        pipeline.stop()
+        raise
+
+
+def load(pipeline: pipelines.Pipeline, *, sequences: int, new: int, prompt: int) -> float:
+    def one(seed: int) -> int:
+        body = {
+            "model": "tiny",
+            "prompt": [3 + (seed * 7 + i) % 250 for i in range(prompt)],
+            "max_tokens": new,
+            "temperature": 0,
+            "ignore_eos": True,
+        }
+        status, reply = pipelines.http_json(
+            f"{pipeline.base_url}/v1/completions", body, timeout=900
+        )
+        if status != 200:
+            raise RuntimeError(f"completion failed: {status} {reply}")
+        return int(reply["usage"]["completion_tokens"])
+
+    with ThreadPoolExecutor(sequences) as pool:
+        started = time.perf_counter()
+        produced = sum(pool.map(one, range(sequences)))
+        return produced / (time.perf_counter() - started)
+
+
+_SERIES = re.compile(
+    r'^(llmpipe_stage_(?:compute_seconds|batch_tokens)_(?:sum|count))\{stage="\d+"\} (\S+)$'
+)
+
+
+def stage_metrics(pipeline: pipelines.Pipeline) -> list[tuple[float, float, float]]:
+    """(compute seconds sum, batch tokens sum, micro-batches) per stage from /metrics."""
+    out = []
+    for i in range(pipeline.num_stages):
+        url = f"http://{pipeline.host(i)}:{pipeline.http_ports[i]}/metrics"
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        values = {m[1]: float(m[2]) for line in text.splitlines() if (m := _SERIES.match(line))}
+        out.append(
+            (
+                values.get("llmpipe_stage_compute_seconds_sum", 0.0),
+                values.get("llmpipe_stage_batch_tokens_sum", 0.0),
+                values.get("llmpipe_stage_compute_seconds_count", 0.0),
+            )
+        )
+    return out
+
+
+def estimated_stage_seconds(
+    profile: Any, inventory: Any, stage: dict[str, Any], batch: float
+) -> float:
+    """Cost model compute time of one micro-batch of `batch` tokens on this stage."""
+    weights = cost.weight_bytes(profile, stage["layerStart"], stage["layerEnd"])
+    return cost.compute_seconds(
+        profile, inventory.node(stage["node"]), weights, batch=max(1, round(batch))
+    )
+
+
+def report(
+    name: str, plan: dict[str, Any], result: dict[str, Any], profile: Any, inventory: Any
+) -> None:
+    est, got = plan["estTokensPerSecond"], result["tokensPerSecond"]
+    layout = " ".join(f"{s['node']}[{s['layerStart']},{s['layerEnd']})" for s in plan["stages"])
+    print(f"\n{name}: {layout}")
+    print(f"  tokens/s  estimated {est:7.2f}  measured {got:7.2f}  ({got / est - 1:+.0%})")
+    for stage, seen in zip(plan["stages"], result["stages"], strict=True):
+        estimate = estimated_stage_seconds(profile, inventory, stage, seen["batchTokens"])
+        print(
+            f"  stage {stage['index']} on {stage['node']:5}: "
+            f"{seen['batchTokens']:5.1f} tokens/micro-batch, compute estimated "
+            f"{estimate * 1e3:7.1f} ms, measured {seen['computeSeconds'] * 1e3:7.1f} ms "
+            f"({seen['computeSeconds'] / estimate - 1:+.0%})"
+        )
+
+
+# -- main ----------------------------------------------------------------------------------
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--cluster", type=Path, default=ROOT / "bench/clusters/hetero.yaml")
+    parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--sequences", type=int, default=24)
+    parser.add_argument("--prompt", type=int, default=8)
+    parser.add_argument("--new", type=int, default=24)
+    parser.add_argument("--probe-seconds", type=float, default=2.0)
+    parser.add_argument("--slow-node", default="fast", help="node whose CPU is cut in step 4")
+    parser.add_argument("--slow-cpus", type=float, default=0.1)
+    parser.add_argument("--skip-runs", action="store_true", help="probe and plan only")
+    args = parser.parse_args()
+    from llmpipe_stage import demo
+
+    work = Path(tempfile.mkdtemp(prefix="llmpipe-emu-model-"))
+    model_dir = demo.write_model(
+        work / "model", family="llama", hidden_size=512, intermediate_size=1408,
+        num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=4,
+        max_position_embeddings=1024,
+    )  # fmt: skip
+    profile = modelfiles.load_profile(model_dir)
+    workload = cost.Workload(
+        max_sequences=args.sequences,
+        max_context_tokens=args.prompt + args.new + 8,
+        runtime_overhead_bytes=256 * 2**20,
+    )
+    description = yaml.safe_load(args.cluster.read_text())
+    cluster = emulated.Cluster.start(description)
+    running: list[subprocess.Popen[bytes]] = []
+    try:
+        # 1. probe
+        reference = float(reference_tflops(cluster, seconds=args.probe_seconds)["tflops"])
+        # one node's probe after another: here the "nodes" share this machine's cores, so
+        # probes measuring at once would measure each other (real nodes do not share CPUs)
+        for node in cluster.nodes:
+            running.append(start_probe(node, seconds=args.probe_seconds))
+            asyncio.run(read_probes(cluster, pairs=False, only=node.name))
+        facts, links = asyncio.run(read_probes(cluster, pairs=True))
+        reference_after = float(reference_tflops(cluster, seconds=args.probe_seconds)["tflops"])
+        print(
+            f"reference before/after the probes: {reference * 1e3:.1f} / "
+            f"{reference_after * 1e3:.1f} GFLOP/s"
+        )
+        print_probe_table(cluster, facts, links, statistics.mean([reference, reference_after]))
+        nodes = node_objects(cluster)
+        write_round(nodes, facts, links, margin=0.1)
+        inventory = live.build_inventory(
+            list(nodes.values()), eligibility=live.Eligibility()
+        ).inventory
+        # 2. plans
+        chosen = planner.plan_pipeline(profile, inventory, workload=workload).to_dict()
+        names = [n.name for n in cluster.nodes]
+        even = split_plan(
+            profile,
+            inventory,
+            workload,
+            names,
+            proportional_bounds([1.0] * len(names), args.layers),
+        )
+        memory = [float(n.memory_bytes) for n in (inventory.node(x) for x in names)]
+        by_memory = split_plan(
+            profile, inventory, workload, names, proportional_bounds(memory, args.layers)
+        )
+        plans = {"planner": chosen, "even": even, "memory-proportional": by_memory}
+        for name, plan in plans.items():
+            layout = " ".join(
+                f"{s['node']}[{s['layerStart']},{s['layerEnd']})" for s in plan["stages"]
+            )
+            print(f"{name:20} est {plan['estTokensPerSecond']:7.2f} tok/s  {layout}")
+        if args.skip_runs:
+            return 0
+        # 3. run each split
+        measured_rates = {}
+        for name, plan in plans.items():
+            result = run_split(cluster, model_dir, plan, args)
+            result.pop("pipeline").stop()
+            report(name, plan, result, profile, inventory)
+            measured_rates[name] = result["tokensPerSecond"]
+        better = max(measured_rates["even"], measured_rates["memory-proportional"])
+        print(f"\nplanner / better baseline, measured: {measured_rates['planner'] / better:.2f}x")
+        # 4. recalibration: the planner's plan runs; one node slows down
+        recalibrate(cluster, model_dir, chosen, nodes, profile, workload, args)
+    finally:
+        for process in running:
+            process.terminate()
+            process.wait()
+        cluster.stop()
+    return 0
+
+
+def recalibrate(
+    cluster: emulated.Cluster,
+    model_dir: Path,
+    current: dict[str, Any],
+    nodes: dict[str, dict[str, Any]],
+    profile: Any,
+    workload: cost.Workload,
+    args: argparse.Namespace,
+) -> None:
+    slowed = cluster.node(args.slow_node)
+    result = run_split(cluster, model_dir, current, args)
+    pipeline = result.pop("pipeline")
+    try:
+        print(
+            f"\nrecalibration: {slowed.name} {slowed.cpus} -> {args.slow_cpus} cpus "
+            "while the plan runs"
+        )
+        slowed.set_cpus(args.slow_cpus)
+        degraded = load(pipeline, sequences=args.sequences, new=args.new, prompt=args.prompt)
+    finally:
+        pipeline.stop()
+    # the probe's next round on the slowed node (a restart re-measures at once)
+    facts, _ = asyncio.run(read_probes(cluster, pairs=False))
+    written = write_round(nodes, facts, {}, margin=0.1)
+    print(f"  probe round wrote {written or 'nothing'} (margin 10 %)")
+    inventory = live.build_inventory(list(nodes.values()), eligibility=live.Eligibility()).inventory
+    candidate = planner.plan_pipeline(profile, inventory, workload=workload).to_dict()
+    now = replan.reevaluate(current, profile, inventory, workload)
+    decision = replan.decide_switch(current, candidate, margin=0.2, current_objective=now)
+    print(
+        "  running plan re-costed on the new facts: "
+        f"{current['bottleneckSeconds'] * 1e3:.0f} -> {now * 1e3:.0f} ms; candidate "
+        f"{candidate['bottleneckSeconds'] * 1e3:.0f} ms; switch: {decision.switch} "
+        f"({decision.reason})"
+    )
+    print(
+        f"  measured before the switch: {degraded:.2f} tok/s "
+        f"(before the slowdown {result['tokensPerSecond']:.2f})"
+    )
+    if decision.switch:
+        after = run_split(cluster, model_dir, candidate, args)
+        after.pop("pipeline").stop()
+        report("re-planned", candidate, after, profile, inventory)
+        print(
+            f"  measured after the switch: {after['tokensPerSecond']:.2f} tok/s "
+            f"({after['tokensPerSecond'] / degraded:.2f}x)"
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
