@@ -289,24 +289,34 @@ def stage_metrics(pipeline: pipelines.Pipeline) -> list[tuple[float, float, floa
 
 
 def estimated_stage_seconds(
-    profile: Any, inventory: Any, stage: dict[str, Any], batch: float
+    profile: Any, inventory: Any, workload: cost.Workload, stage: dict[str, Any], batch: float
 ) -> float:
     """Cost model compute time of one micro-batch of `batch` tokens on this stage."""
-    weights = cost.weight_bytes(profile, stage["layerStart"], stage["layerEnd"])
+    start, end = stage["layerStart"], stage["layerEnd"]
     return cost.compute_seconds(
-        profile, inventory.node(stage["node"]), weights, batch=max(1, round(batch))
+        profile,
+        inventory.node(stage["node"]),
+        cost.weight_bytes(profile, start, end),
+        batch=max(1, round(batch)),
+        workload=workload,
+        layers=end - start,
     )
 
 
 def report(
-    name: str, plan: dict[str, Any], result: dict[str, Any], profile: Any, inventory: Any
+    name: str,
+    plan: dict[str, Any],
+    result: dict[str, Any],
+    profile: Any,
+    inventory: Any,
+    workload: cost.Workload,
 ) -> None:
     est, got = plan["estTokensPerSecond"], result["tokensPerSecond"]
     layout = " ".join(f"{s['node']}[{s['layerStart']},{s['layerEnd']})" for s in plan["stages"])
     print(f"\n{name}: {layout}")
     print(f"  tokens/s  estimated {est:7.2f}  measured {got:7.2f}  ({got / est - 1:+.0%})")
     for stage, seen in zip(plan["stages"], result["stages"], strict=True):
-        estimate = estimated_stage_seconds(profile, inventory, stage, seen["batchTokens"])
+        estimate = estimated_stage_seconds(profile, inventory, workload, stage, seen["batchTokens"])
         print(
             f"  stage {stage['index']} on {stage['node']:5}: "
             f"{seen['batchTokens']:5.1f} tokens/micro-batch, compute estimated "
@@ -394,7 +404,7 @@ def main() -> int:
         for name, plan in plans.items():
             result = run_split(cluster, model_dir, plan, args)
             result.pop("pipeline").stop()
-            report(name, plan, result, profile, inventory)
+            report(name, plan, result, profile, inventory, workload)
             measured_rates[name] = result["tokensPerSecond"]
         better = max(measured_rates["even"], measured_rates["memory-proportional"])
         print(f"\nplanner / better baseline, measured: {measured_rates['planner'] / better:.2f}x")
@@ -450,7 +460,7 @@ def recalibrate(
     if decision.switch:
         after = run_split(cluster, model_dir, candidate, args)
         after.pop("pipeline").stop()
-        report("re-planned", candidate, after, profile, inventory)
+        report("re-planned", candidate, after, profile, inventory, workload)
         print(
             f"  measured after the switch: {after['tokensPerSecond']:.2f} tok/s "
             f"({after['tokensPerSecond'] / degraded:.2f}x)"
