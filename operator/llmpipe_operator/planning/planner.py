@@ -1,4 +1,4 @@
-"""The planner: the best pipeline for a model over a cluster, under cost model v1.
+"""The planner: the best pipeline for a model over a cluster, under cost model v2.
 
 `plan_pipeline(profile, inventory, workload=..., placement=...)` returns a `Plan` whose
 `to_dict()` is docs/design.md's plan JSON, or raises `PlanInfeasible` naming what is short.

@@ -2,7 +2,7 @@
 
 - `exact`: dynamic programming over (used nodes, last node, layers covered), once per
   first node; every ordered subset and every split is covered, so the result is the
-  optimum of cost model v1. Time O(2^n n^2 L log L), memory O(2^n n L) for n nodes and L
+  optimum of cost model v2. Time O(2^n n^2 L log L), memory O(2^n n L) for n nodes and L
   layers: fine up to about 8 nodes (2^n masks), linear-logarithmic in the layers.
 - `heuristic`: for larger clusters. Bisection on the bottleneck with a greedy chain that
   always takes the node reaching furthest, exact DP on small subsets of the strongest

@@ -28,7 +28,7 @@ def test_design_doc_covers_the_contract() -> None:
         "### Cluster file",
         "### Model profile",
         "### Plan",
-        "## Cost model v1",
+        "## Cost model v2",
         "## Wire protocol",
         "## Test tiers",
     ):
