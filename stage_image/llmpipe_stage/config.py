@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Any
 
 DTYPES = ("bfloat16", "float16", "float32")
+PIPELINE_DTYPES = ("auto", *DTYPES)
+"""pipeline.json's model.dtype: `auto` lets each stage's device pick (`devices.place`)."""
+STAGE_DEVICES = ("cpu", "cuda")
 
 
 class ConfigError(ValueError):
@@ -28,6 +31,10 @@ class StagePlan:
     has_embedding: bool
     has_head: bool
     node: str = ""
+    device: str = ""
+    """The plan's `cpu` or `cuda`; "" (a plan without devices, `llmpipe serve`): auto."""
+    dtype: str = ""
+    """The plan's dtype for this stage; "": pipeline.json's model.dtype."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,17 @@ def _field(data: Mapping[str, Any], key: str, kind: type, where: str) -> Any:
     return value
 
 
+def _optional_choice(
+    data: Mapping[str, Any], key: str, allowed: tuple[str, ...], where: str
+) -> str:
+    if key not in data:
+        return ""
+    value = data[key]
+    if value not in allowed:
+        raise ConfigError(f"{where}: field {key!r} must be one of {allowed}, got {value!r}")
+    return str(value)
+
+
 def parse_plan(data: Mapping[str, Any], where: str = "plan.json") -> tuple[StagePlan, ...]:
     """The DESIGN plan JSON's stages, checked to be contiguous half-open layer ranges."""
     raw_stages = _field(data, "stages", list, where)
@@ -75,6 +93,8 @@ def parse_plan(data: Mapping[str, Any], where: str = "plan.json") -> tuple[Stage
             has_embedding=_field(raw, "hasEmbedding", bool, at),
             has_head=_field(raw, "hasHead", bool, at),
             node=str(raw.get("node", "")),
+            device=_optional_choice(raw, "device", STAGE_DEVICES, at),
+            dtype=_optional_choice(raw, "dtype", DTYPES, at),
         )
         if stage.index != position:
             raise ConfigError(f"{at}: index is {stage.index}, expected {position}")
@@ -101,8 +121,8 @@ def parse_pipeline(
     model = _field(pipeline, "model", dict, where)
     workload = _field(pipeline, "workload", dict, where)
     dtype = _field(model, "dtype", str, f"{where}: model")
-    if dtype not in DTYPES:
-        raise ConfigError(f"{where}: model.dtype {dtype!r} is not one of {DTYPES}")
+    if dtype not in PIPELINE_DTYPES:
+        raise ConfigError(f"{where}: model.dtype {dtype!r} is not one of {PIPELINE_DTYPES}")
     raw_addresses = _field(pipeline, "stages", list, where)
     addresses = []
     for position, raw in enumerate(raw_addresses):

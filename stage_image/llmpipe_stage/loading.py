@@ -3,7 +3,9 @@ stage 0, the final norm and LM head on the last stage), read by key from the saf
 
 Modules are the model family's own transformers classes (LlamaDecoderLayer, ...), built on
 the meta device and then given the loaded tensors, so peak memory stays near the slice and
-no attention code is re-implemented here. This module reads files; it serves nothing.
+no attention code is re-implemented here. On a GPU the tensors go straight from the files
+to the device through one small page-locked staging buffer (`read_tensors_to_device`):
+the host never holds a copy of the slice. This module reads files; it serves nothing.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ import importlib
 import json
 import os
 import stat
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -57,6 +61,7 @@ FAMILIES: dict[str, Family] = {
     ),
 }
 
+CPU = torch.device("cpu")
 EMBED_KEY = "model.embed_tokens.weight"
 NORM_KEY = "model.norm.weight"
 HEAD_KEY = "lm_head.weight"
@@ -75,6 +80,7 @@ class StageSlice:
     norm: nn.Module | None
     head_weight: torch.Tensor | None  # [vocab, hidden]; the embedding matrix when tied
     dtype: torch.dtype
+    device: torch.device = CPU
 
     @property
     def has_embedding(self) -> bool:
@@ -196,6 +202,76 @@ def read_tensors(
     return out
 
 
+STAGING_BYTES = 64 * 2**20
+"""Page-locked staging buffer for loading onto a GPU: big enough to keep the copy engine
+busy, small next to any slice (a 7B model's embedding matrix alone is 1 GiB)."""
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+}
+
+
+def safetensors_header(path: Path) -> tuple[dict[str, dict[str, Any]], int]:
+    """(the header's tensor entries, the file offset where the data starts)."""
+    with path.open("rb") as file:
+        (size,) = struct.unpack("<Q", file.read(8))
+        if size > 100 * 2**20:
+            raise LoadError(f"{path}: safetensors header of {size} bytes is not plausible")
+        header = json.loads(file.read(size))
+    header.pop("__metadata__", None)
+    return header, 8 + size
+
+
+def read_tensors_to_device(
+    keys: dict[str, Path],
+    wanted: list[str],
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Read just `wanted` into `device` memory, converting each to the pipeline dtype there.
+
+    Each tensor's bytes go file -> staging buffer (page-locked, STAGING_BYTES) -> device,
+    a chunk at a time: host memory holds one chunk, never a tensor or the slice (the page
+    cache holds what the kernel read, as for any file read, and it is not this process's).
+    """
+    by_file: dict[Path, list[str]] = {}
+    for key in wanted:
+        by_file.setdefault(keys[key], []).append(key)
+    on_gpu = device.type == "cuda"
+    staging = torch.empty(STAGING_BYTES, dtype=torch.uint8, pin_memory=on_gpu)
+    window = staging.numpy().data
+    out: dict[str, torch.Tensor] = {}
+    for path, file_keys in by_file.items():
+        require_readable(path)
+        header, data_start = safetensors_header(path)
+        with path.open("rb", buffering=0) as file:
+            for key in file_keys:
+                entry = header[key]
+                stored = SAFETENSORS_DTYPES.get(str(entry["dtype"]))
+                if stored is None:
+                    raise LoadError(f"{path}: tensor {key} has dtype {entry['dtype']}")
+                begin, end = (int(x) for x in entry["data_offsets"])
+                shape = [int(d) for d in entry["shape"]]
+                raw = torch.empty(end - begin, dtype=torch.uint8, device=device)
+                for offset in range(0, raw.numel(), STAGING_BYTES):
+                    count = min(STAGING_BYTES, raw.numel() - offset)
+                    file.seek(data_start + begin + offset)
+                    if file.readinto(window[:count]) != count:
+                        raise LoadError(f"{path}: tensor {key} is cut short")
+                    raw[offset : offset + count].copy_(staging[:count], non_blocking=on_gpu)
+                    if on_gpu:
+                        torch.cuda.current_stream(device).synchronize()  # staging is reused
+                out[key] = raw.view(stored).reshape(shape).to(dtype)
+                if progress is not None:
+                    progress(len(out), len(wanted))
+    return out
+
+
 def build_slice(
     model_dir: Path,
     *,
@@ -206,8 +282,11 @@ def build_slice(
     dtype: torch.dtype,
     attn_implementation: str = "sdpa",
     progress: Callable[[int, int], None] | None = None,
+    device: torch.device | None = None,
 ) -> StageSlice:
-    """Load the stage's modules from `model_dir`; only its own tensors are read."""
+    """Load the stage's modules from `model_dir` onto `device` (default the CPU); only its
+    own tensors are read."""
+    device = device or CPU
     config = load_config(model_dir)
     config._attn_implementation = attn_implementation
     if not 0 <= layer_start < layer_end <= config.num_hidden_layers:
@@ -226,7 +305,12 @@ def build_slice(
         has_embedding=has_embedding,
         has_head=has_head,
     )
-    tensors = read_tensors(keys, wanted, dtype=dtype, progress=progress)
+    if device.type == "cpu":
+        tensors = read_tensors(keys, wanted, dtype=dtype, progress=progress)
+    else:
+        tensors = read_tensors_to_device(
+            keys, wanted, dtype=dtype, device=device, progress=progress
+        )
 
     layers = nn.ModuleList()
     for index in range(layer_start, layer_end):
@@ -249,7 +333,7 @@ def build_slice(
         norm = norm.eval()
         head_weight = tensors[HEAD_KEY if HEAD_KEY in tensors else EMBED_KEY]
     # inv_freq stays float32, as in the full model (the rotary module casts cos/sin itself).
-    rotary = getattr(classes, family.rotary)(config=config).eval()
+    rotary = getattr(classes, family.rotary)(config=config).eval().to(device)
     return StageSlice(
         config=config,
         layer_start=layer_start,
@@ -260,6 +344,7 @@ def build_slice(
         norm=norm,
         head_weight=head_weight,
         dtype=dtype,
+        device=device,
     )
 
 

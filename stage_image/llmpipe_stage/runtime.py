@@ -7,6 +7,11 @@ prompt steps run as one batch per (position, length), so equal-length prompts ne
 padding. Stage 0 embeds token ids first; the last stage
 applies the final norm and head and samples. The runtime is synchronous and single-threaded:
 the server calls it from one worker thread, so caches need no locks. No I/O here.
+
+On a GPU stage the slice and every KV cache live in device memory: `run` takes hidden
+states from the host (or, on stage 0, the device tensor `embed` made), and hands its
+output back in page-locked host memory (`devices.to_host`), which the wire encoder reads;
+the head's logits come back to the host as float32 for sampling.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch
 from torch.nn import functional
 from torch.nn.utils.rnn import pad_sequence
 
+from llmpipe_stage import devices
 from llmpipe_stage.loading import StageSlice
 from llmpipe_stage.proto import stage_pb2
 from llmpipe_stage.wire import Sampled, Step
@@ -111,7 +117,9 @@ class BatchCache:
         return keys.transpose(1, 2), values.transpose(1, 2)
 
 
-def attention_mask(past: list[int], new: int, *, dtype: torch.dtype) -> torch.Tensor | None:
+def attention_mask(
+    past: list[int], new: int, *, dtype: torch.dtype, device: torch.device | None = None
+) -> torch.Tensor | None:
     """Additive mask [batch, 1, new, longest]: query j of sequence b sees keys < past[b]+j+1.
 
     None when the attention module's own causal handling is exact: steps with equal pasts
@@ -126,7 +134,7 @@ def attention_mask(past: list[int], new: int, *, dtype: torch.dtype) -> torch.Te
     allowed = key_pos < limit  # [batch, new, longest]
     mask = torch.zeros(allowed.shape, dtype=dtype)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[:, None]
+    return mask[:, None].to(device) if device is not None else mask[:, None]
 
 
 @dataclass
@@ -200,15 +208,18 @@ class StageRuntime:
         """Packed token ids -> hidden [tokens, hidden_size] (stage 0 only)."""
         if self.stage.embed is None:
             raise StepError("this stage holds no embeddings")
+        ids = torch.tensor(token_ids, dtype=torch.long).to(self.stage.device)
         with torch.inference_mode():
-            hidden: torch.Tensor = self.stage.embed(torch.tensor(token_ids, dtype=torch.long))
+            hidden: torch.Tensor = self.stage.embed(ids)
         return hidden
 
     # -- every stage -----------------------------------------------------------------------
     def run(self, steps: list[Step], hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [sum(step.length), hidden_size] -> same shape after this stage's layers."""
+        """hidden: [sum(step.length), hidden_size] -> same shape after this stage's layers,
+        in host memory (page-locked on a GPU stage)."""
         for step in steps:
             self._check(step)
+        hidden = hidden.to(self.stage.device, non_blocking=True)
         offsets = [0]
         for step in steps:
             offsets.append(offsets[-1] + step.length)
@@ -229,15 +240,16 @@ class StageRuntime:
                 result = self._forward([steps[i] for i in group], chunk)
                 for row, i in enumerate(group):
                     out[offsets[i] : offsets[i + 1]] = result[row]
-        return out
+        return devices.to_host(out)
 
     def _forward(self, steps: list[Step], hidden: torch.Tensor) -> torch.Tensor:
         caches = [self._cache_for(step) for step in steps]
         past = [cache.length for cache in caches]
         new = hidden.shape[1]
         position_ids = torch.tensor(past)[:, None] + torch.arange(new)[None, :]  # [batch, new]
+        position_ids = position_ids.to(hidden.device)
         position_embeddings = self.stage.rotary(hidden, position_ids)
-        mask = attention_mask(past, new, dtype=hidden.dtype)
+        mask = attention_mask(past, new, dtype=hidden.dtype, device=hidden.device)
         batch_cache = BatchCache(caches)
         for layer in self.stage.layers:
             hidden = layer(
@@ -289,10 +301,12 @@ class StageRuntime:
         return self.sample_scored(steps, hidden).tokens
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [rows, hidden_size] -> float32 logits [rows, vocab]."""
+        """hidden [rows, hidden_size] -> float32 logits [rows, vocab], on the host."""
         if self.stage.norm is None or self.stage.head_weight is None:
             raise StepError("this stage holds no head")
-        return functional.linear(self.stage.norm(hidden), self.stage.head_weight).float()
+        hidden = hidden.to(self.stage.device, non_blocking=True)
+        logits = functional.linear(self.stage.norm(hidden), self.stage.head_weight)
+        return logits.float().cpu()
 
     def sample_scored(self, steps: list[Step], hidden: torch.Tensor) -> Sampled:
         """`sample`, plus the log-probabilities the steps' sequences asked for."""

@@ -131,14 +131,17 @@ def encode_activations(
 def decode_activations(
     message: stage_pb2.Activations, *, hidden_size: int, dtype: torch.dtype
 ) -> tuple[list[Step], torch.Tensor]:
-    """Validate and unpack a micro-batch; raise WireError naming what is wrong."""
+    """Validate and unpack a micro-batch (hidden states in `dtype`, whatever dtype the
+    sender ran); raise WireError naming what is wrong."""
     if not message.steps:
         raise WireError("activations carry no sequence steps")
     hidden = decode_tensor(message.hidden)
     if hidden.dim() != 2 or hidden.shape[1] != hidden_size:
         raise WireError(f"hidden state shape {list(hidden.shape)} is not [tokens, {hidden_size}]")
     if hidden.dtype != dtype:
-        raise WireError(f"hidden state dtype {hidden.dtype} but this pipeline runs {dtype}")
+        # A neighbour on another device may run another dtype (a T4's float16 next to an
+        # L4's bfloat16 under spec.model.dtype auto): take its states in ours.
+        hidden = hidden.to(dtype)
     steps: list[Step] = []
     seen: set[int] = set()
     for raw in message.steps:

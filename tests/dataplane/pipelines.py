@@ -193,8 +193,13 @@ class Pipeline:
         prefixes: list[list[str]] | None = None,
         plaintext: bool = False,
         plan: Mapping[str, Any] | None = None,
+        device: str | None = "cpu",
+        dtype: str = "float32",
     ) -> Pipeline:
-        """`plan` (docs/design.md's plan JSON) splits the layers; default: evenly."""
+        """`plan` (docs/design.md's plan JSON) splits the layers; default: evenly.
+        `device` (cpu / cuda) goes into every stage of plan.json that names none, as the
+        operator's plan names it (the CPU by default, like the references); None leaves
+        the plan without devices (each stage picks: auto)."""
         config = json.loads((model_dir / "config.json").read_text())
         ports = free_ports(2 * stages)
         pipeline = cls(
@@ -216,11 +221,16 @@ class Pipeline:
         config_dir.mkdir(parents=True, exist_ok=True)
         if plan is None:
             plan = stage_config.even_plan(config["num_hidden_layers"], stages)
+        if device is not None:
+            plan = {
+                **plan,
+                "stages": [{"device": device, "dtype": dtype, **s} for s in plan["stages"]],
+            }
         (config_dir / "plan.json").write_text(json.dumps(plan))
         (config_dir / "pipeline.json").write_text(
             json.dumps(
                 {
-                    "model": {"name": name, "dtype": "float32"},
+                    "model": {"name": name, "dtype": dtype},
                     "workload": {"maxSequences": max_sequences, "maxContextTokens": max_context},
                     "stages": [
                         {"index": i, "address": f"{pipeline.host(i)}:{p}"}
@@ -331,19 +341,21 @@ class Pipeline:
 
 
 def reference_tokens(
-    model_dir: Path, prompts: list[list[int]], max_new: list[int]
+    model_dir: Path, prompts: list[list[int]], max_new: list[int], *, device: str = "cpu"
 ) -> list[list[int]]:
-    """Single-process greedy `generate`, one prompt at a time (the ground truth)."""
+    """Single-process greedy `generate`, one prompt at a time (the ground truth), float32
+    on `device`."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(1)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = model.to(device).eval()
     out = []
     for prompt, n in zip(prompts, max_new, strict=True):
         ids = model.generate(
-            torch.tensor([prompt]),
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            torch.tensor([prompt], device=device),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=device),
             max_new_tokens=n,
             do_sample=False,
             pad_token_id=model.config.pad_token_id,

@@ -23,7 +23,9 @@ def build_pipeline_config(
 ) -> dict[str, Any]:
     """The `pipeline.json` document: what a stage needs beyond its own layers."""
     return {
-        "model": {"name": spec.model.name, "dtype": spec.model.dtype},
+        # A concrete dtype (auto's planned one): each plan stage names its own, and a stage
+        # reading a plan without them (older plans) runs this one.
+        "model": {"name": spec.model.name, "dtype": spec.model.planned_dtype},
         "workload": {
             "maxSequences": spec.workload.max_sequences,
             "maxContextTokens": spec.workload.max_context_tokens,

@@ -184,9 +184,10 @@ def on_gpu(stage: Mapping[str, Any]) -> bool:
     return stage.get("device") == "cuda"
 
 
-DEFAULT_CPU_REQUEST = "1"
-"""A stage with no CPU request in spec.runtime.resources still asks for one core, so the
-scheduler (and whoever reads the node's requests) sees it computing there."""
+DEFAULT_CPU_REQUEST = "100m"
+"""A stage with no CPU request in spec.runtime.resources still asks for a tenth of a core,
+so the scheduler (and whoever reads the node's requests) sees it computing there, without
+reserving cores the planner does not budget (it plans memory, not CPU requests)."""
 
 
 def stage_resources(resources: Mapping[str, Any], stage: Mapping[str, Any]) -> dict[str, Any]:

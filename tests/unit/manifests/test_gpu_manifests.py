@@ -138,7 +138,7 @@ threads = pytest.mark.parametrize(
         ({"limits": {"cpu": "1500m"}}, "2", "1500m"),
         ({"requests": {"cpu": "3"}}, "3", "3"),
         ({"requests": {"cpu": "250m"}, "limits": {"cpu": "2"}}, "2", "250m"),
-        ({}, None, "1"),
+        ({}, None, "100m"),
     ],
 )
 

@@ -123,7 +123,7 @@ def test_stage_container_follows_the_stage_contract_and_is_restricted() -> None:
     assert {"name": "LOG", "value": "debug"} in container["env"]
     # the plan's reservation is requested; the user's larger limit stays
     assert container["resources"] == {
-        "requests": {"memory": str(stage["memoryBytes"]), "cpu": "1"},
+        "requests": {"memory": str(stage["memoryBytes"]), "cpu": "100m"},
         "limits": {"memory": "2Gi"},
     }
     assert {(p["name"], p["containerPort"]) for p in container["ports"]} == {
@@ -202,7 +202,7 @@ def test_plan_configmap_carries_plan_json_and_every_stage_address() -> None:
     assert configmap["metadata"]["name"] == f"chat-{digest}-plan"
     assert json.loads(configmap["data"]["plan.json"]) == plan
     pipeline = json.loads(configmap["data"]["pipeline.json"])
-    assert pipeline["model"] == {"name": "tiny-llama", "dtype": "auto"}
+    assert pipeline["model"] == {"name": "tiny-llama", "dtype": "bfloat16"}
     assert pipeline["workload"] == {"maxSequences": 6, "maxContextTokens": 512}
     services = {s["metadata"]["name"]: s for s in by_kind(objects, "Service")}
     for entry in pipeline["stages"]:
