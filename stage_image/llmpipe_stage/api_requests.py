@@ -402,19 +402,3 @@ def fit_context(
 
 
 # -- streaming helpers ------------------------------------------------------------------------
-def find_stop(text: str, stops: tuple[str, ...], *, start: int) -> int:
-    """Where the earliest stop string begins in text not yet sent (from `start`), or -1.
-    A stop string may straddle what was held back, so the search starts a bit earlier."""
-    hits = [i for s in stops if (i := text.find(s, max(0, start - len(s) + 1))) >= 0]
-    return min(hits, default=-1)
-
-
-def held_back(text: str, stops: tuple[str, ...]) -> int:
-    """How many trailing characters might start a stop string (so are not streamed yet)."""
-    keep = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), 0, -1):
-            if text.endswith(stop[:n]):
-                keep = max(keep, n)
-                break
-    return keep

@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class StagePlan:
-    """One stage of the DESIGN plan JSON: layers [layer_start, layer_end)."""
+    """One stage of the plan JSON of docs/design.md: layers [layer_start, layer_end)."""
 
     index: int
     layer_start: int
@@ -77,7 +77,8 @@ def _optional_choice(
 
 
 def parse_plan(data: Mapping[str, Any], where: str = "plan.json") -> tuple[StagePlan, ...]:
-    """The DESIGN plan JSON's stages, checked to be contiguous half-open layer ranges."""
+    """The stages of the plan JSON (docs/design.md), checked to be contiguous half-open
+    layer ranges."""
     raw_stages = _field(data, "stages", list, where)
     if not raw_stages:
         raise ConfigError(f"{where}: 'stages' is empty")
@@ -167,7 +168,8 @@ def read_config_dir(config_dir: Path) -> PipelineConfig:
 
 
 def even_plan(num_layers: int, num_stages: int) -> dict[str, Any]:
-    """A DESIGN plan JSON splitting layers as evenly as possible (for `serve --stages N`)."""
+    """A plan JSON (docs/design.md) splitting layers as evenly as possible (for
+    `serve --stages N`)."""
     if not 1 <= num_stages <= num_layers:
         raise ConfigError(
             f"cannot split {num_layers} layers into {num_stages} stages "

@@ -21,53 +21,22 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
+import torch
+
+from llmpipe_stage.background import TaskSet
+from llmpipe_stage.generation import PipelineError, SamplingParams, Scores
 from llmpipe_stage.metrics import StageMetrics
-from llmpipe_stage.proto import stage_pb2
 from llmpipe_stage.runtime import StageRuntime
 from llmpipe_stage.wire import Sampled, Step
 
 log = logging.getLogger(__name__)
 
 
-class PipelineError(RuntimeError):
-    """The pipeline cannot serve this sequence (a stage is down, stuck or not ready).
-    The gateway answers HTTP 503 with this text."""
+class _End:
+    """Put on a sequence's events when the pipeline has finished it."""
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    max_new_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-    ignore_eos: bool = False
-    logprobs: bool = False
-    """Return each sampled token's log-probability."""
-    prompt_logprobs: bool = False
-    """Score the prompt too (echo): its tokens travel to the last stage with the first step."""
-
-    def to_message(self, prompt: list[int]) -> stage_pb2.Sampling:
-        return stage_pb2.Sampling(
-            temperature=self.temperature,
-            top_p=self.top_p,
-            has_seed=self.seed is not None,
-            seed=self.seed or 0,
-            logprobs=self.logprobs,
-            prompt_token_ids=prompt[1:] if self.prompt_logprobs else [],
-        )
-
-
-@dataclass
-class Scores:
-    """Log-probabilities a request asked for, filled in as its tokens come back."""
-
-    prompt: list[float] | None = None
-    """log P(prompt[i] | prompt[:i]) for i >= 1, once the first token is back."""
-    tokens: list[float] = field(default_factory=list)
-    """Of each generated token."""
-
-
-_END = object()
+_END = _End()
 
 
 @dataclass(eq=False)
@@ -77,7 +46,7 @@ class Sequence:
     params: SamplingParams
     created: float = field(default_factory=time.monotonic)
     generated: list[int] = field(default_factory=list)
-    events: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
+    events: asyncio.Queue[int | PipelineError | _End] = field(default_factory=asyncio.Queue)
     step_sent_at: float | None = None  # monotonic time its current step left stage 0
     finished: bool = False
     admitted: bool = False
@@ -120,7 +89,7 @@ class Coordinator:
         runtime: StageRuntime,
         executor: Executor,
         metrics: StageMetrics,
-        forward: Callable[[list[Step], object], Awaitable[None]] | None,
+        forward: Callable[[list[Step], torch.Tensor], Awaitable[None]] | None,
         release_remote: Callable[[list[int]], Awaitable[None]],
     ) -> None:
         self.settings = settings
@@ -134,7 +103,7 @@ class Coordinator:
         self.slots = asyncio.Semaphore(settings.max_sequences)
         self.waiting = 0
         self._ids = itertools.count(secrets.randbits(40) << 20)
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.background = TaskSet()
         self.last_token_at = float("-inf")  # monotonic time a token last came back
         self.last_failure_at = float("-inf")  # monotonic time a failure was last reported
 
@@ -149,11 +118,10 @@ class Coordinator:
             await self._admit(sequence)
             while True:
                 event = await sequence.events.get()
-                if event is _END:
+                if isinstance(event, _End):
                     return
                 if isinstance(event, PipelineError):
                     raise event
-                assert isinstance(event, int)
                 yield event
         finally:
             self._finish(sequence)
@@ -178,22 +146,16 @@ class Coordinator:
         self.slots.release()
         self.metrics.in_flight.set(len(self.sequences))
         self.metrics.requests.labels(outcome=sequence.outcome).inc()
-        self._spawn(self._release_everywhere([sequence.id]))
+        self.background.spawn(self._release_everywhere([sequence.id]))
 
     async def _release_everywhere(self, ids: list[int]) -> None:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self.executor, self._release_measured, ids)
         await self.release_remote(ids)
 
-    def _measure_caches(self) -> None:
-        """In the compute thread (the caches' only writer): both cache gauges together, so
-        the bytes fall to 0 when the last sequence goes."""
-        self.metrics.cached_sequences.set(len(self.runtime.caches))
-        self.metrics.cache_bytes.set(self.runtime.cache_bytes())
-
     def _release_measured(self, ids: list[int]) -> None:
         self.runtime.release(ids)
-        self._measure_caches()
+        self.metrics.measure_caches(self.runtime)
 
     # -- ring events (from the server) -----------------------------------------------------
     def progressing(self, *, within_s: float) -> bool:
@@ -246,7 +208,7 @@ class Coordinator:
     # -- the scheduling loop ---------------------------------------------------------------
     async def run(self) -> None:
         """Form micro-batches of ready sequences and push them into the ring, forever."""
-        self._spawn(self._watch_timeouts())
+        self.background.spawn(self._watch_timeouts())
         while True:
             batch = await self._next_micro_batch()
             if batch:
@@ -279,16 +241,15 @@ class Coordinator:
             return
         self.metrics.compute.observe(time.perf_counter() - started)
         self.metrics.batch_tokens.observe(len(token_ids))
-        if self.forward is None:
-            assert isinstance(result, Sampled)
+        if isinstance(result, Sampled):  # a one-stage pipeline samples here
             self.on_tokens([s.sequence_id for s in steps], result)
-        else:
-            self._spawn(self.forward(steps, result))
+        elif self.forward is not None:
+            self.background.spawn(self.forward(steps, result))
 
-    def _compute(self, steps: list[Step], token_ids: list[int]) -> object:
+    def _compute(self, steps: list[Step], token_ids: list[int]) -> torch.Tensor | Sampled:
         hidden = self.runtime.embed(token_ids)  # [tokens, hidden_size]
         hidden = self.runtime.run(steps, hidden)
-        self._measure_caches()
+        self.metrics.measure_caches(self.runtime)
         if self.forward is None:
             return self.runtime.sample_scored(steps, hidden)
         return hidden
@@ -309,8 +270,3 @@ class Coordinator:
                     f"no token came back from the pipeline within "
                     f"{timeout:g} s (a stage may be stuck or overloaded)",
                 )
-
-    def _spawn(self, coroutine: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(coroutine)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)

@@ -4,7 +4,7 @@ With no `--model` it serves SmolLM2-135M-Instruct (a GGUF file fetched once from
 `llmpipe_stage.models`, and converted once); `--model FILE.gguf` converts and serves any
 supported GGUF file (cached by content hash); `--model DIR` serves a model directory;
 `--model demo` writes a tiny random model locally (offline, word salad). The split comes
-from `--plan FILE` (the DESIGN plan JSON), `--cluster FILE` (planned by
+from `--plan FILE` (the plan JSON of docs/design.md), `--cluster FILE` (planned by
 `llmpipe_operator.planning`), or `--stages N` (an even split; default 2). It writes the
 same `plan.json` + `pipeline.json` the operator mounts in Kubernetes, starts
 `python -m llmpipe_stage` per stage, shows loading progress, then prints how to call the
@@ -180,7 +180,7 @@ def demo_model(args: argparse.Namespace) -> tuple[Path, str]:
 
 
 def make_plan(args: argparse.Namespace, model_config: dict[str, Any]) -> dict[str, Any]:
-    """The DESIGN plan JSON from --plan, --cluster or --stages."""
+    """The plan JSON of docs/design.md from --plan, --cluster or --stages."""
     num_layers = int(model_config["num_hidden_layers"])
     if args.plan is not None:
         try:

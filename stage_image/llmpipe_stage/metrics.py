@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+if TYPE_CHECKING:
+    from llmpipe_stage.runtime import StageRuntime
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -80,6 +84,12 @@ class StageMetrics:
             self._recent_total -= self._recent.popleft()[1]
         span = min(10.0, max(1.0, now - self._recent[0][0]))
         self.tokens_per_second.set(self._recent_total / span)
+
+    def measure_caches(self, runtime: StageRuntime) -> None:
+        """Both cache gauges together, so the bytes fall to 0 when the last sequence goes.
+        Call it where the caches change (the compute thread is their only writer)."""
+        self.cached_sequences.set(len(runtime.caches))
+        self.cache_bytes.set(runtime.cache_bytes())
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

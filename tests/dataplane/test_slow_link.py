@@ -1,4 +1,4 @@
-"""A slow link between stages, emulated as DESIGN's test tiers say: stage 1 runs in a
+"""A slow link between stages, emulated as docs/design.md's test tiers say: stage 1 runs in a
 network namespace of its own, reached over a veth pair whose egress from stage 0 is shaped
 by `tc tbf` (rate shaping works here; netem does not). Over that link the tokens still
 equal single-process `generate`, and the bytes stage 0 sends are the hidden states'

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmpipe_stage import api_requests as api
+from llmpipe_stage import api_responses
 
 
 def completion(body: dict[str, Any], *, chat: bool = False, chars: int = 1000) -> Any:
@@ -195,9 +196,9 @@ def test_any_bytes_parse_or_are_a_request_error(data: bytes) -> None:
 
 
 def test_stop_strings() -> None:
-    assert api.find_stop("hello world. bye", ("world",), start=0) == 6
-    assert api.find_stop("hello world. bye", ("bye", "."), start=0) == 11
-    assert api.find_stop("hello", ("x",), start=0) == -1
+    assert api_responses.find_stop("hello world. bye", ("world",), start=0) == 6
+    assert api_responses.find_stop("hello world. bye", ("bye", "."), start=0) == 11
+    assert api_responses.find_stop("hello", ("x",), start=0) == -1
     # While streaming, a possible beginning of a stop string is not sent yet.
-    assert api.held_back("the river sto", ("stop",)) == 3
-    assert api.held_back("the river", ("stop",)) == 0
+    assert api_responses.held_back("the river sto", ("stop",)) == 3
+    assert api_responses.held_back("the river", ("stop",)) == 0
