@@ -15,6 +15,8 @@ DTYPES = ("bfloat16", "float16", "float32")
 PIPELINE_DTYPES = ("auto", *DTYPES)
 """pipeline.json's model.dtype: `auto` lets each stage's device pick (`devices.place`)."""
 STAGE_DEVICES = ("cpu", "cuda")
+QUANTIZATIONS = ("none", "int8")
+"""Weight quantization of a stage's projections (`none`: weights in `dtype`)."""
 
 
 class ConfigError(ValueError):
@@ -50,6 +52,8 @@ class PipelineConfig:
     stages: tuple[StagePlan, ...]
     addresses: tuple[str, ...]
     """gRPC address host:port of every stage, by index."""
+    quantization: str = "none"
+    """`int8`: weight-only int8 projections (activations in `dtype`)."""
 
     @property
     def num_stages(self) -> int:
@@ -124,6 +128,11 @@ def parse_pipeline(
     dtype = _field(model, "dtype", str, f"{where}: model")
     if dtype not in PIPELINE_DTYPES:
         raise ConfigError(f"{where}: model.dtype {dtype!r} is not one of {PIPELINE_DTYPES}")
+    quantization = model.get("quantization", "none")
+    if quantization not in QUANTIZATIONS:
+        raise ConfigError(
+            f"{where}: model.quantization {quantization!r} is not one of {QUANTIZATIONS}"
+        )
     raw_addresses = _field(pipeline, "stages", list, where)
     addresses = []
     for position, raw in enumerate(raw_addresses):
@@ -145,6 +154,7 @@ def parse_pipeline(
         max_context_tokens=_field(workload, "maxContextTokens", int, f"{where}: workload"),
         stages=stages,
         addresses=tuple(addresses),
+        quantization=quantization,
     )
     if config.max_sequences < 1 or config.max_context_tokens < 2:
         raise ConfigError(f"{where}: workload needs maxSequences >= 1 and maxContextTokens >= 2")

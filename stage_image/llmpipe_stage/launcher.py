@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from llmpipe_stage import config as stage_config
+from llmpipe_stage import cpu
 
 CACHE_DIR = Path(os.environ.get("LLMPIPE_CACHE", Path.home() / ".cache" / "llmpipe"))
 
@@ -68,9 +69,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--dtype",
-        default="float32",
-        choices=stage_config.DTYPES,
-        help="dtype the stages compute in (default float32: fastest on CPU)",
+        default="auto",
+        choices=("auto", *stage_config.DTYPES),
+        help="dtype the stages compute in (default auto: bfloat16 where the CPU has native "
+        "bf16 dot products, AVX512_BF16 / AMX / Arm BF16, else float32)",
+    )
+    parser.add_argument(
+        "--quantization",
+        default="none",
+        choices=stage_config.QUANTIZATIONS,
+        help="int8: weight-only int8 projections (half the bytes of bfloat16; activations "
+        "bfloat16 unless --dtype says otherwise)",
     )
     parser.add_argument("--host", default="127.0.0.1", help="bind address (127.0.0.1)")
     parser.add_argument(
@@ -131,7 +140,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=600.0,
         help="seconds to wait for every stage to load (600)",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.dtype == "auto":
+        args.dtype = "bfloat16" if args.quantization == "int8" else cpu.auto_dtype()
+    return args
 
 
 def say(message: str) -> None:
@@ -222,7 +234,7 @@ def write_config(
     config_dir.mkdir(parents=True, exist_ok=True)
     stages = plan["stages"]
     pipeline = {
-        "model": {"name": name, "dtype": args.dtype},
+        "model": {"name": name, "dtype": args.dtype, "quantization": args.quantization},
         "workload": {"maxSequences": args.max_sequences, "maxContextTokens": args.max_context},
         "stages": [
             {"index": s["index"], "address": f"{args.host}:{args.grpc_port + s['index']}"}
@@ -461,7 +473,10 @@ def main(argv: list[str]) -> int:
         )
         tls_dir = write_certificates(args, count=count)
         links = "plaintext gRPC (--plaintext)" if tls_dir is None else "mutual TLS"
-        say(f"starting {count} stages of {name} ({model_dir}) on {args.host}, {links}:")
+        precision = args.dtype + ("" if args.quantization == "none" else f", {args.quantization}")
+        say(
+            f"starting {count} stages of {name} ({model_dir}, {precision}) on {args.host}, {links}:"
+        )
         processes = start_stages(
             args,
             config_dir=config_dir,

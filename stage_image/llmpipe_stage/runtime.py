@@ -21,10 +21,9 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from torch.nn import functional
-from torch.nn.utils.rnn import pad_sequence
 
-from llmpipe_stage import devices
+from llmpipe_stage import decode, devices
+from llmpipe_stage.config import QUANTIZATIONS
 from llmpipe_stage.loading import StageSlice
 from llmpipe_stage.proto import stage_pb2
 from llmpipe_stage.wire import Sampled, Step
@@ -35,51 +34,124 @@ class StepError(ValueError):
 
 
 class SequenceCache:
-    """One sequence's keys and values on this stage, per layer, grown by doubling."""
+    """One sequence on this stage: its slot in the stage's `SlotPool` and its length."""
 
-    def __init__(self) -> None:
-        self.keys: dict[int, torch.Tensor] = {}  # layer -> [kv_heads, capacity, head_dim]
-        self.values: dict[int, torch.Tensor] = {}
-        self.layer_lengths: dict[int, int] = {}
+    def __init__(self, slot: int) -> None:
+        self.slot = slot
         self.length = 0  # tokens cached in every layer (committed after a full pass)
         self.last_used = time.monotonic()
 
-    def append(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> int:
-        """key, value: [kv_heads, new, head_dim]. Returns the layer's new length."""
-        used = self.layer_lengths.get(layer, 0)
-        new = key.shape[1]
-        buffer = self.keys.get(layer)
-        if buffer is None or buffer.shape[1] < used + new:
-            capacity = max(16, 2 ** math.ceil(math.log2(used + new)))
-            grown_k = key.new_empty((key.shape[0], capacity, key.shape[2]))
-            grown_v = value.new_empty((value.shape[0], capacity, value.shape[2]))
-            if buffer is not None:
-                grown_k[:, :used] = buffer[:, :used]
-                grown_v[:, :used] = self.values[layer][:, :used]
-            self.keys[layer], self.values[layer] = grown_k, grown_v
-        self.keys[layer][:, used : used + new] = key
-        self.values[layer][:, used : used + new] = value
-        self.layer_lengths[layer] = used + new
-        return used + new
 
-    def nbytes(self) -> int:
-        return sum(
-            t.numel() * t.element_size() for t in (*self.keys.values(), *self.values.values())
-        )
+class SlotPool:
+    """The stage's KV cache: keys and values of every held sequence, preallocated.
+
+    keys, values: [layers, slots, kv_heads, context, head_dim], one slot per sequence. A
+    step writes its new keys in place and attention reads a view (a contiguous run of slots)
+    or one gather, so the hot path neither grows nor re-stacks caches. The buffers come from
+    `torch.empty`: pages are committed as positions are written, so resident memory follows
+    the tokens cached, not the reservation. A batch of unequal lengths reads every slot up to
+    the longest (masked); `readable` zeroes what no sequence wrote yet, once per slot
+    (a high-water mark), so masked garbage can never be nan. Slots run out: the pool doubles.
+    """
+
+    ZERO_CHUNK = 256
+    """Positions zeroed at once when a slot's high-water mark moves."""
+
+    def __init__(
+        self,
+        *,
+        layers: int,
+        kv_heads: int,
+        head_dim: int,
+        context: int,
+        dtype: torch.dtype,
+        device: torch.device | None = None,
+    ) -> None:
+        self.shape = (layers, 0, kv_heads, context, head_dim)
+        self.dtype = dtype
+        self.device = device
+        self.keys = torch.empty(self.shape, dtype=dtype, device=device)
+        self.values = torch.empty(self.shape, dtype=dtype, device=device)
+        self.finite: list[int] = []  # per slot: positions [0, finite) hold finite values
+        self.free: list[int] = []
+
+    @property
+    def slots(self) -> int:
+        return self.keys.shape[1]
+
+    def token_bytes(self) -> int:
+        """Bytes one cached token takes in this stage (keys and values, every layer)."""
+        layers, _, kv_heads, _, head_dim = self.shape
+        return 2 * layers * kv_heads * head_dim * self.keys.element_size()
+
+    def take(self) -> int:
+        if not self.free:
+            self._grow(max(1, self.slots))
+        self.free.sort()
+        return self.free.pop(0)
+
+    def give_back(self, slot: int) -> None:
+        self.free.append(slot)
+
+    def reserve(self, slots: int) -> None:
+        if slots > self.slots:
+            self._grow(slots - self.slots)
+
+    def _grow(self, extra: int) -> None:
+        old = self.slots
+        layers, _, kv_heads, context, head_dim = self.shape
+        shape = (layers, old + extra, kv_heads, context, head_dim)
+        keys = torch.empty(shape, dtype=self.dtype, device=self.device)
+        values = torch.empty(shape, dtype=self.dtype, device=self.device)
+        for slot, finite in enumerate(self.finite):  # copy only what was ever written
+            keys[:, slot, :, :finite] = self.keys[:, slot, :, :finite]
+            values[:, slot, :, :finite] = self.values[:, slot, :, :finite]
+        self.keys, self.values = keys, values
+        self.finite += [0] * extra
+        self.free += range(old, old + extra)
+
+    def readable(self, slots: list[int], length: int) -> None:
+        """Make positions [0, length) of these slots finite (zeroing the unwritten ones)."""
+        for slot in slots:
+            if self.finite[slot] < length:
+                end = min(self.shape[3], -(-length // self.ZERO_CHUNK) * self.ZERO_CHUNK)
+                self.keys[:, slot, :, self.finite[slot] : end].zero_()
+                self.values[:, slot, :, self.finite[slot] : end].zero_()
+                self.finite[slot] = end
+
+    def wrote(self, slot: int, end: int) -> None:
+        self.finite[slot] = max(self.finite[slot], end)
+
+    def read(self, layer: int, slots: list[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [batch, kv_heads, length, head_dim] of these slots: a view when
+        the slots are one ascending run, else one gather."""
+        first = slots[0]
+        if slots == list(range(first, first + len(slots))):
+            end = first + len(slots)
+            return (
+                self.keys[layer, first:end, :, :length],
+                self.values[layer, first:end, :, :length],
+            )
+        index = torch.tensor(slots, device=self.keys.device)
+        return self.keys[layer, index, :, :length], self.values[layer, index, :, :length]
 
 
 class BatchCache:
-    """Stands in for a transformers `Cache` during one forward pass over several sequences.
+    """Stands in for a transformers `Cache` during one prompt forward over several sequences.
 
     The attention modules call `update(key, value, layer_idx)`; each sequence's new keys go
-    into its own cache and the batch gets every sequence's keys so far, right-padded to the
-    longest (the attention mask hides the padding).
+    into its slot and the batch gets every sequence's keys so far (padded to the longest,
+    masked). Prompts from position 0 get their own new keys back: nothing is read.
     """
 
     is_compileable = False
 
-    def __init__(self, caches: list[SequenceCache]) -> None:
+    def __init__(self, pool: SlotPool, caches: list[SequenceCache], layer_start: int) -> None:
+        self.pool = pool
         self.caches = caches
+        self.layer_start = layer_start
+        self.slots = [cache.slot for cache in caches]
+        self.past = [cache.length for cache in caches]
 
     def update(
         self,
@@ -89,32 +161,14 @@ class BatchCache:
         cache_kwargs: object = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # key_states, value_states: [batch, kv_heads, new, head_dim]
-        lengths = [
-            cache.append(layer_idx, key_states[i], value_states[i])
-            for i, cache in enumerate(self.caches)
-        ]
-        if len(self.caches) == 1:
-            n = lengths[0]
-            return (
-                self.caches[0].keys[layer_idx][None, :, :n],
-                self.caches[0].values[layer_idx][None, :, :n],
-            )
-        pairs = list(zip(self.caches, lengths, strict=True))
-        if len(set(lengths)) == 1:  # no padding needed: one stack per tensor
-            n = lengths[0]
-            return (
-                torch.stack([c.keys[layer_idx][:, :n] for c, _ in pairs]),
-                torch.stack([c.values[layer_idx][:, :n] for c, _ in pairs]),
-            )
-        # pad_sequence pads dim 0: [tokens, kv_heads, head_dim] per sequence.
-        keys = pad_sequence(
-            [c.keys[layer_idx][:, :n].transpose(0, 1) for c, n in pairs], batch_first=True
-        )
-        values = pad_sequence(
-            [c.values[layer_idx][:, :n].transpose(0, 1) for c, n in pairs], batch_first=True
-        )
-        # [batch, longest, kv_heads, head_dim] -> [batch, kv_heads, longest, head_dim]
-        return keys.transpose(1, 2), values.transpose(1, 2)
+        layer = layer_idx - self.layer_start
+        new = key_states.shape[2]
+        for row, (slot, past) in enumerate(zip(self.slots, self.past, strict=True)):
+            self.pool.keys[layer, slot, :, past : past + new] = key_states[row]
+            self.pool.values[layer, slot, :, past : past + new] = value_states[row]
+        if max(self.past) == 0:
+            return key_states, value_states
+        return self.pool.read(layer, self.slots, max(self.past) + new)
 
 
 def attention_mask(
@@ -197,11 +251,58 @@ PROMPT_SCORE_CHUNK = 256
 class StageRuntime:
     """A stage's layers slice plus one KV cache (and, on the last stage, a sampler) per sequence."""
 
-    def __init__(self, stage: StageSlice, *, context_limit: int) -> None:
+    def __init__(
+        self,
+        stage: StageSlice,
+        *,
+        context_limit: int,
+        max_sequences: int = 16,
+        quantization: str = "none",
+    ) -> None:
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization {quantization!r} is not one of {QUANTIZATIONS}")
         self.stage = stage
         self.context_limit = context_limit
+        self.quantization = quantization
         self.caches: dict[int, SequenceCache] = {}
         self.samplers: dict[int, Sampler] = {}
+        config = stage.config
+        heads = int(config.num_attention_heads)
+        kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+        self.fused = [
+            decode.fuse_layer(layer, heads=heads, kv_heads=kv_heads, quantize=quantization)
+            for layer in stage.layers
+        ]
+        self.head: decode.Projection | None = None
+        if stage.head_weight is not None:
+            self.head = decode.projection(
+                [stage.head_weight], [None], quantize=quantization, dtype=stage.dtype
+            )
+        head_dim = self.fused[0].head_dim if self.fused else 1
+        self.pool = SlotPool(
+            layers=len(self.fused),
+            kv_heads=kv_heads,
+            head_dim=head_dim,
+            context=context_limit,
+            dtype=stage.dtype,
+            device=stage.device,
+        )
+        self.pool.reserve(max_sequences)
+
+    def weight_bytes(self) -> int:
+        """Bytes of the weights this runtime computes with (after fusing and quantizing)."""
+        total = sum(p.nbytes() for f in self.fused for p in (f.qkv, f.out, f.gate_up, f.down))
+        norms = [m for f in self.fused for m in (f.input_norm, f.post_norm)]
+        if self.stage.norm is not None:
+            norms.append(self.stage.norm)
+        total += sum(t.numel() * t.element_size() for m in norms for t in m.parameters())
+        if self.head is not None:
+            total += self.head.nbytes()
+        if self.stage.embed is not None:
+            weight = self.stage.embed.weight
+            if self.head is None or weight.data_ptr() != self.head.weight.data_ptr():
+                total += weight.numel() * weight.element_size()
+        return total
 
     # -- stage 0 ---------------------------------------------------------------------------
     def embed(self, token_ids: list[int]) -> torch.Tensor:
@@ -226,8 +327,12 @@ class StageRuntime:
         out = torch.empty_like(hidden)
         # Decode steps (one token) run as one batch; prompt steps of equal position and
         # length run as one batch too (no padding, no mask), like `generate`'s prefill.
-        decode = [i for i, s in enumerate(steps) if s.length == 1]
-        groups = [decode] if decode else []
+        # Decode rows go in slot order, so a run of slots is read as one view.
+        one_token = sorted(
+            (i for i, s in enumerate(steps) if s.length == 1),
+            key=lambda i: self._slot_order(steps[i]),
+        )
+        groups = [one_token] if one_token else []
         prompts: dict[tuple[int, int], list[int]] = {}
         for i, s in enumerate(steps):
             if s.length > 1:
@@ -243,14 +348,46 @@ class StageRuntime:
         return devices.to_host(out)
 
     def _forward(self, steps: list[Step], hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [batch, new, hidden_size]: a decode batch (new = 1) runs the fused decode
+        step; prompts run through transformers' layers over the slot cache."""
         caches = [self._cache_for(step) for step in steps]
         past = [cache.length for cache in caches]
+        slots = [cache.slot for cache in caches]
         new = hidden.shape[1]
         position_ids = torch.tensor(past)[:, None] + torch.arange(new)[None, :]  # [batch, new]
         position_ids = position_ids.to(hidden.device)
-        position_embeddings = self.stage.rotary(hidden, position_ids)
+        cos, sin = self.stage.rotary(hidden, position_ids)  # [batch, new, head_dim] each
+        if new == 1 and self.fused:
+            out = decode.decode_layers(
+                self.fused,
+                hidden[:, 0],
+                pool=self.pool,
+                slots=slots,
+                past=past,
+                cos=cos[:, 0],
+                sin=sin[:, 0],
+            )[:, None]
+        else:
+            out = self._prompt_forward(caches, hidden, position_ids, (cos, sin))
+        now = time.monotonic()
+        for cache in caches:
+            cache.length += new
+            cache.last_used = now
+        return out
+
+    def _prompt_forward(
+        self,
+        caches: list[SequenceCache],
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        past = [cache.length for cache in caches]
+        new = hidden.shape[1]
+        if max(past) > 0:
+            self.pool.readable([c.slot for c in caches], max(past) + new)
         mask = attention_mask(past, new, dtype=hidden.dtype, device=hidden.device)
-        batch_cache = BatchCache(caches)
+        batch_cache = BatchCache(self.pool, caches, self.stage.layer_start)
         for layer in self.stage.layers:
             hidden = layer(
                 hidden,
@@ -260,11 +397,13 @@ class StageRuntime:
                 use_cache=True,
                 position_embeddings=position_embeddings,
             )
-        now = time.monotonic()
         for cache in caches:
-            cache.length += new
-            cache.last_used = now
+            self.pool.wrote(cache.slot, cache.length + new)
         return hidden
+
+    def _slot_order(self, step: Step) -> int:
+        cache = self.caches.get(step.sequence_id)
+        return cache.slot if cache is not None else self.pool.slots + step.sequence_id
 
     def _check(self, step: Step) -> None:
         """Raise StepError unless the step continues its sequence's cache exactly."""
@@ -284,7 +423,7 @@ class StageRuntime:
     def _cache_for(self, step: Step) -> SequenceCache:
         cache = self.caches.get(step.sequence_id)
         if cache is None:
-            cache = self.caches[step.sequence_id] = SequenceCache()
+            cache = self.caches[step.sequence_id] = SequenceCache(self.pool.take())
             if self.stage.has_head:
                 self.samplers[step.sequence_id] = Sampler.from_message(step.sampling)
         return cache
@@ -302,10 +441,10 @@ class StageRuntime:
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [rows, hidden_size] -> float32 logits [rows, vocab], on the host."""
-        if self.stage.norm is None or self.stage.head_weight is None:
+        if self.stage.norm is None or self.head is None:
             raise StepError("this stage holds no head")
         hidden = hidden.to(self.stage.device, non_blocking=True)
-        logits = functional.linear(self.stage.norm(hidden), self.stage.head_weight)
+        logits: torch.Tensor = self.head(self.stage.norm(hidden))
         return logits.float().cpu()
 
     def sample_scored(self, steps: list[Step], hidden: torch.Tensor) -> Sampled:
@@ -351,7 +490,12 @@ class StageRuntime:
     # -- cache lifetime --------------------------------------------------------------------
     def release(self, sequence_ids: list[int]) -> list[int]:
         """Free these sequences' caches; returns the ids that were held."""
-        freed = [sid for sid in sequence_ids if self.caches.pop(sid, None) is not None]
+        freed = []
+        for sid in sequence_ids:
+            cache = self.caches.pop(sid, None)
+            if cache is not None:
+                self.pool.give_back(cache.slot)
+                freed.append(sid)
         for sid in sequence_ids:
             self.samplers.pop(sid, None)
         return freed
@@ -362,4 +506,5 @@ class StageRuntime:
         return [sid for sid, cache in self.caches.items() if cache.last_used < cutoff]
 
     def cache_bytes(self) -> int:
-        return sum(cache.nbytes() for cache in self.caches.values())
+        """Bytes of keys and values the held sequences have cached."""
+        return self.pool.token_bytes() * sum(cache.length for cache in self.caches.values())

@@ -161,7 +161,12 @@ def load_runtime(settings: StageSettings, progress: LoadProgress) -> StageRuntim
         progress=on_progress,
     )
     limit = min(loading.context_limit(stage_slice.config), settings.pipeline.max_context_tokens)
-    return StageRuntime(stage_slice, context_limit=limit)
+    return StageRuntime(
+        stage_slice,
+        context_limit=limit,
+        max_sequences=settings.pipeline.max_sequences,
+        quantization=settings.pipeline.quantization,
+    )
 
 
 def _parts(process: Process, runtime: StageRuntime) -> Parts:

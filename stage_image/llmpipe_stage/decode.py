@@ -1,0 +1,211 @@
+"""The decode step's hot path: fused projections, weight-only int8, one batched step.
+
+A decode step (one new token per sequence, many sequences) is bound by reading the weights
+once, so it should cost little more than its matrix products. transformers' decoder layer
+spends a large share of a CPU decode step in small ops (three q/k/v products, two
+gate/up products, rotary twice, a cache object per call). `fuse_layer` concatenates
+q|k|v and gate|up into one weight each and points the layer's own projections at row
+views of it (no second copy), so the layer still runs prompts exactly as transformers does;
+`decode_layers` runs a decode batch over those fused weights with one attention call per
+layer, rotary applied once to q|k, and keys and values written in place into the stage's
+`SlotPool`. The arithmetic is the layer's own (same norms, same rotary formula, same
+attention), so greedy tokens equal transformers'.
+
+Weight-only int8 (`quantize="int8"`): every projection weight becomes int8 with one scale
+per output row (symmetric, max |w| / 127) and runs through `aten._weight_int8pack_mm`
+(activations bf16): half the bytes of bf16 per token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.nn import functional
+
+if TYPE_CHECKING:
+    from llmpipe_stage.runtime import SlotPool
+
+
+class Projection(nn.Module):
+    """y = x W^T + b for a float weight, or int8 weight with per-row scales."""
+
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, scales: torch.Tensor | None = None
+    ) -> None:
+        super().__init__()
+        self.weight = weight  # [out, in]: float, or int8 when scales is set
+        self.bias = bias
+        self.scales = scales  # [out], the activation dtype
+
+    @property
+    def out_features(self) -> int:
+        return int(self.weight.shape[0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scales is None:
+            return functional.linear(x, self.weight, self.bias)
+        flat = x.reshape(-1, x.shape[-1])
+        y: torch.Tensor = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def rows(self, start: int, end: int) -> Projection:
+        """A projection over rows [start, end) of this one's weight (views, no copy)."""
+        bias = None if self.bias is None else self.bias[start:end]
+        scales = None if self.scales is None else self.scales[start:end]
+        return Projection(self.weight[start:end], bias, scales)
+
+    def nbytes(self) -> int:
+        parts = (self.weight, self.bias, self.scales)
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
+
+
+def quantize_int8(
+    weight: torch.Tensor, *, scale_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: (int8 [out, in], scales [out]) with w ~= q * scale."""
+    w = weight.float()
+    scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return q.contiguous(), scales.to(scale_dtype)
+
+
+def projection(
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor | None],
+    *,
+    quantize: str,
+    dtype: torch.dtype,
+) -> Projection:
+    """One projection over the concatenated rows of `weights` (freed as they are joined)."""
+    weight = weights[0] if len(weights) == 1 else torch.cat(weights)
+    bias = None
+    if any(b is not None for b in biases):
+        bias = torch.cat(
+            [
+                b if b is not None else w.new_zeros(w.shape[0])
+                for w, b in zip(weights, biases, strict=True)
+            ]
+        )
+    if quantize == "int8":
+        q, scales = quantize_int8(weight, scale_dtype=dtype)
+        return Projection(q, None if bias is None else bias.to(dtype), scales)
+    return Projection(weight.detach(), None if bias is None else bias.detach())
+
+
+@dataclass
+class FusedLayer:
+    """One decoder layer's weights as the decode step reads them."""
+
+    qkv: Projection  # rows: q (heads * head_dim) | k | v (kv_heads * head_dim each)
+    out: Projection
+    gate_up: Projection  # rows: gate (intermediate) | up (intermediate)
+    down: Projection
+    heads: int
+    kv_heads: int
+    head_dim: int
+    scaling: float
+    input_norm: nn.Module
+    post_norm: nn.Module
+    act: Callable[[torch.Tensor], torch.Tensor]
+
+
+def fuse_layer(layer: Any, *, heads: int, kv_heads: int, quantize: str) -> FusedLayer:
+    """Fuse q|k|v and gate|up, quantize when asked, and re-point the layer's own projection
+    modules at row views of the fused weights (prompts keep running through the layer)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    dtype = attn.q_proj.weight.dtype
+    head_dim = int(attn.head_dim)
+    parts = [attn.q_proj, attn.k_proj, attn.v_proj]
+    qkv = projection(
+        [p.weight for p in parts], [p.bias for p in parts], quantize=quantize, dtype=dtype
+    )
+    gate_up = projection(
+        [mlp.gate_proj.weight, mlp.up_proj.weight],
+        [mlp.gate_proj.bias, mlp.up_proj.bias],
+        quantize=quantize,
+        dtype=dtype,
+    )
+    out = projection([attn.o_proj.weight], [attn.o_proj.bias], quantize=quantize, dtype=dtype)
+    down = projection([mlp.down_proj.weight], [mlp.down_proj.bias], quantize=quantize, dtype=dtype)
+    q_rows, kv_rows = heads * head_dim, kv_heads * head_dim
+    attn.q_proj = qkv.rows(0, q_rows)
+    attn.k_proj = qkv.rows(q_rows, q_rows + kv_rows)
+    attn.v_proj = qkv.rows(q_rows + kv_rows, q_rows + 2 * kv_rows)
+    attn.o_proj = out
+    intermediate = gate_up.out_features // 2
+    mlp.gate_proj = gate_up.rows(0, intermediate)
+    mlp.up_proj = gate_up.rows(intermediate, 2 * intermediate)
+    mlp.down_proj = down
+    return FusedLayer(
+        qkv=qkv,
+        out=out,
+        gate_up=gate_up,
+        down=down,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        scaling=float(attn.scaling),
+        input_norm=layer.input_layernorm,
+        post_norm=layer.post_attention_layernorm,
+        act=mlp.act_fn,
+    )
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """transformers' rotate_half: [x1, x2] -> [-x2, x1] on the last dimension."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def decode_layers(
+    layers: list[FusedLayer],
+    hidden: torch.Tensor,
+    *,
+    pool: SlotPool,
+    slots: list[int],
+    past: list[int],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+) -> torch.Tensor:
+    """One decode step over the slice: hidden [batch, hidden_size] at positions `past`
+    (each sequence's cached length) -> [batch, hidden_size]; writes each layer's new keys
+    and values at (slot, past) in `pool`. cos, sin: [batch, head_dim] for those positions."""
+    batch = hidden.shape[0]
+    length = max(past) + 1
+    pool.readable(slots, length)
+    slot_index = torch.tensor(slots, device=hidden.device)
+    position_index = torch.tensor(past, device=hidden.device)
+    mask = None
+    if len(set(past)) > 1:  # unequal lengths: hide each sequence's keys past its own
+        visible = torch.arange(length, device=hidden.device)[None, :] <= position_index[:, None]
+        mask = visible[:, None, None, :]  # [batch, 1, 1, length]: kv heads, query rows
+    cos, sin = cos[:, None, :], sin[:, None, :]  # [batch, 1, head_dim]: over heads
+    x = hidden
+    for index, layer in enumerate(layers):
+        heads, kv_heads, head_dim = layer.heads, layer.kv_heads, layer.head_dim
+        qkv = layer.qkv(layer.input_norm(x))  # [batch, (heads + 2 kv_heads) * head_dim]
+        qk = qkv[:, : (heads + kv_heads) * head_dim].view(batch, heads + kv_heads, head_dim)
+        value = qkv[:, (heads + kv_heads) * head_dim :].view(batch, kv_heads, head_dim)
+        qk = qk * cos + rotate_half(qk) * sin
+        pool.keys[index, slot_index, :, position_index] = qk[:, heads:]
+        pool.values[index, slot_index, :, position_index] = value
+        keys, values = pool.read(index, slots, length)  # [batch, kv_heads, length, head_dim]
+        # Grouped-query attention without repeating keys: the heads sharing a kv head are
+        # that kv head's query rows.
+        query = qk[:, :heads].reshape(batch, kv_heads, heads // kv_heads, head_dim)
+        attended = functional.scaled_dot_product_attention(
+            query, keys, values, attn_mask=mask, scale=layer.scaling
+        )
+        x = x + layer.out(attended.reshape(batch, heads * head_dim))
+        gate_up = layer.gate_up(layer.post_norm(x))
+        gate, up = gate_up.chunk(2, dim=-1)
+        x = x + layer.down(layer.act(gate) * up)
+    for slot, position in zip(slots, past, strict=True):
+        pool.wrote(slot, position + 1)
+    return x
