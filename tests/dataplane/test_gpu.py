@@ -155,7 +155,7 @@ def test_a_gpu_stage_loads_its_slice_without_a_host_copy(big_model: Path) -> Non
     assert int(gpu["grew_bytes"]) < 0.25 * slice_bytes, gpu
 
 
-def test_kv_caches_live_on_the_gpu_and_release_gives_the_memory_back(
+def test_kv_caches_live_on_the_gpu_and_release_gives_the_slots_back(
     model_dirs: dict[str, Path],
 ) -> None:
     from llmpipe_stage import loading, runtime, wire
@@ -172,18 +172,20 @@ def test_kv_caches_live_on_the_gpu_and_release_gives_the_memory_back(
         dtype=torch.float32,
         device=device,
     )
-    run = runtime.StageRuntime(stage, context_limit=512)
+    run = runtime.StageRuntime(stage, context_limit=512, max_sequences=8)
     torch.cuda.synchronize()
+    # The slot pool (8 sequences x 512 positions) is reserved on the device up front.
+    assert run.pool.keys.device.type == "cuda" and run.pool.values.device.type == "cuda"
+    reserved = 2 * run.pool.keys.numel() * run.pool.keys.element_size()
+    assert reserved == 8 * 512 * run.pool.token_bytes()
     baseline = torch.cuda.memory_allocated(device)
     steps = [wire.Step(sequence_id=i, position=0, length=200) for i in range(8)]
     hidden = run.embed([7] * 200 * 8)
     out = run.run(steps, hidden)
     assert out.device.type == "cpu" and out.is_pinned()  # device -> page-locked host
-    cache = run.caches[0]
-    assert all(t.device.type == "cuda" for t in cache.keys.values())
-    held = torch.cuda.memory_allocated(device) - baseline
-    assert held >= run.cache_bytes() > 0
+    assert run.cache_bytes() == 8 * 200 * run.pool.token_bytes()
     assert run.release([s.sequence_id for s in steps]) == list(range(8))
-    del cache, hidden
+    assert run.cache_bytes() == 0 and sorted(run.pool.free) == list(range(8))
+    del hidden
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated(device) <= baseline + 2**20
