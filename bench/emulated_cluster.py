@@ -239,7 +239,7 @@ def run_split(
             ],
             "pipeline": pipeline,
         }
-    except Exception:
+    except BaseException:  # Ctrl-C too: never leave stage processes in the namespaces
         pipeline.stop()
         raise
 
@@ -356,14 +356,14 @@ def main() -> int:
     )
     description = yaml.safe_load(args.cluster.read_text())
     cluster = emulated.Cluster.start(description)
-    running: list[subprocess.Popen[bytes]] = []
+    running: dict[str, subprocess.Popen[bytes]] = {}
     try:
         # 1. probe
         reference = float(reference_tflops(cluster, seconds=args.probe_seconds)["tflops"])
         # one node's probe after another: here the "nodes" share this machine's cores, so
         # probes measuring at once would measure each other (real nodes do not share CPUs)
         for node in cluster.nodes:
-            running.append(start_probe(node, seconds=args.probe_seconds))
+            running[node.name] = start_probe(node, seconds=args.probe_seconds)
             asyncio.run(read_probes(cluster, pairs=False, only=node.name))
         facts, links = asyncio.run(read_probes(cluster, pairs=True))
         reference_after = float(reference_tflops(cluster, seconds=args.probe_seconds)["tflops"])
@@ -409,9 +409,9 @@ def main() -> int:
         better = max(measured_rates["even"], measured_rates["memory-proportional"])
         print(f"\nplanner / better baseline, measured: {measured_rates['planner'] / better:.2f}x")
         # 4. recalibration: the planner's plan runs; one node slows down
-        recalibrate(cluster, model_dir, chosen, nodes, profile, workload, args)
+        recalibrate(cluster, model_dir, chosen, nodes, profile, workload, args, running)
     finally:
-        for process in running:
+        for process in running.values():
             process.terminate()
             process.wait()
         cluster.stop()
@@ -426,6 +426,7 @@ def recalibrate(
     profile: Any,
     workload: cost.Workload,
     args: argparse.Namespace,
+    running: dict[str, subprocess.Popen[bytes]],
 ) -> None:
     slowed = cluster.node(args.slow_node)
     result = run_split(cluster, model_dir, current, args)
@@ -439,8 +440,17 @@ def recalibrate(
         degraded = load(pipeline, sequences=args.sequences, new=args.new, prompt=args.prompt)
     finally:
         pipeline.stop()
-    # the probe's next round on the slowed node (a restart re-measures at once)
+    # the slowed node's next measurement: its scheduled re-measurement, brought forward by
+    # restarting its probe (a new probe pod measures at once, like on a joining node)
+    running[slowed.name].terminate()
+    running[slowed.name].wait()
+    running[slowed.name] = start_probe(slowed, seconds=args.probe_seconds)
+    asyncio.run(read_probes(cluster, pairs=False, only=slowed.name))
     facts, _ = asyncio.run(read_probes(cluster, pairs=False))
+    print(
+        f"  re-measured {slowed.name}: "
+        f"{float(facts[slowed.name]['tflops']) * 1e3:.1f} GFLOP/s at {slowed.cpus} cpus"
+    )
     written = write_round(nodes, facts, {}, margin=0.1)
     print(f"  probe round wrote {written or 'nothing'} (margin 10 %)")
     inventory = live.build_inventory(list(nodes.values()), eligibility=live.Eligibility()).inventory

@@ -3,8 +3,9 @@
 `python -m llmpipe_stage.probe` runs in the stage image (the chart's opt-in DaemonSet, one
 pod per node, or any process in an emulated node). It measures:
 
-- compute: dense matmul TFLOP/s at the stage's dtype on the device a stage would use (the
-  CPU threads the pod may run, or the GPU), the rate `llmpipe.io/tflops` stands for;
+- compute: dense matrix-product TFLOP/s at the stage's dtype on the device a stage would
+  use (the CPU threads the pod may run: a decode micro-batch's shape; a GPU: a square
+  product), the rate `llmpipe.io/tflops` stands for;
 - memory bandwidth: a streaming read (`sum`) of a buffer much larger than the caches, the
   rate at which a decode step streams its weights (`llmpipe.io/memory-bandwidth-gbps`);
 - links, when asked: bulk TCP transfer rate and ping-pong round-trip time to another
@@ -76,19 +77,32 @@ def _timed(work: Callable[[], object], sync: Callable[[], None], *, seconds: flo
             return took / calls
 
 
-def measure_compute(*, dtype: str, device: str, seconds: float, size: int = 0) -> dict[str, Any]:
-    """Dense matmul TFLOP/s (2 n^3 FLOPs per n x n product) at `dtype` on `device`."""
+CPU_SHAPE = (16, 1024, 1024)
+"""(tokens, in, out) of the CPU product: a decode micro-batch against a 4 MiB (fp32) weight
+matrix. A CPU decode step multiplies a few tokens by each weight matrix, which runs at a
+third of a square product's rate (docs/benchmarks.md): this is the rate stages see."""
+GPU_SHAPE = (4096, 4096, 4096)
+"""A GPU's decode step is bound by memory bandwidth, which the cost model takes from the
+bandwidth figure; its FLOP figure is the device's dense rate, a square product's."""
+
+
+def measure_compute(
+    *, dtype: str, device: str, seconds: float, shape: tuple[int, int, int] | None = None
+) -> dict[str, Any]:
+    """TFLOP/s of `linear` (2 m k n FLOPs: m tokens, a k -> n weight) at `dtype` on
+    `device`, the product a stage's layers are made of."""
     import torch
 
-    size = size or (4096 if device.startswith("cuda") else 512)
+    tokens, width, out = shape or (GPU_SHAPE if device.startswith("cuda") else CPU_SHAPE)
     torch_dtype = getattr(torch, dtype)
-    a = torch.randn(size, size, device=device).to(torch_dtype)  # [n, n]
-    b = torch.randn(size, size, device=device).to(torch_dtype)  # [n, n]
-    per_call = _timed(lambda: torch.mm(a, b), _sync(device), seconds=seconds)
+    x = torch.randn(tokens, width, device=device).to(torch_dtype)  # [m, k]
+    weight = torch.randn(out, width, device=device).to(torch_dtype)  # [n, k]
+    linear = torch.nn.functional.linear
+    per_call = _timed(lambda: linear(x, weight), _sync(device), seconds=seconds)
     threads = torch.get_num_threads() if device == "cpu" else 0
     return {
-        "tflops": 2 * size**3 / per_call / 1e12,
-        "method": f"{dtype} matmul {size}x{size} on {device}"
+        "tflops": 2 * tokens * width * out / per_call / 1e12,
+        "method": f"{dtype} linear {tokens} tokens x {width}->{out} on {device}"
         + (f", {threads} threads" if threads else "")
         + f", {seconds:g} s",
     }
@@ -246,12 +260,22 @@ def measure_link(
 class Probe:
     """The latest facts of this node, re-measured every `interval_seconds`."""
 
-    def __init__(self, *, dtype: str, device: str, budget: Budget, link_port: int) -> None:
+    def __init__(
+        self, *, dtype: str, device: str, budget: Budget, link_port: int, threads: int | None
+    ) -> None:
         self.dtype, self.device, self.budget, self.link_port = dtype, device, budget, link_port
+        self.threads = threads
         self.facts: dict[str, Any] | None = None
         self.link_lock = threading.Lock()
 
     def measure(self) -> None:
+        """Runs in the measuring thread, which needs its own thread count: OpenMP's is per
+        thread, and a thread left at the default spins every core's worth of threads (3.6x
+        slower than one thread under a CPU quota of 0.2 core, docs/benchmarks.md)."""
+        if self.threads:
+            import torch
+
+            torch.set_num_threads(self.threads)
         facts = measure_node(dtype=self.dtype, device=self.device, budget=self.budget)
         facts["linkPort"] = self.link_port
         self.facts = facts
@@ -344,7 +368,13 @@ def main(argv: list[str] | None = None) -> None:
         return
     links = LinkServer(args.host, args.link_port)
     threading.Thread(target=links.serve_forever, name="links", daemon=True).start()
-    probe = Probe(dtype=args.dtype, device=args.device, budget=budget, link_port=args.link_port)
+    probe = Probe(
+        dtype=args.dtype,
+        device=args.device,
+        budget=budget,
+        link_port=args.link_port,
+        threads=args.threads,
+    )
     threading.Thread(
         target=probe.run_schedule, args=(args.interval,), name="measure", daemon=True
     ).start()
