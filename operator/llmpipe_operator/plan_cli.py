@@ -1,6 +1,7 @@
 """`llmpipe profile` and `llmpipe plan`: will my model fit on my devices, and how fast?
 
-I/O edge of the planner: reads the cluster YAML and the model files, calls the pure
+I/O edge of the planner: reads the cluster YAML (or, with `--kubeconfig` / `--context`,
+the live cluster's Nodes as the operator reads them) and the model files, calls the pure
 `planning` package, prints a table, JSON or YAML. Exit codes: 0 planned, 2 bad input,
 3 infeasible (the reason on stderr).
 """
@@ -17,7 +18,7 @@ from typing import Any, TextIO
 import yaml
 
 from llmpipe_operator import modelfiles
-from llmpipe_operator.planning import cost, inventory, planner, profiles
+from llmpipe_operator.planning import cost, inventory, live, planner, profiles
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_INFEASIBLE = 0, 2, 3
 
@@ -59,11 +60,33 @@ def _parser() -> argparse.ArgumentParser:
 
     plan = commands.add_parser(
         "plan",
-        help="plan a pipeline of a model over a cluster file",
-        description="Compute the best pipeline of MODEL over the nodes of a cluster file "
-        "(cost model v1). Exit codes: 0 planned, 2 bad input, 3 infeasible.",
+        help="plan a pipeline of a model over a cluster file or a live cluster",
+        description="Compute the best pipeline of MODEL over the nodes of a cluster file, "
+        "or of a live cluster read as the operator reads it (cost model v2). Exit codes: "
+        "0 planned, 2 bad input, 3 infeasible.",
     )
-    plan.add_argument("--cluster", required=True, type=Path, help="cluster YAML file")
+    source = plan.add_mutually_exclusive_group(required=True)
+    source.add_argument("--cluster", type=Path, help="cluster YAML file")
+    source.add_argument(
+        "--kubeconfig",
+        type=Path,
+        help="plan on this cluster's Nodes (labels, measured facts, links, the memory others "
+        "hold), exactly as the operator would for a new pipeline; read only",
+    )
+    plan.add_argument(
+        "--selector",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        type=_label,
+        help="with --kubeconfig: only nodes with this label, like spec.placement.nodeSelector "
+        "(repeatable)",
+    )
+    plan.add_argument(
+        "--context",
+        help="kubeconfig context (default: the current one); without --kubeconfig, "
+        "$KUBECONFIG or ~/.kube/config",
+    )
     plan.add_argument(
         "--model",
         required=True,
@@ -120,6 +143,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _label(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
 def _quantity(text: str) -> int:
     try:
         value = inventory.parse_quantity(text)
@@ -165,7 +195,9 @@ def _load_profile(path: Path, *, dtype: str | None) -> profiles.ModelProfile:
 def run_plan(args: argparse.Namespace, out: TextIO) -> int:
     # 1. read the inputs
     profile = _load_profile(args.model, dtype=args.dtype)
-    cluster = load_cluster(args.cluster)
+    if args.selector and args.cluster:
+        raise BadInput("--selector applies to --kubeconfig (a cluster file lists its nodes)")
+    cluster = load_cluster(args.cluster) if args.cluster else load_live(args)
     workload = planner.Workload(
         objective=args.objective,
         max_sequences=args.max_sequences,
@@ -197,6 +229,30 @@ def load_cluster(path: Path) -> inventory.Inventory:
         return inventory.parse_cluster(data)
     except inventory.InventoryError as error:
         raise BadInput(f"{path}: {error}") from error
+
+
+def load_live(args: argparse.Namespace) -> inventory.Inventory:
+    """The live cluster's eligible nodes: Ready, schedulable, untainted, and matching
+    `--selector`."""
+    try:
+        from llmpipe_operator.reconcile import whatif  # the operator extra: lightkube, kopf
+    except ImportError as error:
+        raise BadInput(
+            f"--kubeconfig needs the operator's packages ({error.name}): pip install "
+            "'llmpipe[operator]'"
+        ) from error
+    try:
+        eligibility = live.Eligibility(node_selector=dict(args.selector))
+        found = whatif.live_inventory(args.kubeconfig, args.context, eligibility)
+    except (OSError, ValueError) as error:
+        raise BadInput(f"cluster: {error}") from error
+    except whatif.READ_ERRORS as error:
+        raise BadInput(f"cluster: cannot read Nodes and Pods: {error}") from error
+    for name, reason in sorted(found.excluded.items()):
+        print(f"llmpipe plan: node {name} left out: {reason}", file=sys.stderr)
+    for note in found.notes:
+        print(f"llmpipe plan: {note}", file=sys.stderr)
+    return found.inventory
 
 
 def _dump(data: dict[str, Any], form: str, out: TextIO) -> None:

@@ -336,3 +336,15 @@ def test_profile_of_a_gguf_file_is_that_of_its_dequantized_weights(
     (tmp_path / "broken.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")
     code, _, err = run(capsys, "profile", str(tmp_path / "broken.gguf"))
     assert code == plan_cli.EXIT_BAD_INPUT and "broken.gguf" in err
+
+
+def test_live_cluster_flags_say_what_is_wrong(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    code, _, err = run(capsys, "plan", "--cluster", JETSON, "--model", LLAMA2, "--selector", "a=b")
+    assert code == 2 and "--selector applies to --kubeconfig" in err
+    missing = tmp_path / "nowhere.yaml"
+    code, _, err = run(capsys, "plan", "--kubeconfig", str(missing), "--model", LLAMA2)
+    assert code == 2 and str(missing) in err
+    code, _, err = run(capsys, "plan", "--model", LLAMA2)
+    assert code == 2 and "--cluster" in err and "--kubeconfig" in err
