@@ -185,6 +185,45 @@ def no_plan_fields() -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class Conditions:
+    """The conditions of one status report, bound once to what each of them needs: the
+    generation observed, the report's time and the conditions the pipeline had (a
+    condition keeps its lastTransitionTime while its status does not flip)."""
+
+    generation: int
+    now: str
+    previous: Sequence[Mapping[str, Any]] = ()
+
+    def of(self, kind: str, status: bool, reason: str, message: str) -> dict[str, Any]:
+        return condition(
+            kind,
+            status,
+            reason,
+            message,
+            generation=self.generation,
+            now=self.now,
+            previous=self.previous,
+        )
+
+    def merged(self, *updates: dict[str, Any]) -> list[dict[str, Any]]:
+        """The whole conditions list: the earlier ones with `updates` in their place."""
+        return merge_conditions(self.previous, updates)
+
+    def report(self, phase: str, *updates: dict[str, Any]) -> dict[str, Any]:
+        """A status patch of this generation: its phase and conditions."""
+        return {
+            "observedGeneration": self.generation,
+            "phase": phase,
+            "conditions": self.merged(*updates),
+        }
+
+    def was(self, kind: str, status: bool) -> bool:
+        """Whether the pipeline had condition `kind` at `status` before this report."""
+        value = "True" if status else "False"
+        return any(c.get("type") == kind and c.get("status") == value for c in self.previous)
+
+
 def invalid_spec(
     message: str,
     *,
@@ -195,31 +234,12 @@ def invalid_spec(
 ) -> dict[str, Any]:
     """The spec cannot be acted on; nothing is planned or deployed for it. `reason` is
     InvalidSpec, or PolicyViolation for a spec the cluster's policy refuses."""
-    conds = [
-        condition(
-            PLANNED,
-            False,
-            reason,
-            message,
-            generation=generation,
-            now=now,
-            previous=previous,
-        ),
-        condition(
-            READY,
-            False,
-            reason,
-            "no plan",
-            generation=generation,
-            now=now,
-            previous=previous,
-        ),
-    ]
-    return {
-        "observedGeneration": generation,
-        "phase": "Failed",
-        "conditions": merge_conditions(previous, conds),
-    }
+    conds = Conditions(generation, now, previous)
+    return conds.report(
+        "Failed",
+        conds.of(PLANNED, False, reason, message),
+        conds.of(READY, False, reason, "no plan"),
+    )
 
 
 def forbidden(
@@ -227,22 +247,18 @@ def forbidden(
 ) -> dict[str, Any]:
     """Planned, but the operator may not write the plan's objects in this namespace (no
     RoleBinding grants it): Pending until an admin grants it; retried slowly."""
-    conds = [
-        condition(
-            PLANNED,
-            False,
-            REASON_FORBIDDEN,
-            message,
-            generation=generation,
-            now=now,
-            previous=previous,
-        )
-    ]
-    return {
-        "observedGeneration": generation,
-        "phase": "Pending",
-        "conditions": merge_conditions(previous, conds),
-    }
+    conds = Conditions(generation, now, previous)
+    return conds.report("Pending", conds.of(PLANNED, False, REASON_FORBIDDEN, message))
+
+
+def _not_planned(
+    conds: Conditions, reason: str, message: str, *, serving: bool, not_ready: str
+) -> list[dict[str, Any]]:
+    """Planned=False for `reason`; with a plan still serving Degraded, else not Ready."""
+    planned = conds.of(PLANNED, False, reason, message)
+    if serving:
+        return [planned, conds.of(DEGRADED, True, reason, f"serving the previous plan: {message}")]
+    return [planned, conds.of(READY, False, reason, not_ready)]
 
 
 def infeasible(
@@ -254,48 +270,11 @@ def infeasible(
     previous: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
     """No plan fits. When an earlier plan still serves, it keeps serving: Degraded."""
-    conds = [
-        condition(
-            PLANNED,
-            False,
-            REASON_INSUFFICIENT_MEMORY,
-            message,
-            generation=generation,
-            now=now,
-            previous=previous,
-        )
-    ]
-    if serving:
-        conds.append(
-            condition(
-                DEGRADED,
-                True,
-                REASON_INSUFFICIENT_MEMORY,
-                f"serving the previous plan: {message}",
-                generation=generation,
-                now=now,
-                previous=previous,
-            )
-        )
-        phase = "Degraded"
-    else:
-        conds.append(
-            condition(
-                READY,
-                False,
-                REASON_INSUFFICIENT_MEMORY,
-                "no plan fits",
-                generation=generation,
-                now=now,
-                previous=previous,
-            )
-        )
-        phase = "Failed"
-    return {
-        "observedGeneration": generation,
-        "phase": phase,
-        "conditions": merge_conditions(previous, conds),
-    }
+    conds = Conditions(generation, now, previous)
+    updates = _not_planned(
+        conds, REASON_INSUFFICIENT_MEMORY, message, serving=serving, not_ready="no plan fits"
+    )
+    return conds.report("Degraded" if serving else "Failed", *updates)
 
 
 def no_nodes(
@@ -308,46 +287,11 @@ def no_nodes(
 ) -> dict[str, Any]:
     """No node may run a stage (yet): Pending, waiting for nodes; a serving plan keeps
     serving (Degraded)."""
-    conds = [
-        condition(
-            PLANNED,
-            False,
-            REASON_NO_ELIGIBLE_NODES,
-            message,
-            generation=generation,
-            now=now,
-            previous=previous,
-        )
-    ]
-    if serving:
-        conds.append(
-            condition(
-                DEGRADED,
-                True,
-                REASON_NO_ELIGIBLE_NODES,
-                f"serving the previous plan: {message}",
-                generation=generation,
-                now=now,
-                previous=previous,
-            )
-        )
-    else:
-        conds.append(
-            condition(
-                READY,
-                False,
-                REASON_NO_ELIGIBLE_NODES,
-                "no plan",
-                generation=generation,
-                now=now,
-                previous=previous,
-            )
-        )
-    return {
-        "observedGeneration": generation,
-        "phase": "Degraded" if serving else "Pending",
-        "conditions": merge_conditions(previous, conds),
-    }
+    conds = Conditions(generation, now, previous)
+    updates = _not_planned(
+        conds, REASON_NO_ELIGIBLE_NODES, message, serving=serving, not_ready="no plan"
+    )
+    return conds.report("Degraded" if serving else "Pending", *updates)
 
 
 def planned(
@@ -360,17 +304,7 @@ def planned(
     previous: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
     """A feasible plan was computed and applied; its stages are coming up."""
-    conds = [
-        condition(
-            PLANNED,
-            True,
-            REASON_PLANNED,
-            describe_plan(plan),
-            generation=generation,
-            now=now,
-            previous=previous,
-        )
-    ]
+    conds = Conditions(generation, now, previous)
     return {
         "observedGeneration": generation,
         "planHash": digest,
@@ -379,135 +313,109 @@ def planned(
         "estimates": estimates(plan),
         "plan": plan_summary(plan),
         "endpoint": endpoint,
-        "conditions": merge_conditions(previous, conds),
+        "conditions": conds.merged(conds.of(PLANNED, True, REASON_PLANNED, describe_plan(plan))),
     }
 
 
 _KEEPS_SERVING = (REASON_INSUFFICIENT_MEMORY, REASON_NO_ELIGIBLE_NODES)
 
 
-def _unplanned_generation(
-    previous: Sequence[Mapping[str, Any]], generation: int
-) -> Mapping[str, Any] | None:
+def _unplanned_generation(conds: Conditions) -> Mapping[str, Any] | None:
     """The Planned=False condition of this generation that leaves the earlier plan serving
     (no plan fits, no node eligible), if any: a rollout report of that earlier plan must not
     turn the pipeline back to Ready as if the current spec ran."""
-    for c in previous:
+    for c in conds.previous:
         if (
             c.get("type") == PLANNED
             and c.get("status") == "False"
             and c.get("reason") in _KEEPS_SERVING
-            and c.get("observedGeneration") == generation
+            and c.get("observedGeneration") == conds.generation
         ):
             return c
     return None
 
 
-def rollout(
-    plan: Mapping[str, Any],
-    *,
-    digest: str,
-    serving_digest: str | None,
-    target: Sequence[StageAvailability],
-    serving: Sequence[StageAvailability],
-    generation: int,
-    now: str,
-    previous: Sequence[Mapping[str, Any]] = (),
-    stalled: str | None = None,
-) -> dict[str, Any]:
-    """Ready/Degraded/Deploying from the availability of the target and the served plan.
+@dataclass(frozen=True)
+class Rollout:
+    """What the switch observed of a rollout (`reconcile.switch`)."""
 
-    `target` is the plan being rolled out (= `digest`); `serving` the one the endpoint
-    routes to (empty when it is the same plan or there is none). `stalled` is set when the
-    switch ran past its timeout (planning.replan.stalled_switch): the served plan keeps
-    serving and the pipeline is Degraded with that message.
-    """
-    total = len(plan["stages"])
-    up = sum(1 for a in target if a.available)
-    missing = [a for a in target if not a.available]
-    switching = serving_digest is not None and serving_digest != digest
-    serving_ok = bool(serving) and all(a.available for a in serving)
-    if not missing and not switching:
-        phase, ready = (
-            "Ready",
-            condition(
-                READY,
-                True,
-                REASON_STAGES_AVAILABLE,
-                f"all {total} stages available",
-                generation=generation,
-                now=now,
-                previous=previous,
-            ),
-        )
-        unplanned = _unplanned_generation(previous, generation)
-        degraded = condition(
-            DEGRADED,
-            unplanned is not None,
-            REASON_AS_PLANNED if unplanned is None else str(unplanned["reason"]),
-            "running as planned"
-            if unplanned is None
-            else f"serving the previous plan: {unplanned.get('message', '')}",
-            generation=generation,
-            now=now,
-            previous=previous,
-        )
-        if unplanned is not None:
-            phase = "Degraded"
-    elif switching and serving_ok:
-        phase, ready = (
+    digest: str
+    """The plan being rolled out (`status.planHash`)."""
+    serving_digest: str | None
+    """The plan the endpoint routes to, if any."""
+    target: Sequence[StageAvailability]
+    """The target plan's stages."""
+    serving: Sequence[StageAvailability] = ()
+    """The served plan's stages (empty when it is the target or there is none)."""
+    stalled: str | None = None
+    """Set when the switch ran past its timeout (planning.replan.stalled_switch): the
+    served plan keeps serving and the pipeline is Degraded with this message."""
+
+    @property
+    def switching(self) -> bool:
+        return self.serving_digest is not None and self.serving_digest != self.digest
+
+    @property
+    def missing(self) -> list[StageAvailability]:
+        return [a for a in self.target if not a.available]
+
+
+Verdict = tuple[str, dict[str, Any], dict[str, Any]]
+"""phase, the Ready condition, the Degraded condition."""
+
+
+def _all_available(total: int, conds: Conditions) -> Verdict:
+    """Every stage of the target serves: Ready, unless this generation could not plan."""
+    ready = conds.of(READY, True, REASON_STAGES_AVAILABLE, f"all {total} stages available")
+    unplanned = _unplanned_generation(conds)
+    if unplanned is None:
+        return "Ready", ready, conds.of(DEGRADED, False, REASON_AS_PLANNED, "running as planned")
+    message = f"serving the previous plan: {unplanned.get('message', '')}"
+    return "Degraded", ready, conds.of(DEGRADED, True, str(unplanned["reason"]), message)
+
+
+def _switching(observed: Rollout, up: int, total: int, conds: Conditions) -> Verdict:
+    """The served plan serves while the target comes up; Degraded once the switch stalls."""
+    message = f"serving plan {observed.serving_digest} while plan {observed.digest} comes up"
+    ready = conds.of(READY, True, REASON_SWITCHING, f"{message} ({up}/{total})")
+    stalled = observed.stalled
+    if stalled is None:
+        return (
             "Deploying",
-            condition(
-                READY,
-                True,
-                REASON_SWITCHING,
-                f"serving plan {serving_digest} while plan {digest} comes up ({up}/{total})",
-                generation=generation,
-                now=now,
-                previous=previous,
-            ),
+            ready,
+            conds.of(DEGRADED, False, REASON_SWITCHING, "previous plan serving"),
         )
-        degraded = condition(
-            DEGRADED,
-            stalled is not None,
-            REASON_SWITCH_TIMED_OUT if stalled else REASON_SWITCHING,
-            stalled or "previous plan serving",
-            generation=generation,
-            now=now,
-            previous=previous,
-        )
-        if stalled:
-            phase = "Degraded"
+    return "Degraded", ready, conds.of(DEGRADED, True, REASON_SWITCH_TIMED_OUT, stalled)
+
+
+def _waiting(observed: Rollout, up: int, total: int, conds: Conditions) -> Verdict:
+    """Stages missing and nothing else serves: Deploying at first, Degraded once it was Ready."""
+    was_ready = conds.was(READY, True)
+    waiting = "; ".join(f"s{a.index}: {a.reason or 'not available'}" for a in observed.missing)
+    reason = REASON_STAGE_UNAVAILABLE if was_ready else REASON_STAGES_PENDING
+    ready = conds.of(READY, False, reason, f"{up}/{total} stages available; {waiting}")
+    degraded = conds.of(DEGRADED, was_ready, reason, waiting if was_ready else "rolling out")
+    return ("Degraded" if was_ready else "Deploying"), ready, degraded
+
+
+def rollout(plan: Mapping[str, Any], observed: Rollout, conds: Conditions) -> dict[str, Any]:
+    """Ready/Degraded/Deploying from the availability of the target and the served plan."""
+    total = len(plan["stages"])
+    up = sum(1 for a in observed.target if a.available)
+    serving_ok = bool(observed.serving) and all(a.available for a in observed.serving)
+    if not observed.missing and not observed.switching:
+        phase, ready, degraded = _all_available(total, conds)
+    elif observed.switching and serving_ok:
+        phase, ready, degraded = _switching(observed, up, total, conds)
     else:
-        ready_was_true = any(c.get("type") == READY and c.get("status") == "True" for c in previous)
-        waiting = "; ".join(f"s{a.index}: {a.reason or 'not available'}" for a in missing)
-        reason = REASON_STAGE_UNAVAILABLE if ready_was_true else REASON_STAGES_PENDING
-        phase = "Degraded" if ready_was_true else "Deploying"
-        ready = condition(
-            READY,
-            False,
-            reason,
-            f"{up}/{total} stages available; {waiting}",
-            generation=generation,
-            now=now,
-            previous=previous,
-        )
-        degraded = condition(
-            DEGRADED,
-            ready_was_true,
-            reason,
-            waiting if ready_was_true else "rolling out",
-            generation=generation,
-            now=now,
-            previous=previous,
-        )
+        phase, ready, degraded = _waiting(observed, up, total, conds)
     return {
         "phase": phase,
         "ready": f"{up}/{total}",
-        "servingPlanHash": serving_digest,
+        "servingPlanHash": observed.serving_digest,
         "stageCount": total,
         "bottleneck": bottleneck_text(plan),
         "estimates": estimates(plan),
-        "plan": plan_summary(plan, availability=target),
-        "conditions": merge_conditions(previous, [ready, degraded]),
+        "plan": plan_summary(plan, availability=observed.target),
+        "conditions": conds.merged(ready, degraded),
     }

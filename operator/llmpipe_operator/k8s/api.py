@@ -2,7 +2,7 @@
 
 Functions take and return plain dicts (the manifests' shape), so the rest of the operator
 never sees a client model. Errors are not swallowed: `ApiError` and transport errors
-propagate, and `errors.classify` tells the reconcile steps whether a retry can help.
+propagate, and `reconcile.errors.classified` tells the reconcile steps whether a retry can help.
 """
 
 from __future__ import annotations

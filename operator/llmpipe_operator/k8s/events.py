@@ -1,7 +1,9 @@
-"""Kubernetes Events about an LLMPipeline, posted directly (core/v1 Event).
+"""Kubernetes Events about an LLMPipeline (core/v1 Event): the one path Events leave by.
 
-The re-planner runs as a task of its own, outside Kopf's handler context, where
-kopf.event() has no queue to post to; this writes the same kind of Event itself.
+Every step that reports something a user should see (a plan, a switch, a refusal, a
+re-plan) posts it here, whether it runs in a Kopf handler or in the re-planner's own task,
+so no step depends on Kopf's per-handler event queue. Callers wrap the post in
+`reconcile.errors.classified` like every other API call.
 """
 
 from __future__ import annotations

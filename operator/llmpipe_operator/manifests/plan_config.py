@@ -1,6 +1,6 @@
 """Builder for the plan ConfigMap the stages mount at /etc/llmpipe. Pure.
 
-Keys (the stage container contract): `plan.json` is exactly the DESIGN plan JSON;
+Keys (the stage container contract): `plan.json` is exactly the plan JSON of docs/design.md;
 `pipeline.json` names the model, the workload and every stage's gRPC address.
 """
 

@@ -1,7 +1,7 @@
 """Re-planning decisions: when a node change is worth a new plan, and when to switch.
 
 Purely data-manipulative and computational, like the rest of `planning`: node objects
-and plans come in as plain mappings (the Kubernetes Node object and the DESIGN plan JSON),
+and plans come in as plain mappings (the Kubernetes Node object, the plan JSON of docs/design.md),
 decisions come out as frozen dataclasses and strings. The clock is a parameter, never read
 here, so every decision can be replayed in a unit test. No kopf, no API client, no I/O.
 

@@ -24,7 +24,7 @@ from lightkube import AsyncClient
 from llmpipe_operator import policy as policy_mod
 from llmpipe_operator import spec as spec_mod
 from llmpipe_operator import status
-from llmpipe_operator.k8s import api
+from llmpipe_operator.k8s import api, events
 from llmpipe_operator.manifests import names
 from llmpipe_operator.reconcile import errors
 
@@ -59,11 +59,6 @@ class Pipeline:
         return list(self.status.get("conditions") or [])
 
 
-def events_body(body: Mapping[str, Any]) -> kopf.Body:
-    """The pipeline as Kopf's event poster wants it (it reads apiVersion, kind, metadata)."""
-    return kopf.Body(dict(body))  # type: ignore[arg-type]
-
-
 def now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -89,12 +84,14 @@ async def fetch_pipeline(client: AsyncClient, *, namespace: str, name: str) -> P
                     str(error), generation=generation, now=now(), previous=previous
                 ),
             )
-        kopf.event(
-            events_body(body),
-            type="Warning",
-            reason="InvalidSpec",
-            message=status.truncate(str(error)),
-        )
+        async with errors.classified("post the InvalidSpec Event"):
+            await events.post(
+                client,
+                body,
+                type="Warning",
+                reason="InvalidSpec",
+                message=status.truncate(str(error)),
+            )
         raise kopf.PermanentError(f"invalid spec: {error}") from error
     try:
         resolved = policy_mod.resolve(parsed, _policy)
@@ -138,9 +135,11 @@ async def refuse_by_policy(
         for c in previous
     )
     if not already:
-        kopf.event(
-            events_body(body),
-            type="Warning",
-            reason=status.REASON_POLICY_VIOLATION,
-            message=message,
-        )
+        async with errors.classified("post the PolicyViolation Event"):
+            await events.post(
+                client,
+                body,
+                type="Warning",
+                reason=status.REASON_POLICY_VIOLATION,
+                message=message,
+            )

@@ -17,12 +17,11 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import kopf
 from lightkube import AsyncClient
 
 from llmpipe_operator import spec as spec_mod
 from llmpipe_operator import status, telemetry
-from llmpipe_operator.k8s import api
+from llmpipe_operator.k8s import api, events
 from llmpipe_operator.manifests import endpoint, names, network, render
 from llmpipe_operator.planning import live, planner
 from llmpipe_operator.reconcile import capacity, certs, errors, fetch, locks, switch
@@ -199,7 +198,7 @@ def plan_now(  # pure and CPU-bound: callers run it in a thread, off the event l
 
 
 def make_plan(spec: spec_mod.PipelineSpec, nodes: live.LiveInventory) -> dict[str, Any]:
-    """The DESIGN plan JSON for this spec on these nodes; raises planner.PlanInfeasible
+    """The plan JSON of docs/design.md for this spec on these nodes; raises planner.PlanInfeasible
     (naming the memory shortfall), NodesFull or NoEligibleNodes."""
     if not nodes.inventory.nodes and nodes.full:
         raise NodesFull(f"others hold all the memory of the {len(nodes.full)} matching node(s)")
@@ -283,12 +282,14 @@ async def deploy_plan(
     async with errors.classified("report the plan"):
         await api.patch_status(client, namespace=ref.namespace, name=ref.name, status=patch)
     if new:
-        kopf.event(
-            fetch.events_body(pipeline.body),
-            type="Normal",
-            reason="Planned",
-            message=status.truncate(f"plan {digest}: {status.describe_plan(plan)}"),
-        )
+        async with errors.classified("post the Planned Event"):
+            await events.post(
+                client,
+                pipeline.body,
+                type="Normal",
+                reason="Planned",
+                message=status.truncate(f"plan {digest}: {status.describe_plan(plan)}"),
+            )
     return digest
 
 
@@ -309,12 +310,14 @@ async def report_forbidden(
     async with errors.classified("report the forbidden write"):
         await api.patch_status(client, namespace=ref.namespace, name=ref.name, status=patch)
     if not any(c.get("message") == message for c in pipeline.conditions):
-        kopf.event(
-            fetch.events_body(pipeline.body),
-            type="Warning",
-            reason=status.REASON_FORBIDDEN,
-            message=message,
-        )
+        async with errors.classified("post the Forbidden Event"):
+            await events.post(
+                client,
+                pipeline.body,
+                type="Warning",
+                reason=status.REASON_FORBIDDEN,
+                message=message,
+            )
 
 
 async def report_phase(client: AsyncClient, pipeline: fetch.Pipeline, phase: str) -> None:
@@ -365,9 +368,11 @@ async def report_infeasible(
     async with errors.classified("report the infeasible plan"):
         await api.patch_status(client, namespace=ref.namespace, name=ref.name, status=patch)
     telemetry.set_phase(ref.namespace, ref.name, str(patch["phase"]))
-    kopf.event(
-        fetch.events_body(pipeline.body),
-        type="Warning",
-        reason=str(patch["conditions"][0]["reason"]),
-        message=status.truncate(message),
-    )
+    async with errors.classified("post the infeasible plan Event"):
+        await events.post(
+            client,
+            pipeline.body,
+            type="Warning",
+            reason=str(patch["conditions"][0]["reason"]),
+            message=status.truncate(message),
+        )

@@ -25,19 +25,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import dataclasses
 import datetime
 import logging
 import time
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import kopf
 from lightkube import AsyncClient
 
+from llmpipe_operator import rollout, status, telemetry
 from llmpipe_operator import spec as spec_mod
-from llmpipe_operator import status, telemetry
 from llmpipe_operator.k8s import api, events, metrics_api
 from llmpipe_operator.planning import live, replan
 from llmpipe_operator.reconcile import capacity, errors, fetch, locks, pipeline, switch
@@ -94,19 +93,11 @@ class Replanner:
         self._joining: set[str] = set()
         """Nodes added but not yet Ready."""
         self._next_sweep = clock() + SAFETY_NET_SECONDS
-        self._handler_context: contextvars.Context | None = None
-        """A copy of a Kopf handler's context: the reconcile steps post Events with
-        kopf.event(), which needs Kopf's per-operator event queue from the context, and
-        the re-planner's own task does not have it. Re-plans run as tasks in this copy."""
 
     # --- feeding (called from Kopf handlers; cheap, never blocks) -------------------------
 
     def pipeline_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
-        """Remember a pipeline's placement, planned nodes and settings; forget a deleted one.
-
-        Called from a Kopf handler (see `_handler_context`)."""
-        if self._handler_context is None:
-            self._handler_context = contextvars.copy_context()
+        """Remember a pipeline's placement, planned nodes and settings; forget a deleted one."""
         meta = body.get("metadata") or {}
         key = (str(meta.get("namespace")), str(meta.get("name")))
         if event_type == "DELETED":
@@ -233,11 +224,8 @@ class Replanner:
         due = [
             key for key, t in self.pipelines.items() if t.debouncer.due(now) and now >= t.not_before
         ]
-        await asyncio.gather(*(self._in_handler_context(self._replan_tracked(key)) for key in due))
+        await asyncio.gather(*(self._replan_tracked(key) for key in due))
         return due
-
-    def _in_handler_context(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        return asyncio.create_task(coro, context=self._handler_context)
 
     async def _replan_tracked(self, key: Key) -> None:
         tracked = self.pipelines.get(key)
@@ -279,9 +267,7 @@ class Replanner:
         self._next_sweep = now + SAFETY_NET_SECONDS
         for namespace, name in list(self.pipelines):
             try:
-                await self._in_handler_context(
-                    switch.advance(self.client, namespace=namespace, name=name)
-                )
+                await switch.advance(self.client, namespace=namespace, name=name)
             except (kopf.TemporaryError, kopf.PermanentError) as error:
                 # The next event or sweep tries again; the loop itself must keep running.
                 log.warning("advancing the switch of %s/%s failed: %s", namespace, name, error)
@@ -298,7 +284,7 @@ class Replanner:
             ):
                 continue
             tracked.stall_reported = target
-            await self._in_handler_context(report_stall(self.client, namespace=key[0], name=key[1]))
+            await report_stall(self.client, namespace=key[0], name=key[1])
 
 
 # --- one re-plan ---------------------------------------------------------------------------
@@ -421,7 +407,7 @@ async def running_plan(client: AsyncClient, current: fetch.Pipeline) -> dict[str
         children = await api.list_children(
             client, namespace=current.ref.namespace, pipeline=current.ref.name, kinds=("ConfigMap",)
         )
-    return switch.plan_of(children, digest)
+    return rollout.plan_of(children, digest)
 
 
 def lost_nodes(plan: Mapping[str, Any] | None, raw_nodes: Sequence[Mapping[str, Any]]) -> list[str]:

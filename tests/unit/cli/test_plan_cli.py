@@ -1,4 +1,4 @@
-"""`llmpipe profile` and `llmpipe plan`: outputs (table, exactly-DESIGN JSON, YAML), the
+"""`llmpipe profile` and `llmpipe plan`: outputs (table, the JSON of docs/design.md, YAML), the
 three ways to name a model (directory, config.json, profile JSON), flags reaching the
 planner, and exit codes 0 / 2 (bad input, message names the problem) / 3 (infeasible)."""
 

@@ -72,7 +72,7 @@ def a_plan(
     latency: float = 0.1,
     memory: int = 2 << 30,
 ) -> dict[str, Any]:
-    """A DESIGN plan JSON with one stage per (node, layerStart, layerEnd)."""
+    """A plan JSON of docs/design.md with one stage per (node, layerStart, layerEnd)."""
     last = len(stages) - 1
     return {
         "objective": objective,

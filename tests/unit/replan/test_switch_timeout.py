@@ -76,12 +76,13 @@ def test_rollout_reports_a_stalled_switch_as_degraded_while_the_old_plan_serves(
         "serving_digest": "aaaa1111",
         "target": [status.StageAvailability(0, True), status.StageAvailability(1, False, "x")],
         "serving": [status.StageAvailability(0, True)],
-        "generation": 1,
-        "now": "2026-11-21T01:10:00Z",
     }
-    switching = status.rollout(plan, **common)
+    conds = status.Conditions(generation=1, now="2026-11-21T01:10:00Z")
+    switching = status.rollout(plan, status.Rollout(**common), conds)
     assert switching["phase"] == "Deploying"
-    stalled = status.rollout(plan, **common, stalled="plan bbbb2222 is not available ...")
+    stalled = status.rollout(
+        plan, status.Rollout(**common, stalled="plan bbbb2222 is not available ..."), conds
+    )
     assert stalled["phase"] == "Degraded"
     degraded = next(c for c in stalled["conditions"] if c["type"] == "Degraded")
     assert (degraded["status"], degraded["reason"]) == ("True", "SwitchTimedOut")

@@ -1,15 +1,15 @@
 """What the switch reads from observed objects: plan per hash, stage availability with the
 reason a stage is not up, and which plans the endpoint's EndpointSlices still route to.
 
-Covers the pure helpers of reconcile/switch.py on object dicts shaped like the API's.
+Covers the pure helpers of llmpipe_operator/rollout.py on object dicts shaped like the API's.
 """
 
 from __future__ import annotations
 
 import json
 
+from llmpipe_operator import rollout
 from llmpipe_operator.manifests import names, render
-from llmpipe_operator.reconcile import switch
 from tests.unit.manifests.builders import REF, a_plan, a_spec
 
 
@@ -29,8 +29,8 @@ def with_status(obj: dict, **status: object) -> dict:
 
 def test_plan_of_reads_the_hash_s_configmap() -> None:
     plan, digest, objects = rendered()
-    assert switch.plan_of(objects, digest) == plan
-    assert switch.plan_of(objects, "00000000") is None
+    assert rollout.plan_of(objects, digest) == plan
+    assert rollout.plan_of(objects, "00000000") is None
 
 
 def test_availability_per_stage_with_the_reason_from_the_pod() -> None:
@@ -54,13 +54,13 @@ def test_availability_per_stage_with_the_reason_from_the_pod() -> None:
             ],
         },
     }
-    result = switch.availability(children, [pending_pod], digest=digest, plan=plan)
+    result = rollout.availability(children, [pending_pod], digest=digest, plan=plan)
     assert [a.available for a in result] == [True] + [False] * (len(plan["stages"]) - 1)
     assert result[1].reason == "Unschedulable: 0/3 nodes are available"
     stale = with_status(deployments[0], availableReplicas=1)
     stale["metadata"]["generation"] = 2  # the controller has not seen the latest spec
-    assert not switch.availability([stale], [], digest=digest, plan=plan)[0].available
-    assert switch.availability([], [], digest=digest, plan=plan)[0].reason == "no Deployment"
+    assert not rollout.availability([stale], [], digest=digest, plan=plan)[0].available
+    assert rollout.availability([], [], digest=digest, plan=plan)[0].reason == "no Deployment"
 
 
 def test_routed_digests_are_the_ready_stage_zero_pods_behind_the_service() -> None:
@@ -72,5 +72,5 @@ def test_routed_digests_are_the_ready_stage_zero_pods_behind_the_service() -> No
             ]
         }
     ]
-    assert switch.routed_digests(slices, REF) == {"aaaa1111"}
-    assert switch.routed_digests([], REF) == set()
+    assert rollout.routed_digests(slices, REF) == {"aaaa1111"}
+    assert rollout.routed_digests([], REF) == set()

@@ -53,12 +53,8 @@ def test_planned_reports_the_plan_summary_and_estimates(plan: dict) -> None:
 def test_first_plan_is_deploying_until_every_stage_is_available(plan: dict) -> None:
     patch = status.rollout(
         plan,
-        digest="h1",
-        serving_digest="h1",
-        target=up(plan, 1),
-        serving=[],
-        generation=1,
-        now=NOW,
+        status.Rollout(digest="h1", serving_digest="h1", target=up(plan, 1), serving=[]),
+        status.Conditions(generation=1, now=NOW),
     )
     assert patch["phase"] == "Deploying"
     assert patch["ready"] == f"{len(plan['stages']) - 1}/{len(plan['stages'])}"
@@ -67,13 +63,8 @@ def test_first_plan_is_deploying_until_every_stage_is_available(plan: dict) -> N
     assert "s1: Unschedulable" in ready["message"]
     done = status.rollout(
         plan,
-        digest="h1",
-        serving_digest="h1",
-        target=up(plan),
-        serving=[],
-        generation=1,
-        now=LATER,
-        previous=patch["conditions"],
+        status.Rollout(digest="h1", serving_digest="h1", target=up(plan), serving=[]),
+        status.Conditions(generation=1, now=LATER, previous=patch["conditions"]),
     )
     assert done["phase"] == "Ready"
     assert cond(done, "Ready")["status"] == "True"
@@ -84,17 +75,14 @@ def test_first_plan_is_deploying_until_every_stage_is_available(plan: dict) -> N
 
 def test_a_stage_lost_after_ready_is_degraded(plan: dict) -> None:
     ready = status.rollout(
-        plan, digest="h1", serving_digest="h1", target=up(plan), serving=[], generation=1, now=NOW
+        plan,
+        status.Rollout(digest="h1", serving_digest="h1", target=up(plan), serving=[]),
+        status.Conditions(generation=1, now=NOW),
     )
     lost = status.rollout(
         plan,
-        digest="h1",
-        serving_digest="h1",
-        target=up(plan, 0),
-        serving=[],
-        generation=1,
-        now=LATER,
-        previous=ready["conditions"],
+        status.Rollout(digest="h1", serving_digest="h1", target=up(plan, 0), serving=[]),
+        status.Conditions(generation=1, now=LATER, previous=ready["conditions"]),
     )
     assert lost["phase"] == "Degraded"
     assert (cond(lost, "Degraded")["status"], cond(lost, "Degraded")["reason"]) == (
@@ -106,12 +94,8 @@ def test_a_stage_lost_after_ready_is_degraded(plan: dict) -> None:
 def test_new_plan_coming_up_behind_a_serving_one_stays_ready(plan: dict) -> None:
     patch = status.rollout(
         plan,
-        digest="h2",
-        serving_digest="h1",
-        target=up(plan, 0),
-        serving=up(plan),
-        generation=2,
-        now=NOW,
+        status.Rollout(digest="h2", serving_digest="h1", target=up(plan, 0), serving=up(plan)),
+        status.Conditions(generation=2, now=NOW),
     )
     assert patch["phase"] == "Deploying"
     assert patch["servingPlanHash"] == "h1"
@@ -139,7 +123,9 @@ def test_rollout_of_the_earlier_plan_keeps_an_unplannable_spec_degraded(plan: di
     """A stage-rollout report of the plan still serving, written after the current
     generation was found infeasible, keeps Degraded instead of turning back to Ready."""
     ready = status.rollout(
-        plan, digest="h1", serving_digest="h1", target=up(plan), serving=[], generation=1, now=NOW
+        plan,
+        status.Rollout(digest="h1", serving_digest="h1", target=up(plan), serving=[]),
+        status.Conditions(generation=1, now=NOW),
     )
     infeasible = status.infeasible(
         "short by 3.5 GiB",
@@ -150,13 +136,8 @@ def test_rollout_of_the_earlier_plan_keeps_an_unplannable_spec_degraded(plan: di
     )
     report = status.rollout(
         plan,
-        digest="h1",
-        serving_digest="h1",
-        target=up(plan),
-        serving=[],
-        generation=2,
-        now=LATER,
-        previous=infeasible["conditions"],
+        status.Rollout(digest="h1", serving_digest="h1", target=up(plan), serving=[]),
+        status.Conditions(generation=2, now=LATER, previous=infeasible["conditions"]),
     )
     assert report["phase"] == "Degraded"
     degraded = cond(report, "Degraded")
@@ -175,13 +156,8 @@ def test_rollout_of_the_earlier_plan_keeps_an_unplannable_spec_degraded(plan: di
     )
     again = status.rollout(
         plan,
-        digest="h1",
-        serving_digest="h1",
-        target=up(plan),
-        serving=[],
-        generation=3,
-        now=LATER,
-        previous=replanned["conditions"],
+        status.Rollout(digest="h1", serving_digest="h1", target=up(plan), serving=[]),
+        status.Conditions(generation=3, now=LATER, previous=replanned["conditions"]),
     )
     assert again["phase"] == "Ready"
     assert cond(again, "Degraded")["status"] == "False"
