@@ -37,6 +37,8 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml constraints.txt README.md ./
+COPY llmpipe_cli ./llmpipe_cli
+COPY llmpipe_common ./llmpipe_common
 COPY operator ./operator
 COPY stage_image ./stage_image
 RUN python -m venv /opt/llmpipe \
@@ -89,6 +91,8 @@ COPY pyproject.toml constraints.txt README.md ./
 RUN python3 -m venv /opt/llmpipe \
  && torch_pin=$(grep -E '^torch==' constraints.txt) \
  && /opt/llmpipe/bin/pip install --index-url "${TORCH_INDEX_URL}" "${torch_pin}"
+COPY llmpipe_cli ./llmpipe_cli
+COPY llmpipe_common ./llmpipe_common
 COPY operator ./operator
 COPY stage_image ./stage_image
 RUN /opt/llmpipe/bin/pip install -c constraints.txt ".[stage]"

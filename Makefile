@@ -2,7 +2,7 @@
 # (scripts/bootstrap); nothing is installed into the system Python.
 SHELL := /bin/bash
 VENV = $(shell scripts/bootstrap)
-PY = PYTHONPATH=$(CURDIR)/operator:$(CURDIR)/stage_image $(VENV)/bin/python
+PY = PYTHONPATH=$(CURDIR):$(CURDIR)/operator:$(CURDIR)/stage_image $(VENV)/bin/python
 PYTEST_ARGS ?=
 
 .PHONY: install fetch-model lint typecheck test test-unit test-cluster test-dataplane serve bench control-plane proto
@@ -17,12 +17,12 @@ proto:              ## regenerate the stage gRPC code from the .proto
 	@$(PY) -m llmpipe_stage.proto.build
 
 lint: install       ## ruff + import-linter layer contracts
-	$(VENV)/bin/ruff check operator stage_image tests bench scripts
-	$(VENV)/bin/ruff format --check operator stage_image tests bench
+	$(VENV)/bin/ruff check llmpipe_cli llmpipe_common operator stage_image tests bench scripts
+	$(VENV)/bin/ruff format --check llmpipe_cli llmpipe_common operator stage_image tests bench
 	cd $(CURDIR) && PYTHONPATH=operator:stage_image $(VENV)/bin/lint-imports
 
 typecheck: install  ## mypy (strict on the pure packages)
-	MYPYPATH=operator:stage_image $(VENV)/bin/mypy -p llmpipe_operator -p llmpipe_stage
+	MYPYPATH=operator:stage_image $(VENV)/bin/mypy -p llmpipe_cli -p llmpipe_common -p llmpipe_operator -p llmpipe_stage
 
 control-plane:      ## build (cached) the Kubernetes binaries used by cluster tests
 	@scripts/build-k8s-tools
@@ -34,7 +34,7 @@ test-unit: install
 	$(PY) -m pytest -m unit $(PYTEST_ARGS)
 
 serve: install      ## a 2-stage pipeline of SmolLM2-135M-Instruct on this machine (OpenAI API on :8000; ARGS="--model demo" for the offline random model)
-	$(PY) -m llmpipe_operator.cli serve $(ARGS)
+	$(PY) -m llmpipe_cli serve $(ARGS)
 
 bench: install      ## benchmarks (print figures; see docs/benchmarks.md)
 	$(PY) bench/planner.py

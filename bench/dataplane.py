@@ -1,6 +1,6 @@
 """Data-plane benchmark: per-hop overhead, bytes on the wire, pipeline throughput.
 
-    make bench            # or: PYTHONPATH=operator:stage_image python bench/dataplane.py
+    make bench            # or: PYTHONPATH=.:operator:stage_image python bench/dataplane.py
 
 1. Per hop: serialize a 4096-wide fp16 hidden state (one token), send it with the stage's
    Forward RPC (grpc.aio, loopback) to a process that deserializes it, wait for the ack;
@@ -176,7 +176,7 @@ def start_sink(tls_dir: Path | None) -> tuple[int, subprocess.Popen[str]]:
     port = free_port()
     env = dict(
         os.environ,
-        PYTHONPATH=f"{ROOT / 'stage_image'}:{ROOT / 'operator'}",
+        PYTHONPATH=f"{ROOT / 'stage_image'}:{ROOT}",
         OMP_NUM_THREADS="1",
     )
     command = [sys.executable, __file__, "--sink", str(port)]
@@ -246,12 +246,12 @@ class Served:
     def __init__(self, model_dir: Path, stages: int, run_dir: Path, *, micro_batches: int) -> None:
         self.port = free_block(stages)
         grpc_port = free_block(stages, avoid=range(self.port, self.port + stages))
-        env = dict(os.environ, PYTHONPATH=f"{ROOT / 'operator'}:{ROOT / 'stage_image'}")
+        env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'operator'}:{ROOT / 'stage_image'}")
         self.process = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
-                "llmpipe_operator.cli",
+                "llmpipe_cli",
                 "serve",
                 "--model",
                 str(model_dir),

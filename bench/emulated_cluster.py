@@ -42,12 +42,12 @@ from typing import Any
 
 import aiohttp
 import yaml
-from tests.dataplane import pipelines
-from tests.support import emulated
 
-from llmpipe_operator import modelfiles
+from llmpipe_cli import modelfiles
 from llmpipe_operator.planning import cost, live, measured, planner, replan
 from llmpipe_operator.reconcile import probes
+from tests.dataplane import pipelines
+from tests.support import emulated
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBE_PORT, LINK_PORT = 8090, 8091

@@ -144,7 +144,7 @@ def install(absent: list[str]) -> None:
 def environment() -> dict[str, str]:
     """PYTHONPATH for this process and the stage processes it starts."""
     paths = [str(SITE)] if SITE.is_dir() else []
-    paths += [str(ROOT / "stage_image"), str(ROOT / "operator"), str(ROOT)]
+    paths += [str(ROOT / "stage_image"), str(ROOT)]
     return {"PYTHONPATH": ":".join(paths)}
 
 
@@ -273,6 +273,7 @@ class Generate:
 
 def pipeline_tokens_per_second(base_url: str, *, batch: int, prompt: int, new: int) -> float:
     import torch
+
     from tests.dataplane import pipelines
 
     generator = torch.Generator().manual_seed(0)

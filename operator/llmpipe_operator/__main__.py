@@ -23,8 +23,9 @@ from pathlib import Path
 
 import kopf
 
+from llmpipe_common import pki
 from llmpipe_operator import main as handlers  # noqa: F401  (registers the handlers)
-from llmpipe_operator import pki, policy, telemetry
+from llmpipe_operator import policy, telemetry
 from llmpipe_operator.reconcile import certs, fetch, probes
 
 

@@ -1,7 +1,7 @@
 """Mutual TLS between the stages: certificate files, gRPC credentials, who may call what.
 
 A stage's TLS directory holds `ca.crt` (its pipeline's CA), `tls.crt` and `tls.key` (its
-own certificate, naming it in a URI SAN, see `llmpipe_operator.pki`). In Kubernetes it is
+own certificate, naming it in a URI SAN, see `llmpipe_common.pki`). In Kubernetes it is
 the stage's Secret, mounted read-only; `llmpipe serve` and the tests write one per stage
 with `write_local_pki`. The files may change under a running stage (the operator renews
 certificates before they expire and the kubelet swaps the mounted files): the server's
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import grpc
 
-from llmpipe_operator import pki
+from llmpipe_common import pki
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import yaml
 from lightkube.resources.core_v1 import Node
 from lightkube.types import PatchType
 
-from llmpipe_operator import plan_cli
+from llmpipe_cli import plan as plan_cli
 from tests.cluster.conftest import SMALL_CLUSTER
 from tests.support import control_plane as cp
 

@@ -101,10 +101,10 @@ def serving(args: list[str], *, timeout: float, cache: Path | None = None) -> It
     """`llmpipe serve ARGS` from the checkout, read up to its ready line (or its exit, or
     `timeout`), then stopped with Ctrl-C (SIGINT) as a user would. `cache` replaces the
     user's cache directory (LLMPIPE_CACHE); None keeps it (the fetched default model)."""
-    environment = dict(os.environ, PYTHONPATH=f"{ROOT / 'operator'}:{ROOT / 'stage_image'}")
+    environment = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'operator'}:{ROOT / 'stage_image'}")
     if cache is not None:
         environment["LLMPIPE_CACHE"] = str(cache)
-    command = [sys.executable, "-m", "llmpipe_operator.cli", "serve", *args]
+    command = [sys.executable, "-m", "llmpipe_cli", "serve", *args]
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=environment, text=True
     )
@@ -247,7 +247,7 @@ class Pipeline:
     def spawn(self, index: int, *, extra_args: tuple[str, ...] = ()) -> None:
         env = dict(
             os.environ,
-            PYTHONPATH=f"{ROOT / 'stage_image'}:{ROOT / 'operator'}",
+            PYTHONPATH=f"{ROOT / 'stage_image'}:{ROOT}",
             OMP_NUM_THREADS="1",
         )
         log = (self.run_dir / f"stage-{index}.log").open("ab")

@@ -130,7 +130,7 @@ def big_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def load_in_a_process(model_dir: Path, device: str) -> dict[str, int | bool]:
-    path = [str(ROOT / "stage_image"), str(ROOT / "operator"), os.environ.get("PYTHONPATH", "")]
+    path = [str(ROOT / "stage_image"), str(ROOT), os.environ.get("PYTHONPATH", "")]
     result = subprocess.run(
         [sys.executable, "-c", LOAD_PROBE, str(model_dir), device],
         capture_output=True,

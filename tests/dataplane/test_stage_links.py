@@ -26,7 +26,7 @@ from typing import Any
 import grpc
 import pytest
 
-from llmpipe_operator import pki
+from llmpipe_common import pki
 from llmpipe_stage import tls
 from llmpipe_stage.proto import stage_pb2, stage_pb2_grpc
 from tests.dataplane import pipelines

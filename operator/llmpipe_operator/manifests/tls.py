@@ -18,7 +18,7 @@ import datetime
 from collections.abc import Mapping
 from typing import Any
 
-from llmpipe_operator import pki
+from llmpipe_common import pki
 from llmpipe_operator.manifests import names
 
 

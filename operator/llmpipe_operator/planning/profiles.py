@@ -5,7 +5,7 @@ the safetensors headers of a saved model (`from_safetensors_headers`); for the s
 families (Llama, Mistral, Qwen2, Qwen3, GPT-2) the two agree byte for byte.
 
 Pure: takes mappings, returns a `ModelProfile`. Reading files lives in
-`llmpipe_operator.modelfiles`.
+`llmpipe_cli.modelfiles`.
 """
 
 from __future__ import annotations

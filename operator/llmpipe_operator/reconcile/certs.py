@@ -24,7 +24,7 @@ from typing import Any
 import kopf
 from lightkube import AsyncClient
 
-from llmpipe_operator import pki
+from llmpipe_common import pki
 from llmpipe_operator.k8s import api
 from llmpipe_operator.manifests import names
 from llmpipe_operator.manifests import tls as tls_manifests

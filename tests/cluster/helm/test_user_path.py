@@ -153,7 +153,7 @@ class Cluster:
         env = {
             **self.plane.env,
             "KUBECONFIG": str(kubeconfig),
-            "PYTHONPATH": str(REPO / "operator"),
+            "PYTHONPATH": f"{REPO}:{REPO / 'operator'}",
             "PYTHONUNBUFFERED": "1",
         }
         with (self.workdir / "operator.log").open("wb") as log:

@@ -165,7 +165,7 @@ def start_operator(
     env = {
         **control_plane.env,
         "KUBECONFIG": str(kubeconfig),
-        "PYTHONPATH": f"{REPO / 'operator'}",
+        "PYTHONPATH": f"{REPO}:{REPO / 'operator'}",
         "PYTHONUNBUFFERED": "1",
     }
     args = [

@@ -22,7 +22,7 @@ from lightkube import ApiError, Client
 from lightkube.resources.apps_v1 import Deployment
 from lightkube.resources.core_v1 import Pod, Secret
 
-from llmpipe_operator import pki
+from llmpipe_common import pki
 from tests.cluster.operator.conftest import Pool, pipeline_manifest, start_operator, stop_operator
 from tests.cluster.operator.test_operator import LLMPipeline, apply, wait_ready
 from tests.support import control_plane as cp

@@ -71,7 +71,7 @@ class OperatorProcess:
         env = {
             **plane.env,
             "KUBECONFIG": str(kubeconfig),
-            "PYTHONPATH": f"{ROOT / 'operator'}",
+            "PYTHONPATH": f"{ROOT}:{ROOT / 'operator'}",
             "PYTHONUNBUFFERED": "1",
         }
         argv = [sys.executable, "-m", "llmpipe_operator", "--namespace", namespace,

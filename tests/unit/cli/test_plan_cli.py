@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 import yaml
 
-from llmpipe_operator import cli, plan_cli
+from llmpipe_cli import main as cli
+from llmpipe_cli import plan as plan_cli
 from llmpipe_operator.planning import planner
 
 ROOT = Path(__file__).parents[3]
@@ -294,7 +295,7 @@ def test_exit_codes_of_the_real_process(model: str, code: int) -> None:
     import os
     import subprocess
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "operator")}
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'operator'}"}
     argv = [
         "plan",
         "--cluster",
@@ -303,7 +304,7 @@ def test_exit_codes_of_the_real_process(model: str, code: int) -> None:
         str(MODELS / model),
     ]
     done = subprocess.run(
-        [sys.executable, "-m", "llmpipe_operator.cli", *argv],
+        [sys.executable, "-m", "llmpipe_cli", *argv],
         env=env,
         capture_output=True,
         text=True,

@@ -25,7 +25,12 @@ import pytest
 
 from tests.unit.helm.conftest import ROOT
 
-FIRST_PARTY = {"llmpipe_operator": ROOT / "operator", "llmpipe_stage": ROOT / "stage_image"}
+FIRST_PARTY = {
+    "llmpipe_operator": ROOT / "operator",
+    "llmpipe_stage": ROOT / "stage_image",
+    "llmpipe_cli": ROOT,
+    "llmpipe_common": ROOT,
+}
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 
 
@@ -115,7 +120,7 @@ def _distributions(module: str) -> set[str]:
 images = pytest.mark.parametrize(
     ("extra", "entries"),
     [
-        ("operator", ["llmpipe_operator.__main__", "llmpipe_operator.plan_cli"]),
+        ("operator", ["llmpipe_operator.__main__", "llmpipe_cli.plan"]),
         ("stage", ["llmpipe_stage.__main__"]),
     ],
     ids=["operator-image", "stage-image"],
@@ -135,7 +140,7 @@ def test_image_installs_what_its_entry_points_import(extra: str, entries: list[s
 
 def test_operator_entry_points_never_reach_torch() -> None:
     imported = third_party_imports("llmpipe_operator.__main__") | third_party_imports(
-        "llmpipe_operator.plan_cli"
+        "llmpipe_cli.plan"
     )
     assert not imported & {"torch", "transformers", "grpc", "safetensors"}
 

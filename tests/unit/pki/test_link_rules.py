@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from llmpipe_operator import pki
+from llmpipe_common import pki
 from llmpipe_stage import tls
 
 

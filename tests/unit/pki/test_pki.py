@@ -16,7 +16,7 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from llmpipe_operator import pki
+from llmpipe_common import pki
 from llmpipe_operator.manifests import names
 from llmpipe_operator.manifests import tls as tls_manifests
 from tests.unit.manifests.builders import REF

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from llmpipe_operator import modelfiles
+from llmpipe_cli import modelfiles
 from llmpipe_operator.planning import profiles
 
 torch = pytest.importorskip("torch")

@@ -18,7 +18,6 @@ never written. `--plaintext` opts out (benchmarks only).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -261,11 +260,16 @@ def check_ports_free(host: str, ports: list[int]) -> None:
 
 
 def stage_env() -> dict[str, str]:
-    roots = [str(Path(__file__).resolve().parent.parent)]
-    with contextlib.suppress(ImportError):
-        import llmpipe_operator
+    """The stages' environment: this one, with the directories that hold the packages a
+    stage imports (llmpipe_stage, llmpipe_common) first on PYTHONPATH (a checkout)."""
+    import llmpipe_common
+    import llmpipe_stage
 
-        roots.append(str(Path(llmpipe_operator.__file__).resolve().parent.parent))
+    roots = [
+        str(Path(package.__file__).resolve().parent.parent)
+        for package in (llmpipe_stage, llmpipe_common)
+        if package.__file__ is not None
+    ]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([*roots, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return env

@@ -17,7 +17,7 @@ from typing import Any, TextIO
 
 import yaml
 
-from llmpipe_operator import modelfiles
+from llmpipe_cli import modelfiles
 from llmpipe_operator.planning import cost, inventory, live, planner, profiles
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_INFEASIBLE = 0, 2, 3
