@@ -10,13 +10,18 @@
 #
 # Build arguments:
 #   PYTHON_IMAGE       base of the operator image and of the default stage image.
-#   STAGE_BASE_IMAGE   base of the stage image. For NVIDIA GPUs use a CUDA runtime image and
-#                      the matching PyTorch wheel index, e.g.
-#                        --build-arg STAGE_BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
-#                        --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
-#                      (a base without Python gets the distribution's python3 installed).
-#                      Note: the stage runtime computes on the CPU for now; a CUDA image
-#                      only prepares for GPU support (README, Known limits).
+#   STAGE_BASE_IMAGE   base of the stage image. For GPU nodes (x86-64 or arm64 servers with
+#                      NVIDIA GPUs) this is the documented path: a CUDA runtime image and the
+#                      matching PyTorch wheel index,
+#                        docker build --target stage -t ghcr.io/llmpipe/llmpipe-stage:0.1.0-cu128 \
+#                          --build-arg STAGE_BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 \
+#                          --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .
+#                      (a base without Python gets the distribution's python3 installed; the
+#                      CUDA 12.8 wheels need an NVIDIA driver >= 570 on the node). Stages
+#                      planned on a GPU (plan device cuda) then load their layers onto it;
+#                      the same image runs CPU stages too. docs/stage-runtime.md, "GPU stages".
+#                      Jetson (arm64, JetPack): see "Jetson" in docs/stage-runtime.md; the
+#                      stock arm64 CUDA wheels do not run on Orin's integrated GPU.
 #   TORCH_INDEX_URL    where torch comes from; the default CPU index keeps the image free of
 #                      the CUDA libraries (about 1 GB instead of 5 GB).
 #
