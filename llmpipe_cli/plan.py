@@ -18,7 +18,7 @@ from typing import Any, TextIO
 import yaml
 
 from llmpipe_cli import modelfiles
-from llmpipe_operator.planning import cost, inventory, live, planner, profiles
+from llmpipe_operator.planning import cost, devices, inventory, live, planner, profiles
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_INFEASIBLE = 0, 2, 3
 
@@ -120,6 +120,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="QTY",
         help="memory per stage besides weights and KV cache (default 512Mi)",
     )
+    plan.add_argument(
+        "--device",
+        choices=devices.DEVICES,
+        default="auto",
+        help="spec.runtime.device: auto uses a node's GPU (GPU Feature Discovery labels in "
+        "the cluster file), cpu never, cuda only GPU nodes (default auto)",
+    )
     plan.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
     plan.set_defaults(run=run_plan)
     return parser
@@ -203,6 +210,8 @@ def run_plan(args: argparse.Namespace, out: TextIO) -> int:
         max_sequences=args.max_sequences,
         max_context_tokens=args.max_context,
         runtime_overhead_bytes=args.runtime_overhead,
+        device=args.device,
+        dtype=profiles.normalize_dtype(args.dtype) if args.dtype else devices.DTYPE_AUTO,
     )
     placement = planner.Placement(
         first_stage=args.first_stage, last_stage=args.last_stage, max_stages=args.max_stages
@@ -277,6 +286,7 @@ def render_table(
         "TIER",
         "LAYERS",
         "HOLDS",
+        "DEVICE",
         "MEMORY USED / AVAILABLE",
         "COMPUTE ms",
         "TRANSFER ms",
@@ -296,7 +306,9 @@ def render_table(
                 node.tier,
                 f"[{stage.layer_start}, {stage.layer_end})",
                 holds or "-",
-                f"{cost.human_bytes(stage.memory_bytes)} / {cost.human_bytes(node.memory_bytes)}",
+                stage.device,
+                f"{cost.human_bytes(stage.memory_bytes)} / "
+                f"{cost.human_bytes(cost.stage_budget(node, workload))}",
                 f"{stage.compute_seconds * 1e3:.2f}",
                 f"{stage.transfer_seconds * 1e3:.2f}",
                 mark,

@@ -20,6 +20,11 @@ label gpu-1    llmpipe.io/tier=cloud llmpipe.io/tflops=60 \
 label gpu-2    llmpipe.io/tier=cloud llmpipe.io/tflops=60 \
   llmpipe.io/memory-bandwidth-gbps=300 llmpipe.io/uplink-mbps=10000
 
+# GPUs: nothing to label. On gpu-1 and gpu-2 NVIDIA GPU Feature Discovery (the GPU Operator,
+# or the device plugin's chart with gfd.enabled) writes nvidia.com/gpu.count, .memory and
+# .product, and the device plugin advertises nvidia.com/gpu; llmpipe plans a stage there on
+# the GPU's memory. Check: kubectl get nodes -L nvidia.com/gpu.product,nvidia.com/gpu.memory
+
 # Links: measured bandwidth and round-trip time to particular peers, where they differ from
 # min(uplink of both ends) and the tier-pair default RTT. JSON on one end is enough: links are
 # symmetric.

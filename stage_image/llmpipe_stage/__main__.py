@@ -73,6 +73,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=10.0,
         help="deadline of one stage-to-stage call in seconds",
     )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="where to compute when the plan names no device (auto: a CUDA GPU if torch "
+        "sees one, else the CPU); a plan stage's device wins",
+    )
     parser.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"])
     parser.add_argument(
         "--micro-batches",
@@ -158,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         grpc_port=args.grpc_port,
         http_port=args.http_port,
         threads=args.threads,
+        device=args.device,
         forward_timeout_s=args.forward_timeout,
         step_timeout_s=args.step_timeout,
         cache_timeout_s=args.cache_timeout,

@@ -25,7 +25,7 @@ from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
-from llmpipe_stage import api_requests, gateway, loading, tls, wire
+from llmpipe_stage import api_requests, devices, gateway, loading, tls
 from llmpipe_stage.backend import Head, Ledger, LoadProgress, Parts, Timeouts, Worker
 from llmpipe_stage.config import PipelineConfig
 from llmpipe_stage.coordinator import CoordinatorSettings
@@ -75,9 +75,19 @@ class StageSettings:
         plan = self.pipeline.stages[self.stage_index]
         return plan.layer_start, plan.layer_end
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return wire.DTYPE_NAMES[self.pipeline.dtype]
+    device: str = "auto"
+    """For plans that name no device (`llmpipe serve`, older plans): auto, cpu or cuda. A
+    plan stage's own device wins."""
+
+    def placement(self) -> devices.Placement:
+        """Where this stage computes and in which dtype (`devices.place`); DeviceError
+        when the plan puts it on a GPU that torch does not see."""
+        plan = self.pipeline.stages[self.stage_index]
+        return devices.place(
+            device=plan.device or self.device,
+            plan_dtype=plan.dtype,
+            pipeline_dtype=self.pipeline.dtype,
+        )
 
 
 class Process:
@@ -95,6 +105,7 @@ class Process:
         self.peers = Peers(settings.pipeline.addresses, index=self.index, tls_files=self.tls)
         # One compute thread: torch runs there, so the event loop keeps moving bytes.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        self.placement, self.placement_error = _place(settings)
 
     @property
     def registry(self) -> CollectorRegistry:
@@ -114,9 +125,18 @@ class Process:
             num_stages=pipeline.num_stages,
             layers=self.layers,
             model_name=pipeline.model_name,
-            dtype=self.settings.dtype,
+            dtype=self.placement.dtype,
             tls=self.tls,
         )
+
+
+def _place(settings: StageSettings) -> tuple[devices.Placement, str | None]:
+    """The stage's placement, or a CPU stand-in and the reason: a stage whose GPU is
+    missing still serves /healthz, which then says why it failed to load."""
+    try:
+        return settings.placement(), None
+    except devices.DeviceError as error:
+        return devices.Placement(device=torch.device("cpu"), dtype=torch.float32), str(error)
 
 
 def _tls_files(settings: StageSettings) -> tls.TlsFiles | None:
@@ -133,11 +153,18 @@ def _tls_files(settings: StageSettings) -> tls.TlsFiles | None:
 
 
 # -- load --------------------------------------------------------------------------------------
-def load_runtime(settings: StageSettings, progress: LoadProgress) -> StageRuntime:
-    """Runs in the compute thread: read this stage's tensors and build its runtime."""
+def load_runtime(process: Process) -> StageRuntime:
+    """Runs in the compute thread: read this stage's tensors onto its device and build its
+    runtime."""
+    settings, progress, placement = process.settings, process.progress, process.placement
+    if process.placement_error is not None:
+        raise loading.LoadError(process.placement_error)
     if settings.threads:
         torch.set_num_threads(settings.threads)
     progress.phase = "loading"
+    log.info(
+        "stage %d: layers [%d, %d) on %s", process.index, *process.layers, placement.describe()
+    )
 
     def on_progress(done: int, total: int) -> None:
         progress.loaded, progress.total = done, total
@@ -156,9 +183,10 @@ def load_runtime(settings: StageSettings, progress: LoadProgress) -> StageRuntim
         layer_end=plan.layer_end,
         has_embedding=plan.has_embedding,
         has_head=plan.has_head,
-        dtype=settings.dtype,
+        dtype=placement.dtype,
         attn_implementation=settings.attn_implementation,
         progress=on_progress,
+        device=placement.device,
     )
     limit = min(loading.context_limit(stage_slice.config), settings.pipeline.max_context_tokens)
     return StageRuntime(
@@ -293,9 +321,7 @@ async def serve(settings: StageSettings) -> int:
     code = 0
     try:
         loop = asyncio.get_running_loop()
-        runtime = await loop.run_in_executor(
-            process.executor, load_runtime, settings, process.progress
-        )
+        runtime = await loop.run_in_executor(process.executor, load_runtime, process)
         tasks = await start_backend(process, runtime, servicer=servicer, runner=runner)
         process.progress.phase = "ready"
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)

@@ -4,11 +4,16 @@ Covers: `devices.place` (the plan's device and dtype win; `auto` picks the CPU w
 sees no GPU; `cuda` without one fails with what to do), the chunked file -> staging ->
 device reader that GPU stages load through (bit-exact against safetensors' own reader,
 with a staging buffer smaller than the tensors), the wire taking a neighbour's dtype, and
-the plan's device and dtype fields in plan.json. The GPU side is tests/dataplane/test_gpu.py.
+the plan's device and dtype fields in plan.json, a stage planned on a GPU it cannot see
+exiting with what to do. The GPU side is tests/dataplane/test_gpu.py.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +25,7 @@ from llmpipe_stage import config as stage_config
 from llmpipe_stage import devices, loading, wire
 from tests.dataplane import pipelines
 
+ROOT = Path(__file__).resolve().parents[2]
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
 
 
@@ -110,3 +116,29 @@ def test_a_cpu_pipeline_planned_with_devices_serves(
     )
     assert status == 200, body
     assert body["choices"][0]["token_ids"] == expected
+
+
+@no_gpu
+def test_a_stage_planned_on_a_missing_gpu_fails_to_load_and_says_why(
+    model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    model_dir = model_dirs["llama-gqa"]
+    plan = stage_config.even_plan(4, 1)
+    plan["stages"][0].update(device="cuda", dtype="bfloat16")
+    grpc_port, http_port = pipelines.free_ports(2)
+    pipeline = {
+        "model": {"name": "tiny", "dtype": "bfloat16"},
+        "workload": {"maxSequences": 2, "maxContextTokens": 64},
+        "stages": [{"index": 0, "address": f"127.0.0.1:{grpc_port}"}],
+    }
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    (tmp_path / "pipeline.json").write_text(json.dumps(pipeline))
+    command = [sys.executable, "-m", "llmpipe_stage", "--config-dir", str(tmp_path)]
+    command += ["--stage-index", "0", "--model-dir", str(model_dir), "--plaintext"]
+    command += ["--host", "127.0.0.1", "--grpc-port", str(grpc_port)]
+    command += ["--http-port", str(http_port)]
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'stage_image'}:{ROOT / 'operator'}"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert "torch sees no CUDA device" in done.stderr
+    assert "spec.runtime.device: cpu" in done.stderr

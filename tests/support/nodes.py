@@ -124,9 +124,17 @@ def node_labels(spec: NodeSpec) -> dict[str, str]:
     return labels
 
 
+GPU_COUNT_LABEL = "nvidia.com/gpu.count"
+
+
 def node_resources(spec: NodeSpec) -> dict[str, str]:
+    """Capacity = allocatable; a node with GPU Feature Discovery's count label also gets
+    the NVIDIA device plugin's `nvidia.com/gpu`, as on a real GPU node."""
     cpu = spec.cpu or ("4" if spec.tier == "edge" else "16")
-    return {"cpu": cpu, "memory": spec.memory, "pods": str(spec.pods)}
+    resources = {"cpu": cpu, "memory": spec.memory, "pods": str(spec.pods)}
+    if GPU_COUNT_LABEL in spec.labels:
+        resources["nvidia.com/gpu"] = spec.labels[GPU_COUNT_LABEL]
+    return resources
 
 
 def node_manifest(spec: NodeSpec) -> dict[str, Any]:

@@ -322,8 +322,11 @@ def diagnose(
         f"{cost.human_bytes(available)} in total after "
         f"{cost.human_bytes(overhead)} runtime overhead each"
     )
-    if not nodes and inventory.nodes:  # nodes match the placement, but none has room
-        count = len(inventory.nodes)
+    count = len(inventory.nodes)
+    gpu_less = not any(cost.usable(n, workload) for n in inventory.nodes)
+    if not nodes and inventory.nodes and gpu_less:
+        offer = f"{count} matching node{'s' * (count != 1)}, none with a free GPU"
+    elif not nodes and inventory.nodes:  # nodes match the placement, but none has room
         offer = (
             f"none of the {count} matching node{'s' * (count != 1)} has room for the "
             f"smallest stage (largest free: "
@@ -356,8 +359,9 @@ def _shortfall(
         return "no-nodes", "the cluster has no nodes"
     if not any(cost.usable(n, workload) for n in inventory.nodes):
         return "no-gpu", (
-            "spec.runtime.device is cuda, and no matching node has a free GPU (GPU Feature "
-            "Discovery labels nvidia.com/gpu.* and allocatable nvidia.com/gpu)"
+            "spec.runtime.device is cuda: a stage needs a node whose GPU Feature Discovery "
+            "labels (nvidia.com/gpu.*) and allocatable nvidia.com/gpu show a GPU no other "
+            "pod holds"
         )
     if not nodes or largest + kv_layer > max(rooms):
         biggest = max(cost.stage_budget(n, workload) for n in inventory.nodes)

@@ -78,14 +78,31 @@ class Cluster:
         return yaml.safe_load((NODES / "k3s-edge-cloud.cluster.yaml").read_text())
 
     def add_unlabelled_nodes(self) -> None:
-        """Nodes with the example's memory and llmpipe's defaults, before the script runs."""
+        """Nodes with the example's memory and llmpipe's defaults, before the script runs;
+        the GPU nodes with what GPU Feature Discovery and the device plugin put there (the
+        file's nvidia.com labels, allocatable nvidia.com/gpu), and the `nvidia`
+        RuntimeClass that K3s creates when it finds the NVIDIA container runtime."""
         for node in self.cluster_file()["nodes"]:
+            gfd = {
+                k: v for k, v in (node.get("labels") or {}).items() if k.startswith("nvidia.com/")
+            }
             spec = nodes.NodeSpec(
                 name=self.names[node["name"]],
                 memory=node["memory"],
-                labels={RUN_LABEL: self.tag},
+                labels={RUN_LABEL: self.tag, **gfd},
             )
             self.plane.add_node(spec)
+        runtime_class = {
+            "apiVersion": "node.k8s.io/v1",
+            "kind": "RuntimeClass",
+            "metadata": {"name": "nvidia"},
+            "handler": "nvidia",
+        }
+        run(
+            self.plane,
+            [str(self.plane.bin_dir / "kubectl"), "apply", "-f", "-"],
+            input=json.dumps(runtime_class),
+        )
 
     def run_label_script(self) -> None:
         script = (NODES / "label-k3s-edge-cloud.sh").read_text()
@@ -322,6 +339,21 @@ def test_examples_become_ready_where_they_promise(cluster: Cluster) -> None:
     assert {tiers[s["node"]] for s in edge_only} == {"edge"}
     cloud = status["cloud-throughput.yaml"]["plan"]["stages"]
     assert {tiers[s["node"]] for s in cloud} == {"cloud"}
+    assert {(s["device"], s["gpus"]) for s in cloud} == {("cuda", 1)}, "on the L4s"
+    gpu_pods = json.loads(
+        run(
+            cluster.plane,
+            [
+                *(str(cluster.plane.bin_dir / "kubectl"), "get", "pods", "-n", cluster.namespace),
+                *("-l", "llmpipe.io/pipeline=qwen7b-batch", "-o", "json"),
+            ],
+        )
+    )["items"]
+    assert len(gpu_pods) == len(cloud)
+    for pod in gpu_pods:
+        (container,) = pod["spec"]["containers"]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        assert pod["spec"]["runtimeClassName"] == "nvidia"
     for state in status.values():
         assert state["ready"] == f"{state['stageCount']}/{state['stageCount']}"
         assert state["endpoint"].startswith("http://")

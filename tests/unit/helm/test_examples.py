@@ -75,6 +75,35 @@ def test_cloud_example_optimises_throughput_on_cloud_nodes() -> None:
     assert parsed.workload.max_sequences >= 8
 
 
+def test_cloud_example_runs_on_the_example_gpus() -> None:
+    """GPU stages on the L4 nodes: GPU memory budgets, one GPU per stage, the nvidia
+    RuntimeClass, the GPU taint tolerated, the CUDA image."""
+    from llmpipe_operator.planning import planner
+
+    parsed = pipeline_spec.parse_spec(_load("cloud-throughput.yaml")["spec"])
+    assert parsed.runtime.device == "cuda" and parsed.runtime.runtime_class_name == "nvidia"
+    assert parsed.runtime.image is not None and parsed.runtime.image.endswith("-cu128")
+    assert any(t.key == "nvidia.com/gpu" for t in parsed.placement.tolerations)
+    cluster = inventory.parse_cluster(_cluster())
+    gpus = [n for n in cluster.nodes if n.gpu is not None]
+    assert {n.name for n in gpus} == {"gpu-1", "gpu-2"}
+    assert all(n.gpu is not None and n.gpu.memory_bytes == 23034 * 2**20 for n in gpus)
+    plan = planner.plan_pipeline(
+        parsed.profile(),
+        cluster,
+        workload=planner.Workload(
+            objective=parsed.workload.objective,
+            max_sequences=parsed.workload.max_sequences,
+            max_context_tokens=parsed.workload.max_context_tokens,
+            device=parsed.runtime.device,
+        ),
+    )
+    for stage in plan.stages:
+        assert (stage.node.startswith("gpu-"), stage.device, stage.gpus) == (True, "cuda", 1)
+        assert stage.memory_bytes <= 23034 * 2**20
+        assert stage.host_bytes == parsed.runtime.runtime_overhead_bytes
+
+
 def _cluster() -> dict[str, Any]:
     return yaml.safe_load((NODES / "k3s-edge-cloud.cluster.yaml").read_text())
 
@@ -150,6 +179,8 @@ def test_example_plans_on_the_example_cluster(path: Path) -> None:
             max_sequences=parsed.workload.max_sequences,
             max_context_tokens=parsed.workload.max_context_tokens,
             runtime_overhead_bytes=parsed.runtime.runtime_overhead_bytes,
+            device=parsed.runtime.device,
+            dtype=parsed.model.dtype,
         ),
         placement=planner.Placement(
             first_stage=parsed.placement.first_stage,
