@@ -93,7 +93,7 @@ def bottleneck_text(plan: Mapping[str, Any]) -> str:
 def plan_summary(
     plan: Mapping[str, Any], *, availability: Sequence[StageAvailability] = ()
 ) -> dict[str, Any]:
-    """stage -> node, layers, memory, as `status.plan`."""
+    """stage -> node, layers, memory (of its device), device, as `status.plan`."""
     ready = {a.index: a.available for a in availability}
     return {
         "stages": [
@@ -104,6 +104,9 @@ def plan_summary(
                 "layerEnd": int(s["layerEnd"]),
                 "memoryBytes": int(s["memoryBytes"]),
                 "memory": format_bytes(int(s["memoryBytes"])),
+                # plans from before devices have none: CPU stages
+                "device": str(s.get("device", "cpu")),
+                "gpus": int(s.get("gpus", 0)),
                 "ready": ready.get(int(s["index"]), False),
             }
             for s in plan["stages"]

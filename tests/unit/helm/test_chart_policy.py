@@ -21,6 +21,7 @@ CUSTOM = (
     "policy.runtimeProfiles.gpu.image=registry.corp/llm/stage-cu128:0.1.0",
     "policy.runtimeProfiles.gpu.imagePullPolicy=Always",
     "policy.runtimeProfiles.gpu.allowedDevices={nvidia.com/gpu}",
+    "policy.runtimeProfiles.gpu.runtimeClassName=nvidia",
     "policy.allowedImages={registry.corp/llm/*,ghcr.io/llmpipe/llmpipe-stage:*}",
     "policy.allowedHostPaths={/srv/models/,/}",
 )
@@ -47,6 +48,7 @@ def test_the_operator_reads_back_a_custom_policy(render: Render) -> None:
     assert set(read.profiles) == {"default", "gpu"}
     assert read.profiles["gpu"].allowed_devices == frozenset({"nvidia.com/gpu"})
     assert read.profiles["gpu"].image_pull_policy == "Always"
+    assert read.profiles["gpu"].runtime_class_name == "nvidia"
     assert read.allowed_host_paths == ("/srv/models", "")
 
 
