@@ -137,7 +137,7 @@ def test_a_stage_planned_on_a_missing_gpu_fails_to_load_and_says_why(
     command += ["--stage-index", "0", "--model-dir", str(model_dir), "--plaintext"]
     command += ["--host", "127.0.0.1", "--grpc-port", str(grpc_port)]
     command += ["--http-port", str(http_port)]
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'stage_image'}:{ROOT / 'operator'}"}
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'stage_image'}:{ROOT}"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 1, done.stderr
     assert "torch sees no CUDA device" in done.stderr
