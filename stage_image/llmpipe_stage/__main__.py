@@ -59,7 +59,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--step-timeout",
         type=float,
         default=30.0,
-        help="seconds stage 0 waits for a token before failing the request",
+        help="seconds stage 0 waits for a token before pausing the sequences (a stage is stuck)",
+    )
+    parser.add_argument(
+        "--resume-timeout",
+        type=float,
+        default=60.0,
+        help="seconds paused sequences wait for every stage to be ready again before "
+        "their requests fail (0: fail at once)",
     )
     parser.add_argument(
         "--cache-timeout",
@@ -168,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         device=args.device,
         forward_timeout_s=args.forward_timeout,
         step_timeout_s=args.step_timeout,
+        resume_timeout_s=args.resume_timeout,
         cache_timeout_s=args.cache_timeout,
         attn_implementation=args.attn_implementation,
         micro_batches=args.micro_batches,

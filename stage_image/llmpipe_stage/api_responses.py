@@ -115,6 +115,8 @@ def event(payload: dict[str, Any]) -> bytes:
 
 
 DONE = b"data: [DONE]\n\n"
+KEEP_ALIVE = b": keep-alive\n\n"
+"""An SSE comment: clients skip it; it keeps a paused stream's connection open."""
 
 
 def stream_choice(

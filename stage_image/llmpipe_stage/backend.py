@@ -251,6 +251,7 @@ class Head(Backend):
             metrics=self.metrics,
             forward=forward,
             release_remote=self.release_remote,
+            chain_ready=self.peers.readiness,
         )
 
     async def forward(self, steps: list[wire.Step], hidden: torch.Tensor) -> None:

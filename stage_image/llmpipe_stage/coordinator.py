@@ -7,6 +7,14 @@ micro-batches of about in_flight / num_stages, so while stage k works on one mic
 stage k-1 works on the next; it embeds them, runs stage 0's layers and sends the hidden
 states on (or samples directly when the pipeline has one stage). When a sequence ends, is
 cancelled, fails or times out, its cache is freed here and on every other stage.
+
+When a stage fails under the ring (a hop fails, a stage reports a failure, a step times
+out), every sequence in the ring is *parked*: its caches are freed everywhere, its client
+waits. Stage 0 still holds each one's prompt and generated tokens, so once every stage
+answers ready again (asked every `RESUME_POLL_S`), each parked sequence is *replayed*
+under a fresh id: prompt + generated tokens as one prefill, which rebuilds every stage's
+KV cache and samples the next token (greedy: the token an uninterrupted run samples). A
+sequence still parked after `resume_timeout_s` fails with a `PipelineError` that says so.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ import secrets
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -38,6 +46,9 @@ class _End:
 
 _END = _End()
 
+RESUME_POLL_S = 0.25
+"""How often parked sequences ask whether every stage is ready again."""
+
 
 @dataclass(eq=False)
 class Sequence:
@@ -52,6 +63,11 @@ class Sequence:
     admitted: bool = False
     outcome: str = "cancelled"  # set to "ok" or "failed" when the pipeline ends it
     scores: Scores | None = None
+    closed: bool = False  # its client is gone (the slot is free again)
+    paused_since: float | None = None  # monotonic time it was parked, until a token is back
+    pause_reason: str = ""
+    replay: bool = False  # its next step rebuilds the caches from prompt + generated
+    resumes: int = 0
 
     @property
     def position(self) -> int:
@@ -62,6 +78,11 @@ class Sequence:
         if not self.generated:
             sampling = self.params.to_message(self.prompt)
             return Step(self.id, 0, len(self.prompt), sampling), self.prompt
+        if self.replay:  # one prefill of everything so far; the prompt is not rescored
+            self.replay = False
+            history = [*self.prompt, *self.generated]
+            sampling = replace(self.params, prompt_logprobs=False).to_message(self.prompt)
+            return Step(self.id, 0, len(history), sampling), history
         return Step(self.id, self.position, 1), [self.generated[-1]]
 
 
@@ -76,6 +97,21 @@ class CoordinatorSettings:
     """A step with no token back after this long fails its request (a stage is stuck)."""
     micro_batches: int | None = None
     """Micro-batches kept in the ring; default one per stage so every stage has work."""
+    resume_timeout_s: float = 60.0
+    """How long a parked sequence waits for every stage to be ready again before it fails:
+    long enough for a killed stage process to be restarted and load a small slice (a few
+    seconds under `llmpipe serve`, tens of seconds for a pod); 0 fails at once."""
+    max_resumes: int = 5
+    """Replays one sequence may take: a failure that comes back on every replay (a bug,
+    not a lost stage) fails the request instead of looping."""
+
+
+ChainReady = Callable[[], Awaitable[tuple[bool, str]]]
+"""Whether every other stage is ready, and why not (`peers.Peers.readiness`)."""
+
+
+async def _alone() -> tuple[bool, str]:
+    return True, "one stage"
 
 
 SendFn = Callable[[list[Step], list[int]], Awaitable[None]]
@@ -91,6 +127,7 @@ class Coordinator:
         metrics: StageMetrics,
         forward: Callable[[list[Step], torch.Tensor], Awaitable[None]] | None,
         release_remote: Callable[[list[int]], Awaitable[None]],
+        chain_ready: ChainReady = _alone,
     ) -> None:
         self.settings = settings
         self.runtime = runtime
@@ -98,7 +135,10 @@ class Coordinator:
         self.metrics = metrics
         self.forward = forward  # None when the pipeline has one stage
         self.release_remote = release_remote
-        self.sequences: dict[int, Sequence] = {}
+        self.chain_ready = chain_ready
+        self.sequences: dict[int, Sequence] = {}  # id -> sequence, for those in the ring
+        self.parked: set[Sequence] = set()  # waiting for a healthy chain
+        self._recovery: asyncio.Task[None] | None = None
         self.ready: asyncio.Queue[Sequence] = asyncio.Queue()
         self.slots = asyncio.Semaphore(settings.max_sequences)
         self.waiting = 0
@@ -135,18 +175,28 @@ class Coordinator:
             self.waiting -= 1
             self.metrics.queue_depth.set(self.waiting)
         sequence.admitted = True
-        self.sequences[sequence.id] = sequence
-        self.metrics.in_flight.set(len(self.sequences))
-        self.ready.put_nowait(sequence)
+        if self.parked:  # the chain is down: wait with the others
+            self._park([sequence], "the pipeline is recovering", now=time.monotonic())
+        else:
+            self.sequences[sequence.id] = sequence
+            self.ready.put_nowait(sequence)
+        self._count_in_flight()
+
+    def _count_in_flight(self) -> None:
+        self.metrics.in_flight.set(len(self.sequences) + len(self.parked))
+        self.metrics.paused.set(len(self.parked))
 
     def _finish(self, sequence: Sequence) -> None:
-        if not sequence.admitted or self.sequences.pop(sequence.id, None) is None:
+        if not sequence.admitted or sequence.closed:
             return
-        sequence.finished = True
+        sequence.closed = sequence.finished = True
+        in_ring = self.sequences.pop(sequence.id, None) is not None
+        self.parked.discard(sequence)
         self.slots.release()
-        self.metrics.in_flight.set(len(self.sequences))
+        self._count_in_flight()
         self.metrics.requests.labels(outcome=sequence.outcome).inc()
-        self.background.spawn(self._release_everywhere([sequence.id]))
+        if in_ring:  # a parked sequence's caches were freed when it was parked
+            self.background.spawn(self._release_everywhere([sequence.id]))
 
     async def _release_everywhere(self, ids: list[int]) -> None:
         loop = asyncio.get_running_loop()
@@ -166,6 +216,11 @@ class Coordinator:
             and self.last_token_at > self.last_failure_at
         )
 
+    @property
+    def recovering(self) -> bool:
+        """Whether sequences are parked, waiting for the chain to be healthy again."""
+        return bool(self.parked)
+
     def on_tokens(self, sequence_ids: list[int], sampled: Sampled) -> None:
         now = time.monotonic()
         self.last_token_at = now
@@ -181,6 +236,10 @@ class Coordinator:
                     sequence.scores.prompt = sampled.prompt_logprobs[sid]
             if not sequence.generated:
                 self.metrics.ttft.observe(now - sequence.created)
+            if sequence.paused_since is not None:
+                self.metrics.pause.observe(now - sequence.paused_since)
+                self.metrics.resumed.inc()
+                sequence.paused_since = None
             sequence.generated.append(token)
             sequence.step_sent_at = None
             sequence.events.put_nowait(token)
@@ -197,13 +256,91 @@ class Coordinator:
                 self.ready.put_nowait(sequence)
 
     def on_failure(self, sequence_ids: list[int], reason: str) -> None:
-        self.last_failure_at = time.monotonic()
-        for sid in sequence_ids:
-            sequence = self.sequences.get(sid)
-            if sequence is not None and not sequence.finished:
-                sequence.finished = True
-                sequence.outcome = "failed"
-                sequence.events.put_nowait(PipelineError(reason))
+        """A stage failed these sequences: the chain is broken under every sequence in the
+        ring (a stage that died held all their caches), so all of them are parked.
+        Failures of ids no longer in the ring (parked or freed already) change nothing."""
+        live = [sid for sid in sequence_ids if sid in self.sequences]
+        if not any(not self.sequences[sid].finished for sid in live):
+            return
+        now = self.last_failure_at = time.monotonic()
+        log.warning("stage 0: pausing %d sequences: %s", len(self.sequences), reason)
+        self._park([s for s in self.sequences.values() if not s.finished], reason, now=now)
+
+    # -- parking and resuming --------------------------------------------------------------
+    def _park(self, batch: list[Sequence], reason: str, *, now: float) -> None:
+        """Take these sequences out of the ring, free their caches everywhere, and make
+        sure a recovery task is waiting for the chain."""
+        for sequence in batch:
+            self.sequences.pop(sequence.id, None)
+            sequence.step_sent_at = None
+            sequence.replay = False
+            if sequence.paused_since is None:
+                sequence.paused_since = now
+            sequence.pause_reason = reason
+            self.parked.add(sequence)
+        kept = []  # the ready queue's entries of parked sequences are stale now
+        while not self.ready.empty():
+            entry = self.ready.get_nowait()
+            if self.sequences.get(entry.id) is entry:
+                kept.append(entry)
+        for entry in kept:
+            self.ready.put_nowait(entry)
+        self._count_in_flight()
+        self.background.spawn(self._release_everywhere([s.id for s in batch]))
+        if self._recovery is None or self._recovery.done():
+            self._recovery = asyncio.ensure_future(self._recover())
+
+    async def _recover(self) -> None:
+        """Until nothing is parked: fail what waited past the bound, and once every stage
+        is ready, replay the rest into the chain."""
+        while self.parked:
+            self._fail_expired(now=time.monotonic())
+            if not self.parked:
+                return
+            ready, why = await self.chain_ready()
+            if ready:
+                self._replay(list(self.parked))
+                return
+            for sequence in self.parked:
+                sequence.pause_reason = why
+            await asyncio.sleep(RESUME_POLL_S)
+
+    def _fail_expired(self, *, now: float) -> None:
+        bound = self.settings.resume_timeout_s
+        for sequence in list(self.parked):
+            paused = sequence.paused_since
+            if paused is None or now - paused < bound:
+                continue
+            message = sequence.pause_reason
+            if bound > 0:
+                message = f"{message}; no healthy pipeline came back within {bound:g} s"
+            self._fail_parked(sequence, message)
+
+    def _fail_parked(self, sequence: Sequence, message: str) -> None:
+        self.parked.discard(sequence)
+        sequence.finished = True
+        sequence.outcome = "failed"
+        self.metrics.resume_failures.inc()
+        sequence.events.put_nowait(PipelineError(message))
+        self._count_in_flight()
+
+    def _replay(self, batch: list[Sequence]) -> None:
+        """Back into the ring under fresh ids (the old ones were released everywhere)."""
+        log.info("stage 0: every stage is ready; resuming %d sequences", len(batch))
+        for sequence in batch:
+            if sequence.resumes >= self.settings.max_resumes:
+                self._fail_parked(
+                    sequence,
+                    f"{sequence.pause_reason} (still failing after {sequence.resumes} resumes)",
+                )
+                continue
+            self.parked.discard(sequence)
+            sequence.resumes += 1
+            sequence.id = next(self._ids)
+            sequence.replay = True
+            self.sequences[sequence.id] = sequence
+            self.ready.put_nowait(sequence)
+        self._count_in_flight()
 
     # -- the scheduling loop ---------------------------------------------------------------
     async def run(self) -> None:

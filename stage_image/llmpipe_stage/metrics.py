@@ -1,8 +1,8 @@
 """Prometheus metrics of one stage process (served at /metrics on every stage).
 
 One registry per process; names are prefixed `llmpipe_`. Stage 0 fills the request-level
-series (tokens, time to first token, queue depth); every stage fills compute time, bytes
-sent and cached sequences.
+series (tokens, time to first token, queue depth, paused and resumed sequences); every
+stage fills compute time, bytes sent and cached sequences.
 """
 
 from __future__ import annotations
@@ -44,6 +44,27 @@ class StageMetrics:
         )
         self.requests = Counter(
             "llmpipe_requests", "Finished requests by outcome", ["outcome"], registry=r
+        )
+        self.paused = Gauge(
+            "llmpipe_sequences_paused",
+            "Sequences parked until every stage is ready again (stage 0)",
+            registry=r,
+        )
+        self.resumed = Counter(
+            "llmpipe_resumed_sequences",
+            "Sequences that continued after a pause (stage 0)",
+            registry=r,
+        )
+        self.resume_failures = Counter(
+            "llmpipe_resume_failed_sequences",
+            "Parked sequences failed: no healthy pipeline within the resume bound (stage 0)",
+            registry=r,
+        )
+        self.pause = Histogram(
+            "llmpipe_pause_seconds",
+            "A stage failure to the first token after the resume, per sequence (stage 0)",
+            buckets=(0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 30, 60, 120, 300),
+            registry=r,
         )
         self.compute = Histogram(
             "llmpipe_stage_compute_seconds",

@@ -54,7 +54,9 @@ class StageSettings:
     forward_timeout_s: float = 10.0
     """Deadline of one hop; a neighbour that does not take a micro-batch in time is down."""
     step_timeout_s: float = 30.0
-    """Stage 0 fails a request whose token has not come back after this long."""
+    """Stage 0 parks the sequences whose token has not come back after this long."""
+    resume_timeout_s: float = 60.0
+    """Stage 0 fails a parked sequence when no healthy chain is back after this long."""
     cache_timeout_s: float = 300.0
     """A KV cache idle this long is freed (its stage 0 is gone or forgot to release it)."""
     attn_implementation: str = "sdpa"
@@ -227,6 +229,7 @@ async def start_head(process: Process, runtime: StageRuntime) -> tuple[Head, gat
         context_limit=runtime.context_limit,
         eos_token_ids=eos_ids,
         step_timeout_s=settings.step_timeout_s,
+        resume_timeout_s=settings.resume_timeout_s,
         micro_batches=settings.micro_batches,
     )
     head = Head(_parts(process, runtime), coordinator=coordinator)

@@ -3,7 +3,9 @@ and the stage keeps serving; a prompt over the context limit gets HTTP 400 namin
 a client that disconnects frees its sequence on every stage; a stage that is down makes
 requests fail fast with 503 and a reason, leaking no cache, and the pipeline recovers when
 the stage comes back; a stuck stage makes requests fail after the step timeout; /readyz asks
-every stage at once, within the probe's timeout."""
+every stage at once, within the probe's timeout. Resuming is off here (`--resume-timeout 0`):
+these are the failures a client gets when no chain comes back (tests/dataplane/test_resume.py
+covers the pause)."""
 
 from __future__ import annotations
 
@@ -30,7 +32,10 @@ CONTEXT = 1000
 @pytest.fixture(scope="module")
 def pipeline(model_dirs: dict[str, Path], start_pipeline) -> Iterator[pipelines.Pipeline]:
     yield start_pipeline(
-        model_dirs["llama-gqa"], stages=3, max_context=CONTEXT, extra_args=("--step-timeout", "4")
+        model_dirs["llama-gqa"],
+        stages=3,
+        max_context=CONTEXT,
+        extra_args=("--step-timeout", "4", "--resume-timeout", "0"),
     )
 
 

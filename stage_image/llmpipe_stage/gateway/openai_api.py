@@ -28,8 +28,39 @@ from llmpipe_stage.generation import PipelineError, SamplingParams, Scores
 
 log = logging.getLogger(__name__)
 
-Pieces = AsyncIterator[tuple[str, str | None, list[int]]]
+Piece = tuple[str, str | None, list[int]]
+Pieces = AsyncIterator[Piece]
 """(new text, finish reason or None, token ids so far) as tokens arrive."""
+
+KEEP_ALIVE_S = 2.0
+"""A stream silent this long (paused while a stage recovers) gets an SSE comment, so the
+client, and any proxy between, keeps the connection open through the pause."""
+
+
+async def with_keep_alives(pieces: Pieces, *, every_s: float) -> AsyncIterator[Piece | None]:
+    """`pieces`, with None whenever `every_s` passed without one. Closing this closes
+    `pieces` (which cancels the generation)."""
+    pending: asyncio.Future[Piece] = asyncio.ensure_future(anext(pieces))
+    try:
+        while True:
+            done, _ = await asyncio.wait({pending}, timeout=every_s)
+            if not done:
+                yield None
+                continue
+            try:
+                piece = pending.result()
+            except StopAsyncIteration:
+                return
+            yield piece
+            pending = asyncio.ensure_future(anext(pieces))
+    finally:
+        if not pending.done():
+            pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await pending
+        aclose = getattr(pieces, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 def sampling_params(generation: api_requests.Generation) -> SamplingParams:
@@ -100,8 +131,10 @@ class OpenAIRoutes:
         # A ring that just returned a token is up; otherwise ask every stage (fail fast on a
         # dead or stuck one). Skipping the check under load keeps a busy stage's slow
         # answer from turning into a false 503.
+        # While paused sequences wait for a stage to come back, a new one waits with them.
         ready, reason = True, ""
-        if not serving.generations.progressing(within_s=1.0):
+        generations = serving.generations
+        if not generations.recovering and not generations.progressing(within_s=1.0):
             ready, reason = await self.status.readiness()
         if not ready:
             return unavailable(f"the pipeline is not available: {reason}")
@@ -237,7 +270,12 @@ class OpenAIRoutes:
         try:
             if chat:
                 await response.write(chunk(None, None, role=True))
-            async for text, finish, so_far in self._pieces(serving, generation, scores=None):
+            pieces = self._pieces(serving, generation, scores=None)
+            async for piece in with_keep_alives(pieces, every_s=KEEP_ALIVE_S):
+                if piece is None:
+                    await response.write(api_responses.KEEP_ALIVE)
+                    continue
+                text, finish, so_far = piece
                 ids = so_far
                 if text or finish:
                     await response.write(chunk(text, finish))

@@ -64,6 +64,12 @@ class Generations(Protocol):
         """Whether a token came back within `within_s` seconds, with no failure since."""
         ...
 
+    @property
+    def recovering(self) -> bool:
+        """Whether generations are paused, waiting for the pipeline to be healthy again
+        (a new one waits with them instead of being refused)."""
+        ...
+
 
 @dataclass(frozen=True)
 class Serving:

@@ -1,0 +1,171 @@
+"""Resume after a stage failure, on real 3-stage pipelines: a middle stage killed (-9)
+under 8 open requests and restarted 3 s later costs them a pause (SSE keep-alive comments
+while it lasts, the pause counted in /metrics), and every output equals the uninterrupted
+run (greedy); a stage that never comes back fails every request with a clear error once
+the resume bound has passed (an SSE error event, or 503 in OpenAI's error shape) and
+leaves no KV cache on any surviving stage."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.dataplane import pipelines
+
+CONTEXT = 1000
+NEW_TOKENS = 120
+PROMPTS = [[5 + i, 17, 3 * i + 1, 40] for i in range(8)]
+
+
+@dataclass
+class Stream:
+    """One streamed completion, read in its own thread."""
+
+    lines: list[bytes] = field(default_factory=list)
+    keep_alives: int = 0
+    first_chunk: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def text(self) -> str:
+        return "".join(
+            json.loads(line.removeprefix(b"data: "))["choices"][0]["text"]
+            for line in self.lines
+            if line.startswith(b"data: {") and b'"choices"' in line
+        )
+
+    @property
+    def last(self) -> bytes:
+        return self.lines[-1] if self.lines else b""
+
+
+def body(prompt: list[int]) -> dict[str, object]:
+    return {
+        "model": "tiny",
+        "prompt": prompt,
+        "max_tokens": NEW_TOKENS,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
+
+
+def open_stream(pipeline: pipelines.Pipeline, prompt: list[int]) -> Stream:
+    stream = Stream()
+
+    def read() -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", pipeline.http_ports[0], timeout=120)
+        try:
+            connection.request(
+                "POST",
+                "/v1/completions",
+                json.dumps({**body(prompt), "stream": True}),
+                {"Content-Type": "application/json"},
+            )
+            response = connection.getresponse()
+            while line := response.readline():
+                if line.startswith(b":"):
+                    stream.keep_alives += 1
+                elif line.strip():
+                    stream.lines.append(line.strip())
+                    stream.first_chunk.set()
+        finally:
+            connection.close()
+            stream.first_chunk.set()
+            stream.done.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    return stream
+
+
+def metric(pipeline: pipelines.Pipeline, name: str) -> float:
+    with urllib.request.urlopen(f"{pipeline.base_url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    found = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+def uninterrupted(pipeline: pipelines.Pipeline) -> list[str]:
+    streams = [open_stream(pipeline, prompt) for prompt in PROMPTS]
+    for stream in streams:
+        assert stream.done.wait(120)
+        assert stream.last == b"data: [DONE]", stream.lines[-3:]
+    return [stream.text for stream in streams]
+
+
+def test_a_middle_stage_killed_and_restarted_costs_8_streams_a_pause_not_their_output(
+    model_dirs: dict[str, Path], start_pipeline
+) -> None:
+    pipeline = start_pipeline(
+        model_dirs["llama-gqa"],
+        stages=3,
+        max_context=CONTEXT,
+        extra_args=("--resume-timeout", "60"),
+    )
+    expected = uninterrupted(pipeline)
+    streams = [open_stream(pipeline, prompt) for prompt in PROMPTS]
+    for stream in streams:
+        assert stream.first_chunk.wait(120)
+    pipeline.kill(1)
+    time.sleep(3)
+    pipeline.spawn(1)
+    for stream in streams:
+        assert stream.done.wait(180), pipeline.logs()
+    assert [s.last for s in streams] == [b"data: [DONE]"] * 8, pipeline.logs()
+    assert [s.text for s in streams] == expected
+    # The pause was seen by the clients (the stream stayed open) and counted by stage 0.
+    assert all(s.keep_alives >= 1 for s in streams), [s.keep_alives for s in streams]
+    assert metric(pipeline, "llmpipe_resumed_sequences_total") == 8
+    assert metric(pipeline, "llmpipe_pause_seconds_count") == 8
+    assert metric(pipeline, "llmpipe_pause_seconds_sum") >= 8 * 3
+    assert metric(pipeline, "llmpipe_resume_failed_sequences_total") == 0
+    assert pipeline.wait_no_cache() == {0: [], 1: [], 2: []}
+
+
+def test_a_stage_that_never_comes_back_fails_every_request_clearly_and_leaks_no_cache(
+    model_dirs: dict[str, Path], start_pipeline
+) -> None:
+    bound = 4
+    pipeline = start_pipeline(
+        model_dirs["llama-gqa"],
+        stages=3,
+        max_context=CONTEXT,
+        extra_args=("--resume-timeout", str(bound)),
+    )
+    streams = [open_stream(pipeline, prompt) for prompt in PROMPTS[:6]]
+    for stream in streams:
+        assert stream.first_chunk.wait(120)
+    with ThreadPoolExecutor(2) as pool:
+        whole = [
+            pool.submit(
+                pipelines.http_json,
+                f"{pipeline.base_url}/v1/completions",
+                {**body(prompt), "max_tokens": CONTEXT - 10},
+                120,
+            )
+            for prompt in PROMPTS[6:]
+        ]
+        time.sleep(0.5)  # both are in the ring
+        pipeline.kill(1)
+        killed = time.monotonic()
+        for stream in streams:
+            assert stream.done.wait(120)
+        answers = [future.result() for future in whole]
+    took = time.monotonic() - killed
+    for stream in streams:
+        error = json.loads(stream.last.removeprefix(b"data: "))["error"]
+        assert error["type"] == "service_unavailable", error
+        assert f"no healthy pipeline came back within {bound} s" in error["message"]
+    for status, answer in answers:
+        assert status == 503, answer
+        assert answer["error"]["type"] == "service_unavailable"
+        assert f"no healthy pipeline came back within {bound} s" in answer["error"]["message"]
+    assert took < bound + 30, f"failed {took:.1f} s after the kill"
+    assert metric(pipeline, "llmpipe_resume_failed_sequences_total") == 8
+    assert pipeline.wait_no_cache(stages=[0, 2]) == {0: [], 2: []}
