@@ -25,7 +25,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from llmpipe_operator import modelfiles
+from llmpipe_cli import modelfiles
 from llmpipe_operator.planning import cost, live, measured, planner
 from llmpipe_operator.reconcile import probes
 from tests.dataplane import pipelines
