@@ -80,6 +80,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="int8: weight-only int8 projections (half the bytes of bfloat16; activations "
         "bfloat16 unless --dtype says otherwise)",
     )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="where the stages compute (default auto: a CUDA GPU when torch sees one, all "
+        "stages sharing it, else the CPU)",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="bind address (127.0.0.1)")
     parser.add_argument(
         "--port",
@@ -317,6 +324,8 @@ def start_stages(
             str(args.port + index),
             "--threads",
             str(threads),
+            "--device",
+            args.device,
             "--micro-batches",
             str(args.micro_batches or min(count, os.cpu_count() or 1)),
             *(["--tls-dir", str(tls_dir / f"stage-{index}")] if tls_dir else ["--plaintext"]),

@@ -142,3 +142,13 @@ def test_a_stage_planned_on_a_missing_gpu_fails_to_load_and_says_why(
     assert done.returncode == 1, done.stderr
     assert "torch sees no CUDA device" in done.stderr
     assert "spec.runtime.device: cpu" in done.stderr
+
+
+def test_serve_passes_its_device_to_every_stage(tmp_path: Path) -> None:
+    """`llmpipe serve --device cpu`: each stage says it computes on the CPU."""
+    args = ["--model", "demo", "--stages", "2", "--device", "cpu", "--run-dir", str(tmp_path)]
+    with pipelines.serving(args, timeout=300, cache=tmp_path / "cache") as served:
+        assert pipelines.READY_LINE in served.output, served.output
+    for index in range(2):
+        log = (tmp_path / f"stage-{index}.log").read_text()
+        assert "on cpu," in log, log[-2000:]
