@@ -364,7 +364,11 @@ def start_llmpipe(model: Path, *, stages: int, precision: str, threads: int, log
     ]  # fmt: skip
     process = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
     system = System("llmpipe", port, [process], llama=False)
-    wait_http(f"http://127.0.0.1:{port}/health", process)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/readyz", process)
+    except BaseException:
+        system.stop()
+        raise
     system.watch()
     return system
 
@@ -424,7 +428,7 @@ def start_llamacpp(
     system = System("llama.cpp", port, processes, llama=True)
     try:
         wait_http(f"http://127.0.0.1:{port}/health", server)
-    except RuntimeError:
+    except BaseException:
         system.stop()
         raise
     system.watch()
