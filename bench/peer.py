@@ -1,7 +1,7 @@
 """Peer benchmark: llmpipe against llama.cpp on the same CPU, same model, same requests.
 
-    PYTHONPATH=operator:stage_image python bench/peer.py            # everything
-    PYTHONPATH=operator:stage_image python bench/peer.py --build-only
+    PYTHONPATH=.:operator:stage_image python bench/peer.py            # everything
+    PYTHONPATH=.:operator:stage_image python bench/peer.py --build-only
 
 llama.cpp is built (CPU backend + RPC backend: `llama-server` and `ggml-rpc-server`) from the
 source tree that the `llama-cpp-python` sdist on PyPI vendors, cached by version under
@@ -353,10 +353,10 @@ def wait_http(url: str, process: subprocess.Popen[bytes], *, timeout: float = 90
 def start_llmpipe(model: Path, *, stages: int, precision: str, threads: int, log: Path) -> System:
     port = free_block(stages)
     grpc_port = free_block(stages + 40) + 20
-    env = dict(os.environ, PYTHONPATH=f"{ROOT / 'operator'}:{ROOT / 'stage_image'}")
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'operator'}:{ROOT / 'stage_image'}")
     dtype, quantization = ("bfloat16", "int8") if precision == "int8" else (precision, "none")
     command = [
-        sys.executable, "-m", "llmpipe_operator.cli", "serve", "--model", str(model),
+        sys.executable, "-m", "llmpipe_cli", "serve", "--model", str(model),
         "--name", "bench", "--stages", str(stages), "--dtype", dtype,
         "--quantization", quantization, "--threads", str(threads),
         "--port", str(port), "--grpc-port", str(grpc_port), "--max-sequences", "4",
