@@ -1,6 +1,6 @@
 """The Helm chart against the real API server: dry-run, install, upgrade, uninstall.
 
-Covers: `helm template` output (default, namespace-scoped, metrics Service on) accepted by a
+Covers: `helm template` output (default, namespace-scoped, metrics Service on, node probe on) accepted by a
 server-side dry-run apply; `helm install --wait` creates the operator Deployment (Recreate,
 scheduled by the real scheduler onto our own simulated node, made Running by kwok) and the
 CRD is Established and served (`kubectl get llmp`); the example pipelines pass the CRD's
@@ -154,8 +154,9 @@ variants = pytest.mark.parametrize(
         ("--set", "watch.namespaces={WATCHED}"),
         ("--set", "watch.allNamespaces=true"),
         ("--set", "metrics.service.enabled=true"),
+        ("--set", "probe.enabled=true"),
     ],
-    ids=["default", "namespace-scoped", "cluster-wide", "metrics-service"],
+    ids=["default", "namespace-scoped", "cluster-wide", "metrics-service", "node-probe"],
 )
 
 
