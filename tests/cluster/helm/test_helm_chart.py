@@ -1,8 +1,9 @@
 """The Helm chart against the real API server: dry-run, install, upgrade, uninstall.
 
 Covers: `helm template` output (default, namespace-scoped, metrics Service on, node probe
-on) accepted by a server-side dry-run apply; `helm install --wait` creates the operator Deployment (Recreate,
-scheduled by the real scheduler onto our own simulated node, made Running by kwok) and the
+on) accepted by a server-side dry-run apply; `helm install --wait` creates the operator
+Deployment (Recreate, scheduled by the real scheduler onto our own simulated node, made
+Running by kwok) and the
 CRD is Established and served (`kubectl get llmp`); the example pipelines pass the CRD's
 OpenAPI + CEL validation and a bad one is refused with the rule's message; the chart's RBAC
 gives the operator's ServiceAccount what it needs and no more (`kubectl auth can-i`): by
