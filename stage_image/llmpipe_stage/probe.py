@@ -269,9 +269,9 @@ class Probe:
         self.link_lock = threading.Lock()
 
     def measure(self) -> None:
-        """Runs in the measuring thread, which needs its own thread count: OpenMP's is per
-        thread, and a thread left at the default spins every core's worth of threads (3.6x
-        slower than one thread under a CPU quota of 0.2 core, docs/benchmarks.md)."""
+        """Runs in the measuring thread, which sets the thread count again: set only in the
+        main thread, this thread measured 3.6x less under a CPU quota of 0.2 core
+        (docs/benchmarks.md, "Plans from measured facts")."""
         if self.threads:
             import torch
 
