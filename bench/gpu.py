@@ -71,6 +71,18 @@ def say(message: str) -> None:
     print(message, flush=True)
 
 
+DEVICE = "cuda"
+"""`--smoke` runs the whole script on the CPU (tiny model, float32) to check it, here."""
+DTYPE = "bfloat16"
+
+
+def sync() -> None:
+    import torch
+
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
 # -- 0. what the stage needs -------------------------------------------------------------------
 def pins() -> dict[str, str]:
     out = {}
@@ -189,26 +201,25 @@ def per_hop(hidden_size: int, batches: list[int], *, calls: int) -> dict[str, fl
     from llmpipe_stage.proto import stage_pb2
 
     say(
-        f"\n## per hop in one process, hidden {hidden_size}, bfloat16: device -> page-locked "
+        f"\n## per hop in one process, hidden {hidden_size}, {DTYPE}: device -> page-locked "
         "host -> wire bytes -> host -> device (median of "
         f"{calls})"
     )
-    device = torch.device("cuda", 0)
+    device = torch.device(DEVICE)
+    dtype = wire.DTYPE_NAMES[DTYPE]
     figures = {}
     for batch in batches:
-        hidden = torch.randn(batch, hidden_size, device=device).to(torch.bfloat16)
+        hidden = torch.randn(batch, hidden_size, device=device).to(dtype)
         steps = [wire.Step(sequence_id=i, position=5, length=1) for i in range(batch)]
         times = []
         for _ in range(calls):
-            torch.cuda.synchronize()
+            sync()
             started = time.perf_counter()
             data = wire.encode_activations(steps, devices.to_host(hidden)).SerializeToString()
             message = stage_pb2.Activations.FromString(data)
-            _, back = wire.decode_activations(
-                message, hidden_size=hidden_size, dtype=torch.bfloat16
-            )
+            _, back = wire.decode_activations(message, hidden_size=hidden_size, dtype=dtype)
             back.to(device, non_blocking=True)
-            torch.cuda.synchronize()
+            sync()
             times.append(time.perf_counter() - started)
         median = sorted(times)[len(times) // 2]
         figures[str(batch)] = median
@@ -246,13 +257,13 @@ class Generate:
         from transformers import AutoModelForCausalLM
 
         self.torch = torch
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
-        self.model = model.to("cuda").eval()
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, DTYPE))
+        self.model = model.to(DEVICE).eval()
 
     def tokens_per_second(self, *, batch: int, prompt: int, new: int) -> float:
         torch = self.torch
         generator = torch.Generator().manual_seed(0)
-        ids = torch.randint(3, 280, (batch, prompt), generator=generator).to("cuda")
+        ids = torch.randint(3, 280, (batch, prompt), generator=generator).to(DEVICE)
         kwargs = {
             "attention_mask": torch.ones_like(ids),
             "do_sample": False,
@@ -260,15 +271,16 @@ class Generate:
             "min_new_tokens": new,
             "pad_token_id": 0,
         }
-        torch.cuda.synchronize()
+        sync()
         started = time.perf_counter()
         self.model.generate(ids, **kwargs)
-        torch.cuda.synchronize()
+        sync()
         return batch * new / (time.perf_counter() - started)
 
     def close(self) -> None:
         del self.model
-        self.torch.cuda.empty_cache()
+        if DEVICE == "cuda":
+            self.torch.cuda.empty_cache()
 
 
 def pipeline_tokens_per_second(base_url: str, *, batch: int, prompt: int, new: int) -> float:
@@ -315,8 +327,8 @@ def throughput(
     from tests.dataplane import pipelines
 
     say(
-        f"\n## decode throughput on one GPU, bfloat16, prompt {prompt} tokens, {new} new "
-        f"tokens per sequence; best of {repeat}, pipeline and generate alternately"
+        f"\n## decode throughput on one {DEVICE} device, {DTYPE}, prompt {prompt} tokens, "
+        f"{new} new tokens per sequence; best of {repeat}, pipeline and generate alternately"
     )
     say(
         f"{'stages':>6} {'in flight':>9} {'pipeline tok/s':>15} {'generate tok/s':>15} {'ratio':>6}"
@@ -333,8 +345,8 @@ def throughput(
             name="bench",
             max_sequences=max(batches),
             max_context=prompt + new + 8,
-            device="cuda",
-            dtype="bfloat16",
+            device=DEVICE,
+            dtype=DTYPE,
             ready_timeout=300,
             extra_args=("--threads", "2"),
         )
@@ -376,8 +388,11 @@ def plan_estimate(
 
     from llmpipe_operator.planning import inventory, planner, profiles
 
-    name = torch.cuda.get_device_name(0)
-    _free, total = torch.cuda.mem_get_info(0)
+    if DEVICE == "cuda":
+        name = torch.cuda.get_device_name(0)
+        _free, total = torch.cuda.mem_get_info(0)
+    else:  # the smoke run: an L4's labels, to exercise the path
+        name, total = "NVIDIA-L4", 24 * 2**30
     labels = {
         "nvidia.com/gpu.count": "1",
         "nvidia.com/gpu.memory": str(total // 2**20),
@@ -427,6 +442,11 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--fetch-wheels", action="store_true")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="check the script on a CPU: tiny model, float32, 1-2 stages, no tests",
+    )
     parser.add_argument("--skip-tests", action="store_true")
     parser.add_argument("--stages", default="1,2,3,4")
     parser.add_argument("--batches", default="1,8,32")
@@ -438,7 +458,16 @@ def main() -> int:
     args = parser.parse_args()
     if args.fetch_wheels:
         return fetch_wheels()
-    prepare()
+    if args.smoke:
+        global DEVICE, DTYPE
+        DEVICE, DTYPE = "cpu", "float32"
+        MODEL.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+        MODEL.update(num_attention_heads=4, num_key_value_heads=2)
+        args.skip_tests, args.stages, args.batches = True, "1,2", "1,2"
+        args.new_tokens, args.repeat, args.hop_calls = 8, 1, 20
+        sys.path[:0] = [str(ROOT / "stage_image"), str(ROOT / "operator"), str(ROOT)]
+    else:
+        prepare()
     os.environ.update(environment())
     out = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
     report: dict[str, Any] = {}
@@ -446,7 +475,7 @@ def main() -> int:
         report["tests_exit_code"] = run_tests(out)
     batches = [int(b) for b in args.batches.split(",")]
     report["per_hop_seconds"] = per_hop(MODEL["hidden_size"], batches, calls=args.hop_calls)
-    model_dir = write_model(args.work / "model")
+    model_dir = write_model(args.work / ("smoke-model" if args.smoke else "model"))
     report["throughput"] = throughput(
         model_dir,
         [int(s) for s in args.stages.split(",")],
