@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-_TIERS = ("unit", "cluster", "dataplane")
+_TIERS = ("unit", "cluster", "dataplane", "nodes")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -195,9 +195,10 @@ def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
 
 
-def make_pki(pki: Path) -> str:
-    """A CA, the API server's serving certificate (127.0.0.1, localhost, kubernetes.default),
-    the service-account signing key pair and a static admin token; returns the token."""
+def make_pki(pki: Path, *, extra_ips: Iterable[str] = ()) -> str:
+    """A CA, the API server's serving certificate (127.0.0.1, localhost, kubernetes.default,
+    plus `extra_ips`), the service-account signing key pair and a static admin token;
+    returns the token."""
     pki.mkdir(parents=True, exist_ok=True)
     _openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "ca.key", cwd=pki)
     _openssl(
@@ -228,8 +229,9 @@ def make_pki(pki: Path) -> str:
         "apiserver.csr",
         cwd=pki,
     )
+    ips = "".join(f"IP:{ip}," for ip in extra_ips)
     (pki / "san.ext").write_text(
-        "subjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,"
+        f"subjectAltName=IP:127.0.0.1,IP:10.96.0.1,{ips}DNS:localhost,DNS:kubernetes,"
         "DNS:kubernetes.default,DNS:kubernetes.default.svc,"
         "DNS:kubernetes.default.svc.cluster.local\n"
         "keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n"
@@ -318,6 +320,10 @@ class ControlPlane:
     ports: dict[str, int]
     components: list[Component] = field(default_factory=list)
     ready_seconds: float = 0.0
+    advertise_address: str | None = None
+    """Set when pods on real nodes must reach the API server (tests/support/real_nodes.py):
+    it then listens on this address instead of 127.0.0.1, and the `kubernetes` Service
+    points at it."""
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds from the start until each component (and the nodes) became healthy."""
     _began: float = field(default=0.0, repr=False)
@@ -334,17 +340,21 @@ class ControlPlane:
         cluster_file: Path | None = None,
         tie_to_parent: bool = True,
         timeout: float = 90.0,
+        advertise_address: str | None = None,
     ) -> ControlPlane:
         """Start every component, wait until healthy, then add the cluster file's nodes.
 
         `tie_to_parent` ends the processes with the caller (pytest); the CLI turns it off so
-        the control plane outlives `scripts/control-plane up`.
+        the control plane outlives `scripts/control-plane up`. `advertise_address` (a local,
+        non-loopback address) makes the API server reachable from pods on real nodes.
         """
         began = time.monotonic()
         workdir = Path(workdir).resolve()
         workdir.mkdir(parents=True, exist_ok=True)
         bin_dir = bin_dir or find_bin_dir()
-        token = make_pki(workdir / "pki")
+        token = make_pki(
+            workdir / "pki", extra_ips=[advertise_address] if advertise_address else []
+        )
         ports = {
             name: free_port()
             for name in (
@@ -361,7 +371,8 @@ class ControlPlane:
             bin_dir=bin_dir,
             token=token,
             ports=ports,
-            server=f"https://127.0.0.1:{ports['apiserver']}",
+            server=f"https://{advertise_address or '127.0.0.1'}:{ports['apiserver']}",
+            advertise_address=advertise_address,
         )
         plane._began = began
         try:
@@ -474,8 +485,8 @@ class ControlPlane:
     def _apiserver_args(self, pki: Path) -> list[str]:
         return [
             f"--etcd-servers=http://127.0.0.1:{self.ports['etcd']}",
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
+            f"--bind-address={self.advertise_address or '127.0.0.1'}",
+            f"--advertise-address={self.advertise_address or '127.0.0.1'}",
             f"--secure-port={self.ports['apiserver']}",
             f"--tls-cert-file={pki / 'apiserver.crt'}",
             f"--tls-private-key-file={pki / 'apiserver.key'}",

@@ -18,6 +18,8 @@ KWOK_ANNOTATION = "kwok.x-k8s.io/node"
 LINKS_ANNOTATION = "llmpipe.io/links"
 #: Label that makes our kwok stages hold a node at Ready=False (see tests/support/kwok.yaml).
 NOT_READY_LABEL = "test.llmpipe.io/not-ready"
+#: Label the kubelet of every real node sets (tests/support/real_nodes.py); kwok nodes lack it.
+REAL_NODE_LABEL = "test.llmpipe.io/real-node"
 TIERS = ("edge", "cloud")
 
 
