@@ -498,6 +498,9 @@ class ControlPlane:
             f"--service-account-signing-key-file={pki / 'sa.key'}",
             f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
             "--allow-privileged=true",
+            # As kubeadm does: reach kubelets (logs, exec) by their address, not their name,
+            # which no resolver here knows (tests/support/real_nodes.py).
+            "--kubelet-preferred-address-types=InternalIP,Hostname",
             "--profiling=false",
             f"--cert-dir={self.workdir / 'apiserver-certs'}",
         ]

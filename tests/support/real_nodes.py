@@ -488,6 +488,18 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         shutil.rmtree(self.workdir / "containerd", ignore_errors=True)
 
 
+def remove_kubelet_chains() -> None:
+    """The kubelet's own iptables chains (KUBE-FIREWALL: drop non-local traffic to
+    127.0.0.0/8; KUBE-KUBELET-CANARY), which outlive it; kube-proxy's go with --cleanup."""
+    for tool in ("iptables", "ip6tables"):
+        for hook in ("INPUT", "OUTPUT"):
+            _run(tool, "-D", hook, "-j", "KUBE-FIREWALL", check=False)
+        for table in ("filter", "nat", "mangle"):
+            for chain in ("KUBE-FIREWALL", "KUBE-KUBELET-CANARY"):
+                _run(tool, "-t", table, "-F", chain, check=False)
+                _run(tool, "-t", table, "-X", chain, check=False)
+
+
 # ---------------------------------------------------------------------------- the cluster
 
 
@@ -554,8 +566,6 @@ class RealCluster:
         self.dns = cluster_dns.ClusterDNS(
             DNS_ADDRESS, cluster_dns.api_resolver(self.plane.client(field_manager="cluster-dns"))
         ).start()
-        self._start_proxy(timeout)
-        mark("kube-proxy and cluster DNS up")
         seed = seeded_root(self.images, progress=progress)
         mark("node image store ready")
         wanted = set(self.image.values())
@@ -568,6 +578,9 @@ class RealCluster:
         for node in self.nodes:
             node.start_kubelet(self.plane, self.node_bin, timeout=timeout)
         mark(f"{len(self.nodes)} kubelets Ready")
+        # After the nodes: kube-proxy is healthy only once its node exists.
+        self._start_proxy(timeout)
+        mark("kube-proxy up")
 
     def _start_proxy(self, timeout: float) -> None:
         health = cp.free_port()
@@ -623,6 +636,7 @@ class RealCluster:
         if self.proxy is not None:
             cp._stop([self.proxy])
             _run(str(self.node_bin / "kube-proxy"), "--cleanup", check=False)
+        remove_kubelet_chains()
         if self.dns is not None:
             self.dns.stop()
         self.plane.stop()
