@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import time
 import urllib.request
 import uuid
@@ -73,8 +74,6 @@ class UserPath:
         print(f"nodes path: {what} at {self.timings[what]}s")
 
     def run(self, *argv: str, stdin: str | None = None, timeout: float = 400) -> str:
-        import subprocess
-
         done = subprocess.run(
             argv,
             input=stdin,
@@ -102,6 +101,9 @@ class UserPath:
         for path in (MODELS.parent, MODELS):
             path.chmod(0o755)
         pipelines.write_family(self.model_dir, FAMILY)
+        # safetensors writes its files 0600: the stage (uid 10001) would refuse them, naming
+        # this very command (a user's model directory needs the same).
+        subprocess.run(["chmod", "-R", "a+rX", str(self.model_dir)], check=True)
         config = json.loads((self.model_dir / "config.json").read_text())
         keys = (
             "model_type",
@@ -217,8 +219,6 @@ class UserPath:
         self.plane.kubectl("delete", "llmp", "--all", "-n", self.namespace, check=False)
         self.plane.kubectl("delete", "namespace", self.namespace, "--wait=false", check=False)
         helm = str(self.plane.bin_dir / "helm")
-        import subprocess
-
         subprocess.run(
             [helm, "uninstall", self.release, "--namespace", self.system, "--wait"],
             env=self.plane.env,
