@@ -8,7 +8,9 @@ from `--plan FILE` (the plan JSON of docs/design.md), `--cluster FILE` (planned 
 `llmpipe_operator.planning`), or `--stages N` (an even split; default 2). It writes the
 same `plan.json` + `pipeline.json` the operator mounts in Kubernetes, starts
 `python -m llmpipe_stage` per stage, shows loading progress, then prints how to call the
-OpenAI API and waits until Ctrl-C (or a stage dies).
+OpenAI API and waits until Ctrl-C. It supervises the stages as a kubelet would: a stage
+that dies is started again (after 1 s, doubled per crash in a row up to 30 s), and stage 0
+resumes the streams it paused (docs/stage-runtime.md, "Resume after a stage failure").
 
 The stages talk mutual TLS, as in Kubernetes: a fresh CA and one certificate per stage are
 generated at every start into a private (0700) temp dir, removed on exit; the CA's key is
@@ -29,6 +31,8 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -293,7 +297,50 @@ def write_certificates(args: argparse.Namespace, *, count: int) -> Path | None:
     return directory
 
 
-def start_stages(
+def stage_command(
+    args: argparse.Namespace,
+    *,
+    index: int,
+    config_dir: Path,
+    model_dir: Path,
+    count: int,
+    tls_dir: Path | None,
+) -> list[str]:
+    threads = args.threads or max(1, (os.cpu_count() or 1) // count)
+    command = [
+        sys.executable,
+        "-m",
+        "llmpipe_stage",
+        "--config-dir",
+        str(config_dir),
+        "--stage-index",
+        str(index),
+        "--model-dir",
+        str(model_dir),
+        "--host",
+        args.host,
+        "--grpc-port",
+        str(args.grpc_port + index),
+        "--http-port",
+        str(args.port + index),
+        "--threads",
+        str(threads),
+        "--device",
+        args.device,
+        "--micro-batches",
+        str(args.micro_batches or min(count, os.cpu_count() or 1)),
+        *(["--tls-dir", str(tls_dir / f"stage-{index}")] if tls_dir else ["--plaintext"]),
+    ]
+    if index == 0 and args.api_key_file is not None:
+        command += ["--api-keys", str(args.api_key_file.resolve())]
+    return command
+
+
+Spawn = Callable[[int], "subprocess.Popen[bytes]"]
+"""Start stage `index` (again), its output appended to its log; its pid in stage-<i>.pid."""
+
+
+def stage_spawner(
     args: argparse.Namespace,
     *,
     config_dir: Path,
@@ -301,47 +348,28 @@ def start_stages(
     run_dir: Path,
     count: int,
     tls_dir: Path | None,
-) -> list[subprocess.Popen[bytes]]:
-    threads = args.threads or max(1, (os.cpu_count() or 1) // count)
-    processes = []
-    for index in range(count):
-        log = (run_dir / f"stage-{index}.log").open("wb")
-        command = [
-            sys.executable,
-            "-m",
-            "llmpipe_stage",
-            "--config-dir",
-            str(config_dir),
-            "--stage-index",
-            str(index),
-            "--model-dir",
-            str(model_dir),
-            "--host",
-            args.host,
-            "--grpc-port",
-            str(args.grpc_port + index),
-            "--http-port",
-            str(args.port + index),
-            "--threads",
-            str(threads),
-            "--device",
-            args.device,
-            "--micro-batches",
-            str(args.micro_batches or min(count, os.cpu_count() or 1)),
-            *(["--tls-dir", str(tls_dir / f"stage-{index}")] if tls_dir else ["--plaintext"]),
-        ]
-        if index == 0 and args.api_key_file is not None:
-            command += ["--api-keys", str(args.api_key_file.resolve())]
-        processes.append(
-            subprocess.Popen(
+) -> Spawn:
+    def spawn(index: int) -> subprocess.Popen[bytes]:
+        command = stage_command(
+            args,
+            index=index,
+            config_dir=config_dir,
+            model_dir=model_dir,
+            count=count,
+            tls_dir=tls_dir,
+        )
+        with (run_dir / f"stage-{index}.log").open("ab") as log:
+            process = subprocess.Popen(
                 command,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=stage_env(),
                 start_new_session=True,
             )
-        )
-    return processes
+        (run_dir / f"stage-{index}.pid").write_text(f"{process.pid}\n")
+        return process
+
+    return spawn
 
 
 def get_json(url: str, timeout: float = 2.0) -> tuple[int, dict[str, Any]]:
@@ -443,8 +471,33 @@ def stop_stages(processes: list[subprocess.Popen[bytes]]) -> None:
             process.wait()
 
 
-def supervise(processes: list[subprocess.Popen[bytes]], run_dir: Path) -> int:
-    """Wait until Ctrl-C/SIGTERM (exit 0) or a stage dies (exit 1)."""
+@dataclass
+class Restarts:
+    """One stage's crash-loop backoff, as the kubelet keeps it for a container."""
+
+    FIRST_S = 1.0
+    """The first restart comes soon: a killed stage is usually fine to start again."""
+    MAX_S = 30.0
+    """A stage that keeps crashing is retried twice a minute, not in a hot loop."""
+    RESET_AFTER_S = 60.0
+    """A stage that ran this long before dying starts its backoff over."""
+
+    started: float
+    crashes_in_a_row: int = 0
+    due: float | None = None  # monotonic time of the next start, while the stage is down
+
+    def schedule(self, now: float) -> float:
+        """The stage died at `now`: when to start it again."""
+        if now - self.started >= self.RESET_AFTER_S:
+            self.crashes_in_a_row = 0
+        delay = min(self.MAX_S, self.FIRST_S * 2.0**self.crashes_in_a_row)
+        self.crashes_in_a_row += 1
+        self.due = now + delay
+        return delay
+
+
+def supervise(processes: list[subprocess.Popen[bytes]], run_dir: Path, spawn: Spawn) -> int:
+    """Until Ctrl-C/SIGTERM (exit 0): restart every stage that dies, with backoff."""
     stopping = False
 
     def on_signal(signum: int, frame: object) -> None:
@@ -453,15 +506,22 @@ def supervise(processes: list[subprocess.Popen[bytes]], run_dir: Path) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    now = time.monotonic()
+    restarts = [Restarts(started=now) for _ in processes]
     while not stopping:
-        for index, process in enumerate(processes):
-            if process.poll() is not None:
+        now = time.monotonic()
+        for index, (process, restart) in enumerate(zip(processes, restarts, strict=True)):
+            if restart.due is None and process.poll() is not None:
+                delay = restart.schedule(now)
                 say(
-                    f"stage {index} exited with code {process.returncode}; stopping "
-                    f"(log: {run_dir / f'stage-{index}.log'})"
+                    f"stage {index} exited with code {process.returncode}; restarting it in "
+                    f"{delay:g} s (log: {run_dir / f'stage-{index}.log'})"
                 )
-                return 1
-        time.sleep(0.5)
+            elif restart.due is not None and now >= restart.due:
+                processes[index] = spawn(index)
+                restart.started, restart.due = now, None
+                say(f"stage {index} restarted; stage 0 resumes its streams once it is ready")
+        time.sleep(0.25)
     say("stopping the stages ...")
     return 0
 
@@ -490,7 +550,7 @@ def main(argv: list[str]) -> int:
         say(
             f"starting {count} stages of {name} ({model_dir}, {precision}) on {args.host}, {links}:"
         )
-        processes = start_stages(
+        spawn = stage_spawner(
             args,
             config_dir=config_dir,
             model_dir=model_dir,
@@ -498,9 +558,10 @@ def main(argv: list[str]) -> int:
             count=count,
             tls_dir=tls_dir,
         )
+        processes.extend(spawn(index) for index in range(count))
         wait_ready(args, processes, run_dir, plan)
         say(banner(args, name=name, run_dir=run_dir, count=count, started=started, tls_dir=tls_dir))
-        return supervise(processes, run_dir)
+        return supervise(processes, run_dir, spawn)
     except (LaunchError, stage_config.ConfigError) as error:
         print(f"llmpipe serve: {error}", file=sys.stderr)
         return 1

@@ -4,11 +4,17 @@ example, streams tokens through the OpenAI API, and Ctrl-C stops every stage; wi
 it serves SmolLM2-135M-Instruct (the GGUF file from the cache, converted once) as a 2-stage
 pipeline that answers a sanity question sensibly. The stage links are mutual TLS with
 certificates generated at start in a private dir (plaintext gRPC calls are refused), and
-that dir is gone after exit."""
+that dir is gone after exit. A stage killed with -9 is restarted by serve (which keeps
+running) and the stream open through it completes with the uninterrupted run's text."""
 
 from __future__ import annotations
 
+import http.client
+import json
+import os
+import signal
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -90,3 +96,53 @@ def test_serve_default_model_answers_sanity_prompts(tmp_path: Path, smollm2_dir:
             )
             assert word in (reply.choices[0].message.content or ""), (question, reply)
     assert served.exit_code == 0
+
+
+def streamed_text(port: int, *, on_first_chunk: Callable[[], None] = lambda: None) -> str:
+    """One greedy streamed completion's text; `on_first_chunk` runs when its first arrives."""
+    body = {
+        "model": "llmpipe-demo",
+        "prompt": "once upon a time",
+        "max_tokens": 200,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    connection.request("POST", "/v1/completions", json.dumps(body), {})
+    response = connection.getresponse()
+    pieces: list[str] = []
+    last = b""
+    while line := response.readline():
+        if line.startswith(b"data: {"):
+            if not pieces:
+                on_first_chunk()
+            pieces.append(json.loads(line.removeprefix(b"data: "))["choices"][0]["text"])
+        if line.startswith(b"data: "):
+            last = line.strip()
+    connection.close()
+    assert last == b"data: [DONE]", (last, pieces[-3:])
+    return "".join(pieces)
+
+
+def test_serve_restarts_a_killed_stage_and_its_stream_resumes(tmp_path: Path) -> None:
+    http_port, grpc_port = pipelines.free_ports(2)
+    run_dir = tmp_path / "run"
+    args = ["--model", "demo", "--stages", "3", "--port", str(http_port)]
+    args += ["--grpc-port", str(grpc_port), "--threads", "1", "--run-dir", str(run_dir)]
+    with pipelines.serving(args, timeout=180, cache=tmp_path / "cache") as served:
+        assert served.process.poll() is None, served.output
+        expected = streamed_text(http_port)
+        first_pid = int((run_dir / "stage-1.pid").read_text())
+
+        def kill_stage_1() -> None:
+            os.kill(first_pid, signal.SIGKILL)
+
+        assert streamed_text(http_port, on_first_chunk=kill_stage_1) == expected
+        assert int((run_dir / "stage-1.pid").read_text()) != first_pid
+        assert served.process.poll() is None  # serve kept running
+    assert served.exit_code == 0
+    assert served.process.stdout is not None
+    rest = served.process.stdout.read()
+    assert "stage 1 exited with code -9; restarting it in 1 s" in rest, rest
+    assert "stage 1 restarted" in rest, rest
