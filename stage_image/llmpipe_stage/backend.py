@@ -217,7 +217,9 @@ class Worker(Backend):
             target = self.index + 1
             call = self.peers.stub(target).Forward
         try:
+            started = time.perf_counter()
             await call(message, timeout=self.timeouts.forward_s)
+            self.metrics.send.observe(time.perf_counter() - started)
             self.metrics.bytes_sent.inc(message.ByteSize())
         except grpc.aio.AioRpcError as error:
             reason = rpc_failure(error, self.peers.describe(target))
@@ -258,7 +260,9 @@ class Head(Backend):
         """Hand stage 0's layers' output to stage 1; a failed hop fails the sequences."""
         message = wire.encode_activations(steps, hidden, sent_unix_ns=time.time_ns())
         try:
+            started = time.perf_counter()
             await self.peers.stub(1).Forward(message, timeout=self.timeouts.forward_s)
+            self.metrics.send.observe(time.perf_counter() - started)
             self.metrics.bytes_sent.inc(message.ByteSize())
         except grpc.aio.AioRpcError as error:
             reason = rpc_failure(error, self.peers.describe(1))

@@ -80,6 +80,14 @@ class StageMetrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 256, 1024, 4096),
             registry=r,
         ).labels(**labels)
+        self.send = Histogram(
+            "llmpipe_stage_send_seconds",
+            "Time one hop to the next stage takes (Forward, or ReturnTokens from the last), "
+            "until the receiver accepted it",
+            ["stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        ).labels(**labels)
         self.bytes_sent = Counter(
             "llmpipe_bytes_sent", "Serialized bytes sent to other stages", ["stage"], registry=r
         ).labels(**labels)

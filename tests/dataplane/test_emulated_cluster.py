@@ -15,9 +15,11 @@ otherwise.
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -187,5 +189,15 @@ def test_the_plan_from_measurements_runs_exactly_in_the_nodes(
             body["choices"][0]["token_ids"]
             == pipelines.reference_tokens(model_dir, [prompt], [8])[0]
         )
+        # every stage timed its compute and (with a next stage) its hop
+        series_timed = ["llmpipe_stage_compute_seconds"]
+        if pipeline.num_stages > 1:
+            series_timed.append("llmpipe_stage_send_seconds")
+        for index in range(pipeline.num_stages):
+            url = f"http://{pipeline.host(index)}:{pipeline.http_ports[index]}/metrics"
+            text = urllib.request.urlopen(url, timeout=10).read().decode()
+            for series in series_timed:
+                count = re.search(rf'^{series}_count{{stage="{index}"}} (\S+)$', text, re.M)
+                assert count is not None and float(count[1]) > 0, (series, index)
     finally:
         pipeline.stop()

@@ -108,6 +108,9 @@ def test_tokens_are_exact_and_bytes_match_over_a_shaped_link(
         hops = len(got)  # the prompt once, then one message per further token
         payload = (len(prompt) + len(got) - 1) * 64 * 4
         assert payload < sent < payload + 64 * hops
+        # stage 0 timed each of its hops over the shaped link (llmpipe_stage_send_seconds)
+        timed = re.search(r'llmpipe_stage_send_seconds_count\{stage="0"\} (\S+)', metrics)
+        assert timed is not None and float(timed[1]) == hops
         print(
             f"\n{len(prompt)}-token prompt + {len(got)} tokens over a {RATE_MBIT} Mbit/s "
             f"link: {took:.2f} s, {sent:.0f} bytes sent by stage 0 "
