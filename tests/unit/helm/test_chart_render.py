@@ -386,3 +386,17 @@ def test_the_node_probe_has_no_api_rights_and_a_restricted_pod(render: Render) -
     assert args[args.index("--probe-namespace") + 1] == daemonset["metadata"]["namespace"]
     rules = [r for o in by_kind(objects, "ClusterRole") for r in o["rules"]]
     assert any("nodes" in r["resources"] and r["verbs"] == ["patch"] for r in rules)
+
+
+def test_operator_runner_accepts_the_probe_args(render: Render) -> None:
+    from llmpipe_operator import __main__ as runner
+
+    objects = render("probe.enabled=true", "probe.pollSeconds=30", "probe.linksIntervalSeconds=600")
+    args = runner.parse_args(_container(objects)["args"])
+    assert args.probe_namespace == one(objects, "DaemonSet")["metadata"]["namespace"]
+    assert (args.probe_interval, args.probe_links_interval) == (30.0, 600.0)
+    probe_args = one(objects, "DaemonSet")["spec"]["template"]["spec"]["containers"][0]["args"]
+    from llmpipe_stage import probe
+
+    parsed = probe.parse_args(probe_args)
+    assert (parsed.port, parsed.link_port) == (8090, 8091)
