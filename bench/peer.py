@@ -529,24 +529,38 @@ def run_benchmark(args: argparse.Namespace, binaries: Path) -> int:
         f"{'llama.cpp tok/s':>15} {'ratio':>6}"
     )
     results: dict[tuple[str, str], Figures] = {}
-    for precision in args.precisions.split(","):
-        for mode in args.modes.split(","):
-            figures = Figures()
-            say(f"{mode} {precision}: starting both systems ...")
-            with both(model, binaries, mode=mode, precision=precision, work=work) as pair:
-                measure(
-                    pair, seqs=seqs, rounds=args.rounds, prompt=args.prompt, new=args.new,
-                    ttft_prompt=args.ttft_prompt, figures=figures,
-                )  # fmt: skip
-            results[(mode, precision)] = figures
-            for n in seqs:
-                ours = best(figures.rates[("llmpipe", n)])
-                theirs = best(figures.rates[("llama.cpp", n)])
-                print(
-                    f"{mode:<12} {precision:<9} {n:>4} {ours:>13.1f} {theirs:>15.1f} "
-                    f"{ours / theirs:>6.2f}",
-                    flush=True,
-                )
+    configs = (
+        [tuple(c.split(":")) for c in args.configs.split(",")]
+        if args.configs
+        else [
+            (mode, precision)
+            for precision in args.precisions.split(",")
+            for mode in args.modes.split(",")
+        ]
+    )
+    for mode, precision in configs:
+        figures = Figures()
+        say(f"{mode} {precision}: starting both systems ...")
+        with both(model, binaries, mode=mode, precision=precision, work=work) as pair:
+            measure(
+                pair, seqs=seqs, rounds=args.rounds, prompt=args.prompt, new=args.new,
+                ttft_prompt=args.ttft_prompt, figures=figures,
+            )  # fmt: skip
+        results[(mode, precision)] = figures
+        for n in seqs:
+            ours = best(figures.rates[("llmpipe", n)])
+            theirs = best(figures.rates[("llama.cpp", n)])
+            print(
+                f"{mode:<12} {precision:<9} {n:>4} {ours:>13.1f} {theirs:>15.1f} "
+                f"{ours / theirs:>6.2f}",
+                flush=True,
+            )
+        say(
+            f"{mode} {precision}: TTFT llmpipe {min(figures.ttft['llmpipe']) * 1000:.0f} ms, "
+            f"llama.cpp {min(figures.ttft['llama.cpp']) * 1000:.0f} ms; peak RSS llmpipe "
+            f"{figures.rss['llmpipe'] / 2**20:.0f} MB, llama.cpp "
+            f"{figures.rss['llama.cpp'] / 2**20:.0f} MB"
+        )
     print(f"\n{'mode':<12} {'precision':<9} {'TTFT llmpipe':>12} {'llama.cpp':>10} "
           f"{'ratio':>6} {'peak RSS llmpipe':>16} {'llama.cpp':>10}")  # fmt: skip
     for (mode, precision), figures in results.items():
@@ -559,7 +573,7 @@ def run_benchmark(args: argparse.Namespace, binaries: Path) -> int:
         )
     print("(TTFT ratio = llama.cpp / llmpipe: above 1 means llmpipe is first)")
     losses = []
-    for precision in args.precisions.split(","):
+    for precision in dict.fromkeys(p for _, p in configs):
         if ("one-process", precision) in results and ("split", precision) in results:
             for n in seqs:
                 loss = {
@@ -594,6 +608,12 @@ def main() -> int:
     parser.add_argument("--build-only", action="store_true", help="build llama.cpp and stop")
     parser.add_argument("--precisions", default="bfloat16,float32,int8")
     parser.add_argument("--modes", default="one-process,split")
+    parser.add_argument(
+        "--configs",
+        default="",
+        help="mode:precision pairs instead of every mode x precision, e.g. "
+        "one-process:bfloat16,split:bfloat16",
+    )
     parser.add_argument("--seqs", default="1,4")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--prompt", type=int, default=16, help="prompt tokens (decode runs)")

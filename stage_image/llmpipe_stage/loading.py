@@ -187,16 +187,40 @@ def read_tensors(
     dtype: torch.dtype,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Read just `wanted`, one tensor at a time, converting each to the pipeline dtype."""
+    """Read just `wanted` into host memory, one tensor at a time, converting each to the
+    pipeline dtype.
+
+    Each tensor's bytes are read (`readinto`, no mmap) straight into the tensor that keeps
+    them when the file's dtype is the pipeline's, else into one transient tensor that the
+    conversion replaces. Reading through safetensors' mmap instead made every page of the
+    file this process touched count in its resident memory until the file was closed: a
+    float32 file loaded as bfloat16 peaked at about 2x the slice (docs/benchmarks.md,
+    "Peer benchmark"). The page cache still holds what the kernel read; it is not ours.
+    """
     by_file: dict[Path, list[str]] = {}
     for key in wanted:
         by_file.setdefault(keys[key], []).append(key)
     out: dict[str, torch.Tensor] = {}
     for path, file_keys in by_file.items():
         require_readable(path)
-        with safe_open(str(path), framework="pt") as handle:
+        header, data_start = safetensors_header(path)
+        with path.open("rb", buffering=0) as file:
             for key in file_keys:
-                out[key] = handle.get_tensor(key).to(dtype)
+                entry = header[key]
+                stored = SAFETENSORS_DTYPES.get(str(entry["dtype"]))
+                if stored is None:
+                    raise LoadError(f"{path}: tensor {key} has dtype {entry['dtype']}")
+                begin, end = (int(x) for x in entry["data_offsets"])
+                shape = [int(d) for d in entry["shape"]]
+                raw = torch.empty(end - begin, dtype=torch.uint8)
+                view, done = raw.numpy().data, 0
+                file.seek(data_start + begin)
+                while done < len(view):  # one read(2) returns at most ~2 GiB
+                    count = file.readinto(view[done:])
+                    if not count:
+                        raise LoadError(f"{path}: tensor {key} is cut short")
+                    done += count
+                out[key] = raw.view(stored).reshape(shape).to(dtype)
                 if progress is not None:
                     progress(len(out), len(wanted))
     return out
