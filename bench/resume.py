@@ -3,6 +3,7 @@ pipeline (the tiny llama-gqa test model, CPU, one torch thread per stage, mutual
 restarted after --down seconds, with 1 and 8 streams open.
 
     PYTHONPATH=operator:stage_image:. python bench/resume.py [--down 0] [--rounds 2]
+        [--streams 1 8]
 
 Per round it prints, for each stream, the time from the kill to its first token after the
 resume (client side, as the SSE chunks arrive), and stage 0's own figure
@@ -101,6 +102,7 @@ def one_round(pipeline: pipelines.Pipeline, *, streams: int, down_s: float) -> d
         "client_pause_median_s": statistics.median(pauses),
         "client_pause_max_s": max(pauses),
         "stage0_pause_mean_s": (after_sum - before_sum) / max(1.0, after_count - before_count),
+        "resumed": after_count - before_count,
         "stage_restart_s": restart,
     }
 
@@ -109,15 +111,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--down", type=float, default=0.0, help="seconds the stage stays dead")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--streams", type=int, nargs="+", default=[1, 8])
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model = pipelines.write_family(root / "model", "llama-gqa")
         pipeline = pipelines.Pipeline.start(
-            model, root / "run", stages=3, max_context=1000, extra_args=("--resume-timeout", "60")
+            model, root / "run", stages=3, max_context=1000, extra_args=("--resume-timeout", "600")
         )
         try:
-            for streams in (1, 8):
+            for streams in args.streams:
                 for n in range(args.rounds):
                     figures = one_round(pipeline, streams=streams, down_s=args.down)
                     shown = "  ".join(f"{k}={v:.2f}" for k, v in figures.items())

@@ -9,7 +9,10 @@ same step:
 - the target plan (`status.planHash`) is not applied yet: wait;
 - it is fully available and the Service routes elsewhere: switch the Service to it;
 - a plan that is neither the target nor serving, and that no ready endpoint behind the
-  Service belongs to any more, is removed (Deployments, then Services, then the ConfigMap);
+  Service belongs to any more, *drains*: it keeps running for the sequences it still
+  serves for `spec.replan.drainSeconds` from the first look that found it so (recorded in
+  `status.drainingPlans`), then is removed (Deployments, then Services, then the
+  ConfigMap);
 - the status report of the rollout (`status.rollout`), written when more than its
   timestamps changed.
 
@@ -80,6 +83,10 @@ class Action:
     """The status patch of the rollout (None: waiting, nothing to report)."""
     write_report: bool = False
     """False when the report would change nothing but timestamps."""
+    drain_started: tuple[str, ...] = ()
+    """Plans that began draining at this look (an Event each)."""
+    drained: tuple[str, ...] = ()
+    """Draining plans whose bound passed: their objects are in `remove` (an Event each)."""
 
 
 WAIT = Action()
@@ -99,16 +106,59 @@ def next_step(observed: Observed) -> Action:
         switch = Switch(to=target, came_from=serving, stages=len(plan["stages"]))
         serving = target
     routed = routed_digests(observed.slices, observed.ref)
-    doomed = doomed_objects(observed.children, keep={target, serving, *routed})
+    unserved = plan_digests(observed.children) - {target, serving, *routed}
+    draining, drained = drain(observed, unserved)
+    doomed = doomed_objects(observed.children, keep={target, serving, *routed, *draining})
     report = rollout_report(observed, plan, serving=serving, ready_target=ready_target)
+    previous = observed.status.get("drainingPlans") or {}
+    report["drainingPlans"] = draining or (None if previous else {})
     return Action(
         serving=serving,
         switch=switch,
         remove=tuple(doomed),
         report=report,
         write_report=report["phase"] != observed.status.get("phase")
-        or changed(report, observed.status),
+        or changed(report, observed.status)
+        or (draining or {}) != previous,
+        drain_started=tuple(sorted(set(draining) - set(previous))),
+        drained=tuple(sorted(drained)),
     )
+
+
+def drain(observed: Observed, unserved: set[str]) -> tuple[dict[str, str], set[str]]:
+    """Split the plans nothing routes to: still draining ({digest: since}) or drained.
+    A plan with a stage not available cannot finish anything (a broken ring): it goes now."""
+    bound = drain_seconds(observed.replan_spec)
+    previous = observed.status.get("drainingPlans") or {}
+    draining: dict[str, str] = {}
+    drained: set[str] = set()
+    for digest in unserved:
+        plan = plan_of(observed.children, digest)
+        if plan is None or not all(
+            a.available
+            for a in availability(observed.children, observed.pods, digest=digest, plan=plan)
+        ):
+            drained.add(digest)
+            continue
+        since = str(previous.get(digest) or observed.now.strftime(TIME_FORMAT))
+        started = datetime.datetime.strptime(since, TIME_FORMAT).replace(tzinfo=datetime.UTC)
+        if (observed.now - started).total_seconds() < bound:
+            draining[digest] = since
+        else:
+            drained.add(digest)
+    return draining, drained
+
+
+def drain_seconds(replan_spec: Obj | None) -> float:
+    try:
+        return replan.ReplanSettings.from_spec(replan_spec).drain_seconds
+    except ValueError:  # the spec's own handler reports it; drain by the default meanwhile
+        return replan.ReplanSettings().drain_seconds
+
+
+def plan_digests(children: Sequence[Obj]) -> set[str]:
+    """Every plan hash that owns an object (the endpoint Service belongs to none)."""
+    return {d for d in (digest_of(o) for o in children) if d}
 
 
 def rollout_report(

@@ -463,6 +463,11 @@ class ReplanSettings:
     (the old plan keeps serving, the pipeline is Degraded): loading weights over an edge
     uplink takes minutes."""
 
+    drain_seconds: float = 120.0
+    """How long a plan nothing routes to any more keeps running for the sequences it still
+    serves, before its objects are deleted: a typical completion (512 tokens at the 5
+    tokens/s of a small edge board is ~100 s) finishes on the plan that started it."""
+
     @classmethod
     def from_spec(cls, replan: Mapping[str, Any] | None) -> ReplanSettings:
         """Parse `spec.replan`; missing fields take the defaults above."""
@@ -474,6 +479,7 @@ class ReplanSettings:
             switch_timeout_seconds=_number(
                 replan, "switchTimeoutSeconds", defaults.switch_timeout_seconds
             ),
+            drain_seconds=_number(replan, "drainSeconds", defaults.drain_seconds),
         )
         if not 0 <= settings.improvement_margin < 1:
             raise ValueError(
@@ -484,6 +490,8 @@ class ReplanSettings:
             raise ValueError(
                 f"spec.replan.debounceSeconds must be >= 0, got {settings.debounce_seconds}"
             )
+        if settings.drain_seconds < 0:
+            raise ValueError(f"spec.replan.drainSeconds must be >= 0, got {settings.drain_seconds}")
         if settings.switch_timeout_seconds <= 0:
             raise ValueError(
                 "spec.replan.switchTimeoutSeconds must be > 0, "

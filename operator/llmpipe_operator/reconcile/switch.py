@@ -8,7 +8,9 @@ to it once every stage is available, remove the plans nothing routes to, report.
 executor only carries the step out, in that order, under the pipeline's lock.
 
 So the old plan's stages stay until the EndpointSlices show the new stage 0 ready: the
-Service never has an empty endpoint set because of a switch.
+Service never has an empty endpoint set because of a switch. After the switch the old plan
+drains (`spec.replan.drainSeconds`): new requests reach the new plan, the old one finishes
+the sequences it holds, then its objects go. `Draining` and `Drained` Events say when.
 """
 
 from __future__ import annotations
@@ -73,6 +75,23 @@ async def execute(client: AsyncClient, pipeline: fetch.Pipeline, action: rollout
     """Carry out one step: switch, remove, report (enforcing nothing the planner did not)."""
     if action.switch is not None:
         await switch_to(client, pipeline, action.switch)
+    for digest in action.drain_started:
+        await events.post(
+            client,
+            pipeline.body,
+            type="Normal",
+            reason="Draining",
+            message=f"plan {digest} no longer receives requests; it finishes the ones it "
+            "serves (spec.replan.drainSeconds), then is removed",
+        )
+    for digest in action.drained:
+        await events.post(
+            client,
+            pipeline.body,
+            type="Normal",
+            reason="Drained",
+            message=f"plan {digest} drained (spec.replan.drainSeconds passed); removing it",
+        )
     if action.remove:
         async with errors.classified("remove old plans"):
             await api.delete_objects(client, list(action.remove))

@@ -310,7 +310,12 @@ def test_pipeline_is_planned_deployed_on_planned_nodes_and_replans(
         client.patch(
             LLMPipeline,
             "chat",
-            {"spec": {"placement": {"maxStages": 1, "firstStage": "any"}}},
+            {
+                "spec": {
+                    "placement": {"maxStages": 1, "firstStage": "any"},
+                    "replan": {"drainSeconds": 0},  # tests/cluster/replan covers the drain
+                }
+            },
             namespace=namespace,
             patch_type=PatchType.MERGE,
         )

@@ -7,10 +7,12 @@ NotReady -> the same, at once despite a long debounce window; a lost node nothin
 replace -> Planned=False naming the shortfall and a ReplanInfeasible Event; a cordoned stage
 node ->
 a zero-downtime switch (the user-facing Service's EndpointSlices, polled every 100 ms, never
-lack a ready endpoint); a flapping node label -> at most one re-plan per debounce window; a
-better node joining -> no switch below the improvement margin, a switch above it; a switch
-that cannot complete -> the old plan keeps serving and the pipeline is Degraded with the
-reason once the switch timeout passes; metrics.k8s.io absent -> a note, not an error.
+lack a ready endpoint) and the old plan drains (`status.drainingPlans`, `Draining` and
+`Drained` Events) before its pods go; a flapping node label -> at most one re-plan per
+debounce window; a better node joining -> no switch below the improvement margin, a
+switch above it; a switch that cannot complete -> the old plan keeps serving and the
+pipeline is Degraded with the reason once the switch timeout passes; metrics.k8s.io
+absent -> a note, not an error.
 """
 
 from __future__ import annotations
@@ -129,7 +131,7 @@ def test_a_switch_never_leaves_the_service_without_a_ready_endpoint(lab, operato
     # left, and the scheduler counts both plans' memory requests until the switch
     for i in range(3):
         lab.add_node(f"e{i}", **{**SMALL, "memory": "96Mi"})
-    lab.apply_pipeline("chat", replan={"debounceSeconds": 30})
+    lab.apply_pipeline("chat", replan={"debounceSeconds": 30, "drainSeconds": 6})
     first = lab.wait_ready("chat")
     stage0 = lab.planned_nodes(first)[0]
     wait.until(lambda: lab.ready_endpoints("chat") > 0, what="a ready endpoint", timeout=30)
@@ -139,11 +141,22 @@ def test_a_switch_never_leaves_the_service_without_a_ready_endpoint(lab, operato
         cordoned_at = time.monotonic()
         lab.plane.cordon(stage0)  # urgent: re-planned at once despite the 30 s window
         st = lab.wait_status("chat", new_plan_serving(first["planHash"]), what="the switch")
+        # the old plan drains (spec.replan.drainSeconds) before its objects go
+        lab.wait_status(
+            "chat",
+            lambda s: first["planHash"] in (s.get("drainingPlans") or {}),
+            what="the old plan draining",
+            timeout=30,
+        )
+        assert lab.stage_pods("chat", first["planHash"]), "deleted before its drain"
+        event = wait.event(lab.client, lab.namespace, involved="chat", reason="Draining")
+        assert first["planHash"] in event.message
         wait.until(
             lambda: not lab.stage_pods("chat", first["planHash"]),
             what="the old plan's pods to be gone",
             timeout=60,
         )
+        wait.event(lab.client, lab.namespace, involved="chat", reason="Drained")
         done_at = time.monotonic()
         time.sleep(1.0)  # a few more polls after the old stage 0 went away
 

@@ -1,6 +1,7 @@
 """The switch's planner on tables of observed states (pure: object dicts shaped like the
-API's, no cluster): when it waits, when it switches the endpoint Service, which plans it
-removes and in which order, and when its status report is worth writing.
+API's, no cluster): when it waits, when it switches the endpoint Service, how long an
+unrouted plan drains (`spec.replan.drainSeconds`, recorded in `status.drainingPlans`),
+which plans it removes and in which order, and when its status report is worth writing.
 
 Covers llmpipe_operator/rollout.py `next_step`; reconcile/switch.py only executes it.
 """
@@ -59,18 +60,24 @@ def routed(*digests: str) -> list[dict[str, Any]]:
 
 
 def observe(
-    *, target: str, children: list[dict[str, Any]], slices: Any = (), st: Any = None
+    *,
+    target: str,
+    children: list[dict[str, Any]],
+    slices: Any = (),
+    st: Any = None,
+    replan_spec: Any = None,
+    now: datetime.datetime = NOW,
 ) -> rollout.Observed:
     return rollout.Observed(
         ref=REF,
         target=target,
         generation=1,
         status=st if st is not None else {"planHash": target},
-        replan_spec=None,
+        replan_spec=replan_spec if replan_spec is not None else {"drainSeconds": 0},
         children=children,
         pods=[],
         slices=list(slices),
-        now=NOW,
+        now=now,
     )
 
 
@@ -159,3 +166,78 @@ def test_a_repeated_observation_gives_the_same_step_and_no_needless_write() -> N
         serving=NEW, switch=None, remove=(), report=again.report, write_report=False
     )
     assert again.report is not None and again.report["phase"] == "Ready"
+
+
+SWITCHED = [*available(OLD_OBJECTS, True), *available(NEW_OBJECTS, True), *service_to(NEW)]
+
+
+def test_an_unrouted_plan_drains_for_drain_seconds_then_is_removed() -> None:
+    drain = {"drainSeconds": 120}
+    first = rollout.next_step(
+        observe(target=NEW, children=SWITCHED, slices=routed(NEW), replan_spec=drain)
+    )
+    assert first.remove == () and first.drained == ()
+    assert first.drain_started == (OLD,)
+    assert first.report is not None and first.report["drainingPlans"] == {
+        OLD: "2026-12-01T12:00:00Z"
+    }
+    assert first.write_report
+    written = {"planHash": NEW, **first.report}
+    later = NOW + datetime.timedelta(seconds=119)
+    still = rollout.next_step(
+        observe(
+            target=NEW,
+            children=SWITCHED,
+            slices=routed(NEW),
+            st=written,
+            replan_spec=drain,
+            now=later,
+        )
+    )
+    assert still.remove == () and still.drain_started == () and not still.write_report
+    done = rollout.next_step(
+        observe(
+            target=NEW,
+            children=SWITCHED,
+            slices=routed(NEW),
+            st=written,
+            replan_spec=drain,
+            now=NOW + datetime.timedelta(seconds=120),
+        )
+    )
+    assert {rollout.digest_of(o) for o in done.remove} == {OLD}
+    assert done.drained == (OLD,)
+    assert done.report is not None and done.report["drainingPlans"] is None  # key removed
+    assert done.write_report
+
+
+def test_a_plan_still_routed_does_not_start_draining() -> None:
+    action = rollout.next_step(
+        observe(
+            target=NEW,
+            children=SWITCHED,
+            slices=routed(OLD, NEW),
+            replan_spec={"drainSeconds": 120},
+        )
+    )
+    assert action.drain_started == () and action.remove == ()
+
+
+def test_drain_seconds_defaults_to_a_typical_completion() -> None:
+    from llmpipe_operator.planning import replan
+
+    assert replan.ReplanSettings.from_spec(None).drain_seconds == 120
+    assert replan.ReplanSettings.from_spec({"drainSeconds": 0}).drain_seconds == 0
+    with pytest.raises(ValueError, match="drainSeconds must be >= 0"):
+        replan.ReplanSettings.from_spec({"drainSeconds": -1})
+
+
+def test_a_broken_unrouted_plan_is_removed_without_draining() -> None:
+    children = [*available(OLD_OBJECTS, False), *available(NEW_OBJECTS, True), *service_to(NEW)]
+    action = rollout.next_step(
+        observe(
+            target=NEW, children=children, slices=routed(NEW), replan_spec={"drainSeconds": 120}
+        )
+    )
+    assert {rollout.digest_of(o) for o in action.remove} == {OLD}
+    assert action.drain_started == () and action.drained == (OLD,)

@@ -54,6 +54,7 @@ PARSED = {
     ("replan", "improvementMargin"): lambda s: s.replan.improvement_margin,
     ("replan", "debounceSeconds"): lambda s: s.replan.debounce_seconds,
     ("replan", "switchTimeoutSeconds"): lambda s: s.replan.switch_timeout_seconds,
+    ("replan", "drainSeconds"): lambda s: s.replan.drain_seconds,
 }
 
 
