@@ -62,6 +62,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="seconds stage 0 waits for a token before pausing the sequences (a stage is stuck)",
     )
     parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=25.0,
+        help="on SIGTERM, seconds the stage keeps serving what it holds (stage 0 refuses "
+        "new requests) before it stops (25: inside the kubelet's 30 s grace period)",
+    )
+    parser.add_argument(
         "--resume-timeout",
         type=float,
         default=60.0,
@@ -176,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         forward_timeout_s=args.forward_timeout,
         step_timeout_s=args.step_timeout,
         resume_timeout_s=args.resume_timeout,
+        drain_timeout_s=args.drain_timeout,
         cache_timeout_s=args.cache_timeout,
         attn_implementation=args.attn_implementation,
         micro_batches=args.micro_batches,

@@ -139,6 +139,7 @@ class Coordinator:
         self.sequences: dict[int, Sequence] = {}  # id -> sequence, for those in the ring
         self.parked: set[Sequence] = set()  # waiting for a healthy chain
         self._recovery: asyncio.Task[None] | None = None
+        self.accepting = True  # False once stage 0 drains (SIGTERM): new sequences refused
         self.ready: asyncio.Queue[Sequence] = asyncio.Queue()
         self.slots = asyncio.Semaphore(settings.max_sequences)
         self.waiting = 0
@@ -153,6 +154,8 @@ class Coordinator:
     ) -> AsyncGenerator[int, None]:
         """Yield the sequence's tokens; raises PipelineError. Leaving early frees it.
         `scores` receives the log-probabilities `params` asks for."""
+        if not self.accepting:
+            raise PipelineError("stage 0 is shutting down (draining); retry the request")
         sequence = Sequence(next(self._ids), list(prompt), params, scores=scores)
         try:
             await self._admit(sequence)

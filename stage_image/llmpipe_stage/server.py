@@ -57,6 +57,10 @@ class StageSettings:
     """Stage 0 parks the sequences whose token has not come back after this long."""
     resume_timeout_s: float = 60.0
     """Stage 0 fails a parked sequence when no healthy chain is back after this long."""
+    drain_timeout_s: float = 25.0
+    """On SIGTERM, how long the stage keeps serving what it holds (stage 0: its sequences,
+    new ones refused; others: until no cache is left): inside the kubelet's default 30 s
+    grace period."""
     cache_timeout_s: float = 300.0
     """A KV cache idle this long is freed (its stage 0 is gone or forgot to release it)."""
     attn_implementation: str = "sdpa"
@@ -244,19 +248,44 @@ async def start_head(process: Process, runtime: StageRuntime) -> tuple[Head, gat
 
 async def start_backend(
     process: Process, runtime: StageRuntime, *, servicer: StageServicer, runner: web.AppRunner
-) -> list[asyncio.Task[None]]:
+) -> tuple[Head | Worker, list[asyncio.Task[None]]]:
     """Build the loaded stage's backend, attach it to both servers, start its loops."""
     if process.index == 0:
         head, serving = await start_head(process, runtime)
         servicer.attach(head)
         gateway.attach(runner, serving)
         loops = [head.coordinator.run(), head.sweep()]
+        backend: Head | Worker = head
     else:
         is_last = process.index == process.settings.pipeline.num_stages - 1
-        worker = Worker(_parts(process, runtime), is_last=is_last)
+        backend = worker = Worker(_parts(process, runtime), is_last=is_last)
         servicer.attach(worker)
         loops = [worker.work(), worker.sweep()]
-    return [asyncio.ensure_future(loop) for loop in loops]
+    return backend, [asyncio.ensure_future(loop) for loop in loops]
+
+
+DRAIN_QUIET_S = 2.0
+"""A stage past 0 leaves once it held no cache this long (a prefill may be on its way)."""
+
+
+async def drain(backend: Head | Worker, *, timeout_s: float) -> None:
+    """SIGTERM: keep serving what this stage holds, up to `timeout_s`. Stage 0 refuses new
+    sequences (503) and waits for its own; every other stage waits until it has held no
+    KV cache for DRAIN_QUIET_S (stage 0 frees each sequence everywhere when it ends)."""
+    deadline = time.monotonic() + timeout_s
+    quiet_since = time.monotonic()
+    if isinstance(backend, Head):
+        backend.coordinator.accepting = False
+    while time.monotonic() < deadline:
+        if isinstance(backend, Head):
+            if not backend.coordinator.sequences and not backend.coordinator.parked:
+                return
+        elif backend.runtime.caches:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since >= DRAIN_QUIET_S:
+            return
+        await asyncio.sleep(0.1)
+    log.warning("stage %d: drain bound of %g s passed; stopping", backend.index, timeout_s)
 
 
 # -- start, serve, stop -----------------------------------------------------------------------
@@ -325,7 +354,7 @@ async def serve(settings: StageSettings) -> int:
     try:
         loop = asyncio.get_running_loop()
         runtime = await loop.run_in_executor(process.executor, load_runtime, process)
-        tasks = await start_backend(process, runtime, servicer=servicer, runner=runner)
+        backend, tasks = await start_backend(process, runtime, servicer=servicer, runner=runner)
         process.progress.phase = "ready"
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         log.info(
@@ -335,6 +364,8 @@ async def serve(settings: StageSettings) -> int:
             time.monotonic() - process.progress.started,
         )
         await stop.wait()
+        log.info("stage %d: draining (up to %g s)", process.index, settings.drain_timeout_s)
+        await drain(backend, timeout_s=settings.drain_timeout_s)
     except (loading.LoadError, OSError, ValueError) as error:
         process.progress.phase, process.progress.error = "failed", str(error)
         log.error("stage %d failed to start: %s", process.index, error)

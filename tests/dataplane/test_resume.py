@@ -3,13 +3,15 @@ under 8 open requests and restarted 3 s later costs them a pause (SSE keep-alive
 while it lasts, the pause counted in /metrics), and every output equals the uninterrupted
 run (greedy); a stage that never comes back fails every request with a clear error once
 the resume bound has passed (an SSE error event, or 503 in OpenAI's error shape) and
-leaves no KV cache on any surviving stage."""
+leaves no KV cache on any surviving stage; SIGTERM drains stage 0: its streams finish
+exact, a new request gets 503, and it exits 0."""
 
 from __future__ import annotations
 
 import http.client
 import json
 import re
+import signal
 import threading
 import time
 import urllib.request
@@ -169,3 +171,26 @@ def test_a_stage_that_never_comes_back_fails_every_request_clearly_and_leaks_no_
     assert took < bound + 30, f"failed {took:.1f} s after the kill"
     assert metric(pipeline, "llmpipe_resume_failed_sequences_total") == 8
     assert pipeline.wait_no_cache(stages=[0, 2]) == {0: [], 2: []}
+
+
+def test_sigterm_drains_stage_0_it_finishes_its_streams_and_refuses_new_ones(
+    model_dirs: dict[str, Path], start_pipeline
+) -> None:
+    pipeline = start_pipeline(
+        model_dirs["llama-gqa"],
+        stages=2,
+        max_context=CONTEXT,
+        extra_args=("--drain-timeout", "120"),
+    )
+    expected = uninterrupted(pipeline)[:2]
+    streams = [open_stream(pipeline, prompt) for prompt in PROMPTS[:2]]
+    for stream in streams:
+        assert stream.first_chunk.wait(120)
+    pipeline.processes[0].send_signal(signal.SIGTERM)
+    status, answer = pipelines.http_json(f"{pipeline.base_url}/v1/completions", body([5, 6]))
+    assert status == 503, answer
+    assert "draining" in answer["error"]["message"]
+    for stream in streams:
+        assert stream.done.wait(120)
+    assert [s.text for s in streams] == expected
+    assert pipeline.processes[0].wait(30) == 0
