@@ -21,12 +21,8 @@ from llmpipe_stage import api_requests
 from llmpipe_stage import config as stage_config
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="llmpipe-stage",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def _add_placement(parser: argparse.ArgumentParser) -> None:
+    """Which stage this is, of which plan and model, and where it listens."""
     parser.add_argument(
         "--config-dir", type=Path, required=True, help="directory with plan.json and pipeline.json"
     )
@@ -55,6 +51,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: torch's choice)"
     )
+
+
+def _add_timing(parser: argparse.ArgumentParser) -> None:
+    """Timeouts and the ring's shape."""
     parser.add_argument(
         "--step-timeout",
         type=float,
@@ -101,6 +101,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="micro-batches kept in the ring (default: one per stage)",
     )
+
+
+def _add_api(parser: argparse.ArgumentParser) -> None:
+    """Stage 0's OpenAI API: prompt limit and keys."""
     parser.add_argument(
         "--max-prompt-chars",
         type=int,
@@ -120,6 +124,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="with --api-keys, /metrics needs a key too (default: open; it holds no text)",
     )
+
+
+def _add_links(parser: argparse.ArgumentParser) -> None:
+    """The stage links: mutual TLS, or an explicit opt-out."""
     links = parser.add_mutually_exclusive_group()
     links.add_argument(
         "--tls-dir",
@@ -134,6 +142,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="no TLS and no per-RPC checks on the stage links (benchmarks only: anyone who "
         "can reach the gRPC port can then drive the stage)",
     )
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="llmpipe-stage",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    for add in (_add_placement, _add_timing, _add_api, _add_links):
+        add(parser)
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     if args.stage_index is None:

@@ -81,6 +81,12 @@ class TextStream:
         return self.decode(self.ids)[self.sent :]
 
 
+def model_list(model_name: str, created: int) -> dict[str, Any]:
+    """`/v1/models`: the one model this pipeline serves."""
+    model = {"id": model_name, "object": "model", "created": created, "owned_by": "llmpipe"}
+    return {"object": "list", "data": [model]}
+
+
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {
         "prompt_tokens": prompt_tokens,

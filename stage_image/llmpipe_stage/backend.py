@@ -72,11 +72,9 @@ class Ledger:
                 raise wire.WireError(
                     f"sequence {sid}: step at position {step.position}, expected {expected}"
                 )
-            if step.position + step.length > context_limit:
-                raise wire.WireError(
-                    f"sequence {sid}: {step.position + step.length} tokens "
-                    f"exceed the context limit of {context_limit}"
-                )
+            overflow = wire.context_overflow(step, context_limit)
+            if overflow is not None:
+                raise wire.WireError(overflow)
 
     def expect(self, steps: list[wire.Step]) -> None:
         for step in steps:
@@ -190,9 +188,7 @@ class Worker(Backend):
         # Sequences released while their step waited here are dropped, not recomputed.
         live = [i for i, s in enumerate(steps) if s.sequence_id not in self.ledger.released]
         if len(live) != len(steps):
-            offsets = [0]
-            for s in steps:
-                offsets.append(offsets[-1] + s.length)
+            offsets = wire.token_offsets(steps)
             hidden = (
                 torch.cat([hidden[offsets[i] : offsets[i + 1]] for i in live])
                 if live

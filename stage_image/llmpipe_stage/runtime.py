@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llmpipe_stage import decode, devices
+from llmpipe_stage import decode, devices, wire
 from llmpipe_stage.config import QUANTIZATIONS
 from llmpipe_stage.loading import StageSlice
 from llmpipe_stage.proto import stage_pb2
@@ -321,9 +321,7 @@ class StageRuntime:
         for step in steps:
             self._check(step)
         hidden = hidden.to(self.stage.device, non_blocking=True)
-        offsets = [0]
-        for step in steps:
-            offsets.append(offsets[-1] + step.length)
+        offsets = wire.token_offsets(steps)
         out = torch.empty_like(hidden)
         # Decode steps (one token) run as one batch; prompt steps of equal position and
         # length run as one batch too (no padding, no mask), like `generate`'s prefill.
@@ -414,11 +412,9 @@ class StageRuntime:
                 f"sequence {step.sequence_id}: step at position {step.position} "
                 f"but {cached} tokens are cached here"
             )
-        if step.position + step.length > self.context_limit:
-            raise StepError(
-                f"sequence {step.sequence_id}: {step.position + step.length} tokens "
-                f"exceed the context limit of {self.context_limit}"
-            )
+        overflow = wire.context_overflow(step, self.context_limit)
+        if overflow is not None:
+            raise StepError(overflow)
 
     def _cache_for(self, step: Step) -> SequenceCache:
         cache = self.caches.get(step.sequence_id)
@@ -427,12 +423,6 @@ class StageRuntime:
             if self.stage.has_head:
                 self.samplers[step.sequence_id] = Sampler.from_message(step.sampling)
         return cache
-
-    def admissible(self, steps: list[Step]) -> tuple[list[Step], list[Step]]:
-        """Split steps into those that fit the caches and those of released sequences."""
-        keep = [s for s in steps if s.sequence_id in self.caches or s.position == 0]
-        dropped = [s for s in steps if s not in keep]
-        return keep, dropped
 
     # -- last stage ------------------------------------------------------------------------
     def sample(self, steps: list[Step], hidden: torch.Tensor) -> list[int]:
@@ -449,11 +439,7 @@ class StageRuntime:
 
     def sample_scored(self, steps: list[Step], hidden: torch.Tensor) -> Sampled:
         """`sample`, plus the log-probabilities the steps' sequences asked for."""
-        ends = []
-        total = 0
-        for step in steps:
-            total += step.length
-            ends.append(total - 1)
+        ends = [end - 1 for end in wire.token_offsets(steps)[1:]]  # each step's last token
         samplers = [self.samplers.get(step.sequence_id, Sampler()) for step in steps]
         with torch.inference_mode():
             logits = self._logits(hidden[ends])  # [batch, vocab]

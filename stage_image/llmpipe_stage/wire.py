@@ -42,6 +42,23 @@ class Step:
     sampling: stage_pb2.Sampling | None = None
 
 
+def token_offsets(steps: list[Step]) -> list[int]:
+    """Where each step's tokens start in a packed micro-batch, and the total at the end:
+    step i covers rows [offsets[i], offsets[i + 1]) of hidden [sum(length), hidden_size]."""
+    offsets = [0]
+    for step in steps:
+        offsets.append(offsets[-1] + step.length)
+    return offsets
+
+
+def context_overflow(step: Step, context_limit: int) -> str | None:
+    """Why the step does not fit the context limit (None: it fits)."""
+    end = step.position + step.length
+    if end <= context_limit:
+        return None
+    return f"sequence {step.sequence_id}: {end} tokens exceed the context limit of {context_limit}"
+
+
 @dataclass
 class Sampled:
     """What the last stage returns for a micro-batch (the `Tokens` message, unpacked)."""

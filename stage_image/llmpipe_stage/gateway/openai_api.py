@@ -103,8 +103,7 @@ class OpenAIRoutes:
         self._serving = serving
 
     async def models(self, request: web.Request) -> web.Response:
-        model = {"id": self.model_name, "object": "model", "created": self.created}
-        return web.json_response({"object": "list", "data": [{**model, "owned_by": "llmpipe"}]})
+        return web.json_response(api_responses.model_list(self.model_name, self.created))
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(request, chat=False)
@@ -120,7 +119,7 @@ class OpenAIRoutes:
         try:
             data = await request.read()
         except web.HTTPRequestEntityTooLarge:
-            return self._too_large()
+            return too_large(self.max_prompt_chars)
         loop = asyncio.get_running_loop()
         try:
             generation = await loop.run_in_executor(
@@ -147,15 +146,6 @@ class OpenAIRoutes:
         if generation.options.stream:
             return await self._stream(request, serving, generation, chat=chat, reply=reply)
         return await self._complete(serving, generation, chat=chat, reply=reply)
-
-    def _too_large(self) -> web.Response:
-        limit = api_requests.max_body_bytes(self.max_prompt_chars)
-        return error_response(
-            f"request body is larger than {limit} bytes (the stage takes prompts "
-            f"of up to {self.max_prompt_chars} characters)",
-            status=413,
-            kind="invalid_request_error",
-        )
 
     def _prepare(self, serving: Serving, data: bytes, chat: bool) -> api_requests.Generation:
         """In the tokenizer thread: body bytes -> checked request -> token ids -> limits."""
@@ -289,6 +279,16 @@ class OpenAIRoutes:
             log.info("client went away; its sequence was freed")
             raise
         return response
+
+
+def too_large(max_prompt_chars: int) -> web.Response:
+    limit = api_requests.max_body_bytes(max_prompt_chars)
+    return error_response(
+        f"request body is larger than {limit} bytes (the stage takes prompts "
+        f"of up to {max_prompt_chars} characters)",
+        status=413,
+        kind="invalid_request_error",
+    )
 
 
 def prompt_token_ids(tokenizer: Any, parsed: api_requests.CompletionRequest) -> list[int]:
