@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llmpipe_common import pipeline_config
 from llmpipe_stage import config as stage_config
 from llmpipe_stage import cpu
 
@@ -46,12 +47,8 @@ class LaunchError(RuntimeError):
     """`serve` cannot start the pipeline; the text says what to change."""
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="llmpipe serve",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def _add_model(parser: argparse.ArgumentParser) -> None:
+    """The split (plan, cluster or stage count), the model and how it computes."""
     split = parser.add_mutually_exclusive_group()
     split.add_argument(
         "--stages", type=int, default=None, help="number of stages, layers split evenly (default 2)"
@@ -91,6 +88,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="where the stages compute (default auto: a CUDA GPU when torch sees one, all "
         "stages sharing it, else the CPU)",
     )
+
+
+def _add_listeners(parser: argparse.ArgumentParser) -> None:
+    """Where the stages listen."""
     parser.add_argument("--host", default="127.0.0.1", help="bind address (127.0.0.1)")
     parser.add_argument(
         "--port",
@@ -104,6 +105,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=50051,
         help="gRPC port of stage 0; stage i uses grpc-port+i (50051)",
     )
+
+
+def _add_workload(parser: argparse.ArgumentParser) -> None:
+    """The pipeline's workload and threads."""
     parser.add_argument(
         "--max-sequences", type=int, default=16, help="sequences in flight at once (16)"
     )
@@ -126,6 +131,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="micro-batches in the ring (default: min(stages, cores): on one machine more "
         "micro-batches than cores add per-batch overhead without adding parallelism)",
     )
+
+
+def _add_run(parser: argparse.ArgumentParser) -> None:
+    """Keys, run directory, links and patience."""
     parser.add_argument(
         "--api-key-file",
         type=Path,
@@ -150,6 +159,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=600.0,
         help="seconds to wait for every stage to load (600)",
     )
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="llmpipe serve",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    for add in (_add_model, _add_listeners, _add_workload, _add_run):
+        add(parser)
     args = parser.parse_args(argv)
     if args.dtype == "auto":
         args.dtype = "bfloat16" if args.quantization == "int8" else cpu.auto_dtype()
@@ -242,15 +261,16 @@ def write_config(
 ) -> Path:
     config_dir = run_dir / "config"
     config_dir.mkdir(parents=True, exist_ok=True)
-    stages = plan["stages"]
-    pipeline = {
-        "model": {"name": name, "dtype": args.dtype, "quantization": args.quantization},
-        "workload": {"maxSequences": args.max_sequences, "maxContextTokens": args.max_context},
-        "stages": [
-            {"index": s["index"], "address": f"{args.host}:{args.grpc_port + s['index']}"}
-            for s in stages
+    pipeline = pipeline_config.pipeline_document(
+        model_name=name,
+        dtype=args.dtype,
+        quantization=args.quantization,
+        max_sequences=args.max_sequences,
+        max_context_tokens=args.max_context,
+        addresses=[
+            (s["index"], f"{args.host}:{args.grpc_port + s['index']}") for s in plan["stages"]
         ],
-    }
+    )
     (config_dir / "plan.json").write_text(json.dumps(plan, indent=2))
     (config_dir / "pipeline.json").write_text(json.dumps(pipeline, indent=2))
     stage_config.read_config_dir(config_dir)  # the stages will parse it the same way

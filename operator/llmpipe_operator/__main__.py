@@ -29,10 +29,8 @@ from llmpipe_operator import policy, telemetry
 from llmpipe_operator.reconcile import certs, fetch, probes
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m llmpipe_operator", description="Run the llmpipe operator."
-    )
+def _add_scope(parser: argparse.ArgumentParser) -> None:
+    """What the operator watches and where it answers probes and scrapes."""
     scope = parser.add_mutually_exclusive_group(required=True)
     scope.add_argument(
         "--namespace",
@@ -59,6 +57,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=8080,
         help="Prometheus metrics GET /metrics (0 = off; default 8080)",
     )
+
+
+def _add_certificates(parser: argparse.ArgumentParser) -> None:
+    """The stages' certificates and the admin's policy."""
     defaults = pki.Validity()
     parser.add_argument(
         "--stage-cert-validity",
@@ -82,6 +84,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the cluster's llmpipe policy, JSON (default: only the project's stage image, "
         "host paths under /var/lib/llmpipe/models)",
     )
+
+
+def _add_probes(parser: argparse.ArgumentParser) -> None:
+    """The node probes' figures."""
     parser.add_argument(
         "--probe-namespace",
         metavar="NS",
@@ -102,6 +108,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="SECONDS",
         help="seconds between re-measurements of each pair's link (default 3600)",
     )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m llmpipe_operator", description="Run the llmpipe operator."
+    )
+    for add in (_add_scope, _add_certificates, _add_probes):
+        add(parser)
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
     for port in (args.health_port, args.metrics_port):

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from llmpipe_operator.planning import devices, inventory, profiles
+from llmpipe_operator.planning import devices, inventory, live, profiles
 from llmpipe_operator.planning import replan as replanning
 
 Objective = Literal["throughput", "latency"]
@@ -163,6 +163,15 @@ class PlacementSpec:
     max_stages: int | None = None
     """None: as many stages as improve the objective."""
     exclude_nodes: frozenset[str] = frozenset()
+
+    def eligibility(self) -> live.Eligibility:
+        """Which Nodes may run a stage of this pipeline (selector, exclusions, taints)."""
+        tolerations = self.tolerations
+        return live.Eligibility(
+            node_selector=self.node_selector,
+            exclude_nodes=self.exclude_nodes,
+            tolerates=lambda taint: any(t.tolerates(taint) for t in tolerations),
+        )
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 
 import prometheus_client
 from aiohttp import web
+from prometheus_client.aiohttp import make_aiohttp_handler
 
 REGISTRY = prometheus_client.CollectorRegistry(auto_describe=True)
 
@@ -107,16 +108,10 @@ def exposition() -> bytes:
     return prometheus_client.generate_latest(REGISTRY)
 
 
-async def _metrics(_: web.Request) -> web.Response:
-    return web.Response(
-        body=exposition(), headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST}
-    )
-
-
 async def serve(port: int, *, host: str = "0.0.0.0") -> web.AppRunner:
     """Serve `GET /metrics` on `host:port` in the running event loop; `cleanup()` stops it."""
     app = web.Application()
-    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/metrics", make_aiohttp_handler(REGISTRY))
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()

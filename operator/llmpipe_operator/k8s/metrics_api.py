@@ -5,7 +5,8 @@ keeps the latest `NodeUsage`. A cluster without metrics-server is normal (K3s ca
 without it): that is not an error, only a `note` the operator puts in the pipeline's
 status, and planning then uses allocatable memory alone.
 
-Usage includes the pipeline's own stage pods; `usable_memory` takes that into account.
+Usage includes the pipeline's own stage pods; `planning.live.usable_memory` takes that into
+account.
 """
 
 from __future__ import annotations
@@ -97,18 +98,6 @@ def _message(error: Exception) -> str:
     if isinstance(error, ApiError) and error.status.message:
         return str(error.status.message)
     return str(error).splitlines()[0]
-
-
-def usable_memory(allocatable: int, *, used: int | None, own_stage_bytes: int = 0) -> int:
-    """Memory a plan may count on: allocatable minus what others use.
-
-    `used` counts every pod on the node, the pipeline's own stages too; those stay in the
-    budget (`own_stage_bytes`, what the running plan gave them), or a running plan would
-    look as if it no longer fit on its own nodes.
-    """
-    if used is None:
-        return allocatable
-    return max(0, allocatable - max(0, used - own_stage_bytes))
 
 
 class NodeUsagePoller:

@@ -10,6 +10,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from llmpipe_common import pipeline_config
 from llmpipe_operator import spec as spec_mod
 from llmpipe_operator.manifests import names
 
@@ -22,22 +23,18 @@ def build_pipeline_config(
     digest: str,
 ) -> dict[str, Any]:
     """The `pipeline.json` document: what a stage needs beyond its own layers."""
-    return {
+    return pipeline_config.pipeline_document(
         # A concrete dtype (auto's planned one): each plan stage names its own, and a stage
         # reading a plan without them (older plans) runs this one.
-        "model": {"name": spec.model.name, "dtype": spec.model.planned_dtype},
-        "workload": {
-            "maxSequences": spec.workload.max_sequences,
-            "maxContextTokens": spec.workload.max_context_tokens,
-        },
-        "stages": [
-            {
-                "index": int(stage["index"]),
-                "address": names.stage_address(pipeline, digest, int(stage["index"])),
-            }
+        model_name=spec.model.name,
+        dtype=spec.model.planned_dtype,
+        max_sequences=spec.workload.max_sequences,
+        max_context_tokens=spec.workload.max_context_tokens,
+        addresses=[
+            (int(stage["index"]), names.stage_address(pipeline, digest, int(stage["index"])))
             for stage in plan["stages"]
         ],
-    }
+    )
 
 
 def build_plan_configmap(

@@ -419,6 +419,20 @@ def _allocatable_gpus(raw: Mapping[str, Any], name: str) -> int:
         ) from error
 
 
+def others_use(used: int, own: int = 0) -> int:
+    """Memory others hold on a node: what is in use there less this pipeline's own stages
+    (they stay in its budget, or a running plan would look as if it no longer fit)."""
+    return max(0, used - own)
+
+
+def usable_memory(allocatable: int, *, used: int | None, own_stage_bytes: int = 0) -> int:
+    """Memory a plan may count on: allocatable less what others use (`used` counts every
+    pod on the node, the pipeline's own stages too; None: no usage known)."""
+    if used is None:
+        return allocatable
+    return max(0, allocatable - others_use(used, own_stage_bytes))
+
+
 def _free_memory(raw: Mapping[str, Any], name: str, used_bytes: int) -> int:
     allocatable = ((raw.get("status") or {}).get("allocatable") or {}).get("memory")
     if allocatable is None:
@@ -429,7 +443,7 @@ def _free_memory(raw: Mapping[str, Any], name: str, used_bytes: int) -> int:
         raise inventory.InventoryError(
             f"node {name!r}: status.allocatable.memory: {error}"
         ) from error
-    free = total - max(used_bytes, 0)
+    free = usable_memory(total, used=used_bytes)
     if free <= 0:
         raise NodeFull(f"no free memory ({_mib(max(used_bytes, 0))} held of {_mib(total)})")
     return free

@@ -142,12 +142,7 @@ async def observe_nodes(
     async with errors.classified("list nodes and pods"):
         raw_nodes = await api.list_nodes(client)
         pods = await api.list_all_pods(client)
-    tolerations = spec.placement.tolerations
-    eligibility = live.Eligibility(
-        node_selector=spec.placement.node_selector,
-        exclude_nodes=spec.placement.exclude_nodes,
-        tolerates=lambda taint: any(t.tolerates(taint) for t in tolerations),
-    )
+    eligibility = spec.placement.eligibility()
     observed = Observed(
         raw_nodes=raw_nodes,
         pods=pods,

@@ -113,7 +113,7 @@ class Replanner:
             self.pipelines.pop(key, None)
             return
         tracked = self.pipelines.get(key)
-        eligibility = eligibility_of(parsed)
+        eligibility = parsed.placement.eligibility()
         planned = planned_nodes(body)
         if tracked is None:
             debouncer = replan.Debouncer(settings.debounce_seconds)
@@ -342,29 +342,8 @@ async def replan_pipeline(
                 failure: pipeline.Unplanned | None = unplanned
             else:
                 failure = None
-                # 3. decide (does the running plan still fit what its own stages hold?)
-                own_room = observed.inventory()
-                available = {n.name: n.memory_bytes for n in own_room.inventory.nodes}
-                problems = replan.plan_problems(current, available) if current else []
-                # the running plan re-costed on today's facts (a node measured slower
-                # makes it worse too), not the figure recorded when it was deployed
-                now = (
-                    replan.reevaluate(
-                        current,
-                        current_pipeline.spec.profile(),
-                        own_room.inventory,
-                        pipeline.workload_of(current_pipeline.spec),
-                    )
-                    if current and not problems
-                    else None
-                )
-                decision = replan.decide_switch(
-                    current,
-                    candidate,
-                    problems=problems,
-                    margin=settings.improvement_margin,
-                    current_objective=now,
-                )
+                # 3. decide
+                decision = decide(current_pipeline.spec, current, candidate, observed, settings)
                 if decision.switch:
                     capacity.reserve(key, candidate, digest=planned)
         if failure is not None:
@@ -376,26 +355,58 @@ async def replan_pipeline(
             await pipeline.report_infeasible(client, current_pipeline, failure.nodes, failure.error)
             await record(client, current_pipeline, outcome, changes=changes, usage=usage)
             return outcome
-        cause = replan.describe(changes, current, candidate)
         # 4. deploy (the switch proper is switch.advance's, below, outside the lock)
         digest = None
         if decision.switch:
             if lost:  # the running ring is broken: its stages give their memory to the new plan
                 await switch.remove_running(client, current_pipeline.ref, keep=planned)
             digest = await pipeline.deploy_plan(client, current_pipeline, candidate)
-            kind = "switched"
-        else:
-            kind = (
-                "unchanged"
-                if current and replan.layout(current) == replan.layout(candidate)
-                else "kept"
-            )
+        kind = outcome_kind(decision, current, candidate)
+        cause = replan.describe(changes, current, candidate)
         outcome = Outcome(kind, cause, decision.reason, digest)
         # 5. report
         await record(client, current_pipeline, outcome, changes=changes, usage=usage)
     if decision.switch:
         await switch.advance(client, namespace=namespace, name=name)
     return outcome
+
+
+def decide(
+    spec: spec_mod.PipelineSpec,
+    current: Mapping[str, Any] | None,
+    candidate: Mapping[str, Any],
+    observed: pipeline.Observed,
+    settings: replan.ReplanSettings,
+) -> replan.SwitchDecision:
+    """Switch to the candidate? Also when the running plan no longer fits what its own
+    stages hold; compared with the running plan re-costed on today's facts (a node measured
+    slower makes it worse too), not the figure recorded when it was deployed."""
+    own_room = observed.inventory()
+    available = {n.name: n.memory_bytes for n in own_room.inventory.nodes}
+    problems = replan.plan_problems(current, available) if current else []
+    now = (
+        replan.reevaluate(current, spec.profile(), own_room.inventory, pipeline.workload_of(spec))
+        if current and not problems
+        else None
+    )
+    return replan.decide_switch(
+        current,
+        candidate,
+        problems=problems,
+        margin=settings.improvement_margin,
+        current_objective=now,
+    )
+
+
+def outcome_kind(
+    decision: replan.SwitchDecision,
+    current: Mapping[str, Any] | None,
+    candidate: Mapping[str, Any],
+) -> str:
+    if decision.switch:
+        return "switched"
+    unchanged = current and replan.layout(current) == replan.layout(candidate)
+    return "unchanged" if unchanged else "kept"
 
 
 async def running_plan(client: AsyncClient, current: fetch.Pipeline) -> dict[str, Any] | None:
@@ -427,8 +438,10 @@ def own_stage_memory(plan: Mapping[str, Any] | None) -> dict[str, int]:
 
 
 def others_usage(usage: metrics_api.NodeUsage, own: Mapping[str, int]) -> dict[str, int]:
-    """Memory in use by everything but this pipeline's stages (see metrics_api.usable_memory)."""
-    return {node: max(0, used - own.get(node, 0)) for node, used in usage.memory_bytes.items()}
+    """Memory in use by everything but this pipeline's stages (see live.usable_memory)."""
+    return {
+        node: live.others_use(used, own.get(node, 0)) for node, used in usage.memory_bytes.items()
+    }
 
 
 async def record(
@@ -510,15 +523,6 @@ async def report_stall(client: AsyncClient, *, namespace: str, name: str) -> Non
 
 
 # --- small helpers ---------------------------------------------------------------------------
-
-
-def eligibility_of(parsed: spec_mod.PipelineSpec) -> live.Eligibility:
-    tolerations = parsed.placement.tolerations
-    return live.Eligibility(
-        node_selector=parsed.placement.node_selector,
-        exclude_nodes=parsed.placement.exclude_nodes,
-        tolerates=lambda taint: any(t.tolerates(taint) for t in tolerations),
-    )
 
 
 def is_eligible(node: Mapping[str, Any] | None, eligibility: live.Eligibility) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from prometheus_client.parser import text_string_to_metric_families
 
 from llmpipe_operator import telemetry
-from llmpipe_operator.k8s import metrics_api
+from llmpipe_operator.planning import live
 
 
 def samples() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -59,9 +59,9 @@ def test_pipelines_are_counted_once_in_their_current_phase() -> None:
 
 def test_usable_memory_keeps_the_pipelines_own_stages_in_the_budget() -> None:
     gi = 1 << 30
-    assert metrics_api.usable_memory(8 * gi, used=None) == 8 * gi  # no metrics-server
-    assert metrics_api.usable_memory(8 * gi, used=3 * gi) == 5 * gi
+    assert live.usable_memory(8 * gi, used=None) == 8 * gi  # no metrics-server
+    assert live.usable_memory(8 * gi, used=3 * gi) == 5 * gi
     # 3 GiB in use of which 2 GiB is our own stage: only 1 GiB belongs to others
-    assert metrics_api.usable_memory(8 * gi, used=3 * gi, own_stage_bytes=2 * gi) == 7 * gi
-    assert metrics_api.usable_memory(8 * gi, used=1 * gi, own_stage_bytes=2 * gi) == 8 * gi
-    assert metrics_api.usable_memory(2 * gi, used=5 * gi) == 0
+    assert live.usable_memory(8 * gi, used=3 * gi, own_stage_bytes=2 * gi) == 7 * gi
+    assert live.usable_memory(8 * gi, used=1 * gi, own_stage_bytes=2 * gi) == 8 * gi
+    assert live.usable_memory(2 * gi, used=5 * gi) == 0

@@ -1,0 +1,32 @@
+"""`pipeline.json`, the stage container's second config file (beside the plan JSON of
+docs/design.md): the model, the workload and every stage's gRPC address. Pure.
+
+The operator writes it into each plan's ConfigMap (`manifests.plan_config`), `llmpipe
+serve` into its run directory (`llmpipe_cli.launcher`); the stage reads it
+(`llmpipe_stage.config.parse_pipeline`). One builder, so both writers agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+
+def pipeline_document(
+    *,
+    model_name: str,
+    dtype: str,
+    max_sequences: int,
+    max_context_tokens: int,
+    addresses: Iterable[tuple[int, str]],
+    quantization: str | None = None,
+) -> dict[str, Any]:
+    """The `pipeline.json` document; `addresses` are (stage index, host:port) pairs."""
+    model: dict[str, Any] = {"name": model_name, "dtype": dtype}
+    if quantization is not None:
+        model["quantization"] = quantization
+    return {
+        "model": model,
+        "workload": {"maxSequences": max_sequences, "maxContextTokens": max_context_tokens},
+        "stages": [{"index": index, "address": address} for index, address in addresses],
+    }
