@@ -26,6 +26,15 @@ SMALL_FILES_BYTES = 256 * 2**20
 """config, tokenizer and index files: a few MiB, generously."""
 
 
+STAGE_DRAIN_S = 50
+"""A stage pod being deleted serves what it holds this long after SIGTERM (the stage's
+`--drain-timeout`: stage 0 refuses new requests and finishes its own). The plan already
+drained for `spec.replan.drainSeconds` before its pods are deleted; this catches the
+rest without a preStop hook (the process drains itself on SIGTERM)."""
+TERMINATION_GRACE_S = STAGE_DRAIN_S + 10
+"""The kubelet's SIGKILL comes after the drain bound, with time to close the servers."""
+
+
 def build_stage_deployment(
     pipeline: names.PipelineRef,
     spec: spec_mod.PipelineSpec,
@@ -50,6 +59,7 @@ def build_stage_deployment(
         },
         "containers": [_stage_container(spec, stage)],
         "volumes": _volumes(pipeline, spec, digest, index=index),
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_S,
     }
     if spec.placement.tolerations:
         pod_spec["tolerations"] = [t.to_dict() for t in spec.placement.tolerations]
@@ -141,6 +151,8 @@ def _stage_container(spec: spec_mod.PipelineSpec, stage: Mapping[str, Any]) -> d
             TLS_DIR,
             "--stage-index",
             str(index),
+            "--drain-timeout",
+            str(STAGE_DRAIN_S),
             "--model-dir",
             spec.model.model_dir,
         ],

@@ -116,9 +116,13 @@ def test_stage_container_follows_the_stage_contract_and_is_restricted() -> None:
         "/var/run/llmpipe/tls",
         "--stage-index",
         "1",
+        "--drain-timeout",
+        "50",
         "--model-dir",
         "/models",
     ]
+    # SIGTERM drains the stage (--drain-timeout) before the kubelet's SIGKILL
+    assert pod["terminationGracePeriodSeconds"] > 50
     assert {"name": "LLMPIPE_STAGE_INDEX", "value": "1"} in container["env"]
     assert {"name": "LOG", "value": "debug"} in container["env"]
     # the plan's reservation is requested; the user's larger limit stays
