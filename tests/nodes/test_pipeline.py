@@ -215,6 +215,21 @@ class UserPath:
         ip = self.plane.client().get(Service, service, namespace=namespace).spec.clusterIP
         return f"http://{ip}:{port}/v1"
 
+    def wait_routed(self, base: str) -> None:
+        """Phase Ready can come a moment before kube-proxy routes the Service to the ready
+        pod (EndpointSlice, then an iptables sync): until then the ClusterIP refuses
+        connections. A client retries; so does this, for up to a minute."""
+
+        def answers() -> bool:
+            try:
+                with urllib.request.urlopen(f"{base}/models", timeout=10) as reply:
+                    return bool(reply.status == 200)
+            except OSError:
+                return False
+
+        wait.until(answers, what=f"{base}/models to answer", timeout=60, interval=1)
+        self.mark("the endpoint Service answers")
+
     def stop(self) -> None:
         self.plane.kubectl("delete", "llmp", "--all", "-n", self.namespace, check=False)
         self.plane.kubectl("delete", "namespace", self.namespace, "--wait=false", check=False)
@@ -272,6 +287,7 @@ def test_pipeline_serves_from_real_nodes_and_moves_when_its_node_is_cordoned(
         assert pod.spec.nodeName in real
         assert all(c.ready for c in pod.status.containerStatuses or [])
     base = path.api_base(status)
+    path.wait_routed(base)
     got = [completion(base, "tiny-llama", p, n) for p, n in zip(PROMPTS, MAX_NEW, strict=True)]
     assert got == expected
     path.mark(f"OpenAI completions through the Service equal generate (stage 0 on {first})")
@@ -281,6 +297,7 @@ def test_pipeline_serves_from_real_nodes_and_moves_when_its_node_is_cordoned(
     path.mark("re-planned and Ready on the other real node after the cordon")
     assert {s["node"] for s in moved["plan"]["stages"]} <= real - {first}
     base = path.api_base(moved)
+    path.wait_routed(base)
     again = [completion(base, "tiny-llama", p, n) for p, n in zip(PROMPTS, MAX_NEW, strict=True)]
     assert again == expected
     path.mark("serving again, same tokens")
