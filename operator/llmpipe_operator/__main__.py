@@ -26,7 +26,7 @@ import kopf
 from llmpipe_common import pki
 from llmpipe_operator import main as handlers  # noqa: F401  (registers the handlers)
 from llmpipe_operator import policy, telemetry
-from llmpipe_operator.reconcile import certs, fetch, probes
+from llmpipe_operator.reconcile import certs, fetch, measure, probes
 
 
 def _add_scope(parser: argparse.ArgumentParser) -> None:
@@ -110,14 +110,34 @@ def _add_probes(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_measuring(parser: argparse.ArgumentParser) -> None:
+    """The serving stages' own figures into status.measured."""
+    parser.add_argument(
+        "--measure-interval",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="seconds between reads of the stages' /metrics for status.measured "
+        "(default 30; 0: off)",
+    )
+    parser.add_argument(
+        "--operator-namespace",
+        metavar="NS",
+        help="the namespace the operator runs in: pipelines' NetworkPolicies admit its pods "
+        "to the stages' HTTP port, so it can read their /metrics (default: no such rule)",
+    )
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m llmpipe_operator", description="Run the llmpipe operator."
     )
-    for add in (_add_scope, _add_certificates, _add_probes):
+    for add in (_add_scope, _add_certificates, _add_probes, _add_measuring):
         add(parser)
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
+    if args.measure_interval < 0:
+        parser.error("--measure-interval must be 0 (off) or more")
     for port in (args.health_port, args.metrics_port):
         if not 0 <= port <= 65535:
             parser.error(f"port {port} is out of range 0-65535")
@@ -147,6 +167,11 @@ async def run(args: argparse.Namespace) -> None:
         )
         if args.probe_namespace
         else None
+    )
+    measure.configure(
+        measure.MeasureSettings(
+            interval_seconds=args.measure_interval, operator_namespace=args.operator_namespace
+        )
     )
     metrics = await telemetry.serve(args.metrics_port) if args.metrics_port else None
     try:

@@ -10,6 +10,8 @@
   certificates before they expire)
 - with `--probe-namespace`: reconcile.probes.ProbeCollector (its own task writes the node
   probes' figures to the Nodes)
+- unless `--measure-interval 0`: reconcile.measure.StageMetricsReader (its own task reads
+  the serving stages' /metrics into status.measured)
 
 No finalizers: children are deleted by the garbage collector through owner references, so
 deleting a pipeline never waits on the operator.
@@ -26,7 +28,7 @@ import kopf
 
 from llmpipe_operator.k8s import api, metrics_api
 from llmpipe_operator.manifests import names
-from llmpipe_operator.reconcile import certs, pipeline, probes, switch
+from llmpipe_operator.reconcile import certs, measure, pipeline, probes, switch
 from llmpipe_operator.reconcile import replan as replanning
 
 RESOURCE = (names.GROUP, names.VERSION, names.PLURAL)
@@ -72,6 +74,14 @@ async def start_replanning(memo: kopf.Memo, **_: Any) -> None:
     if probe_settings is not None:
         collector = probes.ProbeCollector(memo.client, probe_settings)
         memo.replan_tasks.append(asyncio.create_task(collector.run(), name="node-probes"))
+    measuring = measure.configured()
+    if measuring.interval_seconds > 0:
+        reader = measure.StageMetricsReader(
+            memo.client,
+            lambda: [t.body for t in memo.replanner.pipelines.values()],
+            measuring,
+        )
+        memo.replan_tasks.append(asyncio.create_task(reader.run(), name="stage-metrics"))
     for task in memo.replan_tasks:
         task.add_done_callback(_report_death)
 

@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from llmpipe_operator.planning import speed
+
 PLANNED = "Planned"
 READY = "Ready"
 DEGRADED = "Degraded"
@@ -183,6 +185,7 @@ def no_plan_fields() -> dict[str, Any]:
         "ready": None,
         "bottleneck": None,
         "estimates": None,
+        "measured": None,
         "plan": None,
         "endpoint": None,
     }
@@ -422,3 +425,37 @@ def rollout(plan: Mapping[str, Any], observed: Rollout, conds: Conditions) -> di
         "plan": plan_summary(plan, availability=observed.target),
         "conditions": conds.merged(ready, degraded),
     }
+
+
+def measured(result: speed.Measured, plan: Mapping[str, Any], *, now: str) -> dict[str, Any]:
+    """`status.measured`: what the running stages measured in the last window, next to the
+    plan's estimate of each stage (`estimatedSeconds`, `ratio` = measured / estimated)."""
+    planned = {int(s["index"]): s for s in plan["stages"]}
+    stages = []
+    for stage in result.stages:
+        entry: dict[str, Any] = {
+            "index": stage.index,
+            "stepSeconds": round(stage.step_seconds, 6),
+        }
+        if stage.send_seconds is not None:
+            entry["sendSeconds"] = round(stage.send_seconds, 6)
+        estimate = planned.get(stage.index)
+        if estimate is not None:
+            entry["node"] = str(estimate["node"])
+            estimated = float(estimate["computeSeconds"])
+            entry["estimatedSeconds"] = round(estimated, 6)
+            if estimated > 0:
+                entry["ratio"] = round(stage.step_seconds / estimated, 3)
+        stages.append(entry)
+    slowest = result.bottleneck
+    node = planned.get(slowest.index, {}).get("node", "?")
+    report: dict[str, Any] = {
+        "measuredAt": now,
+        "windowSeconds": round(result.window_seconds, 1),
+        "bottleneckStage": slowest.index,
+        "bottleneck": f"{format_seconds(slowest.slowest)} s{slowest.index}@{node}",
+        "stages": stages,
+    }
+    if result.tokens_per_second is not None:
+        report["tokensPerSecond"] = round(result.tokens_per_second, 1)
+    return report

@@ -24,7 +24,7 @@ from llmpipe_operator import status, telemetry
 from llmpipe_operator.k8s import api, events
 from llmpipe_operator.manifests import endpoint, names, network, render
 from llmpipe_operator.planning import live, planner
-from llmpipe_operator.reconcile import capacity, certs, errors, fetch, locks, switch
+from llmpipe_operator.reconcile import capacity, certs, errors, fetch, locks, measure, switch
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +252,15 @@ async def deploy_plan(
         # before the Deployments (their pods mount them).
         plan_objects = [o for o in objects if o["kind"] == "ConfigMap"]
         # The NetworkPolicy with it: no stage pod runs a moment without it.
-        await api.apply_objects(client, [network.build_network_policy(ref, spec), *plan_objects])
+        await api.apply_objects(
+            client,
+            [
+                network.build_network_policy(
+                    ref, spec, operator_namespace=measure.configured().operator_namespace
+                ),
+                *plan_objects,
+            ],
+        )
     await certs.ensure_stage_certificates(
         client, ref, digest=digest, stage_count=len(plan["stages"])
     )

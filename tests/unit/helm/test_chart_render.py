@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from llmpipe_operator.manifests import network
 from tests.unit.helm.conftest import CHART, Render, by_kind, one, run_helm
 
 WRITE_VERBS = {"create", "update", "patch", "delete", "deletecollection", "*"}
@@ -77,7 +78,11 @@ def test_operator_deployment_shape(render: Render) -> None:
         "8081",
         "--metrics-port",
         "8080",
+        "--operator-namespace",
+        "llmpipe-system",
     ]
+    # The pipelines' NetworkPolicies admit the operator's pods by these labels.
+    assert network.OPERATOR_POD_LABELS.items() <= labels.items()
     assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
 
 
@@ -284,6 +289,7 @@ def test_operator_runner_accepts_the_rendered_args(
     assert args.namespace == namespaces
     assert args.all_namespaces is (namespaces is None)
     assert (args.health_port, args.metrics_port) == (9091, 8080)
+    assert args.operator_namespace == "llmpipe-system"
     # The file the ConfigMap mounts at --policy is one the runner loads.
     config = next(
         o for o in by_kind(objects, "ConfigMap") if o["metadata"]["name"] == "demo-llmpipe-policy"

@@ -3,7 +3,9 @@
 Covers: it selects every stage pod of the pipeline whatever the plan (and nothing else);
 the gRPC port admits only those stage pods; the HTTP port admits the pipeline's namespace by
 default and exactly the `spec.service.allowFrom` peers when set; ingress only; owned by the
-pipeline, not labelled with a plan hash (so removing an old plan never removes it).
+pipeline, not labelled with a plan hash (so removing an old plan never removes it); with the
+operator's namespace known, the HTTP port also admits the operator's pods there (and only
+there), next to the default or the allowFrom peers.
 """
 
 from __future__ import annotations
@@ -62,3 +64,20 @@ def test_owned_by_the_pipeline_and_not_by_a_plan() -> None:
     policy = network.build_network_policy(REF, a_spec().build())
     assert policy["metadata"]["ownerReferences"] == [names.owner_reference(REF)]
     assert names.LABEL_PLAN_HASH not in policy["metadata"]["labels"]
+
+
+def test_the_operator_reads_the_stages_http_port_from_its_own_namespace_only() -> None:
+    operator_peer = {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "llmpipe-system"}},
+        "podSelector": {"matchLabels": network.OPERATOR_POD_LABELS},
+    }
+    default = network.build_network_policy(
+        REF, a_spec().build(), operator_namespace="llmpipe-system"
+    )
+    assert by_port(default)[names.HTTP_PORT] == [{"podSelector": {}}, operator_peer]
+    assert by_port(default)[names.GRPC_PORT] == [{"podSelector": STAGE_PODS}]
+    peers = [{"ipBlock": {"cidr": "10.0.0.0/8"}}]
+    narrowed = network.build_network_policy(
+        REF, a_spec().service(allowFrom=peers).build(), operator_namespace="llmpipe-system"
+    )
+    assert by_port(narrowed)[names.HTTP_PORT] == [*peers, operator_peer]

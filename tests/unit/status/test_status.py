@@ -227,3 +227,32 @@ def test_long_messages_are_truncated_in_conditions() -> None:
 @pytest.mark.parametrize("length", [0, 1, status.MESSAGE_LIMIT])
 def test_short_messages_are_kept_whole(length: int) -> None:
     assert status.truncate("m" * length) == "m" * length
+
+
+def test_measured_sits_next_to_the_estimates_stage_by_stage() -> None:
+    from llmpipe_operator.planning import speed
+
+    plan = a_plan(a_spec().build())
+    first, second = plan["stages"][0], plan["stages"][1]
+    result = speed.Measured(
+        window_seconds=30.04,
+        tokens_per_second=41.26,
+        stages=(
+            speed.StageSpeed(
+                0, step_seconds=float(first["computeSeconds"]) * 2, send_seconds=0.001
+            ),
+            speed.StageSpeed(1, step_seconds=float(second["computeSeconds"]), send_seconds=None),
+        ),
+    )
+    report = status.measured(result, plan, now="2026-12-02T02:50:00Z")
+    assert report["tokensPerSecond"] == 41.3
+    assert report["measuredAt"] == "2026-12-02T02:50:00Z" and report["windowSeconds"] == 30.0
+    s0, s1 = report["stages"]
+    assert s0["node"] == first["node"] and s0["ratio"] == 2.0 and s0["sendSeconds"] == 0.001
+    assert s0["estimatedSeconds"] == round(float(first["computeSeconds"]), 6)
+    assert s1["ratio"] == 1.0 and "sendSeconds" not in s1
+    assert report["bottleneckStage"] == (0 if s0["stepSeconds"] >= s1["stepSeconds"] else 1)
+    assert report["bottleneck"].endswith(f"@{plan['stages'][report['bottleneckStage']]['node']}")
+    assert "tokensPerSecond" not in status.measured(
+        speed.Measured(30.0, None, result.stages), plan, now="t"
+    )
