@@ -364,12 +364,12 @@ def start_llmpipe(model: Path, *, stages: int, precision: str, threads: int, log
     ]  # fmt: skip
     process = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
     system = System("llmpipe", port, [process], llama=False)
+    system.watch()  # from the start: the peak is often while loading
     try:
         wait_http(f"http://127.0.0.1:{port}/readyz", process)
     except BaseException:
         system.stop()
         raise
-    system.watch()
     return system
 
 
@@ -426,12 +426,12 @@ def start_llamacpp(
     )
     processes.append(server)
     system = System("llama.cpp", port, processes, llama=True)
+    system.watch()
     try:
         wait_http(f"http://127.0.0.1:{port}/health", server)
     except BaseException:
         system.stop()
         raise
-    system.watch()
     return system
 
 

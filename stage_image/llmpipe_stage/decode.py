@@ -82,7 +82,13 @@ def projection(
     quantize: str,
     dtype: torch.dtype,
 ) -> Projection:
-    """One projection over the concatenated rows of `weights` (freed as they are joined)."""
+    """One projection over the concatenated rows of `weights` (freed as they are joined).
+
+    The inputs are detached first: the loaded weights are Parameters, and autograd would
+    otherwise keep every intermediate of the int8 conversion (a float32 copy of each
+    weight) alive through the scales' graph, tripling an int8 stage's memory."""
+    weights = [w.detach() for w in weights]
+    biases = [None if b is None else b.detach() for b in biases]
     weight = weights[0] if len(weights) == 1 else torch.cat(weights)
     bias = None
     if any(b is not None for b in biases):
@@ -95,7 +101,7 @@ def projection(
     if quantize == "int8":
         q, scales = quantize_int8(weight, scale_dtype=dtype)
         return Projection(q, None if bias is None else bias.to(dtype), scales)
-    return Projection(weight.detach(), None if bias is None else bias.detach())
+    return Projection(weight, bias)
 
 
 @dataclass
