@@ -123,3 +123,58 @@ def measure(previous: Scrape, current: Scrape) -> Measured | None:
         grown = current.generated_tokens - previous.generated_tokens
         tokens = grown / window if grown >= 0 else None
     return Measured(window, tokens, tuple(speeds))
+
+
+@dataclasses.dataclass(frozen=True)
+class DriftSettings:
+    """When a node's measured step time has left its estimate for good."""
+
+    threshold: float = 0.5
+    """A stage is off its estimate when measured / estimated is above 1 + threshold or below
+    1 / (1 + threshold): 50 % is well beyond the spread of repeated windows."""
+    window_seconds: float = 300.0
+    """...and sustained: off, in the same direction, in every window for this long."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Drifting:
+    """A node off its estimate since `since` (monotonic seconds)."""
+
+    since: float
+    nearest: float
+    """Of the ratios seen since then, the one nearest 1: the factor a sustained drift
+    records, so one noisy window never overstates it."""
+
+
+def is_off(ratio: float, settings: DriftSettings) -> bool:
+    return ratio > 1 + settings.threshold or ratio < 1 / (1 + settings.threshold)
+
+
+def track_drift(
+    state: Mapping[str, Drifting],
+    ratios: Mapping[str, float],
+    *,
+    now: float,
+    settings: DriftSettings = DriftSettings(),
+) -> tuple[dict[str, Drifting], dict[str, float]]:
+    """(the new state, node -> factor for each node whose drift is now sustained).
+
+    `ratios` is this window's measured / estimated step time by node. A node back within
+    the threshold, one that turned from slower to faster (or back), or one not measured in
+    this window starts over: sustained means every window, one direction. The factor is a
+    time factor (2.0: the node computes its stages in twice the estimated time)."""
+    kept: dict[str, Drifting] = {}
+    sustained: dict[str, float] = {}
+    for node, ratio in ratios.items():
+        if ratio <= 0 or not is_off(ratio, settings):
+            continue
+        before = state.get(node)
+        if before is None or (before.nearest > 1) != (ratio > 1):
+            entry = Drifting(since=now, nearest=ratio)
+        else:
+            nearest = min(before.nearest, ratio) if ratio > 1 else max(before.nearest, ratio)
+            entry = Drifting(since=before.since, nearest=nearest)
+        kept[node] = entry
+        if now - entry.since >= settings.window_seconds:
+            sustained[node] = entry.nearest
+    return kept, sustained

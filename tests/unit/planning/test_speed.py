@@ -118,3 +118,49 @@ def test_two_scrapes_make_one_window(after: speed.Scrape, expected: tuple) -> No
 )
 def test_a_window_that_measured_nothing_gives_no_measurement(after: speed.Scrape) -> None:
     assert speed.measure(BEFORE, after) is None
+
+
+SETTINGS = speed.DriftSettings(threshold=0.5, window_seconds=300.0)
+
+
+def run_windows(windows: list[tuple[float, dict[str, float]]]) -> list[dict[str, float]]:
+    state: dict[str, speed.Drifting] = {}
+    recorded = []
+    for now, ratios in windows:
+        state, sustained = speed.track_drift(state, ratios, now=now, settings=SETTINGS)
+        recorded.append(sustained)
+    return recorded
+
+
+@pytest.mark.parametrize(
+    ("windows", "expected"),
+    [
+        # slower for 300 s in every window: recorded, at the ratio nearest 1 (2.0)
+        (
+            [(0, {"a": 2.5}), (150, {"a": 2.0}), (300, {"a": 3.0})],
+            [{}, {}, {"a": 2.0}],
+        ),
+        # within 50 % of the estimate: never recorded
+        ([(0, {"a": 1.4}), (300, {"a": 0.7}), (600, {"a": 1.49})], [{}, {}, {}]),
+        # back within the threshold once: starts over, so 300 s later still not sustained
+        (
+            [(0, {"a": 2.0}), (150, {"a": 1.2}), (300, {"a": 2.0}), (600, {"a": 2.0})],
+            [{}, {}, {}, {"a": 2.0}],
+        ),
+        # slower then faster: not one drift
+        ([(0, {"a": 2.0}), (300, {"a": 0.5}), (600, {"a": 0.5})], [{}, {}, {"a": 0.5}]),
+        # faster (0.4 -> 0.6 -> 0.5): recorded at the ratio nearest 1, 0.6
+        ([(0, {"a": 0.4}), (150, {"a": 0.6}), (300, {"a": 0.5})], [{}, {}, {"a": 0.6}]),
+        # a window without the node: starts over
+        ([(0, {"a": 2.0}), (150, {}), (300, {"a": 2.0})], [{}, {}, {}]),
+        # nodes are judged apart
+        (
+            [(0, {"a": 2.0, "b": 1.0}), (300, {"a": 2.0, "b": 2.0}), (600, {"a": 2, "b": 2})],
+            [{}, {"a": 2.0}, {"a": 2.0, "b": 2.0}],
+        ),
+    ],
+)
+def test_a_drift_is_recorded_only_when_sustained(
+    windows: list[tuple[float, dict[str, float]]], expected: list[dict[str, float]]
+) -> None:
+    assert run_windows(windows) == expected
