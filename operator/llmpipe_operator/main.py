@@ -80,6 +80,7 @@ async def start_replanning(memo: kopf.Memo, **_: Any) -> None:
             memo.client,
             lambda: [t.body for t in memo.replanner.pipelines.values()],
             measuring,
+            on_drift=memo.replanner.measured_drift,
         )
         memo.replan_tasks.append(asyncio.create_task(reader.run(), name="stage-metrics"))
     for task in memo.replan_tasks:

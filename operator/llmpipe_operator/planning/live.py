@@ -63,6 +63,8 @@ class LiveInventory:
     """What others hold on the nodes (set by the caller that read the pods)."""
     full: frozenset[str] = frozenset()
     """Nodes left out only because others hold all their memory."""
+    time_factors: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    """node -> the measured time factor its figures were divided by (`planning.speed`)."""
 
     def held_on_candidates(self) -> str:
         """Who holds memory on the nodes the pipeline may use (eligible or full)."""
@@ -279,9 +281,13 @@ def build_inventory(
     memory_usage: Mapping[str, int] | None = None,
     gpus_held: Mapping[str, int] | None = None,
     defaults: NodeDefaults = DEFAULTS,
+    time_factors: Mapping[str, float] | None = None,
 ) -> LiveInventory:
     """The eligible nodes as the planner's Inventory; `memory_usage` is bytes in use by
-    node, `gpus_held` the GPUs others hold by node."""
+    node, `gpus_held` the GPUs others hold by node, `time_factors` the measured time factor
+    of a node whose stages ran slower (> 1) or faster than estimated: its TFLOP/s and
+    memory bandwidth (its GPU's too) are divided by it."""
+    factors = {k: v for k, v in (time_factors or {}).items() if v > 0 and v != 1.0}
     usage = memory_usage or {}
     held_gpus = gpus_held or {}
     planned: list[inventory.Node] = []
@@ -308,6 +314,8 @@ def build_inventory(
         if node is None:
             excluded[name] = reason or "not usable"
             continue
+        if name in factors:
+            node = slowed(node, factors[name])
         planned.append(node)
         raw_by_name[name] = raw
     links, notes = _links(raw_by_name)
@@ -319,6 +327,24 @@ def build_inventory(
         excluded=excluded,
         notes=notes,
         full=frozenset(full),
+        time_factors={n: f for n, f in factors.items() if n in raw_by_name},
+    )
+
+
+def slowed(node: inventory.Node, factor: float) -> inventory.Node:
+    """The node as fast as measured: its compute and bandwidth figures divided by `factor`."""
+    gpu = node.gpu
+    if gpu is not None:
+        gpu = dataclasses.replace(
+            gpu,
+            tflops=gpu.tflops / factor,
+            memory_bandwidth_gbps=gpu.memory_bandwidth_gbps / factor,
+        )
+    return dataclasses.replace(
+        node,
+        tflops=node.tflops / factor,
+        memory_bandwidth_gbps=node.memory_bandwidth_gbps / factor,
+        gpu=gpu,
     )
 
 

@@ -50,6 +50,8 @@ class ChangeKind(enum.StrEnum):
     LABELS = "labels"
     ANNOTATIONS = "annotations"
     TAINTS = "taints"
+    MEASURED = "measured"
+    """The pipeline's stages measured a node slower or faster than estimated, for good."""
 
 
 # A planned node that is gone, NotReady or cordoned cannot keep (or will lose) its stage:

@@ -178,3 +178,22 @@ def track_drift(
         if now - entry.since >= settings.window_seconds:
             sustained[node] = entry.nearest
     return kept, sustained
+
+
+FACTOR = "computeTimeFactor"
+"""`status.effectiveFactors.<node>.computeTimeFactor`: how many times the estimate the node
+takes to compute, as measured; the planner divides the node's TFLOP/s and memory bandwidth
+by it (`planning.live.build_inventory`). Kept in the pipeline's status, never in the
+node's labels (a person's figures stay theirs)."""
+
+
+def parse_factors(value: object) -> dict[str, float]:
+    """node -> time factor from `status.effectiveFactors`; malformed entries are ignored."""
+    factors: dict[str, float] = {}
+    if not isinstance(value, Mapping):
+        return factors
+    for node, entry in value.items():
+        factor = entry.get(FACTOR) if isinstance(entry, Mapping) else None
+        if isinstance(factor, int | float) and not isinstance(factor, bool) and factor > 0:
+            factors[str(node)] = float(factor)
+    return factors

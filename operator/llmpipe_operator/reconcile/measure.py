@@ -11,7 +11,12 @@ plan (`status.servingPlanHash`):
 2. keeps the scrape, and when the previous one was of the same plan and the same stages,
    turns the growth between the two into the window's figures (`planning.speed.measure`);
 3. writes them as `status.measured` next to `status.estimates` (`status.measured`), unless
-   the window measured nothing (an idle pipeline keeps its last measurement).
+   the window measured nothing (an idle pipeline keeps its last measurement);
+4. when a node's stage has run more than `drift.threshold` off its estimate, one way, in
+   every window for `drift.window_seconds` (`planning.speed.track_drift`), records that
+   node's time factor in `status.effectiveFactors` (never in the node's labels) and hands
+   the pipeline to the re-planner (`on_drift`), which re-plans through the usual
+   debounce and hysteresis with the node's figures divided by the factor.
 
 Reads are bounded (`timeout_seconds` each, all stages of a pipeline at once) and run in
 this task, never in a Kopf handler. A stage that does not answer skips the pipeline's round.
@@ -48,6 +53,10 @@ class MeasureSettings:
     """Two scrapes make one window: a figure at most a minute old, and two small GETs per
     stage per minute."""
     timeout_seconds: float = 5.0
+    drift: speed.DriftSettings = dataclasses.field(default_factory=speed.DriftSettings)
+    """When a node's measured step time has left its estimate for good (50 %, 5 minutes)."""
+    factor_margin: float = 0.1
+    """A sustained factor within 10 % of the one recorded is not written again."""
     operator_namespace: str | None = None
     """Where the operator runs: the pipelines' NetworkPolicies admit its pods to the stages'
     HTTP port. None (the operator runs outside the cluster) adds no such rule."""
@@ -83,10 +92,12 @@ class StageMetricsReader:
         *,
         url_of: Callable[[Mapping[str, Any]], str | None] = stage_url,
         clock: Callable[[], float] = time.monotonic,
+        on_drift: Callable[[Key, Mapping[str, float]], None] | None = None,
     ) -> None:
         self.client, self.pipelines, self.settings = client, pipelines, settings
-        self.url_of, self.clock = url_of, clock
+        self.url_of, self.clock, self.on_drift = url_of, clock, on_drift
         self.last: dict[Key, tuple[str, speed.Scrape]] = {}
+        self.drift: dict[Key, dict[str, speed.Drifting]] = {}
 
     async def run(self) -> None:
         async with aiohttp.ClientSession(
@@ -114,6 +125,8 @@ class StageMetricsReader:
                 log.warning("stage metrics of %s/%s: %s", *key, errors.describe(error))
         for gone in set(self.last) - seen:
             del self.last[gone]
+        for gone in set(self.drift) - seen:
+            del self.drift[gone]
         return written
 
     async def measure_pipeline(
@@ -150,12 +163,57 @@ class StageMetricsReader:
         plan = rollout.plan_of(children, digest)
         if plan is None:
             return False
-        report = status.measured(result, plan, now=_now())
+        now = _now()
+        report = status.measured(result, plan, now=now)
         report["planHash"] = digest
-        await api.patch_status(
-            self.client, namespace=namespace, name=name, status={"measured": report}
-        )
+        factors = self._sustained(key, body, plan, report, at=scrape.at)
+        patch: dict[str, Any] = {"measured": report}
+        if factors:
+            patch["effectiveFactors"] = {
+                node: {speed.FACTOR: factor, "recordedAt": now, "planHash": digest}
+                for node, factor in factors.items()
+            }
+        await api.patch_status(self.client, namespace=namespace, name=name, status=patch)
+        if factors:
+            log.info("%s/%s: measured node time factors %s: re-planning", *key, factors)
+            if self.on_drift is not None:
+                self.on_drift(key, factors)
         return True
+
+    def _sustained(
+        self,
+        key: Key,
+        body: Mapping[str, Any],
+        plan: Mapping[str, Any],
+        report: Mapping[str, Any],
+        *,
+        at: float,
+    ) -> dict[str, float]:
+        """Node -> time factor to record: drifts now sustained whose factor is new.
+
+        A stage's estimate already includes the factor its plan was made with (the plan's
+        `computeTimeFactor`, 1 without one), so the node's factor is that times the
+        measured ratio: a plan kept by the hysteresis measures the same factor again,
+        which is then not rewritten, and one made with the factor measures about 1."""
+        ratios = {
+            str(s["node"]): float(s["ratio"])
+            for s in report["stages"]
+            if "ratio" in s and "node" in s
+        }
+        state, sustained = speed.track_drift(
+            self.drift.get(key, {}), ratios, now=at, settings=self.settings.drift
+        )
+        recorded = speed.parse_factors((body.get("status") or {}).get("effectiveFactors"))
+        planned = {str(s["node"]): s for s in plan["stages"]}
+        new: dict[str, float] = {}
+        for node, ratio in sustained.items():
+            factor = round(float(planned[node].get(speed.FACTOR, 1.0)) * ratio, 3)
+            state.pop(node)  # recorded or confirmed: a further change needs a window of its own
+            before = recorded.get(node)
+            if before is None or abs(factor / before - 1) > self.settings.factor_margin:
+                new[node] = factor
+        self.drift[key] = state
+        return new
 
     async def _scrape(
         self, session: aiohttp.ClientSession, pods: Sequence[Mapping[str, Any]], token: str | None

@@ -23,7 +23,7 @@ from llmpipe_operator import spec as spec_mod
 from llmpipe_operator import status, telemetry
 from llmpipe_operator.k8s import api, events
 from llmpipe_operator.manifests import endpoint, names, network, render
-from llmpipe_operator.planning import live, planner
+from llmpipe_operator.planning import live, planner, speed
 from llmpipe_operator.reconcile import capacity, certs, errors, fetch, locks, measure, switch
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,11 @@ async def reconcile_pipeline(
         async with capacity.planning():  # one pipeline at a time claims free memory
             # 1. observe nodes (and the pods on them)
             observed = await observe_nodes(
-                client, pipeline.spec, owner=key, memory_usage=memory_usage
+                client,
+                pipeline.spec,
+                owner=key,
+                memory_usage=memory_usage,
+                time_factors=speed.parse_factors(pipeline.status.get("effectiveFactors")),
             )
             # 2. plan
             try:
@@ -105,6 +109,8 @@ class Observed:
     eligibility: live.Eligibility
     memory_usage: Mapping[str, int]
     reservations: Mapping[live.PipelineKey, live.Reservation]
+    time_factors: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    """The pipeline's measured node time factors (`status.effectiveFactors`)."""
 
     def inventory(self, *, beside: str | None = None) -> live.LiveInventory:
         """The eligible nodes, each with the memory others leave free: allocatable minus
@@ -122,6 +128,7 @@ class Observed:
             eligibility=self.eligibility,
             memory_usage=usage,
             gpus_held=holdings.gpus,
+            time_factors=self.time_factors,
         )
         return dataclasses.replace(nodes, holdings=holdings)
 
@@ -135,6 +142,7 @@ async def observe_nodes(
     *,
     owner: live.PipelineKey,
     memory_usage: Mapping[str, int] | None = None,
+    time_factors: Mapping[str, float] | None = None,
 ) -> Observed:
     """Nodes, pods and reservations for planning `owner` with `spec`. `memory_usage` is
     bytes in use by others per node (metrics.k8s.io via `k8s.metrics_api`) when the caller
@@ -150,6 +158,7 @@ async def observe_nodes(
         eligibility=eligibility,
         memory_usage=dict(memory_usage or {}),
         reservations=capacity.reservations(),
+        time_factors=dict(time_factors or {}),
     )
     for note in observed.inventory().notes:
         log.warning("%s", note)  # e.g. a malformed llmpipe.io/links annotation: links ignored
@@ -216,7 +225,13 @@ def make_plan(spec: spec_mod.PipelineSpec, nodes: live.LiveInventory) -> dict[st
             telemetry.plan_computed(feasible=False)
             raise
     telemetry.plan_computed(feasible=True)
-    return dict(plan.to_dict())
+    made = dict(plan.to_dict())
+    for stage in made["stages"]:
+        # The factor a stage's estimate already includes: the reader measures the node's
+        # factor as this times measured / estimated (no factor: the plan is unchanged).
+        if stage["node"] in nodes.time_factors:
+            stage[speed.FACTOR] = nodes.time_factors[stage["node"]]
+    return made
 
 
 def workload_of(spec: spec_mod.PipelineSpec) -> planner.Workload:

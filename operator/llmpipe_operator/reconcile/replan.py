@@ -38,7 +38,7 @@ from lightkube import AsyncClient
 from llmpipe_operator import rollout, status, telemetry
 from llmpipe_operator import spec as spec_mod
 from llmpipe_operator.k8s import api, events, metrics_api
-from llmpipe_operator.planning import live, replan
+from llmpipe_operator.planning import live, replan, speed
 from llmpipe_operator.reconcile import capacity, errors, fetch, locks, pipeline, switch
 
 log = logging.getLogger(__name__)
@@ -128,6 +128,20 @@ class Replanner:
         if any(replan.is_urgent(c, planned) for c in tracked.debouncer.pending):
             tracked.debouncer.make_urgent()
             self._wake.set()
+
+    def measured_drift(self, key: Key, factors: Mapping[str, float]) -> None:
+        """The stage-metrics reader recorded node time factors for one pipeline: re-plan it
+        (debounced, then the hysteresis), with the factors the status now holds."""
+        tracked = self.pipelines.get(key)
+        if tracked is None:
+            return
+        now = self.clock()
+        for node, factor in sorted(factors.items()):
+            text = f"node {node} measured at {factor:g}x its estimated step time"
+            change = replan.NodeChange(node=node, kind=replan.ChangeKind.MEASURED, text=text)
+            tracked.debouncer.add(change, now=now)
+            log.info("%s: queued for %s/%s", text, *key)
+        self._wake.set()
 
     def node_event(self, event_type: str | None, body: Mapping[str, Any]) -> list[Key]:
         """Classify a Node event and queue it for the pipelines it affects (returned)."""
@@ -325,7 +339,11 @@ async def replan_pipeline(
         key = (namespace, name)
         async with capacity.planning():  # one pipeline at a time claims free memory
             observed = await pipeline.observe_nodes(
-                client, current_pipeline.spec, owner=key, memory_usage=memory_usage
+                client,
+                current_pipeline.spec,
+                owner=key,
+                memory_usage=memory_usage,
+                time_factors=speed.parse_factors(current_pipeline.status.get("effectiveFactors")),
             )
             lost = lost_nodes(current, observed.raw_nodes)
             # 2. plan

@@ -12,7 +12,10 @@ label, read the key from the Secret, scrape both stages, and on the second round
 `status.measured` through the status subresource with the window's figures (the mean
 step time the stages observed, the tokens stage 0 counted over the clock's window, the
 estimate beside each stage), which the CRD's schema keeps and `kubectl get` shows in the
-MEASURED TOK/S column. No mocks: the API server and the HTTP are real.
+MEASURED TOK/S column. A third round, 10 s (the test's sustained window) later with the
+stages still off their estimates by more than 50 %, records each node's time factor in
+`status.effectiveFactors` and hands the pipeline to the re-planner's hook. No mocks: the
+API server and the HTTP are real.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from lightkube.types import PatchType
 
 from llmpipe_operator.k8s import api
 from llmpipe_operator.manifests import names
+from llmpipe_operator.planning import speed
 from llmpipe_operator.reconcile import measure
 from llmpipe_stage.metrics import StageMetrics
 from tests.cluster.operator.conftest import pipeline_manifest
@@ -140,7 +144,8 @@ def test_two_reads_of_the_stages_metrics_write_status_measured(
     control_plane.kubectl("apply", "-n", namespace, "-f", str(tmp_path / "pipeline.json"))
     plan = {
         "stages": [
-            {"index": 0, "node": nodes[0], "computeSeconds": 0.01},
+            # made with a factor of 2 for nodes[0]: its estimate already includes it
+            {"index": 0, "node": nodes[0], "computeSeconds": 0.01, "computeTimeFactor": 2.0},
             {"index": 1, "node": nodes[1], "computeSeconds": 0.02},
         ]
     }
@@ -165,7 +170,8 @@ def test_two_reads_of_the_stages_metrics_write_status_measured(
     )
 
     servers = StageServers(2)
-    ticks = iter([100.0, 110.0])
+    ticks = iter([100.0, 110.0, 120.0])
+    drifts: list[tuple[tuple[str, str], dict[str, float]]] = []
 
     def url_of(pod: Mapping[str, Any]) -> str | None:
         labels = pod["metadata"]["labels"]
@@ -174,7 +180,15 @@ def test_two_reads_of_the_stages_metrics_write_status_measured(
         assert measure.stage_url(pod) == f"http://127.0.0.1:{names.HTTP_PORT}/metrics"
         return f"http://127.0.0.1:{servers.ports[int(labels[names.LABEL_STAGE_INDEX])]}/metrics"
 
-    async def two_rounds() -> tuple[list, list, dict]:
+    def observe_a_window() -> None:
+        for seconds in (0.01, 0.03):  # stage 0: two micro-batches, 20 ms mean
+            servers.metrics[0].compute.observe(seconds)
+            servers.metrics[0].send.observe(0.001)
+        for seconds in (0.05, 0.05):  # stage 1: 50 ms, 2.5x its estimate
+            servers.metrics[1].compute.observe(seconds)
+        servers.metrics[0].count_tokens(30)
+
+    async def rounds() -> tuple[list, list, dict, list, dict]:
         await servers.start()
         kube = AsyncClient(KubeConfig.from_file(control_plane.kubeconfig))
         try:
@@ -186,26 +200,28 @@ def test_two_reads_of_the_stages_metrics_write_status_measured(
             reader = measure.StageMetricsReader(
                 kube,
                 lambda: [body],
-                measure.MeasureSettings(),
+                measure.MeasureSettings(
+                    drift=speed.DriftSettings(threshold=0.5, window_seconds=10.0)
+                ),
                 url_of=url_of,
                 clock=lambda: next(ticks),
+                on_drift=lambda key, factors: drifts.append((key, dict(factors))),
             )
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
                 first = await reader.round(session)
-                for seconds in (0.01, 0.03):  # stage 0: two micro-batches, 20 ms mean
-                    servers.metrics[0].compute.observe(seconds)
-                    servers.metrics[0].send.observe(0.001)
-                for seconds in (0.05, 0.05):  # stage 1: 50 ms, 2.5x its estimate
-                    servers.metrics[1].compute.observe(seconds)
-                servers.metrics[0].count_tokens(30)
+                observe_a_window()
                 second = await reader.round(session)
-            stored = await api.get_pipeline(kube, namespace=namespace, name=name)
-            return first, second, stored or {}
+                stored = await api.get_pipeline(kube, namespace=namespace, name=name)
+                drifts_after_second = list(drifts)
+                observe_a_window()  # off its estimate again, 10 s later: sustained
+                assert await reader.round(session) == [(namespace, name)]
+            recorded = await api.get_pipeline(kube, namespace=namespace, name=name)
+            return first, second, stored or {}, drifts_after_second, recorded or {}
         finally:
             await kube.close()
             await servers.stop()
 
-    first, second, stored = asyncio.run(two_rounds())
+    first, second, stored, drifts_after_second, recorded = asyncio.run(rounds())
     assert first == [] and second == [(namespace, name)]
     assert servers.unauthorized == 0  # stage 0 was asked with the Secret's first key
     measured = stored["status"]["measured"]
@@ -226,3 +242,11 @@ def test_two_reads_of_the_stages_metrics_write_status_measured(
     assert "MEASURED TOK/S" in header
     column = header.index("MEASURED TOK/S")
     assert row[column:].split()[0] == "3"
+    # No factor after one window; after the sustained one, each node's factor: the
+    # factor its estimate included times the ratio (2 x 2.0 for nodes[0], 1 x 2.5).
+    assert drifts_after_second == [] and "effectiveFactors" not in stored["status"]
+    assert drifts == [((namespace, name), {nodes[0]: 4.0, nodes[1]: 2.5})]
+    factors = recorded["status"]["effectiveFactors"]
+    assert {n: f["computeTimeFactor"] for n, f in factors.items()} == {nodes[0]: 4.0, nodes[1]: 2.5}
+    assert all(f["planHash"] == DIGEST and f["recordedAt"] for f in factors.values())
+    assert recorded["status"]["measured"]["stages"][0]["ratio"] == 2.0

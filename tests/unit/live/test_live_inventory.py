@@ -333,3 +333,27 @@ def test_a_second_pipeline_plans_on_what_the_first_left_and_never_overcommits() 
     final = live.held_memory(pods, pipeline=("nobody", "x"), reservations={})
     for node in nodes:
         assert final.total.get(node["metadata"]["name"], 0) <= 700 * MiB
+
+
+def test_a_measured_time_factor_divides_the_nodes_figures_and_only_its_own() -> None:
+    slow = (
+        a_node("slow")
+        .edge()
+        .label("llmpipe.io/tflops", "4")
+        .label("llmpipe.io/memory-bandwidth-gbps", "100")
+    )
+    other = a_node("other").edge().label("llmpipe.io/tflops", "4")
+    rules = live.Eligibility(tolerates=lambda t: False)
+    plain = live.build_inventory([slow.obj, other.obj], eligibility=rules)
+    factored = live.build_inventory(
+        [slow.obj, other.obj],
+        eligibility=rules,
+        time_factors={"slow": 2.0, "gone": 3.0, "other": 1.0},
+    )
+    before = {n.name: n for n in plain.inventory.nodes}
+    after = {n.name: n for n in factored.inventory.nodes}
+    assert after["slow"].tflops == 2.0 and after["slow"].memory_bandwidth_gbps == 50.0
+    assert after["other"] == before["other"]
+    assert slow.obj["metadata"]["labels"]["llmpipe.io/tflops"] == "4"  # labels untouched
+    assert factored.time_factors == {"slow": 2.0}  # only eligible nodes with a factor != 1
+    assert plain.time_factors == {}

@@ -60,3 +60,26 @@ def test_the_measure_flags() -> None:
     assert args.measure_interval == 0.0 and args.operator_namespace == "llmpipe-system"
     with pytest.raises(SystemExit):
         runner.parse_args(["--all-namespaces", "--measure-interval", "-1"])
+
+
+def test_a_plan_says_which_factor_each_stage_estimate_includes() -> None:
+    from llmpipe_operator.planning import live
+    from llmpipe_operator.reconcile import pipeline
+    from tests.unit.manifests.builders import a_spec, three_nodes
+
+    spec = a_spec().build()
+    nodes = three_nodes()
+    plain = pipeline.make_plan(spec, live.LiveInventory(inventory=nodes, excluded={}))
+    assert all("computeTimeFactor" not in s for s in plain["stages"])  # no factor: unchanged
+    slow = plain["stages"][0]["node"]
+    factored = pipeline.make_plan(
+        spec, live.LiveInventory(inventory=nodes, excluded={}, time_factors={slow: 2.0})
+    )
+    assert {s["node"]: s.get("computeTimeFactor") for s in factored["stages"]}.get(slow) in (
+        2.0,
+        None,  # the slower node may have been left out of the new plan
+    )
+    assert all(
+        s.get("computeTimeFactor") == (2.0 if s["node"] == slow else None)
+        for s in factored["stages"]
+    )

@@ -164,3 +164,22 @@ def test_a_drift_is_recorded_only_when_sustained(
     windows: list[tuple[float, dict[str, float]]], expected: list[dict[str, float]]
 ) -> None:
     assert run_windows(windows) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (
+            {"a": {"computeTimeFactor": 2.5, "recordedAt": "t"}, "b": {"computeTimeFactor": 1}},
+            {"a": 2.5, "b": 1.0},
+        ),
+        ({"a": {"computeTimeFactor": 0}, "b": {"computeTimeFactor": "2"}, "c": 3, "d": {}}, {}),
+        ({"a": {"computeTimeFactor": True}}, {}),
+        (None, {}),
+        ([1, 2], {}),
+    ],
+)
+def test_recorded_factors_are_read_and_malformed_ones_ignored(
+    value: object, expected: dict
+) -> None:
+    assert speed.parse_factors(value) == expected

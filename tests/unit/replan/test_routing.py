@@ -229,3 +229,20 @@ def test_a_removal_seen_before_the_plan_that_uses_the_node_turns_urgent() -> Non
     assert not chat.debouncer.due(clock.now)
     rp.pipeline_event("MODIFIED", a_pipeline("chat", planned=("orin-a",)))
     assert chat.debouncer.due(clock.now)
+
+
+def test_a_measured_drift_queues_a_re_plan_of_that_pipeline_within_the_window() -> None:
+    rp, clock = replanner_with(
+        a_pipeline("chat", planned=("orin-a",), debounce=10.0),
+        a_pipeline("other", planned=("orin-a",)),
+        nodes=[edge("orin-a").build()],
+    )
+    rp.measured_drift(("team-a", "chat"), {"orin-a": 2.5})
+    rp.measured_drift(("team-a", "gone"), {"orin-a": 2.5})  # no longer tracked: ignored
+    chat = rp.pipelines[("team-a", "chat")]
+    assert [(c.node, c.kind) for c in chat.debouncer.pending] == [("orin-a", ChangeKind.MEASURED)]
+    assert "2.5x" in chat.debouncer.pending[0].text
+    assert not chat.debouncer.due(clock.now)  # debounced like any node change
+    clock.now += 10.0
+    assert chat.debouncer.due(clock.now)
+    assert rp.pipelines[("team-a", "other")].debouncer.pending == ()
