@@ -4,7 +4,9 @@ Covers: the API key sent to stage 0 is the first one the stage itself would acce
 the mounted Secret (data keys in order, comments and blank lines skipped; none -> no
 header); a stage pod's /metrics address is its pod IP on the HTTP port (None before it has
 one); the operator's flags (`--measure-interval`, 0 = off, negative refused;
-`--operator-namespace`). The reads and the status write are in
+`--operator-namespace`); a plan records the factor each stage's estimate includes; a
+recorded factor moves the plan off the node measured slow (the real planner, through
+`reconcile.pipeline.plan_now`). The reads and the status write are in
 tests/cluster/operator/test_measured_status.py.
 """
 
@@ -83,3 +85,41 @@ def test_a_plan_says_which_factor_each_stage_estimate_includes() -> None:
         s.get("computeTimeFactor") == (2.0 if s["node"] == slow else None)
         for s in factored["stages"]
     )
+
+
+def test_a_recorded_factor_moves_the_plan_off_the_node_measured_slow() -> None:
+    from llmpipe_operator.planning import live
+    from llmpipe_operator.reconcile import pipeline
+    from tests.unit.manifests.builders import a_spec
+
+    def node(name: str) -> dict:
+        return {
+            "metadata": {
+                "name": name,
+                "labels": {"llmpipe.io/tflops": "4", "llmpipe.io/memory-bandwidth-gbps": "100"},
+            },
+            "spec": {},
+            "status": {
+                "allocatable": {"memory": "8Gi"},
+                "conditions": [{"type": "Ready", "status": "True"}],
+            },
+        }
+
+    spec = a_spec().placement(maxStages=1, firstStage="any").build()
+
+    def planned_on(factors: dict[str, float]) -> list[str]:
+        observed = pipeline.Observed(
+            raw_nodes=[node("a"), node("b")],
+            pods=[],
+            owner=("team-a", "chat"),
+            eligibility=live.Eligibility(),
+            memory_usage={},
+            reservations={},
+            time_factors=factors,
+        )
+        plan, _, _ = pipeline.plan_now(spec, observed, rolled_out=None)
+        return [s["node"] for s in plan["stages"]]
+
+    first = planned_on({})
+    assert len(first) == 1
+    assert planned_on({first[0]: 3.0}) == [n for n in ("a", "b") if n != first[0]]
