@@ -5,7 +5,7 @@ VENV = $(shell scripts/bootstrap)
 PY = PYTHONPATH=$(CURDIR):$(CURDIR)/operator:$(CURDIR)/stage_image $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install fetch-model lint typecheck test test-unit test-cluster test-dataplane serve bench control-plane proto
+.PHONY: install fetch-model lint typecheck test test-nodes test-unit test-cluster test-dataplane serve bench control-plane proto
 
 install:            ## create the cached venv (torch, transformers, kopf, ...)
 	@scripts/bootstrap >/dev/null
@@ -29,6 +29,9 @@ control-plane:      ## build (cached) the Kubernetes binaries used by cluster te
 
 test: install       ## the whole suite: lint, types, unit, cluster (builds the control plane once), dataplane
 	@scripts/test $(PYTEST_ARGS)
+
+test-nodes: install ## the opt-in nodes tier as root: real kubelets, images built with buildah (25-45 min cold; docs/real-nodes.md)
+	LLMPIPE_NODES=1 scripts/test -m nodes -s $(PYTEST_ARGS)
 
 test-unit: install
 	$(PY) -m pytest -m unit $(PYTEST_ARGS)
