@@ -78,6 +78,38 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
+def free_port_blocks(count: int, length: int) -> list[int]:
+    """The first ports of `count` blocks of `length` consecutive ports, each free now.
+
+    `llmpipe serve --port P --grpc-port G` with N stages listens on P..P+N-1 and
+    G..G+N-1; two ports the kernel handed out one at a time say nothing about their
+    neighbours, which a busy machine's outgoing connections may hold.
+    """
+    starts: list[int] = []
+    held: list[socket.socket] = []
+    try:
+        while len(starts) < count:
+            probe = socket.socket()
+            probe.bind(("127.0.0.1", 0))
+            start = probe.getsockname()[1]
+            block = [probe]
+            try:
+                for port in range(start + 1, start + length):
+                    sock = socket.socket()
+                    block.append(sock)
+                    sock.bind(("127.0.0.1", port))
+            except (OSError, OverflowError):  # a neighbour is held, or past 65535
+                for sock in block:
+                    sock.close()
+                continue
+            held.extend(block)
+            starts.append(start)
+    finally:
+        for sock in held:
+            sock.close()
+    return starts
+
+
 READY_LINE = "Ctrl-C stops every stage"
 """The last line `llmpipe serve` prints once every stage serves."""
 

@@ -132,7 +132,7 @@ def test_protect_metrics_puts_metrics_behind_the_keys(
 
 
 def test_llmpipe_serve_with_an_api_key_file(tmp_path: Path) -> None:
-    http_port, grpc_port = pipelines.free_ports(2)
+    http_port, grpc_port = pipelines.free_port_blocks(2, 4)
     key_file = tmp_path / "keys"
     key_file.write_text("serve-key\n")
     args = ["--model", "demo", "--stages", "1", "--port", str(http_port)]

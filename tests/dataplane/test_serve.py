@@ -25,7 +25,7 @@ from tests.dataplane import pipelines
 
 
 def test_serve_demo_model_streams_tokens_and_stops_cleanly(tmp_path: Path) -> None:
-    http_port, grpc_port = pipelines.free_ports(2)
+    http_port, grpc_port = pipelines.free_port_blocks(2, 4)
     args = ["--model", "demo", "--stages", "3", "--port", str(http_port)]
     args += ["--grpc-port", str(grpc_port), "--threads", "1", "--run-dir", str(tmp_path / "run")]
     with pipelines.serving(args, timeout=180, cache=tmp_path / "cache") as served:
@@ -78,7 +78,7 @@ SANITY = [
 def test_serve_default_model_answers_sanity_prompts(tmp_path: Path, smollm2_dir: Path) -> None:
     """The README quickstart: `make serve` with no model (smoke: the answers' words, not an
     exactness check; the exact checks are in test_real_model)."""
-    http_port, grpc_port = pipelines.free_ports(2)
+    http_port, grpc_port = pipelines.free_port_blocks(2, 4)
     args = ["--port", str(http_port), "--grpc-port", str(grpc_port), "--threads", "1"]
     with pipelines.serving([*args, "--run-dir", str(tmp_path)], timeout=300) as served:
         output = served.output
@@ -126,7 +126,7 @@ def streamed_text(port: int, *, on_first_chunk: Callable[[], None] = lambda: Non
 
 
 def test_serve_restarts_a_killed_stage_and_its_stream_resumes(tmp_path: Path) -> None:
-    http_port, grpc_port = pipelines.free_ports(2)
+    http_port, grpc_port = pipelines.free_port_blocks(2, 4)
     run_dir = tmp_path / "run"
     args = ["--model", "demo", "--stages", "3", "--port", str(http_port)]
     args += ["--grpc-port", str(grpc_port), "--threads", "1", "--run-dir", str(run_dir)]
