@@ -166,6 +166,22 @@ def http_json(
         return error.code, json.loads(error.read() or b"{}")
 
 
+def complete(pipeline: Pipeline, prompt: list[int], max_tokens: int) -> list[int]:
+    """Greedy `/v1/completions` on token ids: the generated token ids."""
+    status, body = http_json(
+        f"{pipeline.base_url}/v1/completions",
+        {
+            "model": "tiny",
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "return_token_ids": True,
+        },
+    )
+    assert status == 200, body
+    return list(body["choices"][0]["token_ids"])
+
+
 @dataclass
 class Pipeline:
     model_dir: Path

@@ -26,21 +26,6 @@ def references(model_dirs: dict[str, Path]) -> dict[str, list[list[int]]]:
     }
 
 
-def complete(pipeline: pipelines.Pipeline, prompt: list[int], max_tokens: int) -> list[int]:
-    status, body = pipelines.http_json(
-        f"{pipeline.base_url}/v1/completions",
-        {
-            "model": "tiny",
-            "prompt": prompt,
-            "max_tokens": max_tokens,
-            "temperature": 0,
-            "return_token_ids": True,
-        },
-    )
-    assert status == 200, body
-    return list(body["choices"][0]["token_ids"])
-
-
 @families
 @stage_counts
 def test_greedy_tokens_equal_single_process_generate(
@@ -54,7 +39,10 @@ def test_greedy_tokens_equal_single_process_generate(
     try:
         with ThreadPoolExecutor(len(PROMPTS)) as pool:
             got = list(
-                pool.map(lambda args: complete(pipeline, *args), zip(PROMPTS, MAX_NEW, strict=True))
+                pool.map(
+                    lambda args: pipelines.complete(pipeline, *args),
+                    zip(PROMPTS, MAX_NEW, strict=True),
+                )
             )
         assert got == references[family]
         # The ring really ran through every stage, and every cache was freed afterwards.

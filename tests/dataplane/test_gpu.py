@@ -43,21 +43,6 @@ def gpu_references(model_dirs: dict[str, Path]) -> dict[str, list[list[int]]]:
     }
 
 
-def complete(pipeline: pipelines.Pipeline, prompt: list[int], max_tokens: int) -> list[int]:
-    status, body = pipelines.http_json(
-        f"{pipeline.base_url}/v1/completions",
-        {
-            "model": "tiny",
-            "prompt": prompt,
-            "max_tokens": max_tokens,
-            "temperature": 0,
-            "return_token_ids": True,
-        },
-    )
-    assert status == 200, body
-    return list(body["choices"][0]["token_ids"])
-
-
 @pytest.mark.parametrize("family", sorted(pipelines.FAMILIES))
 @pytest.mark.parametrize("stages", [1, 2, 3, 4])
 def test_greedy_tokens_on_one_gpu_equal_generate_on_it(
@@ -71,7 +56,10 @@ def test_greedy_tokens_on_one_gpu_equal_generate_on_it(
     try:
         with ThreadPoolExecutor(len(PROMPTS)) as pool:
             got = list(
-                pool.map(lambda args: complete(pipeline, *args), zip(PROMPTS, MAX_NEW, strict=True))
+                pool.map(
+                    lambda args: pipelines.complete(pipeline, *args),
+                    zip(PROMPTS, MAX_NEW, strict=True),
+                )
             )
         assert got == gpu_references[family]
         assert pipeline.wait_no_cache() == {i: [] for i in range(stages)}
