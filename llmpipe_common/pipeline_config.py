@@ -20,13 +20,22 @@ def pipeline_document(
     max_context_tokens: int,
     addresses: Iterable[tuple[int, str]],
     quantization: str | None = None,
+    prefill_chunk_tokens: int | None = None,
 ) -> dict[str, Any]:
-    """The `pipeline.json` document; `addresses` are (stage index, host:port) pairs."""
+    """The `pipeline.json` document; `addresses` are (stage index, host:port) pairs.
+    `prefill_chunk_tokens`: prompt tokens per pipelined prefill chunk (0: off; None: not
+    written, which the stage reads as off)."""
     model: dict[str, Any] = {"name": model_name, "dtype": dtype}
     if quantization is not None:
         model["quantization"] = quantization
+    workload: dict[str, Any] = {
+        "maxSequences": max_sequences,
+        "maxContextTokens": max_context_tokens,
+    }
+    if prefill_chunk_tokens is not None:
+        workload["prefillChunkTokens"] = prefill_chunk_tokens
     return {
         "model": model,
-        "workload": {"maxSequences": max_sequences, "maxContextTokens": max_context_tokens},
+        "workload": workload,
         "stages": [{"index": index, "address": address} for index, address in addresses],
     }

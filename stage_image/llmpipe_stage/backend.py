@@ -16,6 +16,7 @@ sequence may send next and the sequences released recently.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -60,6 +61,33 @@ class Ledger:
     def __init__(self) -> None:
         self.expected: dict[int, int] = {}  # sequence -> next position it may send here
         self.released: OrderedDict[int, None] = OrderedDict()
+        self._moved: asyncio.Event | None = None  # set when expected or released change
+
+    def _ahead(self, steps: list[wire.Step]) -> bool:
+        """Whether a step starts past its sequence's next position (an earlier chunk of
+        the same prompt is still on its way: two messages of one hop may overtake)."""
+        return any(
+            step.sequence_id not in self.released
+            and step.position > self.expected.get(step.sequence_id, 0)
+            for step in steps
+        )
+
+    async def wait_in_order(self, steps: list[wire.Step], *, timeout: float) -> None:
+        """Return once no step is ahead of its sequence, or after `timeout` (the check
+        that follows then names the gap)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._ahead(steps) and loop.time() < deadline:
+            if self._moved is None:
+                self._moved = asyncio.Event()
+            moved = self._moved
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(moved.wait(), deadline - loop.time())
+
+    def _wake(self) -> None:
+        if self._moved is not None:
+            self._moved.set()
+            self._moved = None
 
     def check(self, steps: list[wire.Step], *, context_limit: int) -> None:
         """Raise WireError unless every step continues its sequence within the limit."""
@@ -79,6 +107,7 @@ class Ledger:
     def expect(self, steps: list[wire.Step]) -> None:
         for step in steps:
             self.expected[step.sequence_id] = step.position + step.length
+        self._wake()
 
     def release(self, ids: list[int]) -> None:
         for sid in ids:
@@ -86,6 +115,7 @@ class Ledger:
             self.released[sid] = None
         while len(self.released) > self.KEEP_RELEASED:
             self.released.popitem(last=False)
+        self._wake()
 
 
 @dataclass(frozen=True)
@@ -160,26 +190,35 @@ class Worker(Backend):
             items = [await self.queue.get()]
             while not self.queue.empty():
                 items.append(self.queue.get_nowait())
-            steps = [step for batch, _ in items for step in batch]
-            hidden = torch.cat([h for _, h in items]) if len(items) > 1 else items[0][1]
-            started = time.perf_counter()
-            try:
-                kept, output = await loop.run_in_executor(
-                    self.executor, self._compute, steps, hidden
-                )
-            except StepError as error:
-                await self.fail_upstream([s.sequence_id for s in steps], str(error))
-                continue
-            except Exception as error:  # any failure fails these requests; the loop lives on
-                log.exception("stage %d: compute failed", self.index)
-                reason = f"stage {self.index} failed: {type(error).__name__}: {error}"
-                await self.fail_upstream([s.sequence_id for s in steps], reason)
-                continue
-            self.metrics.compute.observe(time.perf_counter() - started)
-            self.metrics.batch_tokens.observe(int(hidden.shape[0]))
-            self.metrics.measure_caches(self.runtime)
-            if kept:
-                self.background.spawn(self._pass_on(kept, output))
+            for run in _disjoint_runs(items):
+                await self._run(loop, run)
+
+    async def _run(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        items: list[tuple[list[wire.Step], torch.Tensor]],
+    ) -> None:
+        """Queued micro-batches with no sequence twice, as one step of the slice."""
+        steps = [step for batch, _ in items for step in batch]
+        hidden = torch.cat([h for _, h in items]) if len(items) > 1 else items[0][1]
+        started = time.perf_counter()
+        try:
+            kept, output = await loop.run_in_executor(
+                self.executor, self._compute, steps, hidden
+            )
+        except StepError as error:
+            await self.fail_upstream([s.sequence_id for s in steps], str(error))
+            return
+        except Exception as error:  # any failure fails these requests; the loop lives on
+            log.exception("stage %d: compute failed", self.index)
+            reason = f"stage {self.index} failed: {type(error).__name__}: {error}"
+            await self.fail_upstream([s.sequence_id for s in steps], reason)
+            return
+        self.metrics.compute.observe(time.perf_counter() - started)
+        self.metrics.batch_tokens.observe(int(hidden.shape[0]))
+        self.metrics.measure_caches(self.runtime)
+        if kept:
+            self.background.spawn(self._pass_on(kept, output))
 
     def _compute(
         self, steps: list[wire.Step], hidden: torch.Tensor
@@ -198,8 +237,8 @@ class Worker(Backend):
         if not steps:
             return [], hidden
         out = self.runtime.run(steps, hidden)
-        if self.is_last:
-            return steps, self.runtime.sample_scored(steps, out)
+        if self.is_last:  # partial prompt chunks return nothing
+            return wire.sampled_steps(steps), self.runtime.sample_scored(steps, out)
         return steps, out
 
     async def _pass_on(self, steps: list[wire.Step], output: torch.Tensor | wire.Sampled) -> None:
@@ -234,6 +273,23 @@ class Worker(Backend):
             log.warning(
                 "stage %d: cannot report failure to stage 0: %s", self.index, error.code().name
             )
+
+
+def _disjoint_runs(
+    items: list[tuple[list[wire.Step], torch.Tensor]],
+) -> list[list[tuple[list[wire.Step], torch.Tensor]]]:
+    """Split queued micro-batches, in order, into runs in which no sequence appears twice
+    (successive chunks of one prompt run one after the other, each over the last's cache)."""
+    runs: list[list[tuple[list[wire.Step], torch.Tensor]]] = []
+    seen: set[int] = set()
+    for item in items:
+        ids = {step.sequence_id for step in item[0]}
+        if not runs or ids & seen:
+            runs.append([])
+            seen = set()
+        runs[-1].append(item)
+        seen |= ids
+    return runs
 
 
 class Head(Backend):

@@ -54,6 +54,8 @@ class PipelineConfig:
     """gRPC address host:port of every stage, by index."""
     quantization: str = "none"
     """`int8`: weight-only int8 projections (activations in `dtype`)."""
+    prefill_chunk_tokens: int = 0
+    """workload.prefillChunkTokens: prompt tokens per pipelined prefill chunk; 0: off."""
 
     @property
     def num_stages(self) -> int:
@@ -155,9 +157,16 @@ def parse_pipeline(
         stages=stages,
         addresses=tuple(addresses),
         quantization=quantization,
+        prefill_chunk_tokens=(
+            _field(workload, "prefillChunkTokens", int, f"{where}: workload")
+            if "prefillChunkTokens" in workload
+            else 0
+        ),
     )
     if config.max_sequences < 1 or config.max_context_tokens < 2:
         raise ConfigError(f"{where}: workload needs maxSequences >= 1 and maxContextTokens >= 2")
+    if config.prefill_chunk_tokens < 0:
+        raise ConfigError(f"{where}: workload.prefillChunkTokens must be >= 0 (0: off)")
     return config
 
 

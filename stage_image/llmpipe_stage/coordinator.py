@@ -31,11 +31,13 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from llmpipe_stage import prefill
 from llmpipe_stage.background import TaskSet
 from llmpipe_stage.generation import PipelineError, SamplingParams, Scores
 from llmpipe_stage.metrics import StageMetrics
+from llmpipe_stage.prefill import TokenBudget
 from llmpipe_stage.runtime import StageRuntime
-from llmpipe_stage.wire import Sampled, Step
+from llmpipe_stage.wire import Sampled, Step, sampled_steps
 
 log = logging.getLogger(__name__)
 
@@ -68,22 +70,42 @@ class Sequence:
     pause_reason: str = ""
     replay: bool = False  # its next step rebuilds the caches from prompt + generated
     resumes: int = 0
+    prefill_sent: int = 0  # prompt (or replayed history) tokens sent in earlier chunks
 
     @property
     def position(self) -> int:
         """Tokens already in the caches."""
         return len(self.prompt) + len(self.generated) - (1 if self.generated else 0)
 
-    def next_step(self) -> tuple[Step, list[int]]:
+    @property
+    def prefilling(self) -> bool:
+        """Whether its next step is (a chunk of) a prefill rather than a decode step."""
+        return not self.generated or self.replay
+
+    def next_step(self, budget: TokenBudget | None = None) -> tuple[Step, list[int]] | None:
+        """The sequence's next step and its token ids; a prefill takes at most what
+        `budget` allows (None: the whole prompt; a return of None: nothing this time)."""
+        if not self.prefilling:
+            return Step(self.id, self.position, 1), [self.generated[-1]]
         if not self.generated:
-            sampling = self.params.to_message(self.prompt)
-            return Step(self.id, 0, len(self.prompt), sampling), self.prompt
-        if self.replay:  # one prefill of everything so far; the prompt is not rescored
-            self.replay = False
-            history = [*self.prompt, *self.generated]
+            tokens, sampling = self.prompt, self.params.to_message(self.prompt)
+        else:  # one prefill of everything so far; the prompt is not rescored
+            tokens = [*self.prompt, *self.generated]
             sampling = replace(self.params, prompt_logprobs=False).to_message(self.prompt)
-            return Step(self.id, 0, len(history), sampling), history
-        return Step(self.id, self.position, 1), [self.generated[-1]]
+        start = self.prefill_sent
+        left = len(tokens) - start
+        count = left
+        if budget is not None and prefill.chunkable(bool(sampling.prompt_token_ids)):
+            count = budget.take(left)
+        if count == 0:
+            return None
+        end = start + count
+        partial = end < len(tokens)
+        self.prefill_sent = end if partial else 0
+        if not partial:
+            self.replay = False
+        step = Step(self.id, start, count, sampling if start == 0 else None, partial=partial)
+        return step, tokens[start:end]
 
 
 @dataclass(frozen=True)
@@ -104,6 +126,8 @@ class CoordinatorSettings:
     max_resumes: int = 5
     """Replays one sequence may take: a failure that comes back on every replay (a bug,
     not a lost stage) fails the request instead of looping."""
+    prefill_chunk_tokens: int = 0
+    """Prompt tokens per prefill chunk (`llmpipe_stage.prefill`); 0: a prompt in one step."""
 
 
 ChainReady = Callable[[], Awaitable[tuple[bool, str]]]
@@ -277,6 +301,7 @@ class Coordinator:
             self.sequences.pop(sequence.id, None)
             sequence.step_sent_at = None
             sequence.replay = False
+            sequence.prefill_sent = 0
             if sequence.paused_since is None:
                 sequence.paused_since = now
             sequence.pause_reason = reason
@@ -366,11 +391,24 @@ class Coordinator:
     async def _process(self, batch: list[Sequence]) -> None:
         steps: list[Step] = []
         token_ids: list[int] = []
+        budget = self._budget()
+        later: list[Sequence] = []  # prefills past this micro-batch's token budget
         for sequence in batch:
-            step, ids = sequence.next_step()
+            prefilling = sequence.prefilling
+            next_step = sequence.next_step(budget)
+            if next_step is None:
+                later.append(sequence)
+                continue
+            step, ids = next_step
+            if prefilling and (step.partial or step.position > 0):  # a cut prompt's chunk
+                self.metrics.prefill_chunks.inc()
             steps.append(step)
             token_ids.extend(ids)
             sequence.step_sent_at = time.monotonic()
+        for sequence in later:
+            self.ready.put_nowait(sequence)
+        if not steps:
+            return
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         try:
@@ -382,9 +420,24 @@ class Coordinator:
         self.metrics.compute.observe(time.perf_counter() - started)
         self.metrics.batch_tokens.observe(len(token_ids))
         if isinstance(result, Sampled):  # a one-stage pipeline samples here
-            self.on_tokens([s.sequence_id for s in steps], result)
+            self.on_tokens([s.sequence_id for s in sampled_steps(steps)], result)
         elif self.forward is not None:
             self.background.spawn(self.forward(steps, result))
+        self._chunks_sent(steps)
+
+    def _budget(self) -> TokenBudget | None:
+        chunk = self.settings.prefill_chunk_tokens
+        return TokenBudget(chunk) if chunk > 0 else None
+
+    def _chunks_sent(self, steps: list[Step]) -> None:
+        """A sequence whose chunk just left is ready for its next one at once: stage 0
+        computes chunk i + 1 while stage 1 runs chunk i."""
+        for step in steps:
+            if not step.partial:
+                continue
+            sequence = self.sequences.get(step.sequence_id)
+            if sequence is not None and not sequence.finished:
+                self.ready.put_nowait(sequence)
 
     def _compute(self, steps: list[Step], token_ids: list[int]) -> torch.Tensor | Sampled:
         hidden = self.runtime.embed(token_ids)  # [tokens, hidden_size]

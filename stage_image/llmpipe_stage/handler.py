@@ -118,6 +118,8 @@ class StageServicer(stage_pb2_grpc.StageServicer):
             steps, hidden = wire.decode_activations(
                 request, hidden_size=worker.hidden_size, dtype=self.identity.dtype
             )
+            # A prompt's chunks are sent back to back; a later one may arrive first.
+            await self.ledger.wait_in_order(steps, timeout=worker.timeouts.forward_s / 2)
             self.ledger.check(steps, context_limit=worker.runtime.context_limit)
         except wire.WireError as error:
             await self._refuse(Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(error)), context)

@@ -60,6 +60,12 @@ class StageMetrics:
             "Parked sequences failed: no healthy pipeline within the resume bound (stage 0)",
             registry=r,
         )
+        self.prefill_chunks = Counter(
+            "llmpipe_prefill_chunks",
+            "Prompt chunks sent down the pipeline by chunked prefill, the last included "
+            "(stage 0; prompts sent whole are not counted)",
+            registry=r,
+        )
         self.pause = Histogram(
             "llmpipe_pause_seconds",
             "A stage failure to the first token after the resume, per sequence (stage 0)",

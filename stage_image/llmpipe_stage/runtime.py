@@ -449,8 +449,14 @@ class StageRuntime:
         return logits.float().cpu()
 
     def sample_scored(self, steps: list[Step], hidden: torch.Tensor) -> Sampled:
-        """`sample`, plus the log-probabilities the steps' sequences asked for."""
+        """`sample`, plus the log-probabilities the steps' sequences asked for. Partial
+        prompt chunks are not sampled: the result covers `wire.sampled_steps(steps)`."""
         ends = [end - 1 for end in wire.token_offsets(steps)[1:]]  # each step's last token
+        kept = [i for i, step in enumerate(steps) if not step.partial]
+        if len(kept) != len(steps):
+            steps, ends = [steps[i] for i in kept], [ends[i] for i in kept]
+        if not steps:
+            return Sampled([])
         samplers = [self.samplers.get(step.sequence_id, Sampler()) for step in steps]
         with torch.inference_mode():
             logits = self._logits(hidden[ends])  # [batch, vocab]

@@ -235,6 +235,7 @@ async def start_head(process: Process, runtime: StageRuntime) -> tuple[Head, gat
         step_timeout_s=settings.step_timeout_s,
         resume_timeout_s=settings.resume_timeout_s,
         micro_batches=settings.micro_batches,
+        prefill_chunk_tokens=settings.pipeline.prefill_chunk_tokens,
     )
     head = Head(_parts(process, runtime), coordinator=coordinator)
     serving = gateway.Serving(

@@ -40,6 +40,13 @@ class Step:
     position: int
     length: int
     sampling: stage_pb2.Sampling | None = None
+    partial: bool = False
+    """A prompt chunk other than the last: cached everywhere, sampled nowhere."""
+
+
+def sampled_steps(steps: list[Step]) -> list[Step]:
+    """The steps the last stage samples a token for (every one but partial prompt chunks)."""
+    return [step for step in steps if not step.partial]
 
 
 def token_offsets(steps: list[Step]) -> list[int]:
@@ -138,7 +145,10 @@ def encode_activations(
     message = stage_pb2.Activations(hidden=encode_tensor(hidden), sent_unix_ns=sent_unix_ns)
     for step in steps:
         out = message.steps.add(
-            sequence_id=step.sequence_id, position=step.position, length=step.length
+            sequence_id=step.sequence_id,
+            position=step.position,
+            length=step.length,
+            partial=step.partial,
         )
         if step.sampling is not None:
             out.sampling.CopyFrom(step.sampling)
@@ -168,7 +178,7 @@ def decode_activations(
             raise WireError(f"sequence {raw.sequence_id} appears twice in one micro-batch")
         seen.add(raw.sequence_id)
         sampling = raw.sampling if raw.HasField("sampling") else None
-        steps.append(Step(raw.sequence_id, raw.position, raw.length, sampling))
+        steps.append(Step(raw.sequence_id, raw.position, raw.length, sampling, raw.partial))
     total = sum(s.length for s in steps)
     if total != hidden.shape[0]:
         raise WireError(f"steps cover {total} tokens but the hidden state has {hidden.shape[0]}")

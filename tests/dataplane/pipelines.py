@@ -243,11 +243,13 @@ class Pipeline:
         plan: Mapping[str, Any] | None = None,
         device: str | None = "cpu",
         dtype: str = "float32",
+        workload: Mapping[str, Any] | None = None,
     ) -> Pipeline:
         """`plan` (docs/design.md's plan JSON) splits the layers; default: evenly.
         `device` (cpu / cuda) goes into every stage of plan.json that names none, as the
         operator's plan names it (the CPU by default, like the references); None leaves
-        the plan without devices (each stage picks: auto)."""
+        the plan without devices (each stage picks: auto). `workload` adds fields to
+        pipeline.json's workload (e.g. prefillChunkTokens)."""
         config = json.loads((model_dir / "config.json").read_text())
         ports = free_ports(2 * stages)
         pipeline = cls(
@@ -279,7 +281,11 @@ class Pipeline:
             json.dumps(
                 {
                     "model": {"name": name, "dtype": dtype},
-                    "workload": {"maxSequences": max_sequences, "maxContextTokens": max_context},
+                    "workload": {
+                        "maxSequences": max_sequences,
+                        "maxContextTokens": max_context,
+                        **(workload or {}),
+                    },
                     "stages": [
                         {"index": i, "address": f"{pipeline.host(i)}:{p}"}
                         for i, p in enumerate(pipeline.grpc_ports)

@@ -46,16 +46,18 @@ class Sampling(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., has_seed: _Optional[bool] = ..., seed: _Optional[int] = ..., logprobs: _Optional[bool] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SequenceStep(_message.Message):
-    __slots__ = ("sequence_id", "position", "length", "sampling")
+    __slots__ = ("sequence_id", "position", "length", "sampling", "partial")
     SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_FIELD_NUMBER: _ClassVar[int]
     sequence_id: int
     position: int
     length: int
     sampling: Sampling
-    def __init__(self, sequence_id: _Optional[int] = ..., position: _Optional[int] = ..., length: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ...) -> None: ...
+    partial: bool
+    def __init__(self, sequence_id: _Optional[int] = ..., position: _Optional[int] = ..., length: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., partial: _Optional[bool] = ...) -> None: ...
 
 class Activations(_message.Message):
     __slots__ = ("steps", "hidden", "sent_unix_ns")
