@@ -131,6 +131,14 @@ def _add_workload(parser: argparse.ArgumentParser) -> None:
         help="micro-batches in the ring (default: min(stages, cores): on one machine more "
         "micro-batches than cores add per-batch overhead without adding parallelism)",
     )
+    parser.add_argument(
+        "--prefill-chunk",
+        default="auto",
+        metavar="TOKENS|auto",
+        help="prompt tokens per pipelined prefill chunk, 0 for off (auto: the plan's choice "
+        f"with --cluster; on one machine {LOCAL_PREFILL_CHUNK} when every stage has a core "
+        "of its own, else off: stages sharing a core cannot overlap)",
+    )
 
 
 def _add_run(parser: argparse.ArgumentParser) -> None:
@@ -256,6 +264,31 @@ def plan_for_cluster(args: argparse.Namespace, model_config: dict[str, Any]) -> 
     return result
 
 
+LOCAL_PREFILL_CHUNK = 128
+"""Chunk of `--prefill-chunk auto` on one machine: loopback links are nearly free, and 128
+tokens of a small model's slice take tens of ms on a core, far above the ~2 ms a message
+costs (`chunking.MESSAGE_OVERHEAD_S`), so chunks overlap without the overhead mattering."""
+
+
+def prefill_chunk(args: argparse.Namespace, plan: dict[str, Any]) -> int:
+    """`--prefill-chunk`: a number, or auto (see its help)."""
+    if args.prefill_chunk != "auto":
+        try:
+            chunk = int(args.prefill_chunk)
+        except ValueError:
+            raise LaunchError(
+                f"--prefill-chunk {args.prefill_chunk!r} is not a number or auto"
+            ) from None
+        if chunk < 0:
+            raise LaunchError("--prefill-chunk must be >= 0 (0: off)")
+        return chunk
+    if "prefillChunkTokens" in plan:  # planned over --cluster
+        return int(plan["prefillChunkTokens"])
+    stages = len(plan["stages"])
+    alone = stages > 1 and (os.cpu_count() or 1) >= stages
+    return LOCAL_PREFILL_CHUNK if alone else 0
+
+
 def write_config(
     run_dir: Path, plan: dict[str, Any], args: argparse.Namespace, *, name: str
 ) -> Path:
@@ -267,6 +300,7 @@ def write_config(
         quantization=args.quantization,
         max_sequences=args.max_sequences,
         max_context_tokens=args.max_context,
+        prefill_chunk_tokens=prefill_chunk(args, plan),
         addresses=[
             (s["index"], f"{args.host}:{args.grpc_port + s['index']}") for s in plan["stages"]
         ],

@@ -329,9 +329,21 @@ def render_table(
         f"({workload.max_sequences} sequences in flight, bottleneck "
         f"{plan.bottleneck_seconds * 1e3:.2f} ms per step)",
         f"token latency: {plan.token_latency_seconds * 1e3:.2f} ms",
+        _first_token_note(plan, workload),
         _search_note(plan, cluster, profile=profile, workload=workload),
     ]
     return "\n".join([title, "", *lines, "", *summary]) + "\n"
+
+
+def _first_token_note(plan: planner.Plan, workload: planner.Workload) -> str:
+    whole = f"{plan.unchunked_time_to_first_token_seconds * 1e3:.1f} ms"
+    if plan.prefill_chunk_tokens == 0:
+        return f"time to first token ({workload.prompt}-token prompt): {whole}; prefill chunk: none"
+    return (
+        f"time to first token ({workload.prompt}-token prompt): "
+        f"{plan.chunked_time_to_first_token_seconds * 1e3:.1f} ms with prefill chunks of "
+        f"{plan.prefill_chunk_tokens} tokens ({whole} in one step)"
+    )
 
 
 def _search_note(

@@ -182,6 +182,8 @@ class WorkloadSpec:
     """A few sequences in flight keep every stage busy without a large KV reservation."""
     max_context_tokens: int = 2048
     """Enough for chat with small models; raise it knowing the KV cache grows with it."""
+    prefill_chunk_tokens: int | None = None
+    """Prompt tokens per pipelined prefill chunk (0: off); None: the plan's choice."""
 
 
 @dataclass(frozen=True)
@@ -406,7 +408,17 @@ def _parse_workload(raw: Mapping[str, Any]) -> WorkloadSpec:
         ),
         max_sequences=_positive_int(raw, "maxSequences", where, default=4),
         max_context_tokens=_positive_int(raw, "maxContextTokens", where, default=2048),
+        prefill_chunk_tokens=_chunk_tokens(raw, where),
     )
+
+
+def _chunk_tokens(raw: Mapping[str, Any], where: str) -> int | None:
+    value = raw.get("prefillChunkTokens")
+    if value is None:
+        return None
+    if not _is_int(value) or value < 0:
+        raise SpecError(f"{where}.prefillChunkTokens must be an integer >= 0 (got {value!r})")
+    return int(value)
 
 
 def _parse_runtime(raw: Mapping[str, Any]) -> RuntimeSpec:

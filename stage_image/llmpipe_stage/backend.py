@@ -203,9 +203,7 @@ class Worker(Backend):
         hidden = torch.cat([h for _, h in items]) if len(items) > 1 else items[0][1]
         started = time.perf_counter()
         try:
-            kept, output = await loop.run_in_executor(
-                self.executor, self._compute, steps, hidden
-            )
+            kept, output = await loop.run_in_executor(self.executor, self._compute, steps, hidden)
         except StepError as error:
             await self.fail_upstream([s.sequence_id for s in steps], str(error))
             return

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.dataplane import pipelines
-from tests.dataplane.test_exact_match import complete
+from tests.dataplane.test_exact_match import complete as complete_tiny
 
 PROMPTS = [list(range(3, 60)), [5, 17, 40, 99, 12, 7, 230], list(range(200, 100, -3)), [120]]
 MAX_NEW = [12, 16, 9, 10]
@@ -66,8 +66,65 @@ def test_chunked_prefill_equals_single_process_generate(
         pipeline.stop()
 
 
+def complete(
+    pipeline: pipelines.Pipeline, prompt: list[int], max_tokens: int, model: str = "tiny"
+) -> list[int]:
+    if model == "tiny":
+        return complete_tiny(pipeline, prompt, max_tokens)
+    status, body = pipelines.http_json(
+        f"{pipeline.base_url}/v1/completions",
+        {
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "return_token_ids": True,
+        },
+    )
+    assert status == 200, body
+    return list(body["choices"][0]["token_ids"])
+
+
 def chunks_sent(pipeline: pipelines.Pipeline) -> float:
     text = urllib.request.urlopen(f"{pipeline.base_url}/metrics", timeout=10).read().decode()
     match = re.search(r"^llmpipe_prefill_chunks_total (\S+)$", text, re.MULTILINE)
     assert match is not None, text
     return float(match.group(1))
+
+
+@pytest.mark.parametrize(("stages", "chunk"), [(2, 1), (4, 24)])
+def test_chunked_prefill_of_the_real_model_equals_single_process_generate(
+    stages: int, chunk: int, smollm2_dir: Path, start_pipeline
+) -> None:
+    from transformers import AutoTokenizer
+
+    from tests.dataplane.test_real_model import NAME, PARAGRAPH
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    prompts = [
+        tokenizer.encode(f"Summarise in one sentence: {PARAGRAPH}\nSummary:"),
+        tokenizer.encode("def fibonacci(n):\n    "),
+    ]
+    lengths = [16, 12]
+    expected = pipelines.reference_tokens(smollm2_dir, prompts, lengths)
+    pipeline = start_pipeline(
+        smollm2_dir,
+        stages=stages,
+        name=NAME,
+        max_context=512,
+        workload={"prefillChunkTokens": chunk},
+    )
+    try:
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            got = list(
+                pool.map(
+                    lambda args: complete(pipeline, *args, model=NAME),
+                    zip(prompts, lengths, strict=True),
+                )
+            )
+        assert got == expected
+        cut = [math.ceil(len(p) / chunk) for p in prompts if len(p) > chunk]
+        assert chunks_sent(pipeline) == sum(cut) > 0
+        assert pipeline.wait_no_cache() == {i: [] for i in range(stages)}
+    finally:
+        pipeline.stop()

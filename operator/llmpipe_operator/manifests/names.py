@@ -59,6 +59,12 @@ def plan_hash(plan: Mapping[str, Any], spec: spec_mod.PipelineSpec) -> str:
         "workload": {
             "maxSequences": spec.workload.max_sequences,
             "maxContextTokens": spec.workload.max_context_tokens,
+            # only when set, so the hashes of pipelines without it stay as they were
+            **(
+                {"prefillChunkTokens": spec.workload.prefill_chunk_tokens}
+                if spec.workload.prefill_chunk_tokens is not None
+                else {}
+            ),
         },
         "tolerations": [t.to_dict() for t in spec.placement.tolerations],
         "runtime": {

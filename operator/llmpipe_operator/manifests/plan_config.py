@@ -30,11 +30,20 @@ def build_pipeline_config(
         dtype=spec.model.planned_dtype,
         max_sequences=spec.workload.max_sequences,
         max_context_tokens=spec.workload.max_context_tokens,
+        prefill_chunk_tokens=prefill_chunk_tokens(spec, plan),
         addresses=[
             (int(stage["index"]), names.stage_address(pipeline, digest, int(stage["index"])))
             for stage in plan["stages"]
         ],
     )
+
+
+def prefill_chunk_tokens(spec: spec_mod.PipelineSpec, plan: Mapping[str, Any]) -> int:
+    """spec.workload.prefillChunkTokens when set, else the chunk the planner chose (a plan
+    from before chunking has none: 0, off)."""
+    if spec.workload.prefill_chunk_tokens is not None:
+        return spec.workload.prefill_chunk_tokens
+    return int(plan.get("prefillChunkTokens", 0))
 
 
 def build_plan_configmap(

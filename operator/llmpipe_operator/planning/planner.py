@@ -14,7 +14,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from llmpipe_operator.planning import cost, profiles, search
+from llmpipe_operator.planning import chunking, cost, profiles, search
 from llmpipe_operator.planning import inventory as inv
 
 Workload = cost.Workload
@@ -128,6 +128,13 @@ class Plan:
     lower_bound: float | None = None
     """No plan has an objective below this; equals the objective when exact. Not part
     of the plan JSON (docs/design.md fixes its fields)."""
+    prefill_chunk_tokens: int = 0
+    """The pipelined prefill chunk the cost model chose (`chunking.choose`); 0: none."""
+    chunked_time_to_first_token_seconds: float = 0.0
+    """The estimated time to first token with that chunk (0: unknown, an older plan)."""
+    unchunked_time_to_first_token_seconds: float = dataclasses.field(default=0.0, compare=False)
+    """The same formula with the prompt in one step, to compare (0: unknown). Not part of
+    the plan JSON (the plan's equality ignores it)."""
 
     @property
     def objective_value(self) -> float:
@@ -155,6 +162,8 @@ class Plan:
             "tokenLatencySeconds": self.token_latency_seconds,
             "estTokensPerSecond": self.est_tokens_per_second,
             "estTimeToFirstTokenSeconds": self.time_to_first_token_seconds,
+            "prefillChunkTokens": self.prefill_chunk_tokens,
+            "estChunkedTimeToFirstTokenSeconds": self.chunked_time_to_first_token_seconds,
             "stages": [stage.to_dict() for stage in self.stages],
         }
 
@@ -171,6 +180,10 @@ class Plan:
             est_tokens_per_second=float(data["estTokensPerSecond"]),
             stages=tuple(Stage.from_dict(s) for s in data["stages"]),
             time_to_first_token_seconds=float(data.get("estTimeToFirstTokenSeconds", 0.0)),
+            prefill_chunk_tokens=int(data.get("prefillChunkTokens", 0)),
+            chunked_time_to_first_token_seconds=float(
+                data.get("estChunkedTimeToFirstTokenSeconds", 0.0)
+            ),
             exact=True,
             lower_bound=None,
         )
@@ -227,7 +240,13 @@ def plan_pipeline(
     # 3. cost the chosen chain once more, with the one cost model
     costed = problem.evaluate(chain)
     bound = costed.value(workload.objective) if exact else search.lower_bound(problem)
-    return _plan(costed, workload, exact=exact, lower_bound=bound)
+    chunk = chunking.choose(profile, inventory, workload, costed)
+    return dataclasses.replace(
+        _plan(costed, workload, exact=exact, lower_bound=bound),
+        prefill_chunk_tokens=chunk.chunk_tokens,
+        chunked_time_to_first_token_seconds=chunk.time_to_first_token_seconds,
+        unchunked_time_to_first_token_seconds=chunk.whole_prompt_seconds,
+    )
 
 
 def eligible_nodes(

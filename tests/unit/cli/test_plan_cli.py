@@ -70,6 +70,8 @@ def test_json_output_is_exactly_the_plan(capsys: pytest.CaptureFixture[str]) -> 
         "tokenLatencySeconds",
         "estTokensPerSecond",
         "estTimeToFirstTokenSeconds",
+        "prefillChunkTokens",
+        "estChunkedTimeToFirstTokenSeconds",
         "stages",
     }
     assert data["objective"] == "latency"

@@ -207,7 +207,12 @@ def test_plan_configmap_carries_plan_json_and_every_stage_address() -> None:
     assert json.loads(configmap["data"]["plan.json"]) == plan
     pipeline = json.loads(configmap["data"]["pipeline.json"])
     assert pipeline["model"] == {"name": "tiny-llama", "dtype": "bfloat16"}
-    assert pipeline["workload"] == {"maxSequences": 6, "maxContextTokens": 512}
+    # a plan without a chunk choice (from before chunked prefill): chunking off
+    assert pipeline["workload"] == {
+        "maxSequences": 6,
+        "maxContextTokens": 512,
+        "prefillChunkTokens": 0,
+    }
     services = {s["metadata"]["name"]: s for s in by_kind(objects, "Service")}
     for entry in pipeline["stages"]:
         host, port = entry["address"].rsplit(":", 1)
@@ -222,6 +227,23 @@ def test_plan_configmap_carries_plan_json_and_every_stage_address() -> None:
             "protocol": "TCP",
             "appProtocol": "grpc",
         } in service["spec"]["ports"]
+
+
+def test_prefill_chunk_is_the_plans_choice_unless_the_spec_sets_one() -> None:
+    def chunk(spec: Any, plan: dict[str, Any]) -> int:
+        digest = names.plan_hash(plan, spec)
+        (configmap,) = by_kind(render.render_plan(REF, spec, plan, digest=digest), "ConfigMap")
+        return int(json.loads(configmap["data"]["pipeline.json"])["workload"]["prefillChunkTokens"])
+
+    planned = a_spec().build()
+    plan = {**a_plan(planned), "prefillChunkTokens": 64}
+    assert chunk(planned, plan) == 64
+    off = a_spec().workload(prefillChunkTokens=0).build()
+    assert chunk(off, {**a_plan(off), "prefillChunkTokens": 64}) == 0
+    fixed = a_spec().workload(prefillChunkTokens=200).build()
+    assert chunk(fixed, {**a_plan(fixed), "prefillChunkTokens": 64}) == 200
+    # setting it is a change of the stage pods (their pipeline.json): a new plan hash
+    assert names.plan_hash(plan, fixed) != names.plan_hash(plan, planned)
 
 
 def test_endpoint_service_selects_one_plans_stage_zero() -> None:

@@ -357,6 +357,8 @@ def test_plan_json_has_exactly_the_design_fields_and_round_trips() -> None:
         "tokenLatencySeconds",
         "estTokensPerSecond",
         "estTimeToFirstTokenSeconds",
+        "prefillChunkTokens",
+        "estChunkedTimeToFirstTokenSeconds",
         "stages",
     ]
     assert list(data["stages"][0]) == [
