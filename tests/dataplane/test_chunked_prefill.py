@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from tests.dataplane import pipelines
-from tests.dataplane.test_exact_match import complete as complete_tiny
 
 PROMPTS = [list(range(3, 60)), [5, 17, 40, 99, 12, 7, 230], list(range(200, 100, -3)), [120]]
 MAX_NEW = [12, 16, 9, 10]
@@ -55,12 +54,13 @@ def test_chunked_prefill_equals_single_process_generate(
                 pool.map(lambda args: complete(pipeline, *args), zip(PROMPTS, MAX_NEW, strict=True))
             )
         assert got == references[family]
+        # the prompts really went as chunks: every prompt longer than a chunk (prompts
+        # prefilling at once share a micro-batch's budget, so some chunks are shorter)
+        concurrent = chunks_sent(pipeline)
+        assert concurrent >= sum(math.ceil(len(p) / chunk) for p in PROMPTS if len(p) > chunk)
         # one long prompt alone: its chunks flow back to back through every stage
         assert complete(pipeline, PROMPTS[0], MAX_NEW[0]) == references[family][0]
-        # the prompts really went as chunks: every prompt longer than a chunk, twice for
-        # the first (no prompt here is scored, so none is sent whole)
-        cut = [math.ceil(len(p) / chunk) for p in [*PROMPTS, PROMPTS[0]] if len(p) > chunk]
-        assert chunks_sent(pipeline) == sum(cut)
+        assert chunks_sent(pipeline) - concurrent == math.ceil(len(PROMPTS[0]) / chunk)
         assert pipeline.wait_no_cache() == {i: [] for i in range(stages)}
     finally:
         pipeline.stop()
@@ -70,7 +70,7 @@ def complete(
     pipeline: pipelines.Pipeline, prompt: list[int], max_tokens: int, model: str = "tiny"
 ) -> list[int]:
     if model == "tiny":
-        return complete_tiny(pipeline, prompt, max_tokens)
+        return pipelines.complete(pipeline, prompt, max_tokens)
     status, body = pipelines.http_json(
         f"{pipeline.base_url}/v1/completions",
         {
@@ -124,7 +124,7 @@ def test_chunked_prefill_of_the_real_model_equals_single_process_generate(
             )
         assert got == expected
         cut = [math.ceil(len(p) / chunk) for p in prompts if len(p) > chunk]
-        assert chunks_sent(pipeline) == sum(cut) > 0
+        assert chunks_sent(pipeline) >= sum(cut) > 0  # concurrent prompts share a budget
         assert pipeline.wait_no_cache() == {i: [] for i in range(stages)}
     finally:
         pipeline.stop()
