@@ -10,6 +10,8 @@
   certificates before they expire)
 - with `--probe-namespace`: reconcile.probes.ProbeCollector (its own task writes the node
   probes' figures to the Nodes)
+- reconcile.drain.DrainWatcher (its own task reads draining plans' stage 0 /metrics every
+  2 s and advances their switch, so a drained plan goes once its stage 0 is empty)
 - unless `--measure-interval 0`: reconcile.measure.StageMetricsReader (its own task reads
   the serving stages' /metrics into status.measured)
 
@@ -28,7 +30,7 @@ import kopf
 
 from llmpipe_operator.k8s import api, metrics_api
 from llmpipe_operator.manifests import names
-from llmpipe_operator.reconcile import certs, measure, pipeline, probes, switch
+from llmpipe_operator.reconcile import certs, drain, measure, pipeline, probes, switch
 from llmpipe_operator.reconcile import replan as replanning
 
 RESOURCE = (names.GROUP, names.VERSION, names.PLURAL)
@@ -65,7 +67,11 @@ async def start_replanning(memo: kopf.Memo, **_: Any) -> None:
     memo.node_usage = metrics_api.NodeUsagePoller(memo.client)
     memo.replanner = replanning.Replanner(memo.client, usage=memo.node_usage)
     renewer = certs.Renewer(memo.client, pipelines=lambda: list(memo.replanner.pipelines))
+    drains = drain.DrainWatcher(
+        memo.client, lambda: [t.body for t in memo.replanner.pipelines.values()]
+    )
     memo.replan_tasks = [
+        asyncio.create_task(drains.run(), name="drain-watcher"),
         asyncio.create_task(memo.node_usage.run(), name="node-metrics"),
         asyncio.create_task(memo.replanner.run(), name="replanner"),
         asyncio.create_task(renewer.run(), name="certificate-renewer"),

@@ -10,9 +10,10 @@ same step:
 - it is fully available and the Service routes elsewhere: switch the Service to it;
 - a plan that is neither the target nor serving, and that no ready endpoint behind the
   Service belongs to any more, *drains*: it keeps running for the sequences it still
-  serves for `spec.replan.drainSeconds` from the first look that found it so (recorded in
-  `status.drainingPlans`), then is removed (Deployments, then Services, then the
-  ConfigMap);
+  serves from the first look that found it so (recorded in `status.drainingPlans`) until
+  its stage 0 reports nothing in progress (`drain_over`: at the earliest
+  DRAIN_MIN_SECONDS in) or `spec.replan.drainSeconds` passes, then is removed
+  (Deployments, then Services, then the ConfigMap);
 - the status report of the rollout (`status.rollout`), written when more than its
   timestamps changed.
 
@@ -21,6 +22,7 @@ No API client, no kopf, no clock: the observation carries the time.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 from collections.abc import Mapping, Sequence
@@ -54,6 +56,10 @@ class Observed:
     slices: Sequence[Obj]
     """The endpoint Service's EndpointSlices."""
     now: datetime.datetime
+    busy: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    """Draining plan hash -> the requests its stage 0 reported in progress at this look
+    (`reconcile.drain` reads them); a plan whose stage 0 was not read is absent: unknown,
+    which drains to the bound."""
 
     @property
     def conditions(self) -> list[Obj]:
@@ -86,7 +92,10 @@ class Action:
     drain_started: tuple[str, ...] = ()
     """Plans that began draining at this look (an Event each)."""
     drained: tuple[str, ...] = ()
-    """Draining plans whose bound passed: their objects are in `remove` (an Event each)."""
+    """Draining plans that are done: their objects are in `remove` (an Event each)."""
+    emptied: tuple[str, ...] = ()
+    """Those of `drained` that ended early, their stage 0 empty (the rest met the bound, or
+    were broken)."""
 
 
 WAIT = Action()
@@ -107,7 +116,7 @@ def next_step(observed: Observed) -> Action:
         serving = target
     routed = routed_digests(observed.slices, observed.ref)
     unserved = plan_digests(observed.children) - {target, serving, *routed}
-    draining, drained = drain(observed, unserved)
+    draining, drained, emptied = drain(observed, unserved)
     doomed = doomed_objects(observed.children, keep={target, serving, *routed, *draining})
     report = rollout_report(observed, plan, serving=serving, ready_target=ready_target)
     previous = observed.status.get("drainingPlans") or {}
@@ -122,16 +131,19 @@ def next_step(observed: Observed) -> Action:
         or (draining or {}) != previous,
         drain_started=tuple(sorted(set(draining) - set(previous))),
         drained=tuple(sorted(drained)),
+        emptied=tuple(sorted(emptied)),
     )
 
 
-def drain(observed: Observed, unserved: set[str]) -> tuple[dict[str, str], set[str]]:
-    """Split the plans nothing routes to: still draining ({digest: since}) or drained.
-    A plan with a stage not available cannot finish anything (a broken ring): it goes now."""
+def drain(observed: Observed, unserved: set[str]) -> tuple[dict[str, str], set[str], set[str]]:
+    """Split the plans nothing routes to: still draining ({digest: since}), drained, and
+    of those the ones whose stage 0 emptied before the bound. A plan with a stage not
+    available cannot finish anything (a broken ring): it goes now."""
     bound = drain_seconds(observed.replan_spec)
     previous = observed.status.get("drainingPlans") or {}
     draining: dict[str, str] = {}
     drained: set[str] = set()
+    emptied: set[str] = set()
     for digest in unserved:
         plan = plan_of(observed.children, digest)
         if plan is None or not all(
@@ -142,11 +154,36 @@ def drain(observed: Observed, unserved: set[str]) -> tuple[dict[str, str], set[s
             continue
         since = str(previous.get(digest) or observed.now.strftime(TIME_FORMAT))
         started = datetime.datetime.strptime(since, TIME_FORMAT).replace(tzinfo=datetime.UTC)
-        if (observed.now - started).total_seconds() < bound:
+        over = drain_over(
+            draining_s=(observed.now - started).total_seconds(),
+            bound_s=bound,
+            busy=observed.busy.get(digest) if digest in previous else None,
+        )
+        if over is None:
             draining[digest] = since
         else:
             drained.add(digest)
-    return draining, drained
+            if over == "empty":
+                emptied.add(digest)
+    return draining, drained, emptied
+
+
+DRAIN_MIN_SECONDS = 5.0
+"""A drain ends early no sooner than this after it began: kube-proxy moves new connections
+off the old stage 0 a moment after its endpoint left the Service (it syncs the rules at
+most once a second, later on a busy node), so an empty stage 0 in the first seconds may
+still be about to receive a request."""
+
+
+def drain_over(*, draining_s: float, bound_s: float, busy: int | None) -> str | None:
+    """Whether a drain that began `draining_s` ago is over: "bound" once
+    `spec.replan.drainSeconds` passed, "empty" when its stage 0 reported nothing in
+    progress (`busy` 0; None: not read) and DRAIN_MIN_SECONDS passed, else None."""
+    if draining_s >= bound_s:
+        return "bound"
+    if busy == 0 and draining_s >= DRAIN_MIN_SECONDS:
+        return "empty"
+    return None
 
 
 def drain_seconds(replan_spec: Obj | None) -> float:

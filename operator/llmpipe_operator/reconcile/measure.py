@@ -144,7 +144,7 @@ class StageMetricsReader:
             and _labels(p).get(names.LABEL_COMPONENT) == "stage"
             and (p.get("status") or {}).get("phase") == "Running"
         ]
-        token = await self._metrics_key(namespace, body)
+        token = await metrics_key(self.client, namespace, body)
         scrape = await self._scrape(session, pods, token)
         if scrape is None:
             return False
@@ -223,7 +223,7 @@ class StageMetricsReader:
             return None
         at = self.clock()
         texts = await asyncio.gather(
-            *(self._get(session, str(url), token if index == 0 else None) for index, url in urls)
+            *(get_metrics(session, str(url), token if index == 0 else None) for index, url in urls)
         )
         stages: dict[int, speed.StageTotals] = {}
         generated = None
@@ -241,29 +241,32 @@ class StageMetricsReader:
                 generated = tokens
         return speed.Scrape(at=at, stages=stages, generated_tokens=generated)
 
-    async def _get(self, session: aiohttp.ClientSession, url: str, token: str | None) -> str | None:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        try:
-            async with session.get(url, headers=headers) as response:
-                if response.status != 200:
-                    log.warning("stage metrics at %s: HTTP %d", url, response.status)
-                    return None
-                return await response.text()
-        except (TimeoutError, aiohttp.ClientError) as error:
-            log.info("stage metrics at %s not read: %r", url, error)
-            return None
 
-    async def _metrics_key(self, namespace: str, body: Mapping[str, Any]) -> str | None:
-        """The first API key of the pipeline's Secret, when its /metrics needs one."""
-        try:
-            parsed = spec_mod.parse_spec(body.get("spec") or {})
-        except spec_mod.SpecError:
-            return None
-        auth = parsed.service.auth
-        if not (auth.protect_metrics and auth.api_key_secret):
-            return None
-        secret = await api.get_secret(self.client, namespace=namespace, name=auth.api_key_secret)
-        return first_key((secret or {}).get("data") or {})
+async def get_metrics(session: aiohttp.ClientSession, url: str, token: str | None) -> str | None:
+    """One stage's /metrics text (bounded by the session's timeout), or None."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        async with session.get(url, headers=headers) as response:
+            if response.status != 200:
+                log.warning("stage metrics at %s: HTTP %d", url, response.status)
+                return None
+            return await response.text()
+    except (TimeoutError, aiohttp.ClientError) as error:
+        log.info("stage metrics at %s not read: %r", url, error)
+        return None
+
+
+async def metrics_key(client: AsyncClient, namespace: str, body: Mapping[str, Any]) -> str | None:
+    """The first API key of the pipeline's Secret, when its /metrics needs one."""
+    try:
+        parsed = spec_mod.parse_spec(body.get("spec") or {})
+    except spec_mod.SpecError:
+        return None
+    auth = parsed.service.auth
+    if not (auth.protect_metrics and auth.api_key_secret):
+        return None
+    secret = await api.get_secret(client, namespace=namespace, name=auth.api_key_secret)
+    return first_key((secret or {}).get("data") or {})
 
 
 def first_key(data: Mapping[str, str]) -> str | None:

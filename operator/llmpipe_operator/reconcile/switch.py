@@ -9,8 +9,10 @@ executor only carries the step out, in that order, under the pipeline's lock.
 
 So the old plan's stages stay until the EndpointSlices show the new stage 0 ready: the
 Service never has an empty endpoint set because of a switch. After the switch the old plan
-drains (`spec.replan.drainSeconds`): new requests reach the new plan, the old one finishes
-the sequences it holds, then its objects go. `Draining` and `Drained` Events say when.
+drains: new requests reach the new plan, the old one finishes the requests it holds, then
+its objects go: once its stage 0 reports none in progress (`busy`, which
+`reconcile.drain`'s task reads and passes in), or at `spec.replan.drainSeconds` at the
+latest. `Draining` and `Drained` Events say when, and why.
 """
 
 from __future__ import annotations
@@ -27,8 +29,11 @@ from llmpipe_operator.manifests import endpoint, names
 from llmpipe_operator.reconcile import capacity, errors, fetch, locks
 
 
-async def advance(client: AsyncClient, *, namespace: str, name: str) -> str | None:
-    """Take the next due step of the rollout; returns the plan hash now serving."""
+async def advance(
+    client: AsyncClient, *, namespace: str, name: str, busy: Mapping[str, int] | None = None
+) -> str | None:
+    """Take the next due step of the rollout; returns the plan hash now serving. `busy`:
+    draining plan hash -> requests its stage 0 holds, as just read (absent: unknown)."""
     async with locks.pipeline_lock(namespace, name):
         # 1. observe the pipeline and everything it owns
         pipeline = await fetch.fetch_pipeline(client, namespace=namespace, name=name)
@@ -40,7 +45,7 @@ async def advance(client: AsyncClient, *, namespace: str, name: str) -> str | No
         target = pipeline.status.get("planHash")
         if not target:
             return None
-        observed = await observe(client, pipeline, target=str(target))
+        observed = await observe(client, pipeline, target=str(target), busy=busy or {})
         # 2. decide
         action = rollout.next_step(observed)
         # 3. execute
@@ -49,7 +54,11 @@ async def advance(client: AsyncClient, *, namespace: str, name: str) -> str | No
 
 
 async def observe(
-    client: AsyncClient, pipeline: fetch.Pipeline, *, target: str
+    client: AsyncClient,
+    pipeline: fetch.Pipeline,
+    *,
+    target: str,
+    busy: Mapping[str, int] | None = None,
 ) -> rollout.Observed:
     ref = pipeline.ref
     async with errors.classified("observe the pipeline's objects"):
@@ -68,6 +77,7 @@ async def observe(
         pods=pods,
         slices=slices,
         now=datetime.datetime.now(datetime.UTC),
+        busy=dict(busy or {}),
     )
 
 
@@ -82,15 +92,20 @@ async def execute(client: AsyncClient, pipeline: fetch.Pipeline, action: rollout
             type="Normal",
             reason="Draining",
             message=f"plan {digest} no longer receives requests; it finishes the ones it "
-            "serves (spec.replan.drainSeconds), then is removed",
+            "serves, then is removed (at spec.replan.drainSeconds at the latest)",
         )
     for digest in action.drained:
+        why = (
+            "its stage 0 has no request in progress"
+            if digest in action.emptied
+            else "spec.replan.drainSeconds passed, or a stage is not available"
+        )
         await events.post(
             client,
             pipeline.body,
             type="Normal",
             reason="Drained",
-            message=f"plan {digest} drained (spec.replan.drainSeconds passed); removing it",
+            message=f"plan {digest} drained ({why}); removing it",
         )
     if action.remove:
         async with errors.classified("remove old plans"):

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import Gauge
 
 from llmpipe_stage import api_requests, api_responses, scoring
 from llmpipe_stage.gateway.protocol import Serving, Status
@@ -97,6 +98,14 @@ class OpenAIRoutes:
         self.tokenizing = threading.Lock()
         self.created = int(time.time())
         self._serving: Serving | None = None  # set once, by attach, after loading
+        # What a draining plan still holds, from the first byte read (a request being
+        # tokenized is not a sequence yet) to the last written; the operator removes a
+        # drained plan once this, the sequences in flight and the queue read 0.
+        self.in_progress = Gauge(
+            "llmpipe_requests_in_progress",
+            "Completion requests being answered, body read to last byte (stage 0)",
+            registry=status.registry,
+        )
 
     def attach(self, serving: Serving) -> None:
         """Stage 0 has loaded: serve completions from now on."""
@@ -112,6 +121,10 @@ class OpenAIRoutes:
         return await self._serve(request, chat=True)
 
     async def _serve(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
+        with self.in_progress.track_inprogress():
+            return await self._answer(request, chat=chat)
+
+    async def _answer(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
         serving = self._serving
         if serving is None:
             phase = self.status.progress.phase
