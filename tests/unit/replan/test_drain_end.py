@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 
 from llmpipe_operator import rollout
 from llmpipe_operator.reconcile import drain
-from llmpipe_stage.gateway.openai_api import OpenAIRoutes
 from llmpipe_stage.metrics import StageMetrics
+from tests.support.stage_metrics import stage_0_metrics
 from tests.unit.replan.test_next_step import NEW, NOW, OLD, SWITCHED, observe, routed
 
 FLOOR = rollout.DRAIN_MIN_SECONDS
@@ -94,28 +93,6 @@ def test_a_count_on_the_look_that_first_finds_the_plan_unrouted_does_not_end_it(
 def test_a_busy_stage_0_at_the_bound_is_drained_by_the_bound() -> None:
     action = look(after_s=120, busy={OLD: 7})
     assert action.drained == (OLD,) and action.emptied == ()
-
-
-def stage_0_metrics() -> tuple[StageMetrics, OpenAIRoutes]:
-    """Stage 0's registry with every series a loaded stage 0 registers on it."""
-    metrics = StageMetrics(stage_index=0)
-
-    class Status:
-        index = 0
-        layers = (0, 2)
-        progress = None
-        registry = metrics.registry
-
-        async def readiness(self) -> tuple[bool, str]:
-            return True, ""
-
-    routes = OpenAIRoutes(
-        Status(),  # type: ignore[arg-type]
-        model_name="tiny",
-        max_prompt_chars=100,
-        executor=ThreadPoolExecutor(1),
-    )
-    return metrics, routes
 
 
 def test_busy_requests_counts_what_stage_0_holds() -> None:
