@@ -35,30 +35,60 @@
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 ARG STAGE_BASE_IMAGE=${PYTHON_IMAGE}
 
+# Layers: each image's dependencies (torch alone is gigabytes) are installed in a layer that
+# depends only on the dependency lists and the pins, never on the sources: a source change
+# rebuilds a wheel of llmpipe and one small layer installing it with --no-deps, and reuses the
+# dependency layer from the build cache (docker build, buildah bud --layers).
+
 # ---------------------------------------------------------------------------------------
-# operator-build: a venv with llmpipe[operator], pinned by constraints.txt.
-FROM ${PYTHON_IMAGE} AS operator-build
+# requirements: pyproject.toml's dependency lists, one file per image. Only their content
+# goes on to the dependency layers, so editing pyproject.toml elsewhere (tool settings)
+# rebuilds nothing heavy.
+FROM ${PYTHON_IMAGE} AS requirements
+WORKDIR /src
+COPY pyproject.toml constraints.txt ./
+RUN mkdir /requirements \
+ && cp constraints.txt /requirements/ \
+ && python3 -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
+[open(f"/requirements/{x}.txt", "w").write("\n".join(p["dependencies"] + p["optional-dependencies"][x]) + "\n") for x in ("operator", "stage")]'
+
+# ---------------------------------------------------------------------------------------
+# wheel: llmpipe itself, pure Python (one wheel for both images; any Python >= 3.11).
+FROM ${PYTHON_IMAGE} AS wheel
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-COPY pyproject.toml constraints.txt README.md ./
+COPY pyproject.toml README.md ./
 COPY llmpipe_cli ./llmpipe_cli
 COPY llmpipe_common ./llmpipe_common
 COPY operator ./operator
 COPY stage_image ./stage_image
-RUN python -m venv /opt/llmpipe \
- && /opt/llmpipe/bin/pip install -c constraints.txt ".[operator]"
+RUN python3 -m venv /tmp/build \
+ && /tmp/build/bin/pip wheel --no-deps --wheel-dir /wheels .
 
 # ---------------------------------------------------------------------------------------
-# operator: what the Helm chart deploys (`python -m llmpipe_operator ...`).
-FROM ${PYTHON_IMAGE} AS operator
-LABEL org.opencontainers.image.title="llmpipe-operator" \
-      org.opencontainers.image.description="llmpipe operator: plans and deploys LLMPipeline stages" \
-      org.opencontainers.image.licenses="Apache-2.0"
+# operator-deps: the user, and a venv with the operator's dependencies (no torch), pinned by
+# constraints.txt.
+FROM ${PYTHON_IMAGE} AS operator-deps
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN groupadd --system --gid 10001 llmpipe \
  && useradd --system --uid 10001 --gid 10001 --home-dir /home/llmpipe --create-home \
       --shell /usr/sbin/nologin llmpipe
-COPY --from=operator-build /opt/llmpipe /opt/llmpipe
+COPY --from=requirements /requirements/operator.txt /requirements/constraints.txt /opt/llmpipe-requirements/
+RUN python -m venv /opt/llmpipe \
+ && /opt/llmpipe/bin/pip install -c /opt/llmpipe-requirements/constraints.txt \
+      -r /opt/llmpipe-requirements/operator.txt
+
+# ---------------------------------------------------------------------------------------
+# operator: what the Helm chart deploys (`python -m llmpipe_operator ...`).
+FROM operator-deps AS operator
+LABEL org.opencontainers.image.title="llmpipe-operator" \
+      org.opencontainers.image.description="llmpipe operator: plans and deploys LLMPipeline stages" \
+      org.opencontainers.image.licenses="Apache-2.0"
+COPY --from=wheel /wheels /tmp/wheels
+RUN /opt/llmpipe/bin/pip install --no-index --no-deps /tmp/wheels/*.whl \
+ && rm -rf /tmp/wheels
 ENV PATH=/opt/llmpipe/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
@@ -84,34 +114,33 @@ RUN if ! command -v python3 >/dev/null; then \
  && python3 -c 'import sys; assert sys.version_info >= (3, 11), sys.version'
 
 # ---------------------------------------------------------------------------------------
-# stage-build: a venv with torch from TORCH_INDEX_URL, then llmpipe[stage] from PyPI.
-FROM stage-base AS stage-build
+# stage-deps: the user, and a venv with torch from TORCH_INDEX_URL, then the stage's other
+# dependencies from PyPI (pinned by constraints.txt). The gigabytes of the image, built once.
+FROM stage-base AS stage-deps
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
-WORKDIR /src
-COPY pyproject.toml constraints.txt README.md ./
-# torch first, from its own index: the version comes from constraints.txt (2.9.1 matches the
-# index's 2.9.1+cpu), and the second install then keeps it instead of pulling PyPI's CUDA build.
-RUN python3 -m venv /opt/llmpipe \
- && torch_pin=$(grep -E '^torch==' constraints.txt) \
- && /opt/llmpipe/bin/pip install --index-url "${TORCH_INDEX_URL}" "${torch_pin}"
-COPY llmpipe_cli ./llmpipe_cli
-COPY llmpipe_common ./llmpipe_common
-COPY operator ./operator
-COPY stage_image ./stage_image
-RUN /opt/llmpipe/bin/pip install -c constraints.txt ".[stage]"
-
-# ---------------------------------------------------------------------------------------
-# stage: one pipeline stage (`python -m llmpipe_stage --config-dir ... --stage-index N ...`).
-FROM stage-base AS stage
-LABEL org.opencontainers.image.title="llmpipe-stage" \
-      org.opencontainers.image.description="llmpipe stage runtime: a slice of a model's layers behind gRPC (and the OpenAI API on stage 0)" \
-      org.opencontainers.image.licenses="Apache-2.0"
 RUN groupadd --system --gid 10001 llmpipe \
  && useradd --system --uid 10001 --gid 10001 --home-dir /home/llmpipe --create-home \
       --shell /usr/sbin/nologin llmpipe
-COPY --from=stage-build /opt/llmpipe /opt/llmpipe
+COPY --from=requirements /requirements/stage.txt /requirements/constraints.txt /opt/llmpipe-requirements/
+# torch first, from its own index: the version comes from constraints.txt (2.9.1 matches the
+# index's 2.9.1+cpu), and the second install then keeps it instead of pulling PyPI's CUDA build.
+RUN python3 -m venv /opt/llmpipe \
+ && torch_pin=$(grep -E '^torch==' /opt/llmpipe-requirements/constraints.txt) \
+ && /opt/llmpipe/bin/pip install --index-url "${TORCH_INDEX_URL}" "${torch_pin}" \
+ && /opt/llmpipe/bin/pip install -c /opt/llmpipe-requirements/constraints.txt \
+      -r /opt/llmpipe-requirements/stage.txt
+
+# ---------------------------------------------------------------------------------------
+# stage: one pipeline stage (`python -m llmpipe_stage --config-dir ... --stage-index N ...`).
+FROM stage-deps AS stage
+LABEL org.opencontainers.image.title="llmpipe-stage" \
+      org.opencontainers.image.description="llmpipe stage runtime: a slice of a model's layers behind gRPC (and the OpenAI API on stage 0)" \
+      org.opencontainers.image.licenses="Apache-2.0"
+COPY --from=wheel /wheels /tmp/wheels
+RUN /opt/llmpipe/bin/pip install --no-index --no-deps /tmp/wheels/*.whl \
+ && rm -rf /tmp/wheels
 ENV PATH=/opt/llmpipe/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
