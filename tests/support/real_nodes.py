@@ -178,28 +178,90 @@ BOLT_FILES = (
 """containerd's databases: copied for real into each node, where everything else is linked."""
 
 
+def _store_images(ctr: tuple[str, ...]) -> dict[str, list[str]]:
+    """{image ref: its layer digests} of the images in a containerd store (each imported
+    and unpacked, so each of these layers has its snapshot)."""
+    found: dict[str, list[str]] = {}
+    for line in _run(*ctr, "images", "ls").stdout.splitlines()[1:]:
+        if not line.strip():
+            continue
+        ref, _, digest = line.split()[:3]
+        body = json.loads(_run(*ctr, "content", "get", digest).stdout)
+        found[ref] = [layer["digest"] for layer in body.get("layers", [])]
+    return found
+
+
+def _write_oci_archive(
+    sink: Any, layout: Path, wanted: dict[str, dict[str, Any]], skip: set[str]
+) -> None:
+    """An OCI archive of the build's images, made on the fly from scripts/build-images'
+    layout, without the layer blobs in `skip` (unpacked in the store already: containerd's
+    unpack finds their snapshots and never reads them). The index names each image in full
+    (io.containerd.image.name), so ctr imports it under that name."""
+    import io
+    import tarfile
+
+    index = json.loads((layout / "index.json").read_text())
+    for entry in index["manifests"]:
+        ref = entry.get("annotations", {}).get("org.opencontainers.image.ref.name")
+        if ref in wanted:
+            entry["annotations"]["io.containerd.image.name"] = ref
+    index["manifests"] = [
+        e for e in index["manifests"] if e.get("annotations", {}).get("io.containerd.image.name")
+    ]
+    blobs: list[str] = []
+    for image in wanted.values():
+        for digest in (image["manifest"], image["config"], *image["layers"]):
+            if digest not in skip and digest not in blobs:
+                blobs.append(digest)
+
+    def add_bytes(archive: tarfile.TarFile, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        archive.addfile(info, io.BytesIO(data))
+
+    with tarfile.open(fileobj=sink, mode="w|") as archive:
+        add_bytes(archive, "oci-layout", (layout / "oci-layout").read_bytes())
+        add_bytes(archive, "index.json", json.dumps(index).encode())
+        for digest in blobs:
+            path = layout / "blobs" / "sha256" / digest.split(":", 1)[1]
+            archive.add(str(path), arcname=f"blobs/sha256/{path.name}", recursive=False)
+
+
 def seeded_root(images: Path, *, progress: Any = print) -> Path:
-    """A containerd root with the images of `images` imported, made once per image build
-    (cached beside it as ${LLMPIPE_CACHE}/node-images/<build key>/root).
+    """A containerd root with the images of `images` imported (scripts/build-images' OCI
+    layout), kept as ${LLMPIPE_CACHE}/node-images/store/root and updated in place when a
+    build changes: only the layers the store lacks are imported (after a source change, the
+    small layer installing llmpipe; the dependency layers' snapshots stay), the images of
+    older builds are removed and containerd's garbage collection frees their snapshots.
 
     Importing the stage image (several GB) into each node's containerd took minutes and
     twice the disk; instead each node's root is a hard-linked copy of this one
     (`link_root`): the content blobs and unpacked layers are read-only, and the only files
-    containerd writes in place, its two bolt databases, are copied.
+    containerd writes in place, its two bolt databases, are copied. Layer blobs are dropped
+    once unpacked (containers run from the snapshots).
     """
     cache = (
         Path(os.environ.get("LLMPIPE_CACHE", Path.home() / ".cache" / "llmpipe")) / "node-images"
     )
-    seed = cache / images.name
-    if (seed / "complete").exists():
-        return seed / "root"
-    shutil.rmtree(seed, ignore_errors=True)
-    work = seed / "work"
+    store = cache / "store"
+    record = store / "imported.json"
+    wanted: dict[str, dict[str, Any]] = json.loads((images / "manifests.json").read_text())
+    if record.exists() and json.loads(record.read_text()) == wanted:
+        return store / "root"
+    layout = images.parent / "oci"
+    if cache.exists():  # the per-build seeds of an older version of this code
+        for old in cache.iterdir():
+            if old.name != store.name:
+                shutil.rmtree(old, ignore_errors=True)
+    record.unlink(missing_ok=True)
+    work = store / "work"
+    shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     config = work / "config.toml"
     sock = work / "c.sock"
     config.write_text(
-        f'version = 2\nroot = "{seed / "root"}"\nstate = "{work / "state"}"\n'
+        f'version = 2\nroot = "{store / "root"}"\nstate = "{work / "state"}"\n'
         f'[grpc]\n  address = "{sock}"\n[ttrpc]\n  address = "{sock}.ttrpc"\n'
         f'[plugins."io.containerd.internal.v1.opt"]\n  path = "{work / "opt"}"\n'
     )
@@ -208,41 +270,72 @@ def seeded_root(images: Path, *, progress: Any = print) -> Path:
     )
     daemon.binary = shutil.which("containerd") or daemon.binary
     began = time.monotonic()
-    discarded: set[str] = set()
+    ctr = ("ctr", "--address", str(sock), "-n", "k8s.io")
+    discarded: list[str] = []
     try:
-        ctr = ("ctr", "--address", str(sock), "-n", "k8s.io")
         _wait_for(
             "the seeding containerd",
             lambda: _run(*ctr, "version", check=False).returncode == 0,
             daemon,
             60,
         )
-        for tarball in sorted(images.glob("*.tar")):
-            progress(
-                f"real nodes: importing {tarball.name} into the node image store (once per build)"
+        present = _store_images(ctr)
+        have = {layer for layers in present.values() for layer in layers}
+        needed = {layer for image in wanted.values() for layer in image["layers"]} - have
+        size = sum(
+            (layout / "blobs" / "sha256" / d.split(":", 1)[1]).stat().st_size for d in needed
+        )
+        progress(
+            f"real nodes: importing {len(wanted)} images into the node image store: "
+            f"{len(needed)} new layers, {size / 1e6:.0f} MB ({len(have & needed)} reused)"
+        )
+        for skip in (have, set()):  # all blobs if a skipped layer's snapshot is gone
+            importer = subprocess.Popen(
+                [*ctr, "images", "import", "-"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
             )
-            _run(*ctr, "images", "import", str(tarball), timeout=1800)
-        # Once unpacked, the layer tarballs are dead weight (gigabytes): containers run from
+            assert importer.stdin is not None
+            try:
+                _write_oci_archive(importer.stdin, layout, wanted, skip)
+            except BrokenPipeError:
+                pass
+            finally:
+                importer.stdin.close()
+            output = importer.stdout.read().decode() if importer.stdout else ""
+            if importer.wait(timeout=1800) == 0:
+                break
+            if not skip:
+                raise RealNodesError(f"ctr images import failed:\n{output}")
+            progress(
+                f"real nodes: import without the known layers failed, retrying whole: {output}"
+            )
+        # Older builds' images go; a synchronous removal runs the garbage collection that
+        # frees their snapshots (a stopped containerd never collects).
+        for ref in _store_images(ctr):
+            if ref not in wanted:
+                _run(*ctr, "images", "rm", "--sync", ref)
+        probe = "localhost/llmpipe-gc-probe:x"
+        _run(*ctr, "images", "tag", "--force", next(iter(wanted)), probe)
+        _run(*ctr, "images", "rm", "--sync", probe)
+        # Once unpacked, the layer blobs are dead weight (gigabytes): containers run from
         # the snapshots (as with containerd's CRI option discard_unpacked_layers).
-        listing = _run(*ctr, "images", "ls").stdout.splitlines()[1:]
-        for manifest in {line.split()[2] for line in listing if line.strip()}:
-            body = json.loads(_run(*ctr, "content", "get", manifest).stdout)
-            for layer in body.get("layers", []):
-                if _run(*ctr, "content", "rm", layer["digest"], check=False).returncode == 0:
-                    discarded.add(layer["digest"].split(":", 1)[1])
+        for image in wanted.values():
+            for layer in image["layers"]:
+                if _run(*ctr, "content", "rm", layer, check=False).returncode == 0:
+                    discarded.append(layer.split(":", 1)[1])
     finally:
         cp._stop([daemon])
     # `content rm` forgets a blob at once; its file goes only at containerd's next garbage
     # collection, which a stopped containerd never runs.
-    blobs = seed / "root" / "io.containerd.content.v1.content" / "blobs" / "sha256"
+    blobs = store / "root" / "io.containerd.content.v1.content" / "blobs" / "sha256"
     for digest in discarded:
         (blobs / digest).unlink(missing_ok=True)
     shutil.rmtree(work, ignore_errors=True)
-    for old in cache.iterdir():
-        if old.name != seed.name:
-            shutil.rmtree(old, ignore_errors=True)
-    (seed / "complete").write_text(f"{time.monotonic() - began:.0f}s\n")
-    return seed / "root"
+    record.write_text(json.dumps(wanted))
+    progress(f"real nodes: node image store updated in {time.monotonic() - began:.0f}s")
+    return store / "root"
 
 
 def link_root(seed: Path, root: Path) -> None:

