@@ -33,7 +33,7 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -178,6 +178,10 @@ BOLT_FILES = (
 """containerd's databases: copied for real into each node, where everything else is linked."""
 
 
+HOLD = "localhost/llmpipe-import-hold"
+"""Names that keep a store's images (and so their snapshots) while a new build imports."""
+
+
 def _store_images(ctr: tuple[str, ...]) -> dict[str, list[str]]:
     """{image ref: its layer digests} of the images in a containerd store (each imported
     and unpacked, so each of these layers has its snapshot)."""
@@ -191,41 +195,108 @@ def _store_images(ctr: tuple[str, ...]) -> dict[str, list[str]]:
     return found
 
 
-def _write_oci_archive(
-    sink: Any, layout: Path, wanted: dict[str, dict[str, Any]], skip: set[str]
-) -> None:
-    """An OCI archive of the build's images, made on the fly from scripts/build-images'
-    layout, without the layer blobs in `skip` (unpacked in the store already: containerd's
-    unpack finds their snapshots and never reads them). The index names each image in full
-    (io.containerd.image.name), so ctr imports it under that name."""
-    import io
+def _storage_layers(storage: Path) -> dict[str, str]:
+    """{uncompressed digest: layer id} of the layers in buildah's overlay storage that can be
+    reassembled (c/storage keeps, per layer, a tar-split record beside its diff directory)."""
+    found: dict[str, str] = {}
+    for listing in ("layers.json", "volatile-layers.json"):
+        path = storage / "overlay-layers" / listing
+        if not path.exists():
+            continue
+        for layer in json.loads(path.read_text()):
+            split = storage / "overlay-layers" / f"{layer['id']}.tar-split.gz"
+            if layer.get("diff-digest") and split.exists():
+                found.setdefault(layer["diff-digest"], layer["id"])
+    return found
+
+
+def _layer_chunks(storage: Path, layer_id: str) -> Iterator[bytes]:
+    """The layer's tar stream byte for byte as it was committed: the tar-split record holds
+    the headers and padding, the diff directory the files' contents (what `buildah push`
+    does before compressing; containerd checks the digest of what it receives)."""
+    import base64
+    import gzip
+
+    diff = storage / "overlay" / layer_id / "diff"
+    with gzip.open(storage / "overlay-layers" / f"{layer_id}.tar-split.gz") as split:
+        for line in split:
+            entry = json.loads(line)
+            if entry["type"] == 2:  # a segment: tar headers, padding
+                yield base64.b64decode(entry.get("payload") or "")
+            elif entry["type"] == 1 and entry.get("size"):  # a file's contents
+                name = entry.get("name")
+                if name is None:
+                    name = base64.b64decode(entry["name_raw"]).decode("utf-8", "surrogateescape")
+                left = int(entry["size"])
+                with (diff / name).open("rb") as source:
+                    while left:
+                        chunk = source.read(min(left, 1 << 20))
+                        if not chunk:
+                            raise RealNodesError(
+                                f"layer {layer_id}: {name} is shorter than recorded"
+                            )
+                        left -= len(chunk)
+                        yield chunk
+
+
+def _write_member(sink: Any, name: str, size: int, chunks: Iterable[bytes]) -> None:
     import tarfile
 
-    index = json.loads((layout / "index.json").read_text())
-    for entry in index["manifests"]:
-        ref = entry.get("annotations", {}).get("org.opencontainers.image.ref.name")
-        if ref in wanted:
-            entry["annotations"]["io.containerd.image.name"] = ref
-    index["manifests"] = [
-        e for e in index["manifests"] if e.get("annotations", {}).get("io.containerd.image.name")
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mode = 0o644
+    sink.write(info.tobuf(tarfile.GNU_FORMAT))  # GNU: sizes past 8 GiB
+    written = 0
+    for chunk in chunks:
+        sink.write(chunk)
+        written += len(chunk)
+    if written != size:
+        raise RealNodesError(f"{name}: {written} bytes, recorded {size}")
+    sink.write(b"\0" * (-size % 512))
+
+
+def _write_oci_archive(sink: Any, images: Path, record: dict[str, Any], skip: set[str]) -> None:
+    """An OCI archive of a build's images for `ctr images import`, made on the fly: the
+    manifests and configs from scripts/build-images' record, each layer not in `skip`
+    reassembled from buildah's storage. Layers in `skip` are unpacked in the store already:
+    containerd's unpack finds their snapshots and never reads them. The index names each
+    image in full (io.containerd.image.name), so ctr imports it under that name."""
+    storage = Path(record["storage"])
+    by_digest = _storage_layers(storage)
+    manifests = [
+        {
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": image["manifest"],
+            "size": image["manifest_size"],
+            "annotations": {"io.containerd.image.name": ref},
+        }
+        for ref, image in record["images"].items()
     ]
-    blobs: list[str] = []
-    for image in wanted.values():
-        for digest in (image["manifest"], image["config"], *image["layers"]):
-            if digest not in skip and digest not in blobs:
-                blobs.append(digest)
-
-    def add_bytes(archive: tarfile.TarFile, name: str, data: bytes) -> None:
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        archive.addfile(info, io.BytesIO(data))
-
-    with tarfile.open(fileobj=sink, mode="w|") as archive:
-        add_bytes(archive, "oci-layout", (layout / "oci-layout").read_bytes())
-        add_bytes(archive, "index.json", json.dumps(index).encode())
-        for digest in blobs:
-            path = layout / "blobs" / "sha256" / digest.split(":", 1)[1]
-            archive.add(str(path), arcname=f"blobs/sha256/{path.name}", recursive=False)
+    index = json.dumps({"schemaVersion": 2, "manifests": manifests}).encode()
+    layout = b'{"imageLayoutVersion": "1.0.0"}'
+    _write_member(sink, "oci-layout", len(layout), [layout])
+    _write_member(sink, "index.json", len(index), [index])
+    sent: set[str] = set()
+    for image in record["images"].values():
+        for digest in (image["manifest"], image["config"]):
+            if digest in sent:
+                continue
+            data = (images / "blobs" / digest.split(":", 1)[1]).read_bytes()
+            _write_member(sink, f"blobs/sha256/{digest.split(':', 1)[1]}", len(data), [data])
+            sent.add(digest)
+        for layer in image["layers"]:
+            digest = layer["digest"]
+            if digest in sent or digest in skip:
+                continue
+            if digest not in by_digest:
+                raise RealNodesError(
+                    f"layer {digest} is no longer in buildah's storage ({storage}): "
+                    "run scripts/build-images again"
+                )
+            name = f"blobs/sha256/{digest.split(':', 1)[1]}"
+            _write_member(sink, name, int(layer["size"]), _layer_chunks(storage, by_digest[digest]))
+            sent.add(digest)
+    sink.write(b"\0" * 1024)
 
 
 def seeded_root(images: Path, *, progress: Any = print) -> Path:
@@ -246,10 +317,10 @@ def seeded_root(images: Path, *, progress: Any = print) -> Path:
     )
     store = cache / "store"
     record = store / "imported.json"
-    wanted: dict[str, dict[str, Any]] = json.loads((images / "manifests.json").read_text())
+    built: dict[str, Any] = json.loads((images / "manifests.json").read_text())
+    wanted: dict[str, dict[str, Any]] = built["images"]
     if record.exists() and json.loads(record.read_text()) == wanted:
         return store / "root"
-    layout = images.parent / "oci"
     if cache.exists():  # the per-build seeds of an older version of this code
         for old in cache.iterdir():
             if old.name != store.name:
@@ -281,14 +352,18 @@ def seeded_root(images: Path, *, progress: Any = print) -> Path:
         )
         present = _store_images(ctr)
         have = {layer for layers in present.values() for layer in layers}
-        needed = {layer for image in wanted.values() for layer in image["layers"]} - have
-        size = sum(
-            (layout / "blobs" / "sha256" / d.split(":", 1)[1]).stat().st_size for d in needed
-        )
+        sizes = {la["digest"]: int(la["size"]) for i in wanted.values() for la in i["layers"]}
+        needed = set(sizes) - have
+        size = sum(sizes[d] for d in needed)
         progress(
             f"real nodes: importing {len(wanted)} images into the node image store: "
-            f"{len(needed)} new layers, {size / 1e6:.0f} MB ({len(have & needed)} reused)"
+            f"{len(needed)} new layers, {size / 1e6:.0f} MB ({len(set(sizes) & have)} reused)"
         )
+        # Hold the images already here under names of their own while importing: the import
+        # moves the refs to the new manifests before it unpacks them, and a garbage
+        # collection in between would free the very snapshots the new images reuse.
+        for n, ref in enumerate(present):
+            _run(*ctr, "images", "tag", "--force", ref, f"{HOLD}:{n}")
         for skip in (have, set()):  # all blobs if a skipped layer's snapshot is gone
             importer = subprocess.Popen(
                 [*ctr, "images", "import", "-"],
@@ -298,7 +373,7 @@ def seeded_root(images: Path, *, progress: Any = print) -> Path:
             )
             assert importer.stdin is not None
             try:
-                _write_oci_archive(importer.stdin, layout, wanted, skip)
+                _write_oci_archive(importer.stdin, images, built, skip)
             except BrokenPipeError:
                 pass
             finally:
@@ -311,20 +386,18 @@ def seeded_root(images: Path, *, progress: Any = print) -> Path:
             progress(
                 f"real nodes: import without the known layers failed, retrying whole: {output}"
             )
-        # Older builds' images go; a synchronous removal runs the garbage collection that
-        # frees their snapshots (a stopped containerd never collects).
+        # The holds and older builds' images go; a synchronous removal runs the garbage
+        # collection that frees their snapshots (a stopped containerd never collects).
         for ref in _store_images(ctr):
             if ref not in wanted:
                 _run(*ctr, "images", "rm", "--sync", ref)
-        probe = "localhost/llmpipe-gc-probe:x"
-        _run(*ctr, "images", "tag", "--force", next(iter(wanted)), probe)
-        _run(*ctr, "images", "rm", "--sync", probe)
         # Once unpacked, the layer blobs are dead weight (gigabytes): containers run from
         # the snapshots (as with containerd's CRI option discard_unpacked_layers).
         for image in wanted.values():
             for layer in image["layers"]:
-                if _run(*ctr, "content", "rm", layer, check=False).returncode == 0:
-                    discarded.append(layer.split(":", 1)[1])
+                done = _run(*ctr, "content", "rm", layer["digest"], check=False)
+                if done.returncode == 0:
+                    discarded.append(layer["digest"].split(":", 1)[1])
     finally:
         cp._stop([daemon])
     # `content rm` forgets a blob at once; its file goes only at containerd's next garbage
