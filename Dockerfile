@@ -57,14 +57,17 @@ RUN mkdir /requirements \
 FROM ${PYTHON_IMAGE} AS wheel
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
+# The build backend (pyproject.toml's build-system) in a layer of its own: a source change
+# neither creates the venv nor downloads setuptools again.
+RUN python3 -m venv /tmp/build \
+ && /tmp/build/bin/pip install setuptools==84.2.1 wheel==0.48.0
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY llmpipe_cli ./llmpipe_cli
 COPY llmpipe_common ./llmpipe_common
 COPY operator ./operator
 COPY stage_image ./stage_image
-RUN python3 -m venv /tmp/build \
- && /tmp/build/bin/pip wheel --no-deps --wheel-dir /wheels .
+RUN /tmp/build/bin/pip wheel --no-build-isolation --no-deps --wheel-dir /wheels .
 
 # ---------------------------------------------------------------------------------------
 # operator-deps: the user, and a venv with the operator's dependencies (no torch), pinned by
