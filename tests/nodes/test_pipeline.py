@@ -70,6 +70,8 @@ class UserPath:
         self.timings: dict[str, float] = {}
 
     def mark(self, what: str) -> None:
+        if what in self.timings:  # the same step again (after the cordon)
+            what = f"{what} (again)"
         self.timings[what] = round(time.monotonic() - self.started, 1)
         print(f"nodes path: {what} at {self.timings[what]}s")
 
