@@ -30,7 +30,7 @@ control-plane:      ## build (cached) the Kubernetes binaries used by cluster te
 test: install       ## the whole suite: lint, types, unit, cluster (builds the control plane once), dataplane
 	@scripts/test $(PYTEST_ARGS)
 
-test-nodes: install ## the opt-in nodes tier as root: real kubelets, images built with buildah (25-45 min cold; docs/real-nodes.md)
+test-nodes: install ## the opt-in nodes tier as root: real kubelets, images built with buildah (~30 min cold, minutes warm; docs/real-nodes.md)
 	LLMPIPE_NODES=1 scripts/test -m nodes -s $(PYTEST_ARGS)
 
 test-unit: install
