@@ -132,6 +132,13 @@ def _add_workload(parser: argparse.ArgumentParser) -> None:
         "micro-batches than cores add per-batch overhead without adding parallelism)",
     )
     parser.add_argument(
+        "--speculate",
+        choices=("ngram", "off"),
+        default="off",
+        help="speculative decoding of greedy requests: ngram drafts by prompt lookup and "
+        "the pipeline verifies the drafts in one pass, output unchanged (off)",
+    )
+    parser.add_argument(
         "--prefill-chunk",
         default="auto",
         metavar="TOKENS|auto",
@@ -301,6 +308,7 @@ def write_config(
         max_sequences=args.max_sequences,
         max_context_tokens=args.max_context,
         prefill_chunk_tokens=prefill_chunk(args, plan),
+        speculation=args.speculate,
         addresses=[
             (s["index"], f"{args.host}:{args.grpc_port + s['index']}") for s in plan["stages"]
         ],

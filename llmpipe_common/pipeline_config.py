@@ -21,10 +21,12 @@ def pipeline_document(
     addresses: Iterable[tuple[int, str]],
     quantization: str | None = None,
     prefill_chunk_tokens: int | None = None,
+    speculation: str | None = None,
 ) -> dict[str, Any]:
     """The `pipeline.json` document; `addresses` are (stage index, host:port) pairs.
     `prefill_chunk_tokens`: prompt tokens per pipelined prefill chunk (0: off; None: not
-    written, which the stage reads as off)."""
+    written, which the stage reads as off). `speculation`: `ngram` or `off` (None: not
+    written: off)."""
     model: dict[str, Any] = {"name": model_name, "dtype": dtype}
     if quantization is not None:
         model["quantization"] = quantization
@@ -34,6 +36,8 @@ def pipeline_document(
     }
     if prefill_chunk_tokens is not None:
         workload["prefillChunkTokens"] = prefill_chunk_tokens
+    if speculation is not None:
+        workload["speculation"] = speculation
     return {
         "model": model,
         "workload": workload,

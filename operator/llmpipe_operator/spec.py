@@ -184,6 +184,9 @@ class WorkloadSpec:
     """Enough for chat with small models; raise it knowing the KV cache grows with it."""
     prefill_chunk_tokens: int | None = None
     """Prompt tokens per pipelined prefill chunk (0: off); None: the plan's choice."""
+    speculation: str | None = None
+    """`ngram` (prompt-lookup speculative decoding of greedy requests) or `off`; None:
+    off, and pipeline.json says nothing (older stages read the same)."""
 
 
 @dataclass(frozen=True)
@@ -409,6 +412,11 @@ def _parse_workload(raw: Mapping[str, Any]) -> WorkloadSpec:
         max_sequences=_positive_int(raw, "maxSequences", where, default=4),
         max_context_tokens=_positive_int(raw, "maxContextTokens", where, default=2048),
         prefill_chunk_tokens=_chunk_tokens(raw, where),
+        speculation=(
+            _choice(raw, "speculation", where, ("off", "ngram"), default="off")
+            if "speculation" in raw
+            else None
+        ),
     )
 
 

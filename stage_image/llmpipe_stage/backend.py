@@ -96,6 +96,8 @@ class Ledger:
             if sid in self.released:
                 continue  # released while in flight: dropped by the worker
             expected = self.expected.get(sid, 0)
+            if step.rollback and step.position < expected:  # past rejected draft positions
+                expected = step.position
             if step.position != expected:
                 raise wire.WireError(
                     f"sequence {sid}: step at position {step.position}, expected {expected}"

@@ -5,6 +5,7 @@ Pure parsing: files in, frozen dataclasses out, with errors that name the file a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ PIPELINE_DTYPES = ("auto", *DTYPES)
 """pipeline.json's model.dtype: `auto` lets each stage's device pick (`devices.place`)."""
 STAGE_DEVICES = ("cpu", "cuda")
 QUANTIZATIONS = ("none", "int8")
+SPECULATIONS = ("off", "ngram")
+"""pipeline.json's workload.speculation (`llmpipe_stage.speculation`)."""
 """Weight quantization of a stage's projections (`none`: weights in `dtype`)."""
 
 
@@ -56,6 +59,10 @@ class PipelineConfig:
     """`int8`: weight-only int8 projections (activations in `dtype`)."""
     prefill_chunk_tokens: int = 0
     """workload.prefillChunkTokens: prompt tokens per pipelined prefill chunk; 0: off."""
+    speculation: str = "off"
+    """workload.speculation: `ngram` (prompt-lookup drafts, greedy requests) or `off`."""
+    max_draft_tokens: int = 8
+    """workload.maxDraftTokens: the most draft tokens one step verifies (k adapts below)."""
 
     @property
     def num_stages(self) -> int:
@@ -165,6 +172,13 @@ def parse_pipeline(
     )
     if config.max_sequences < 1 or config.max_context_tokens < 2:
         raise ConfigError(f"{where}: workload needs maxSequences >= 1 and maxContextTokens >= 2")
+    speculation = workload.get("speculation", "off")
+    if speculation not in SPECULATIONS:
+        raise ConfigError(f"{where}: workload.speculation must be one of {SPECULATIONS}")
+    max_draft = workload.get("maxDraftTokens", 8)
+    if not isinstance(max_draft, int) or isinstance(max_draft, bool) or not 1 <= max_draft <= 64:
+        raise ConfigError(f"{where}: workload.maxDraftTokens must be an integer in [1, 64]")
+    config = dataclasses.replace(config, speculation=speculation, max_draft_tokens=max_draft)
     if config.prefill_chunk_tokens < 0:
         raise ConfigError(f"{where}: workload.prefillChunkTokens must be >= 0 (0: off)")
     return config

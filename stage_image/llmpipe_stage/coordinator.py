@@ -31,12 +31,13 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from llmpipe_stage import prefill
+from llmpipe_stage import prefill, speculation, wire
 from llmpipe_stage.background import TaskSet
 from llmpipe_stage.generation import PipelineError, SamplingParams, Scores
 from llmpipe_stage.metrics import StageMetrics
 from llmpipe_stage.prefill import TokenBudget
 from llmpipe_stage.runtime import StageRuntime
+from llmpipe_stage.speculation import DEFAULT_MAX_DRAFT, AdaptiveDraft
 from llmpipe_stage.wire import Sampled, Step, sampled_steps
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,11 @@ class Sequence:
     pause_reason: str = ""
     replay: bool = False  # its next step rebuilds the caches from prompt + generated
     resumes: int = 0
+    context_room: int = 0  # the context limit (set on admission when drafting)
     prefill_sent: int = 0  # prompt (or replayed history) tokens sent in earlier chunks
+    drafter: AdaptiveDraft | None = None  # speculative decoding (greedy requests only)
+    drafted: int = 0  # draft tokens of the step in flight
+    rollback: bool = False  # the caches past position hold rejected draft positions
 
     @property
     def position(self) -> int:
@@ -82,11 +87,29 @@ class Sequence:
         """Whether its next step is (a chunk of) a prefill rather than a decode step."""
         return not self.generated or self.replay
 
+    def _draft(self) -> list[int]:
+        """Prompt-lookup draft tokens for the next decode step, within what may still be
+        generated and the context ([] without a drafter)."""
+        if self.drafter is None:
+            return []
+        room = min(
+            self.params.max_new_tokens - len(self.generated) - 1,
+            self.context_room - self.position - 2,
+        )
+        k = min(self.drafter.k(), room)
+        if k < 1:
+            return []
+        return speculation.propose([*self.prompt, *self.generated], k)
+
     def next_step(self, budget: TokenBudget | None = None) -> tuple[Step, list[int]] | None:
         """The sequence's next step and its token ids; a prefill takes at most what
         `budget` allows (None: the whole prompt; a return of None: nothing this time)."""
         if not self.prefilling:
-            return Step(self.id, self.position, 1), [self.generated[-1]]
+            draft = self._draft()
+            self.drafted = len(draft)
+            rollback, self.rollback = self.rollback, False
+            step = Step(self.id, self.position, 1 + len(draft), draft=tuple(draft))
+            return replace(step, rollback=rollback), [self.generated[-1], *draft]
         if not self.generated:
             tokens, sampling = self.prompt, self.params.to_message(self.prompt)
         else:  # one prefill of everything so far; the prompt is not rescored
@@ -128,6 +151,10 @@ class CoordinatorSettings:
     not a lost stage) fails the request instead of looping."""
     prefill_chunk_tokens: int = 0
     """Prompt tokens per prefill chunk (`llmpipe_stage.prefill`); 0: a prompt in one step."""
+    speculation: str = "off"
+    """`ngram`: prompt-lookup drafts verified by the pipeline (`llmpipe_stage.speculation`)."""
+    max_draft_tokens: int = DEFAULT_MAX_DRAFT
+    """The most draft tokens one step verifies (k is adaptive below it)."""
 
 
 ChainReady = Callable[[], Awaitable[tuple[bool, str]]]
@@ -181,6 +208,9 @@ class Coordinator:
         if not self.accepting:
             raise PipelineError("stage 0 is shutting down (draining); retry the request")
         sequence = Sequence(next(self._ids), list(prompt), params, scores=scores)
+        if self._speculates(params):
+            sequence.drafter = AdaptiveDraft(max_k=self.settings.max_draft_tokens)
+            sequence.context_room = self.settings.context_limit
         try:
             await self._admit(sequence)
             while True:
@@ -192,6 +222,16 @@ class Coordinator:
                 yield event
         finally:
             self._finish(sequence)
+
+    def _speculates(self, params: SamplingParams) -> bool:
+        """Drafts only for greedy requests that ask for no log-probabilities (a draft's
+        tokens come back without them)."""
+        return (
+            self.settings.speculation == "ngram"
+            and self.settings.max_draft_tokens > 0
+            and params.temperature == 0.0
+            and not params.logprobs
+        )
 
     async def _admit(self, sequence: Sequence) -> None:
         self.waiting += 1
@@ -252,35 +292,58 @@ class Coordinator:
         now = time.monotonic()
         self.last_token_at = now
         self.metrics.count_tokens(len(sampled.tokens))
-        for row, (sid, token) in enumerate(zip(sequence_ids, sampled.tokens, strict=True)):
+        groups = sampled.per_sequence()
+        firsts = wire.token_offsets([Step(0, 0, len(g)) for g in groups])
+        for sid, tokens, first in zip(sequence_ids, groups, firsts[:-1], strict=True):
             sequence = self.sequences.get(sid)
             if sequence is None or sequence.finished:
                 continue  # cancelled while its step was in the ring
-            if sequence.scores is not None:
-                if sampled.logprobs is not None:
-                    sequence.scores.tokens.append(sampled.logprobs[row])
-                if sid in sampled.prompt_logprobs:
-                    sequence.scores.prompt = sampled.prompt_logprobs[sid]
-            if not sequence.generated:
-                self.metrics.ttft.observe(now - sequence.created)
-            if sequence.paused_since is not None:
-                self.metrics.pause.observe(now - sequence.paused_since)
-                self.metrics.resumed.inc()
-                sequence.paused_since = None
-            sequence.generated.append(token)
-            sequence.step_sent_at = None
-            sequence.events.put_nowait(token)
-            done = (
-                (token in self.settings.eos_token_ids and not sequence.params.ignore_eos)
-                or len(sequence.generated) >= sequence.params.max_new_tokens
-                or sequence.position + 1 >= self.settings.context_limit
-            )
-            if done:
-                sequence.finished = True
-                sequence.outcome = "ok"
-                sequence.events.put_nowait(_END)
-            else:
+            if sequence.drafted:
+                self._accepted(sequence, len(tokens) - 1)
+            for row, token in enumerate(tokens, start=first):
+                if sequence.finished:
+                    break  # done before the end of an accepted draft: the rest is dropped
+                self._token(sequence, token, row, sampled, now=now)
+            if not sequence.finished:
                 self.ready.put_nowait(sequence)
+
+    def _accepted(self, sequence: Sequence, accepted: int) -> None:
+        """A verified draft came back: `accepted` of its tokens were the model's own."""
+        drafted, sequence.drafted = sequence.drafted, 0
+        sequence.rollback = accepted < drafted
+        if sequence.drafter is not None:
+            sequence.drafter.update(drafted, accepted)
+        self.metrics.draft_tokens.inc(drafted)
+        self.metrics.accepted_tokens.inc(accepted)
+
+    def _token(
+        self, sequence: Sequence, token: int, row: int, sampled: Sampled, *, now: float
+    ) -> None:
+        """One token of a sequence, in order: scores, metrics, its client, the end."""
+        sid = sequence.id
+        if sequence.scores is not None:
+            if sampled.logprobs is not None:
+                sequence.scores.tokens.append(sampled.logprobs[row])
+            if sid in sampled.prompt_logprobs:
+                sequence.scores.prompt = sampled.prompt_logprobs[sid]
+        if not sequence.generated:
+            self.metrics.ttft.observe(now - sequence.created)
+        if sequence.paused_since is not None:
+            self.metrics.pause.observe(now - sequence.paused_since)
+            self.metrics.resumed.inc()
+            sequence.paused_since = None
+        sequence.generated.append(token)
+        sequence.step_sent_at = None
+        sequence.events.put_nowait(token)
+        done = (
+            (token in self.settings.eos_token_ids and not sequence.params.ignore_eos)
+            or len(sequence.generated) >= sequence.params.max_new_tokens
+            or sequence.position + 1 >= self.settings.context_limit
+        )
+        if done:
+            sequence.finished = True
+            sequence.outcome = "ok"
+            sequence.events.put_nowait(_END)
 
     def on_failure(self, sequence_ids: list[int], reason: str) -> None:
         """A stage failed these sequences: the chain is broken under every sequence in the
@@ -302,6 +365,8 @@ class Coordinator:
             sequence.step_sent_at = None
             sequence.replay = False
             sequence.prefill_sent = 0
+            sequence.drafted = 0  # a draft in flight is lost with the caches
+            sequence.rollback = False
             if sequence.paused_since is None:
                 sequence.paused_since = now
             sequence.pause_reason = reason

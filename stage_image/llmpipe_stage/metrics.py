@@ -66,6 +66,17 @@ class StageMetrics:
             "(stage 0; prompts sent whole are not counted)",
             registry=r,
         )
+        self.draft_tokens = Counter(
+            "llmpipe_draft_tokens",
+            "Draft tokens sent for verification by speculative decoding (stage 0)",
+            registry=r,
+        )
+        self.accepted_tokens = Counter(
+            "llmpipe_accepted_draft_tokens",
+            "Draft tokens the last stage accepted (stage 0; the acceptance rate is "
+            "accepted / draft)",
+            registry=r,
+        )
         self.pause = Histogram(
             "llmpipe_pause_seconds",
             "A stage failure to the first token after the resume, per sequence (stage 0)",

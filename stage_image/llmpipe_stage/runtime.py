@@ -330,6 +330,7 @@ class StageRuntime:
         """hidden: [sum(step.length), hidden_size] -> same shape after this stage's layers,
         in host memory (page-locked on a GPU stage)."""
         for step in steps:
+            self._roll_back(step)
             self._check(step)
         hidden = hidden.to(self.stage.device, non_blocking=True)
         offsets = wire.token_offsets(steps)
@@ -414,6 +415,13 @@ class StageRuntime:
         cache = self.caches.get(step.sequence_id)
         return cache.slot if cache is not None else self.pool.slots + step.sequence_id
 
+    def _roll_back(self, step: Step) -> None:
+        """A step after rejected draft positions: the cache past `position` goes (setting
+        the length back is enough: the next writes overwrite those keys and values)."""
+        cache = self.caches.get(step.sequence_id)
+        if step.rollback and cache is not None and step.position < cache.length:
+            cache.length = step.position
+
     def _check(self, step: Step) -> None:
         """Raise StepError unless the step continues its sequence's cache exactly."""
         cache = self.caches.get(step.sequence_id)
@@ -455,6 +463,56 @@ class StageRuntime:
         kept = [i for i, step in enumerate(steps) if not step.partial]
         if len(kept) != len(steps):
             steps, ends = [steps[i] for i in kept], [ends[i] for i in kept]
+        if not steps:
+            return Sampled([])
+        if any(step.draft for step in steps):
+            return self._sample_verifying(steps, ends, hidden)
+        return self._sample_plain(steps, ends, hidden)
+
+    def _sample_verifying(
+        self, steps: list[Step], ends: list[int], hidden: torch.Tensor
+    ) -> Sampled:
+        """Steps of which some verify a draft: those get their accepted tokens plus one
+        (`_verify`), the others their one token; `counts` says how many each."""
+        plain = [i for i, step in enumerate(steps) if not step.draft]
+        sampled = self._sample_plain([steps[i] for i in plain], [ends[i] for i in plain], hidden)
+        by_step: dict[int, tuple[list[int], list[float]]] = {}
+        for row, i in enumerate(plain):
+            score = sampled.logprobs[row] if sampled.logprobs is not None else math.nan
+            by_step[i] = ([sampled.tokens[row]], [score])
+        for i, step in enumerate(steps):
+            if step.draft:
+                tokens = self._verify(step, hidden[ends[i] + 1 - step.length : ends[i] + 1])
+                by_step[i] = (tokens, [math.nan] * len(tokens))
+        ordered = [by_step[i] for i in range(len(steps))]
+        logprobs = None
+        if sampled.logprobs is not None:
+            logprobs = [score for _, scores in ordered for score in scores]
+        return Sampled(
+            [token for tokens, _ in ordered for token in tokens],
+            logprobs,
+            sampled.prompt_logprobs,
+            [len(tokens) for tokens, _ in ordered],
+        )
+
+    def _verify(self, step: Step, hidden: torch.Tensor) -> list[int]:
+        """Greedy verification of a draft. hidden: the step's rows [length, hidden_size],
+        whose last k + 1 rows follow the last accepted token and the k draft tokens. The
+        model's choice after each is its argmax; the draft is accepted up to its first
+        token that differs, and that choice (or, all accepted, the one after the draft) is
+        the corrected token. The rejected positions are dropped from this stage's cache."""
+        k = len(step.draft)
+        logits = self._logits(hidden[-(k + 1) :])  # [k + 1, vocab]
+        choices = [int(token) for token in torch.argmax(logits, dim=-1).tolist()]
+        accepted = 0
+        while accepted < k and choices[accepted] == step.draft[accepted]:
+            accepted += 1
+        cache = self.caches.get(step.sequence_id)
+        if cache is not None:
+            cache.length = step.position + step.length - (k - accepted)
+        return choices[: accepted + 1]
+
+    def _sample_plain(self, steps: list[Step], ends: list[int], hidden: torch.Tensor) -> Sampled:
         if not steps:
             return Sampled([])
         samplers = [self.samplers.get(step.sequence_id, Sampler()) for step in steps]

@@ -236,6 +236,8 @@ async def start_head(process: Process, runtime: StageRuntime) -> tuple[Head, gat
         resume_timeout_s=settings.resume_timeout_s,
         micro_batches=settings.micro_batches,
         prefill_chunk_tokens=settings.pipeline.prefill_chunk_tokens,
+        speculation=settings.pipeline.speculation,
+        max_draft_tokens=settings.pipeline.max_draft_tokens,
     )
     head = Head(_parts(process, runtime), coordinator=coordinator)
     serving = gateway.Serving(

@@ -42,6 +42,10 @@ class Step:
     sampling: stage_pb2.Sampling | None = None
     partial: bool = False
     """A prompt chunk other than the last: cached everywhere, sampled nowhere."""
+    draft: tuple[int, ...] = ()
+    """Speculative decoding: the step's last len(draft) tokens are a draft to verify."""
+    rollback: bool = False
+    """Drop the sequence's cached positions from `position` on first (rejected drafts)."""
 
 
 def sampled_steps(steps: list[Step]) -> list[Step]:
@@ -75,11 +79,27 @@ class Sampled:
     """Parallel to tokens when any sequence asked (NaN for the others)."""
     prompt_logprobs: dict[int, list[float]] = field(default_factory=dict)
     """sequence id -> log P(prompt[i] | prompt[:i]) for i >= 1 (first steps that asked)."""
+    counts: list[int] | None = None
+    """Tokens per sequence when a step verified a draft (tokens then holds sum(counts));
+    None: one each."""
+
+    def per_sequence(self) -> list[list[int]]:
+        """Each sequence's tokens, in order."""
+        if self.counts is None:
+            return [[token] for token in self.tokens]
+        out, start = [], 0
+        for count in self.counts:
+            out.append(self.tokens[start : start + count])
+            start += count
+        return out
 
 
 def encode_tokens(sequence_ids: list[int], sampled: Sampled) -> stage_pb2.Tokens:
     message = stage_pb2.Tokens(
-        sequence_ids=sequence_ids, token_ids=sampled.tokens, logprobs=sampled.logprobs or []
+        sequence_ids=sequence_ids,
+        token_ids=sampled.tokens,
+        logprobs=sampled.logprobs or [],
+        counts=sampled.counts or [],
     )
     for sid, scores in sampled.prompt_logprobs.items():
         message.prompt_logprobs.add(sequence_id=sid, logprobs=scores)
@@ -89,13 +109,19 @@ def encode_tokens(sequence_ids: list[int], sampled: Sampled) -> stage_pb2.Tokens
 def decode_tokens(message: stage_pb2.Tokens) -> tuple[list[int], Sampled]:
     """Validate and unpack sampled tokens; raise WireError naming what is wrong."""
     ids = list(message.sequence_ids)
-    if len(ids) != len(message.token_ids):
+    counts = list(message.counts) if message.counts else None
+    if counts is not None:
+        if len(counts) != len(ids) or min(counts) < 1:
+            raise WireError(f"{len(ids)} sequence ids but token counts {counts}")
+        if sum(counts) != len(message.token_ids):
+            raise WireError(f"counts cover {sum(counts)} tokens, not {len(message.token_ids)}")
+    elif len(ids) != len(message.token_ids):
         raise WireError(f"{len(ids)} sequence ids but {len(message.token_ids)} token ids")
-    if message.logprobs and len(message.logprobs) != len(ids):
-        raise WireError(f"{len(ids)} sequence ids but {len(message.logprobs)} logprobs")
+    if message.logprobs and len(message.logprobs) != len(message.token_ids):
+        raise WireError(f"{len(message.token_ids)} tokens but {len(message.logprobs)} logprobs")
     prompts = {p.sequence_id: list(p.logprobs) for p in message.prompt_logprobs}
     logprobs = list(message.logprobs) if message.logprobs else None
-    return ids, Sampled(list(message.token_ids), logprobs, prompts)
+    return ids, Sampled(list(message.token_ids), logprobs, prompts, counts)
 
 
 def encode_tensor(tensor: torch.Tensor) -> stage_pb2.Tensor:
@@ -149,6 +175,8 @@ def encode_activations(
             position=step.position,
             length=step.length,
             partial=step.partial,
+            draft=step.draft,
+            rollback=step.rollback,
         )
         if step.sampling is not None:
             out.sampling.CopyFrom(step.sampling)
@@ -178,7 +206,22 @@ def decode_activations(
             raise WireError(f"sequence {raw.sequence_id} appears twice in one micro-batch")
         seen.add(raw.sequence_id)
         sampling = raw.sampling if raw.HasField("sampling") else None
-        steps.append(Step(raw.sequence_id, raw.position, raw.length, sampling, raw.partial))
+        if len(raw.draft) >= raw.length:
+            raise WireError(
+                f"sequence {raw.sequence_id}: a draft of {len(raw.draft)} tokens "
+                f"in a step of {raw.length}"
+            )
+        steps.append(
+            Step(
+                raw.sequence_id,
+                raw.position,
+                raw.length,
+                sampling,
+                raw.partial,
+                tuple(raw.draft),
+                raw.rollback,
+            )
+        )
     total = sum(s.length for s in steps)
     if total != hidden.shape[0]:
         raise WireError(f"steps cover {total} tokens but the hidden state has {hidden.shape[0]}")

@@ -65,6 +65,11 @@ def plan_hash(plan: Mapping[str, Any], spec: spec_mod.PipelineSpec) -> str:
                 if spec.workload.prefill_chunk_tokens is not None
                 else {}
             ),
+            **(
+                {"speculation": spec.workload.speculation}
+                if spec.workload.speculation is not None
+                else {}
+            ),
         },
         "tolerations": [t.to_dict() for t in spec.placement.tolerations],
         "runtime": {

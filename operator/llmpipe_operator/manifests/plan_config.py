@@ -31,6 +31,7 @@ def build_pipeline_config(
         max_sequences=spec.workload.max_sequences,
         max_context_tokens=spec.workload.max_context_tokens,
         prefill_chunk_tokens=prefill_chunk_tokens(spec, plan),
+        speculation=spec.workload.speculation,
         addresses=[
             (int(stage["index"]), names.stage_address(pipeline, digest, int(stage["index"])))
             for stage in plan["stages"]

@@ -46,18 +46,22 @@ class Sampling(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., has_seed: _Optional[bool] = ..., seed: _Optional[int] = ..., logprobs: _Optional[bool] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SequenceStep(_message.Message):
-    __slots__ = ("sequence_id", "position", "length", "sampling", "partial")
+    __slots__ = ("sequence_id", "position", "length", "sampling", "partial", "draft", "rollback")
     SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     PARTIAL_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_FIELD_NUMBER: _ClassVar[int]
+    ROLLBACK_FIELD_NUMBER: _ClassVar[int]
     sequence_id: int
     position: int
     length: int
     sampling: Sampling
     partial: bool
-    def __init__(self, sequence_id: _Optional[int] = ..., position: _Optional[int] = ..., length: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., partial: _Optional[bool] = ...) -> None: ...
+    draft: _containers.RepeatedScalarFieldContainer[int]
+    rollback: bool
+    def __init__(self, sequence_id: _Optional[int] = ..., position: _Optional[int] = ..., length: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., partial: _Optional[bool] = ..., draft: _Optional[_Iterable[int]] = ..., rollback: _Optional[bool] = ...) -> None: ...
 
 class Activations(_message.Message):
     __slots__ = ("steps", "hidden", "sent_unix_ns")
@@ -70,16 +74,18 @@ class Activations(_message.Message):
     def __init__(self, steps: _Optional[_Iterable[_Union[SequenceStep, _Mapping]]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., sent_unix_ns: _Optional[int] = ...) -> None: ...
 
 class Tokens(_message.Message):
-    __slots__ = ("sequence_ids", "token_ids", "logprobs", "prompt_logprobs")
+    __slots__ = ("sequence_ids", "token_ids", "logprobs", "prompt_logprobs", "counts")
     SEQUENCE_IDS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
     sequence_ids: _containers.RepeatedScalarFieldContainer[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     logprobs: _containers.RepeatedScalarFieldContainer[float]
     prompt_logprobs: _containers.RepeatedCompositeFieldContainer[PromptLogprobs]
-    def __init__(self, sequence_ids: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., prompt_logprobs: _Optional[_Iterable[_Union[PromptLogprobs, _Mapping]]] = ...) -> None: ...
+    counts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, sequence_ids: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., prompt_logprobs: _Optional[_Iterable[_Union[PromptLogprobs, _Mapping]]] = ..., counts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PromptLogprobs(_message.Message):
     __slots__ = ("sequence_id", "logprobs")

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from llmpipe_operator import spec as spec_mod
 from llmpipe_operator.manifests import endpoint, names, render, stages
 from tests.unit.manifests.builders import REF, a_plan, a_spec
 
@@ -244,6 +245,20 @@ def test_prefill_chunk_is_the_plans_choice_unless_the_spec_sets_one() -> None:
     assert chunk(fixed, {**a_plan(fixed), "prefillChunkTokens": 64}) == 200
     # setting it is a change of the stage pods (their pipeline.json): a new plan hash
     assert names.plan_hash(plan, fixed) != names.plan_hash(plan, planned)
+
+
+def test_speculation_reaches_pipeline_json_only_when_set() -> None:
+    def workload(spec: Any) -> dict[str, Any]:
+        plan = a_plan(spec)
+        objects = render.render_plan(REF, spec, plan, digest=names.plan_hash(plan, spec))
+        (configmap,) = by_kind(objects, "ConfigMap")
+        return dict(json.loads(configmap["data"]["pipeline.json"])["workload"])
+
+    assert "speculation" not in workload(a_spec().build())
+    assert workload(a_spec().workload(speculation="ngram").build())["speculation"] == "ngram"
+    assert workload(a_spec().workload(speculation="off").build())["speculation"] == "off"
+    with pytest.raises(spec_mod.SpecError, match="speculation"):
+        a_spec().workload(speculation="draft").build()
 
 
 def test_endpoint_service_selects_one_plans_stage_zero() -> None:
