@@ -50,48 +50,19 @@ from tests.dataplane import pipelines
 from tests.support import emulated
 
 ROOT = Path(__file__).resolve().parents[1]
-PROBE_PORT, LINK_PORT = 8090, 8091
+PROBE_PORT = emulated.PROBE_PORT
 
 
 # -- 1. probe ------------------------------------------------------------------------------
 def start_probe(node: emulated.Node, *, seconds: float) -> subprocess.Popen[bytes]:
-    command = [
-        *node.prefix(),
-        sys.executable,
-        "-m",
-        "llmpipe_stage.probe",
-        "--host",
-        node.address,
-        "--port",
-        str(PROBE_PORT),
-        "--link-port",
-        str(LINK_PORT),
-        "--threads",
-        "1",
-        "--seconds",
-        str(seconds),
-    ]
+    command = emulated.probe_command(node.prefix(), host=node.address, seconds=seconds)
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def reference_tflops(cluster: emulated.Cluster, *, seconds: float) -> dict[str, Any]:
+def reference_facts(cluster: emulated.Cluster, *, seconds: float) -> dict[str, Any]:
     """One whole core: what a node's `cpus` is a share of."""
-    done = subprocess.run(
-        [
-            *cluster.reference_prefix(),
-            sys.executable,
-            "-m",
-            "llmpipe_stage.probe",
-            "--once",
-            "--threads",
-            "1",
-            "--seconds",
-            str(seconds),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    command = emulated.probe_command(cluster.reference_prefix(), seconds=seconds)
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
     return dict(json.loads(done.stdout))
 
 
@@ -178,6 +149,28 @@ def print_probe_table(
         print(
             f"{a + '-' + b:12} {configured:7.0f} Mb {value['mbps']:7.1f} Mb "
             f"{value['mbps'] / configured - 1:+7.1%} {value['rttMs']:7.3f}"
+        )
+
+
+def print_fixed_costs(
+    cluster: emulated.Cluster, facts: dict[str, dict[str, Any]], references: list[dict[str, Any]]
+) -> None:
+    """Each node's fixed costs and product rate at 8 tokens against the one-core reference's
+    divided by the node's CPU share (what a quota of that share should give)."""
+    keys = ("layerStepSeconds", "stepSeconds", "hopSeconds")
+    one_core = {k: statistics.mean(float(r[k]) for r in references) for k in keys}
+    one_core["product8"] = statistics.mean(
+        float(r["productSecondsPerByte"]["8"]) for r in references
+    )
+    print("\nfixed costs, one core: " + ", ".join(f"{k} {v:.3g}" for k, v in one_core.items()))
+    for node in cluster.nodes:
+        got = {k: float(facts[node.name][k]) for k in keys}
+        got["product8"] = float(facts[node.name]["productSecondsPerByte"]["8"])
+        print(
+            f"{node.name:6} "
+            + "  ".join(
+                f"{k} {v:.3g} ({v * node.cpus / one_core[k] - 1:+.0%})" for k, v in got.items()
+            )
         )
 
 
@@ -297,7 +290,7 @@ def estimated_stage_seconds(
         profile,
         inventory.node(stage["node"]),
         cost.weight_bytes(profile, start, end),
-        batch=max(1, round(batch)),
+        batch=batch,
         workload=workload,
         layers=end - start,
     )
@@ -313,16 +306,23 @@ def report(
 ) -> None:
     est, got = plan["estTokensPerSecond"], result["tokensPerSecond"]
     layout = " ".join(f"{s['node']}[{s['layerStart']},{s['layerEnd']})" for s in plan["stages"])
-    print(f"\n{name}: {layout}")
+    micro = cost.micro_batch(workload, len(plan["stages"]))
+    print(f"\n{name}: {layout}  (load average {load_average()})")
     print(f"  tokens/s  estimated {est:7.2f}  measured {got:7.2f}  ({got / est - 1:+.0%})")
     for stage, seen in zip(plan["stages"], result["stages"], strict=True):
-        estimate = estimated_stage_seconds(profile, inventory, workload, stage, seen["batchTokens"])
+        # the plan's estimate is the decode micro-batch of S / K tokens (prefills are a few
+        # micro-batches of the timed window: the measured mean of tokens says how many)
+        estimate = estimated_stage_seconds(profile, inventory, workload, stage, micro)
         print(
             f"  stage {stage['index']} on {stage['node']:5}: "
-            f"{seen['batchTokens']:5.1f} tokens/micro-batch, compute estimated "
-            f"{estimate * 1e3:7.1f} ms, measured {seen['computeSeconds'] * 1e3:7.1f} ms "
-            f"({seen['computeSeconds'] / estimate - 1:+.0%})"
+            f"{seen['batchTokens']:5.1f} tokens/micro-batch (decode {micro:.1f}), compute "
+            f"estimated {estimate * 1e3:7.1f} ms, measured {seen['computeSeconds'] * 1e3:7.1f} "
+            f"ms ({seen['computeSeconds'] / estimate - 1:+.0%})"
         )
+
+
+def load_average() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 # -- main ----------------------------------------------------------------------------------
@@ -334,7 +334,7 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--sequences", type=int, default=24)
     parser.add_argument("--prompt", type=int, default=8)
-    parser.add_argument("--new", type=int, default=24)
+    parser.add_argument("--new", type=int, default=48)
     parser.add_argument("--probe-seconds", type=float, default=2.0)
     parser.add_argument("--slow-node", default="fast", help="node whose CPU is cut in step 4")
     parser.add_argument("--slow-cpus", type=float, default=0.1)
@@ -359,19 +359,23 @@ def main() -> int:
     running: dict[str, subprocess.Popen[bytes]] = {}
     try:
         # 1. probe
-        reference = float(reference_tflops(cluster, seconds=args.probe_seconds)["tflops"])
+        print(f"load average before the probes: {load_average()}")
+        reference_facts_before = reference_facts(cluster, seconds=args.probe_seconds)
+        reference = float(reference_facts_before["tflops"])
         # one node's probe after another: here the "nodes" share this machine's cores, so
         # probes measuring at once would measure each other (real nodes do not share CPUs)
         for node in cluster.nodes:
             running[node.name] = start_probe(node, seconds=args.probe_seconds)
             asyncio.run(read_probes(cluster, pairs=False, only=node.name))
         facts, links = asyncio.run(read_probes(cluster, pairs=True))
-        reference_after = float(reference_tflops(cluster, seconds=args.probe_seconds)["tflops"])
+        reference_facts_after = reference_facts(cluster, seconds=args.probe_seconds)
+        reference_after = float(reference_facts_after["tflops"])
         print(
             f"reference before/after the probes: {reference * 1e3:.1f} / "
             f"{reference_after * 1e3:.1f} GFLOP/s"
         )
         print_probe_table(cluster, facts, links, statistics.mean([reference, reference_after]))
+        print_fixed_costs(cluster, facts, [reference_facts_before, reference_facts_after])
         nodes = node_objects(cluster)
         write_round(nodes, facts, links, margin=0.1)
         inventory = live.build_inventory(

@@ -8,6 +8,15 @@ pod per node, or any process in an emulated node). It measures:
   product), the rate `llmpipe.io/tflops` stands for;
 - memory bandwidth: a streaming read (`sum`) of a buffer much larger than the caches, the
   rate at which a decode step streams its weights (`llmpipe.io/memory-bandwidth-gbps`);
+- the product curve (CPU): seconds per weight byte of a decode product of 1 to 32
+  tokens over weights beyond the caches (`productSecondsPerByte`): on a CPU a few tokens
+  cost about the same per call, which no roofline of the two figures above describes;
+- fixed costs (version 2): the stage runtime's own decode step (`StageRuntime.run`, the
+  fused decode path) over a tiny decoder slice (width 32, so its products are negligible)
+  at 1 and 5 layers and 1 and 8 tokens gives seconds per layer per step
+  (`layerStepSeconds`), per layer per token (`layerTokenSeconds`) and per step
+  (`stepSeconds`); a loopback gRPC call (grpc.aio, as the stages use it) of a 16 KiB
+  micro-batch gives the CPU time of one message hop (`hopSeconds`);
 - links, when asked: bulk TCP transfer rate and ping-pong round-trip time to another
   probe's link port, never more than `max_bytes` (a few MB) per pair per run.
 
@@ -41,7 +50,7 @@ from typing import Any
 
 log = logging.getLogger("llmpipe.probe")
 
-PROBE_VERSION = "1"
+PROBE_VERSION = "2"
 """Bumped when a method changes, so an operator can tell figures of different methods apart."""
 
 MAX_LINK_BYTES = 4 * 2**20
@@ -58,6 +67,24 @@ class Budget:
     """Same reason; each pass over the buffer is one sample."""
     memory_bytes: int = 256 * 2**20
     """Far beyond any last-level cache, so the read streams from DRAM (or HBM)."""
+    products_seconds: float = 2.0
+    """Spread over the curve's six token counts: a third of a second each, three CFS
+    periods at least."""
+    layer_seconds: float = 1.5
+    """Spread over the decode step's three shapes."""
+    hop_seconds: float = 0.5
+    """Hundreds of loopback calls at a full core, tens at a tenth of one."""
+
+    @classmethod
+    def scaled(cls, seconds: float) -> Budget:
+        """Every measurement's time in proportion to `seconds` (2: the defaults)."""
+        return cls(
+            compute_seconds=seconds,
+            memory_seconds=seconds,
+            products_seconds=seconds,
+            layer_seconds=0.75 * seconds,
+            hop_seconds=0.25 * seconds,
+        )
 
 
 # --- local measurements ------------------------------------------------------------------
@@ -120,6 +147,171 @@ def measure_memory_bandwidth(*, device: str, seconds: float, size_bytes: int) ->
     }
 
 
+PRODUCT_TOKENS = (1, 2, 4, 8, 16, 32)
+"""Token counts of the product curve: the micro-batches of S / K tokens decode runs."""
+PRODUCT_SHAPE = (1024, 2048, 8)
+"""(in, out, copies): 8 weight matrices of 2 M parameters (64 MiB in float32), used in
+turn so every call streams its weight from memory, as a stage's layers do."""
+
+
+def measure_products(*, dtype: str, device: str, seconds: float) -> dict[str, Any]:
+    """Seconds per weight byte of `linear` of t tokens, for t in PRODUCT_TOKENS."""
+    import torch
+
+    width, out, copies = PRODUCT_SHAPE
+    torch_dtype = getattr(torch, dtype)
+    weights = [torch.randn(out, width, device=device).to(torch_dtype) for _ in range(copies)]
+    size = weights[0].numel() * weights[0].element_size()
+    linear = torch.nn.functional.linear
+    curve = {}
+    for tokens in PRODUCT_TOKENS:
+        x = torch.randn(tokens, width, device=device).to(torch_dtype)  # [t, in]
+
+        def all_weights(x: Any = x) -> None:
+            for weight in weights:
+                linear(x, weight)
+
+        per_call = _timed(all_weights, _sync(device), seconds=seconds / len(PRODUCT_TOKENS))
+        curve[str(tokens)] = per_call / (copies * size)
+    return {
+        "productSecondsPerByte": curve,
+        "method": f"{dtype} linear t tokens x {width}->{out} over {copies} weights "
+        f"({copies * size // 2**20} MiB) on {device}, t in {list(PRODUCT_TOKENS)}, {seconds:g} s",
+    }
+
+
+LAYER_WIDTH = 32
+"""A decoder layer this narrow computes next to nothing (37 KiB of weights in float32):
+its step time is the layer's fixed cost."""
+
+
+def measure_layer_step(*, dtype: str, device: str, seconds: float) -> dict[str, Any]:
+    """f, g, a of the stage runtime's decode step: t(layers, tokens) at (1, 1), (5, 1),
+    (5, 8); f = (t(5,1) - t(1,1)) / 4, g = (t(5,8) - t(5,1)) / (5 x 7), a = t(1,1) - f."""
+    each = seconds / 3
+    one = _decode_step_seconds(layers=1, tokens=1, dtype=dtype, device=device, seconds=each)
+    five = _decode_step_seconds(layers=5, tokens=1, dtype=dtype, device=device, seconds=each)
+    wide = _decode_step_seconds(layers=5, tokens=8, dtype=dtype, device=device, seconds=each)
+    layer = max(0.0, (five - one) / 4)
+    return {
+        "layerStepSeconds": layer,
+        "layerTokenSeconds": max(0.0, (wide - five) / (5 * 7)),
+        "stepSeconds": max(0.0, one - layer),
+        "method": f"{dtype} StageRuntime decode step, width {LAYER_WIDTH}, (layers, tokens) "
+        f"(1, 1) {one * 1e3:.3f} ms, (5, 1) {five * 1e3:.3f} ms, (5, 8) {wide * 1e3:.3f} ms "
+        f"on {device}, {seconds:g} s",
+    }
+
+
+def _decode_step_seconds(
+    *, layers: int, tokens: int, dtype: str, device: str, seconds: float
+) -> float:
+    """Mean seconds of one decode step of `tokens` sequences through a `layers`-layer slice
+    of a tiny random Llama, on the stage runtime's own path."""
+    import torch
+    from transformers import LlamaConfig
+    from transformers.models.llama import modeling_llama
+
+    from llmpipe_stage import loading, runtime, wire
+
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=LAYER_WIDTH,
+        intermediate_size=2 * LAYER_WIDTH,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+    )
+    config._attn_implementation = "sdpa"
+    torch_dtype, where = getattr(torch, dtype), torch.device(device)
+    modules = torch.nn.ModuleList(
+        modeling_llama.LlamaDecoderLayer(config, layer_idx=i).to(where, torch_dtype).eval()
+        for i in range(layers)
+    )
+    stage = loading.StageSlice(
+        config=config,
+        layer_start=0,
+        layer_end=layers,
+        layers=modules,
+        rotary=modeling_llama.LlamaRotaryEmbedding(config=config).eval().to(where),
+        embed=None,
+        norm=None,
+        head_weight=None,
+        dtype=torch_dtype,
+        device=where,
+    )
+    stage_runtime = runtime.StageRuntime(stage, context_limit=128, max_sequences=tokens)
+    prompt, steps, spent = 8, 0, 0.0
+    sync = _sync(device)
+    with torch.inference_mode():
+        while spent < seconds or steps < 3:
+            ids = list(range(tokens))
+            stage_runtime.run(
+                [wire.Step(i, 0, prompt) for i in ids],
+                torch.randn(tokens * prompt, LAYER_WIDTH, dtype=torch_dtype),
+            )
+            for position in range(prompt, 96):  # [tokens, hidden]: one decode micro-batch
+                hidden = torch.randn(tokens, LAYER_WIDTH, dtype=torch_dtype)
+                started = time.perf_counter()
+                stage_runtime.run([wire.Step(i, position, 1) for i in ids], hidden)
+                sync()
+                spent += time.perf_counter() - started
+                steps += 1
+                if spent >= seconds and steps >= 3:
+                    break
+            stage_runtime.release(ids)
+    return spent / steps
+
+
+HOP_BYTES = 16 * 2**10
+"""A micro-batch of a few tokens' hidden states; the link's rate prices the bytes."""
+
+
+def measure_hop(*, seconds: float) -> dict[str, Any]:
+    """CPU seconds of one message hop: a loopback unary grpc.aio call of HOP_BYTES with an
+    empty reply, client and server in this process (a stage receives one micro-batch and
+    sends one per step: both sides of a call)."""
+    import asyncio
+
+    per_call = asyncio.run(_hop_calls(seconds))
+    return {
+        "hopSeconds": per_call,
+        "method": f"grpc.aio loopback unary call, {HOP_BYTES // 1024} KiB request, "
+        f"empty reply, plaintext, {seconds:g} s",
+    }
+
+
+async def _hop_calls(seconds: float) -> float:
+    import grpc
+
+    def echo(request: bytes, context: Any) -> bytes:
+        return b""
+
+    handler = grpc.method_handlers_generic_handler(
+        "llmpipe.Probe", {"Hop": grpc.unary_unary_rpc_method_handler(echo)}
+    )
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.unary_unary("/llmpipe.Probe/Hop")
+            payload = os.urandom(HOP_BYTES)
+            for _ in range(5):  # warm-up: connection, first-call paths
+                await call(payload)
+            calls, started = 0, time.perf_counter()
+            while True:
+                await call(payload)
+                calls += 1
+                took = time.perf_counter() - started
+                if took >= seconds and calls >= 5:
+                    return took / calls
+    finally:
+        await server.stop(None)
+
+
 def _sync(device: str) -> Callable[[], None]:
     import torch
 
@@ -134,15 +326,37 @@ def measure_node(*, dtype: str, device: str, budget: Budget) -> dict[str, Any]:
     memory = measure_memory_bandwidth(
         device=device, seconds=budget.memory_seconds, size_bytes=budget.memory_bytes
     )
-    return {
+    layer = measure_layer_step(dtype=dtype, device=device, seconds=budget.layer_seconds)
+    hop = measure_hop(seconds=budget.hop_seconds)
+    facts: dict[str, Any] = {
         "probeVersion": PROBE_VERSION,
         "measuredAt": now_text(),
         "device": device,
         "dtype": dtype,
         "tflops": round(compute["tflops"], 6),
         "memoryBandwidthGBps": round(memory["memoryBandwidthGBps"], 3),
-        "method": {"tflops": compute["method"], "memoryBandwidthGBps": memory["method"]},
+        "layerStepSeconds": _sig(layer["layerStepSeconds"]),
+        "layerTokenSeconds": _sig(layer["layerTokenSeconds"]),
+        "stepSeconds": _sig(layer["stepSeconds"]),
+        "hopSeconds": _sig(hop["hopSeconds"]),
+        "method": {
+            "tflops": compute["method"],
+            "memoryBandwidthGBps": memory["method"],
+            "layerStepSeconds": layer["method"],
+            "hopSeconds": hop["method"],
+        },
     }
+    if not device.startswith("cuda"):  # a GPU's decode step: the roofline of its figures
+        products = measure_products(dtype=dtype, device=device, seconds=budget.products_seconds)
+        curve = products["productSecondsPerByte"]
+        facts["productSecondsPerByte"] = {t: _sig(r) for t, r in curve.items()}
+        facts["method"]["productSecondsPerByte"] = products["method"]
+    return facts
+
+
+def _sig(value: float) -> float:
+    """Four significant digits: the figures are not more precise than that."""
+    return float(f"{value:.4g}")
 
 
 def now_text() -> str:
@@ -362,7 +576,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    budget = Budget(compute_seconds=args.seconds, memory_seconds=args.seconds)
+    budget = Budget.scaled(args.seconds)
     if args.once:
         print(json.dumps(measure_node(dtype=args.dtype, device=args.device, budget=budget)))
         return

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import re
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -34,7 +33,7 @@ from tests.dataplane import pipelines
 from tests.support import emulated
 
 LINK_MBPS = 8
-PROBE_PORT, LINK_PORT = 8090, 8091
+PROBE_PORT = emulated.PROBE_PORT
 DESCRIPTION = {
     "nodes": [
         {"name": "big", "cpus": 0.5, "memory": "2Gi", "tier": "edge"},
@@ -60,27 +59,9 @@ def probed(cluster: emulated.Cluster) -> Iterator[tuple[dict[str, Any], dict[Any
     running = []
     try:
         for node in cluster.nodes:  # one after another: the nodes share this machine's CPUs
+            command = emulated.probe_command(node.prefix(), host=node.address, seconds=1)
             running.append(
-                subprocess.Popen(
-                    [
-                        *node.prefix(),
-                        sys.executable,
-                        "-m",
-                        "llmpipe_stage.probe",
-                        "--host",
-                        node.address,
-                        "--port",
-                        str(PROBE_PORT),
-                        "--link-port",
-                        str(LINK_PORT),
-                        "--threads",
-                        "1",
-                        "--seconds",
-                        "1",
-                    ],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
+                subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             )
             asyncio.run(read(cluster, only=node.name))
         yield asyncio.run(read(cluster, only=None, pairs=True))

@@ -23,6 +23,7 @@ import os
 import random
 import shutil
 import subprocess
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,24 @@ def available() -> str | None:
     if not (CGROUP_CPU / "cpu.cfs_quota_us").exists():
         return "needs the cgroup v1 cpu controller at /sys/fs/cgroup/cpu"
     return None
+
+
+PROBE_PORT, LINK_PORT = 8090, 8091
+"""The probe's ports inside a node: each node has its own namespace, so fixed ports do not
+collide (the root namespace never listens on them)."""
+
+
+def probe_command(
+    prefix: list[str], *, host: str | None = None, seconds: float, threads: int = 1
+) -> list[str]:
+    """`python -m llmpipe_stage.probe` run by `prefix` (a node's, or the reference cgroup's):
+    serving on the node's address when `host` is given, else `--once` (print and exit)."""
+    command = [*prefix, sys.executable, "-m", "llmpipe_stage.probe"]
+    if host is None:
+        command.append("--once")
+    else:
+        command += ["--host", host, "--port", str(PROBE_PORT), "--link-port", str(LINK_PORT)]
+    return [*command, "--threads", str(threads), "--seconds", str(seconds)]
 
 
 def _run(*command: str) -> None:

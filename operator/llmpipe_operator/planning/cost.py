@@ -106,24 +106,32 @@ class StageCost:
     dtype: str
     fits: bool
     compute_batch: float
-    """compute_s(S)"""
+    """compute_s(b): one micro-batch of b = S / K tokens (K = the stage count)."""
     compute_single: float
     """compute_s(1)"""
     transfer_batch: float
-    """xfer_s(S), to the next stage (the last stage: token ids back to stage 0)."""
+    """xfer_s(b), to the next stage (the last stage: token ids back to stage 0)."""
     transfer_single: float
     hop: float
     prefill: float = 0.0
     """prefill_s(P): the stage's share of a P-token prompt's first pass."""
+    message: float = 0.0
+    """m_s: the node's CPU time per message hop (0 for a one-stage pipeline)."""
+
+    @property
+    def busy_batch(self) -> float:
+        """What one micro-batch keeps the stage busy: max(compute_s(b) + m_s, xfer_s(b))."""
+        return max(self.compute_batch + self.message, self.transfer_batch)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ChainCost:
     stages: tuple[StageCost, ...]
     bottleneck_seconds: float
-    """T = max over stages of max(compute_s(S), xfer_s(S))"""
+    """T = K x max over stages of max(compute_s(b) + m_s, xfer_s(b)): one round, in which
+    each of the K micro-batches of b = S / K tokens passes every stage once"""
     token_latency_seconds: float
-    """Λ = sum over stages of compute_s(1) + xfer_s(1) + hop_s"""
+    """Λ = sum over stages of compute_s(1) + xfer_s(1) + hop_s + m_s"""
     time_to_first_token_seconds: float = 0.0
     """TTFT = sum over stages of prefill_s(P) + the P hidden states' hops + the first
     token's way back to stage 0"""
@@ -208,29 +216,137 @@ def stage_dtype(node: inv.Node, workload: Workload) -> str:
     return devices.CPU_AUTO_DTYPE
 
 
+# fixed costs: what a step costs beyond its bytes ----------------------------------------
+
+DEFAULT_LAYER_FLOP = 8e6
+"""f x the node's CPU FLOP/s for a node the probe has not measured: per decoder layer and
+step, the small ops cost what 8 MFLOP at the node's dense rate take (probe v2 on one core
+of the development VM: f = 0.14 ms beside 57.7 GFLOP/s; docs/planning.md)."""
+DEFAULT_LAYER_TOKEN_FLOP = 0.25e6
+"""g x CPU FLOP/s: per layer and token of the micro-batch (same run: 4.1 us)."""
+DEFAULT_STEP_FLOP = 17e6
+"""a x CPU FLOP/s: the runtime's work around a step's layers (same run: 0.29 ms)."""
+DEFAULT_HOP_FLOP = 38e6
+"""m x CPU FLOP/s: one gRPC message hop, send + receive of a small micro-batch (same run:
+0.67 ms)."""
+
+
+def default_timings(node: inv.Node) -> inv.Timings:
+    """The fixed costs of a node the probe has not measured, from its CPU's compute figure
+    (`node.tflops`): they are host-side work (Python dispatch, small ops, kernel launches on
+    a GPU node too), so they scale with the host's speed; no product curve (the roofline)."""
+    flops = node.tflops * 1e12
+    return inv.Timings(
+        layer_seconds=DEFAULT_LAYER_FLOP / flops,
+        layer_token_seconds=DEFAULT_LAYER_TOKEN_FLOP / flops,
+        step_seconds=DEFAULT_STEP_FLOP / flops,
+        hop_seconds=DEFAULT_HOP_FLOP / flops,
+    )
+
+
+def timings(node: inv.Node) -> inv.Timings:
+    """The node's measured fixed costs, each one not given from `default_timings`."""
+    default = default_timings(node)
+    given = node.timings
+    if given is None:
+        return default
+    return inv.Timings(
+        layer_seconds=_given(given.layer_seconds, default.layer_seconds),
+        layer_token_seconds=_given(given.layer_token_seconds, default.layer_token_seconds),
+        step_seconds=_given(given.step_seconds, default.step_seconds),
+        hop_seconds=_given(given.hop_seconds, default.hop_seconds),
+        products=given.products,
+    )
+
+
+def _given(value: float | None, default: float | None) -> float:
+    return float(value if value is not None else default or 0.0)
+
+
+def product_curve(points: Sequence[tuple[float, float]]) -> tuple[tuple[float, float], ...]:
+    """A measured (tokens, seconds per weight byte) curve made physical: sorted by tokens,
+    a call never cheaper with more tokens (r non-decreasing) and never dearer per token
+    (r / tokens non-increasing). Measurements are noisy; these two properties are what
+    make K micro-batches of S / K tokens never cheaper than one of S (the search relies on
+    it, docs/planning.md)."""
+    out: list[tuple[float, float]] = []
+    for tokens, rate in sorted((float(t), float(r)) for t, r in points if t > 0 and r > 0):
+        if out:
+            before_tokens, before = out[-1]
+            if tokens == before_tokens:
+                continue
+            rate = min(max(rate, before), before * tokens / before_tokens)
+        out.append((tokens, rate))
+    return tuple(out)
+
+
+def curve_rate(points: Sequence[tuple[float, float]], batch: float) -> float:
+    """r(batch) on a `product_curve`: its first rate below the first point, linear between
+    points, and the last point's rate per token beyond the last."""
+    first_tokens, first = points[0]
+    if batch <= first_tokens:
+        return first
+    for (t0, r0), (t1, r1) in itertools.pairwise(points):
+        if batch <= t1:
+            return r0 + (r1 - r0) * (batch - t0) / (t1 - t0)
+    last_tokens, last = points[-1]
+    return last * batch / last_tokens
+
+
+def product_seconds_per_byte(
+    profile: profiles.ModelProfile, node: inv.Node, workload: Workload, *, batch: float
+) -> float:
+    """r(batch), seconds per stored weight byte of a step of `batch` tokens: the probe's
+    measured product curve on a CPU stage, else the roofline of the device's figures,
+    max(1 / bandwidth, 2 FLOPs per param x batch / FLOP/s)."""
+    curve = timings(node).products
+    if curve and stage_device(node, workload) == "cpu":
+        return curve_rate(product_curve(curve), batch)
+    tflops, bandwidth = speeds(node, workload)
+    per_param = 2 / profile.weight_bytes_per_param
+    return max(1 / (bandwidth * 1e9), per_param * batch / (tflops * 1e12))
+
+
+def fixed_seconds(node: inv.Node, *, batch: float, layers: int) -> float:
+    """fixed_s(batch) = a + layers x (f + g x batch): what a step of `batch` tokens
+    over `layers` decoder layers costs whatever their width."""
+    t = timings(node)
+    return _given(t.step_seconds, 0) + layers * (
+        _given(t.layer_seconds, 0) + _given(t.layer_token_seconds, 0) * batch
+    )
+
+
+def message_seconds(node: inv.Node) -> float:
+    """m: the node's CPU time for one message hop (a stage receives and sends one per
+    micro-batch; counted when the pipeline has more than one stage)."""
+    return _given(timings(node).hop_seconds, 0)
+
+
 def compute_seconds(
     profile: profiles.ModelProfile,
     node: inv.Node,
     weights: int,
     *,
-    batch: int,
+    batch: float,
     workload: Workload,
     layers: int = 0,
 ) -> float:
-    """One decode step of `batch` tokens on the stage's device (`speeds`): the larger of
-    reading the weights once and doing 2 FLOPs per parameter per token, plus reading each
-    sequence's KV cache at the average context in each of the stage's `layers` (v2)."""
-    tflops, bandwidth = speeds(node, workload)
-    memory_bound = weights / (bandwidth * 1e9)
-    params = weights / profile.weight_bytes_per_param
-    flop_bound = 2 * params * batch / (tflops * 1e12)
-    return max(memory_bound, flop_bound) + kv_read_seconds(
-        profile, node, workload, batch=batch, layers=layers
-    )
+    """compute_s(batch): one step of `batch` tokens on the stage's device, what the stage's
+    `llmpipe_stage_compute_seconds` measures: its weights at r(batch) seconds per byte, each
+    sequence's KV cache at the average context in each of its `layers`, and the fixed
+    costs (`fixed_seconds`)."""
+    products = weights * product_seconds_per_byte(profile, node, workload, batch=batch)
+    kv = kv_read_seconds(profile, node, workload, batch=batch, layers=layers)
+    return products + kv + fixed_seconds(node, batch=batch, layers=layers)
 
 
 def kv_read_seconds(
-    profile: profiles.ModelProfile, node: inv.Node, workload: Workload, *, batch: int, layers: int
+    profile: profiles.ModelProfile,
+    node: inv.Node,
+    workload: Workload,
+    *,
+    batch: float,
+    layers: int,
 ) -> float:
     """kv_s(batch) = batch * Ĉ * kvBytesPerTokenPerLayer * layers / bandwidth."""
     _, bandwidth = speeds(node, workload)
@@ -239,20 +355,26 @@ def kv_read_seconds(
 
 
 def prefill_seconds(
-    profile: profiles.ModelProfile, node: inv.Node, weights: int, *, workload: Workload
+    profile: profiles.ModelProfile,
+    node: inv.Node,
+    weights: int,
+    *,
+    workload: Workload,
+    layers: int = 0,
 ) -> float:
-    """prefill_s(P): a P-token prompt in one pass, the larger of reading the weights once
-    and 2 FLOPs per parameter per token (attention over the prompt itself is not counted:
+    """prefill_s(P): a P-token prompt in one pass, the weights at r(P) seconds per byte
+    plus the fixed costs of one step (attention over the prompt itself is not counted:
     beside the weights' FLOPs it is small while P is well below 6 x the hidden size)."""
-    return compute_seconds(profile, node, weights, batch=workload.prompt, workload=workload)
+    products = weights * product_seconds_per_byte(profile, node, workload, batch=workload.prompt)
+    return products + fixed_seconds(node, batch=0, layers=layers)
 
 
-def activation_seconds(profile: profiles.ModelProfile, mbps: float, *, batch: int) -> float:
+def activation_seconds(profile: profiles.ModelProfile, mbps: float, *, batch: float) -> float:
     """xfer_s for s < last: the hidden state of `batch` tokens to the next stage."""
     return 8 * batch * profile.hidden_size * profile.activation_bytes / (mbps * 1e6)
 
 
-def token_ids_seconds(mbps: float, *, batch: int) -> float:
+def token_ids_seconds(mbps: float, *, batch: float) -> float:
     """xfer_last: `batch` int32 token ids from the last stage back to stage 0."""
     return 8 * batch * profiles.TOKEN_ID_BYTES / (mbps * 1e6)
 
@@ -275,24 +397,26 @@ def evaluate(
     """
     _check_chain(profile, nodes, bounds)
     count = len(nodes)
+    batch = micro_batch(workload, count)
     stages = []
     for s, name in enumerate(nodes):
         start, end = bounds[s], bounds[s + 1]
         node = inventory.node(name)
         weights = weight_bytes(profile, start, end)
         memory = memory_bytes(profile, workload, start, end)
-        transfer_batch = transfer_single = hop = 0.0
+        transfer_batch = transfer_single = hop = message = 0.0
         if count > 1:
             after = nodes[(s + 1) % count]
             mbps = inventory.mbps(name, after)
             if s < count - 1:
-                transfer_batch = activation_seconds(profile, mbps, batch=workload.max_sequences)
+                transfer_batch = activation_seconds(profile, mbps, batch=batch)
                 transfer_single = activation_seconds(profile, mbps, batch=1)
             else:
-                transfer_batch = token_ids_seconds(mbps, batch=workload.max_sequences)
+                transfer_batch = token_ids_seconds(mbps, batch=batch)
                 transfer_single = token_ids_seconds(mbps, batch=1)
             hop = hop_seconds(inventory.rtt_ms(name, after))
-        batch, span = workload.max_sequences, end - start
+            message = message_seconds(node)
+        span = end - start
         stages.append(
             StageCost(
                 node=name,
@@ -315,15 +439,24 @@ def evaluate(
                 transfer_batch=transfer_batch,
                 transfer_single=transfer_single,
                 hop=hop,
-                prefill=prefill_seconds(profile, node, weights, workload=workload),
+                prefill=prefill_seconds(profile, node, weights, workload=workload, layers=span),
+                message=message,
             )
         )
     return ChainCost(
         stages=tuple(stages),
-        bottleneck_seconds=max(max(st.compute_batch, st.transfer_batch) for st in stages),
-        token_latency_seconds=sum(st.compute_single + st.transfer_single + st.hop for st in stages),
+        bottleneck_seconds=count * max(st.busy_batch for st in stages),
+        token_latency_seconds=sum(
+            st.compute_single + st.transfer_single + st.hop + st.message for st in stages
+        ),
         time_to_first_token_seconds=_first_token(profile, inventory, workload, nodes, stages),
     )
+
+
+def micro_batch(workload: Workload, count: int) -> float:
+    """b = S / K: stage 0 keeps one micro-batch per stage in the ring (the coordinator's
+    default), so K = the stage count and each micro-batch carries S / K sequences."""
+    return workload.max_sequences / count
 
 
 def _first_token(
@@ -338,9 +471,10 @@ def _first_token(
     total = sum(st.prefill for st in stages)
     for s, st in enumerate(stages[:-1]):
         mbps = inventory.mbps(nodes[s], nodes[s + 1])
-        total += activation_seconds(profile, mbps, batch=workload.prompt) + st.hop
+        total += activation_seconds(profile, mbps, batch=workload.prompt) + st.hop + st.message
     if len(stages) > 1:
-        total += token_ids_seconds(inventory.mbps(nodes[-1], nodes[0]), batch=1) + stages[-1].hop
+        back = token_ids_seconds(inventory.mbps(nodes[-1], nodes[0]), batch=1)
+        total += back + stages[-1].hop + stages[-1].message
     return total
 
 

@@ -77,6 +77,79 @@ def parse_cpu(value: str | int | float) -> float:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class Timings:
+    """What a stage step costs on a node beyond its weights' and KV cache's bytes, as the
+    node probe measured it (`llmpipe.io/measured`; docs/planning.md, "Fixed costs").
+    Absent on a node: `cost.default_timings` derives them from its compute figure."""
+
+    layer_seconds: float | None = None
+    """f: seconds per decoder layer per step whatever its width (the small ops of a layer:
+    norms, rotary, cache writes, attention call, Python dispatch). None: the default."""
+    layer_token_seconds: float | None = None
+    """g: seconds per decoder layer per token of the micro-batch beyond the products."""
+    step_seconds: float | None = None
+    """a: seconds per step whatever the layers (the runtime's bookkeeping around them)."""
+    hop_seconds: float | None = None
+    """m: CPU seconds one message hop costs the node (send + receive of a micro-batch)."""
+    products: tuple[tuple[float, float], ...] = ()
+    """(tokens, seconds per weight byte) of a decode product of that many tokens over
+    weights beyond the caches, by token count; empty: the roofline of the node's figures.
+    CPU products do not follow a roofline: a few tokens cost about the same per call."""
+
+
+TIMING_FIELDS: Mapping[str, str] = {
+    "layerStepSeconds": "layer_seconds",
+    "layerTokenSeconds": "layer_token_seconds",
+    "stepSeconds": "step_seconds",
+    "hopSeconds": "hop_seconds",
+}
+"""The fixed costs' keys in a cluster file node and in `llmpipe.io/measured` -> Timings."""
+PRODUCTS_FIELD = "productSecondsPerByte"
+"""`{"<tokens>": seconds per weight byte, ...}`: the product curve (`Timings.products`)."""
+
+
+def read_timings(data: Mapping[str, Any]) -> tuple[Timings | None, list[str]]:
+    """(the Timings in `data`, the keys that were present but not usable), one reading for
+    the cluster file (which refuses a bad key) and the annotation (which drops it)."""
+    bad: list[str] = []
+    given: dict[str, Any] = {}
+    for key, field in TIMING_FIELDS.items():
+        if key in data:
+            value = data[key]
+            if _finite(value) and value >= 0:
+                given[field] = float(value)
+            else:
+                bad.append(key)
+    raw = data.get(PRODUCTS_FIELD)
+    if raw is not None:
+        points = _products(raw)
+        if points is None:
+            bad.append(PRODUCTS_FIELD)
+        elif points:
+            given["products"] = points
+    return (Timings(**given) if given else None), bad
+
+
+def _products(raw: Any) -> tuple[tuple[float, float], ...] | None:
+    if not isinstance(raw, Mapping):
+        return None
+    points = []
+    for tokens, rate in raw.items():
+        try:
+            count = float(tokens)
+        except ValueError:
+            return None
+        if not (math.isfinite(count) and count > 0 and _finite(rate) and rate > 0):
+            return None
+        points.append((count, float(rate)))
+    return tuple(sorted(points))
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Node:
     """One node as the planner sees it."""
 
@@ -94,6 +167,8 @@ class Node:
     gpu: devices.Gpu | None = None
     """The node's free GPUs (GPU Feature Discovery labels, `planning.devices`); None: CPU
     only. A GPU stage's compute, bandwidth and memory are the GPU's (`cost`)."""
+    timings: Timings | None = None
+    """Measured fixed costs; None: derived from the compute figure (`cost.default_timings`)."""
 
 
 LABEL_TIER = "llmpipe.io/tier"
@@ -240,12 +315,27 @@ class Inventory:
                     "memoryBandwidthGBps": n.memory_bandwidth_gbps,
                     "uplinkMbps": n.uplink_mbps,
                     "labels": dict(n.labels),
+                    **timings_dict(n.timings),
                 }
                 for n in self.nodes
             ],
             "links": [{"a": k.a, "b": k.b, "mbps": k.mbps, "rttMs": k.rtt_ms} for k in self.links],
             "rttMs": dict(self.rtt_ms_defaults),
         }
+
+
+def timings_dict(timings: Timings | None) -> dict[str, Any]:
+    """The cluster file's / annotation's keys for `timings` (those set)."""
+    if timings is None:
+        return {}
+    out: dict[str, Any] = {
+        key: getattr(timings, field)
+        for key, field in TIMING_FIELDS.items()
+        if getattr(timings, field) is not None
+    }
+    if timings.products:
+        out[PRODUCTS_FIELD] = {f"{t:g}": r for t, r in timings.products}
+    return out
 
 
 def tier_pair(a: Tier, b: Tier) -> str:
@@ -304,6 +394,12 @@ def _parse_node(raw: Any, index: int) -> Node:
                 f"{where}: field {key!r} is missing (it may be left out on a GPU node "
                 "whose labels name a known product)"
             )
+    timings, bad = read_timings(raw)
+    if bad:
+        raise InventoryError(
+            f"{where}: field {bad[0]!r} must be a number >= 0 (a mapping of token counts "
+            "to positive seconds per byte for productSecondsPerByte)"
+        )
     return Node(
         name=name,
         tier=tier,
@@ -313,6 +409,7 @@ def _parse_node(raw: Any, index: int) -> Node:
         uplink_mbps=_positive_number(raw, "uplinkMbps", where),
         labels=labels,
         gpu=gpu,
+        timings=timings,
     )
 
 

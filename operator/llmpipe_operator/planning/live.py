@@ -340,11 +340,21 @@ def slowed(node: inventory.Node, factor: float) -> inventory.Node:
             tflops=gpu.tflops / factor,
             memory_bandwidth_gbps=gpu.memory_bandwidth_gbps / factor,
         )
+    timings = node.timings
+    if timings is not None:
+        timings = inventory.Timings(
+            **{
+                field: None if getattr(timings, field) is None else getattr(timings, field) * factor
+                for field in inventory.TIMING_FIELDS.values()
+            },
+            products=tuple((t, r * factor) for t, r in timings.products),
+        )
     return dataclasses.replace(
         node,
         tflops=node.tflops / factor,
         memory_bandwidth_gbps=node.memory_bandwidth_gbps / factor,
         gpu=gpu,
+        timings=timings,
     )
 
 
@@ -409,7 +419,20 @@ def to_node(
         uplink_mbps=_label_number(labels, LABEL_UPLINK, name, defaults.uplink_mbps),
         labels=labels,
         gpu=gpu,
+        timings=_measured_timings(labels, figures),
     )
+
+
+def _measured_timings(
+    labels: Mapping[str, str], figures: measured.Measured
+) -> inventory.Timings | None:
+    """The probe's fixed costs (no label stands for them: measurement fills the gap). Its
+    product curve is the measured compute, so a person's compute or bandwidth label wins
+    over it: then the roofline of the labelled figures applies."""
+    timings = figures.timings
+    if timings is not None and any(label in labels for label in measured.MEASURED_FIELDS.values()):
+        return dataclasses.replace(timings, products=())
+    return timings
 
 
 def _measured(labels: Mapping[str, str], figures: measured.Measured, key: str) -> float | None:
@@ -533,19 +556,10 @@ def _parse_links_annotation(name: str, text: str) -> Sequence[inventory.Link]:
             raise ValueError(f"{where}: bad entry for {peer!r}; links ignored")
         mbps: Any = facts.get("mbps")
         rtt: Any = facts.get("rttMs", 0)
-        if not _positive(mbps) or not (_positive(rtt) or rtt == 0):
+        if not measured.positive(mbps) or not (measured.positive(rtt) or rtt == 0):
             raise ValueError(f"{where}: {peer!r} needs mbps > 0 and rttMs >= 0; links ignored")
         links.append(inventory.Link(a=name, b=str(peer), mbps=float(mbps), rtt_ms=float(rtt)))
     return links
-
-
-def _positive(value: Any) -> bool:
-    return (
-        isinstance(value, int | float)
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and value > 0
-    )
 
 
 def _taint_text(taint: Mapping[str, Any]) -> str:

@@ -31,6 +31,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from llmpipe_operator.planning import inventory
+
 ANNOTATION_MEASURED = "llmpipe.io/measured"
 FORMAT_VERSION = 1
 
@@ -51,6 +53,9 @@ class Measured:
     """peer -> {mbps, rttMs}: what the operator last wrote into `llmpipe.io/links`."""
     measured_at: str = ""
     probe_version: str = ""
+    timings: inventory.Timings | None = None
+    """The fixed costs (probe version 2 and later; `inventory.TIMING_FIELDS`): no label
+    stands for them, so a measurement is all the planner has besides the default."""
 
 
 EMPTY = Measured(figures={})
@@ -66,11 +71,12 @@ def parse(text: str | None) -> tuple[Measured, str | None]:
         return EMPTY, f"annotation {ANNOTATION_MEASURED} is not JSON ({error.msg}); ignored"
     if not isinstance(data, Mapping):
         return EMPTY, f"annotation {ANNOTATION_MEASURED} must be a JSON object; ignored"
-    figures = {key: float(data[key]) for key in MEASURED_FIELDS if _positive(data.get(key))}
+    figures = {key: float(data[key]) for key in MEASURED_FIELDS if positive(data.get(key))}
+    timings, _ = inventory.read_timings(data)  # an unusable figure is left out
     links = {
         str(peer): {"mbps": float(f["mbps"]), "rttMs": float(f.get("rttMs", 0))}
         for peer, f in (data.get("links") or {}).items()
-        if isinstance(f, Mapping) and _positive(f.get("mbps"))
+        if isinstance(f, Mapping) and positive(f.get("mbps"))
     }
     return (
         Measured(
@@ -78,6 +84,7 @@ def parse(text: str | None) -> tuple[Measured, str | None]:
             links=links,
             measured_at=str(data.get("measuredAt", "")),
             probe_version=str(data.get("probeVersion", "")),
+            timings=timings,
         ),
         None,
     )
@@ -97,7 +104,8 @@ def render(
 ) -> str:
     """The annotation's JSON from a probe's facts (`GET /facts`) and the links written."""
     body: dict[str, Any] = {"version": FORMAT_VERSION}
-    for key in ("probeVersion", "measuredAt", "device", "dtype", "tflops", "memoryBandwidthGBps"):
+    keys = ("probeVersion", "measuredAt", "device", "dtype", "tflops", "memoryBandwidthGBps")
+    for key in (*keys, *inventory.TIMING_FIELDS, inventory.PRODUCTS_FIELD):
         if key in facts:
             body[key] = facts[key]
     if "method" in facts:
@@ -112,10 +120,23 @@ def worth_writing(old: Measured, new: Mapping[str, Any], *, margin: float) -> bo
     than `margin` (relative): smaller moves are measurement noise, not a changed node."""
     for key in MEASURED_FIELDS:
         value = new.get(key)
-        if not isinstance(value, int | float) or not _positive(value):
+        if not isinstance(value, int | float) or not positive(value):
             continue
         before = old.figures.get(key)
         if before is None or abs(float(value) - before) > margin * before:
+            return True
+    return _timings_moved(old.timings, new, margin=margin)
+
+
+def _timings_moved(old: inventory.Timings | None, new: Mapping[str, Any], *, margin: float) -> bool:
+    """A fixed cost new or moved beyond `margin` (the product curve follows the compute
+    figure, measured with it, so it is not compared on its own)."""
+    for key, field in inventory.TIMING_FIELDS.items():
+        value = new.get(key)
+        if value is None or not positive(value):
+            continue
+        before = None if old is None else getattr(old, field)
+        if not before or abs(float(value) - before) > margin * before:
             return True
     return False
 
@@ -197,7 +218,8 @@ def pair_rounds(names: Sequence[str]) -> list[list[tuple[str, str]]]:
     return rounds
 
 
-def _positive(value: Any) -> bool:
+def positive(value: Any) -> bool:
+    """A finite number > 0 (not a bool): what a figure must be to be used."""
     return (
         isinstance(value, int | float)
         and not isinstance(value, bool)
@@ -229,7 +251,10 @@ def node_annotations(
     new_facts = facts is not None and (note is not None or worth_writing(old, facts, margin=margin))
     if not new_facts and not moved:
         return None
-    kept = {key: old.figures[key] for key in old.figures}
+    kept = {
+        **{key: old.figures[key] for key in old.figures},
+        **inventory.timings_dict(old.timings),
+    }
     base: dict[str, Any] = (
         dict(facts)
         if new_facts and facts is not None

@@ -234,7 +234,11 @@ def plan_pipeline(
     exact = len(nodes) <= settings.exact_limit
     chain = None
     if nodes:
-        chain = search.exact(problem) if exact else search.heuristic(problem, settings)
+        chain = (
+            exact_chain(profile, inventory, workload, placement, nodes)
+            if exact
+            else _heuristic_chain(profile, inventory, workload, placement, nodes, settings)
+        )
     if chain is None:
         raise diagnose(profile, inventory, workload=workload, placement=placement)
     # 3. cost the chosen chain once more, with the one cost model
@@ -247,6 +251,83 @@ def plan_pipeline(
         chunked_time_to_first_token_seconds=chunk.time_to_first_token_seconds,
         unchunked_time_to_first_token_seconds=chunk.whole_prompt_seconds,
     )
+
+
+def exact_chain(
+    profile: profiles.ModelProfile,
+    inventory: inv.Inventory,
+    workload: cost.Workload,
+    placement: Placement,
+    nodes: list[inv.Node],
+) -> search.Chain | None:
+    """The optimal chain. For throughput a round costs K micro-batches of S / K tokens,
+    K the chain's stage count, so the search runs once per K over chains of at most K
+    stages: a chain of k < K stages costs no less at K than at its own k (cost model v2),
+    so the least of the K searches' winners, costed at their own stage counts, is the
+    optimum (docs/planning.md, "How the plan is searched")."""
+    if workload.objective == "latency":  # batch 1: no round, no K
+        return search.exact(_problem(profile, inventory, workload, placement, nodes))
+    found = [
+        search.exact(
+            _problem(profile, inventory, workload, placement, nodes, micro_batches=k, stages=k)
+        )
+        for k in _stage_counts(profile, placement, nodes)
+    ]
+    return _best(profile, inventory, workload, nodes, [c for c in found if c is not None])
+
+
+def _heuristic_chain(
+    profile: profiles.ModelProfile,
+    inventory: inv.Inventory,
+    workload: cost.Workload,
+    placement: Placement,
+    nodes: list[inv.Node],
+    settings: search.SearchSettings,
+) -> search.Chain | None:
+    """The heuristic at K = 1, then at the stage count of what it found (at most three
+    rounds, until the count repeats); the best of those chains."""
+    if workload.objective == "latency":
+        problem = _problem(profile, inventory, workload, placement, nodes)
+        return search.heuristic(problem, settings)
+    found: list[search.Chain] = []
+    count, tried = 1, set[int]()
+    while count not in tried and len(tried) < 3:
+        tried.add(count)
+        problem = _problem(profile, inventory, workload, placement, nodes, micro_batches=count)
+        chain = search.heuristic(problem, settings)
+        if chain is None:
+            break
+        found.append(chain)
+        count = len(chain.nodes)
+    return _best(profile, inventory, workload, nodes, found)
+
+
+def _stage_counts(
+    profile: profiles.ModelProfile, placement: Placement, nodes: list[inv.Node]
+) -> range:
+    cap = placement.max_stages if placement.max_stages is not None else len(nodes)
+    return range(1, max(1, min(cap, len(nodes), profile.num_layers)) + 1)
+
+
+def _best(
+    profile: profiles.ModelProfile,
+    inventory: inv.Inventory,
+    workload: cost.Workload,
+    nodes: list[inv.Node],
+    chains: list[search.Chain],
+) -> search.Chain | None:
+    """The chain with the best (objective, other objective), each costed at its own
+    stage count; the first of equals."""
+    if not chains:
+        return None
+
+    def score(chain: search.Chain) -> tuple[float, float]:
+        names = [nodes[i].name for i in chain.nodes]
+        costed = cost.evaluate(profile, inventory, workload, nodes=names, bounds=chain.bounds)
+        pair = (costed.bottleneck_seconds, costed.token_latency_seconds)
+        return pair if workload.objective == "throughput" else (pair[1], pair[0])
+
+    return min(chains, key=score)
 
 
 def eligible_nodes(
@@ -272,8 +353,15 @@ def _problem(
     workload: cost.Workload,
     placement: Placement,
     nodes: list[inv.Node],
+    *,
+    micro_batches: int = 1,
+    stages: int | None = None,
 ) -> search.Problem:
+    """The search instance: chains of at most `stages` (and the placement's cap) stages,
+    rounds costed at `micro_batches` micro-batches (K; 1: the lower bound's relaxation)."""
     cap = placement.max_stages if placement.max_stages is not None else len(nodes)
+    if stages is not None:
+        cap = min(cap, stages)
     return search.Problem(
         profile,
         inventory,
@@ -282,6 +370,7 @@ def _problem(
         first_edge=placement.first_stage == "edge",
         last_edge=placement.last_stage == "edge",
         max_stages=max(1, min(cap, len(nodes))),
+        micro_batches=micro_batches,
     )
 
 

@@ -47,19 +47,23 @@ class Chain:
 
 @dataclasses.dataclass(frozen=True)
 class Rates:
-    """A stage [b, c) on node n costs weight(b, c) * per_byte[n] + (c - b) * per_layer[n]."""
+    """A stage [b, c) on node n costs
+    weight(b, c) * per_byte[n] + (c - b) * per_layer[n] + per_stage[n]."""
 
     per_byte: FloatArray
-    """Seconds per stored weight byte: max(1 / bandwidth, 2 FLOPs per param x batch / FLOP/s)."""
+    """Seconds per stored weight byte (`cost.product_seconds_per_byte`), per round."""
     per_layer: FloatArray
-    """Seconds per layer to read the KV cache of the batch at the average context."""
+    """Seconds per layer per round: the KV cache read at the average context plus the
+    fixed per-layer costs (`cost.fixed_seconds`)."""
+    per_stage: FloatArray
+    """Seconds per stage per round: the step's fixed cost, and its message hop's."""
 
     def stage(
         self, rows: IntArray, weights: npt.NDArray[Any], spans: npt.NDArray[Any]
     ) -> FloatArray:
         """Costs of stages of rows' nodes; weights and spans broadcast against [R, 1]."""
         p, q = self.per_byte[rows][:, None], self.per_layer[rows][:, None]
-        return np.asarray(weights * p + spans * q)
+        return np.asarray(weights * p + spans * q + self.per_stage[rows][:, None])
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -94,25 +98,44 @@ class Problem:
         first_edge: bool,
         last_edge: bool,
         max_stages: int,
+        micro_batches: int = 1,
     ) -> None:
+        """`micro_batches` is K of cost model v2: the batch rates cost one round of K
+        micro-batches of S / K tokens, exact for chains of K stages and an overestimate
+        for shorter ones (`planner` searches every K; docs/planning.md)."""
         self.profile, self.inventory, self.workload = profile, inventory, workload
         self.names = [n.name for n in nodes]
         self.size = len(nodes)
         self.layers = profile.num_layers
         self.max_stages = max_stages
-        batch = workload.max_sequences
+        self.micro_batches = micro_batches
+        rounds = float(micro_batches)
+        batch = workload.max_sequences / rounds
         # the device each stage computes on: a node's GPU when the stage uses it
-        facts = [cost.speeds(n, workload) for n in nodes]
-        bandwidth = np.array([gbps * 1e9 for _, gbps in facts])
-        flops = np.array([tflops * 1e12 for tflops, _ in facts])
-        per_param = 2 / profile.weight_bytes_per_param
-        # seconds per stored byte: compute_s(batch) = weights_s * per_byte(batch)
-        self.per_byte_batch = np.maximum(1 / bandwidth, per_param * batch / flops)
-        self.per_byte_single = np.maximum(1 / bandwidth, per_param / flops)
-        # seconds per layer of KV cache read: batch x average context x bytes per token
+        bandwidth = np.array([cost.speeds(n, workload)[1] * 1e9 for n in nodes])
+        timings = [cost.timings(n) for n in nodes]
+
+        def rate(b: float) -> FloatArray:
+            return np.array(
+                [cost.product_seconds_per_byte(profile, n, workload, batch=b) for n in nodes]
+            )
+
+        layer = np.array([t.layer_seconds or 0.0 for t in timings])
+        token = np.array([t.layer_token_seconds or 0.0 for t in timings])
+        step = np.array([t.step_seconds or 0.0 for t in timings])
+        self.message = np.array([t.hop_seconds or 0.0 for t in timings])
+        # seconds per stored byte: compute_s(batch) = weights_s * per_byte(batch), per round
+        self.per_byte_batch = rounds * rate(batch)
+        self.per_byte_single = rate(1.0)
+        # per layer: KV cache read (batch x average context x bytes per token) + fixed costs
         kv_read = workload.average_context * profile.kv_bytes_per_token_per_layer
-        self.batch_rates = Rates(self.per_byte_batch, batch * kv_read / bandwidth)
-        self.single_rates = Rates(self.per_byte_single, kv_read / bandwidth)
+        hops = self.message if micro_batches > 1 else np.zeros(self.size)
+        self.batch_rates = Rates(
+            self.per_byte_batch,
+            rounds * (batch * kv_read / bandwidth + layer + token * batch),
+            rounds * (step + hops),
+        )
+        self.single_rates = Rates(self.per_byte_single, kv_read / bandwidth + layer + token, step)
         self.capacity = np.array(
             [cost.stage_budget(n, workload) - workload.runtime_overhead_bytes for n in nodes],
             dtype=np.float64,
@@ -182,7 +205,8 @@ class Problem:
         fits = (order[:, None] < order[None, :]) & (needs <= self.capacity[node])
         spans = (order[None, :] - order[:, None]).astype(np.float64)  # [b, c]
         rates = self.rates(single=single)
-        costs = np.where(fits, weights * rates.per_byte[node] + spans * rates.per_layer[node], INF)
+        stage = weights * rates.per_byte[node] + spans * rates.per_layer[node]
+        costs = np.where(fits, stage + rates.per_stage[node], INF)
         self._stage_costs[key] = costs
         return costs
 
@@ -209,15 +233,20 @@ class Problem:
         return row
 
     def forward_row(self, u: int, *, batch: int, with_hop: bool) -> FloatArray:
-        """xfer_u(batch) (+ hop_u) for every possible next node."""
+        """xfer_u(batch) (+ hop_u + m_u) for every possible next node."""
         act = self.profile.hidden_size * self.profile.activation_bytes
         seconds = 8 * batch * act / (self.mbps_row(u) * 1e6)
-        return seconds + self.rtt_row(u) / 2 / 1000 if with_hop else seconds
+        return seconds + self._hop(u) if with_hop else seconds
 
     def return_row(self, u: int, *, batch: int, with_hop: bool) -> FloatArray:
-        """xfer_last(batch) (+ hop) from u back to every possible stage 0."""
+        """xfer_last(batch) (+ hop + m_u) from u back to every possible stage 0."""
         seconds = 8 * batch * profiles.TOKEN_ID_BYTES / (self.mbps_row(u) * 1e6)
-        return seconds + self.rtt_row(u) / 2 / 1000 if with_hop else seconds
+        return seconds + self._hop(u) if with_hop else seconds
+
+    def _hop(self, u: int) -> FloatArray:
+        """hop_u + m_u: half the round trip, and the sender's CPU time for the message
+        (the latency objective's share of it: the edges exist only between stages)."""
+        return np.asarray(self.rtt_row(u) / 2 / 1000 + self.message[u])
 
     def edge_matrices(self, members: list[int], *, single: bool) -> tuple[FloatArray, FloatArray]:
         """(forward[u, v], return[u, f]) among members, at batch S (throughput) or at
@@ -324,7 +353,7 @@ def _window(problem: Problem, rows: IntArray, limit: float | None) -> IntArray:
         index = np.arange(problem.layers + 1)
         for node in np.unique(rows):
             p, q = rates.per_byte[node], rates.per_layer[node]
-            target = p * problem.ends[1:] + q * ends - limit
+            target = p * problem.ends[1:] + q * ends + rates.per_stage[node] - limit
             lo_limit[rows == node] = np.searchsorted(p * problem.starts + q * index, target)
         lo_limit = np.minimum(lo_limit, ends[None, :])
         # the rearrangement may round; settle the edge with the exact comparison
@@ -398,7 +427,7 @@ def _best_start_dense(
     inside = before[None] & (starts >= lo[:, None, :])  # [R, b, c]
     p = rates.per_byte[rows][:, None, None]
     q = rates.per_layer[rows][:, None, None]
-    stage = weights[None] * p + spans[None] * q  # [R, b, c]
+    stage = weights[None] * p + spans[None] * q + rates.per_stage[rows][:, None, None]
     total = np.where(inside, _combine(how, arrive[:, :, None], stage), INF)
     best = total.argmin(axis=1)
     # nothing reachable: a start inside the window, whose cost the caller finds infinite
@@ -852,7 +881,8 @@ def _single_stage_cost(problem: Problem, rates: Rates) -> float:
     alone = (problem.capacity >= whole) & problem.first_ok & problem.last_ok
     if not alone.any():
         return INF
-    costs = rates.per_byte * problem.weight(0, problem.layers) + rates.per_layer * problem.layers
+    whole_weights = problem.weight(0, problem.layers)
+    costs = rates.per_byte * whole_weights + rates.per_layer * problem.layers + rates.per_stage
     return float(costs[alone].min())
 
 

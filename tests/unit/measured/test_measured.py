@@ -174,3 +174,64 @@ def test_a_slower_node_is_rewritten_and_a_persons_link_stays() -> None:
 
 def test_the_links_annotation_names_match() -> None:
     assert measured.LINKS_ANNOTATION == live.ANNOTATION_LINKS
+
+
+# fixed costs (probe version 2) ------------------------------------------------------------
+
+FIXED = {
+    "layerStepSeconds": 1.4e-4,
+    "layerTokenSeconds": 4e-6,
+    "stepSeconds": 2.9e-4,
+    "hopSeconds": 6.7e-4,
+    "productSecondsPerByte": {"1": 4.8e-11, "8": 1.8e-10, "32": 2e-10},
+}
+
+
+def test_measured_fixed_costs_reach_the_planner_and_a_compute_label_drops_the_curve() -> None:
+    plain = with_measured(a_node("m"), tflops=0.05, **FIXED)
+    labelled = with_measured(a_node("l").label(live.LABEL_TFLOPS, "3"), tflops=0.05, **FIXED)
+    nodes = {
+        n.name: n
+        for n in live.build_inventory([plain.obj, labelled.obj], eligibility=ALL).inventory.nodes
+    }
+    timings = nodes["m"].timings
+    assert timings is not None
+    assert (timings.layer_seconds, timings.layer_token_seconds) == (1.4e-4, 4e-6)
+    assert (timings.step_seconds, timings.hop_seconds) == (2.9e-4, 6.7e-4)
+    assert timings.products == ((1.0, 4.8e-11), (8.0, 1.8e-10), (32.0, 2e-10))
+    # the label states the compute rate: the roofline of the labels, the fixed costs stay
+    assert nodes["l"].timings is not None and nodes["l"].timings.products == ()
+    assert nodes["l"].timings.layer_seconds == 1.4e-4
+
+
+def test_unusable_fixed_costs_are_left_out() -> None:
+    bad = {"layerStepSeconds": -1, "hopSeconds": "fast", "productSecondsPerByte": {"x": 1}}
+    found, note = measured.parse(json.dumps({"tflops": 0.1, "stepSeconds": 1e-3, **bad}))
+    assert note is None and found.timings is not None
+    assert found.timings.step_seconds == 1e-3
+    assert found.timings.layer_seconds is None and found.timings.hop_seconds is None
+    assert found.timings.products == ()
+    none, _ = measured.parse(json.dumps({"tflops": 0.1}))
+    assert none.timings is None  # a version 1 probe's figures: the defaults apply
+
+
+def test_fixed_costs_round_trip_and_count_as_moved() -> None:
+    facts = {"probeVersion": "2", "tflops": 0.05, "memoryBandwidthGBps": 10.0, **FIXED}
+    old, _ = measured.parse(measured.render(facts))
+    assert old.timings is not None and old.timings.hop_seconds == 6.7e-4
+    assert old.timings.products[1] == (8.0, 1.8e-10)
+    assert not measured.worth_writing(old, facts, margin=0.1)
+    slower = {**facts, "layerStepSeconds": 1.4e-4 * 1.5}
+    assert measured.worth_writing(old, slower, margin=0.1)
+    v1, _ = measured.parse(measured.render({"tflops": 0.05, "memoryBandwidthGBps": 10.0}))
+    assert measured.worth_writing(v1, facts, margin=0.1)  # a v2 probe brings new figures
+
+
+def test_a_time_factor_slows_the_fixed_costs_too() -> None:
+    node = with_measured(a_node("m"), tflops=0.05, **FIXED)
+    slowed = live.build_inventory([node.obj], eligibility=ALL, time_factors={"m": 2.0})
+    timings = slowed.inventory.nodes[0].timings
+    assert timings is not None
+    assert timings.layer_seconds == pytest.approx(2.8e-4)
+    assert timings.hop_seconds == pytest.approx(1.34e-3)
+    assert timings.products[0] == pytest.approx((1.0, 9.6e-11))

@@ -54,6 +54,30 @@ class NodeBuilder:
         fields = {k: v for k, v in self.fields.items() if k not in speeds}
         return NodeBuilder(self.name, {**fields, "labels": {**self.labels, **labels}})
 
+    def timings(
+        self,
+        *,
+        layer: float = 0.0,
+        token: float = 0.0,
+        step: float = 0.0,
+        hop: float = 0.0,
+        products: dict[str, float] | None = None,
+    ) -> NodeBuilder:
+        """Fixed costs as the cluster file states them (0: none; see cost.default_timings
+        for a node without them)."""
+        fields = {
+            "layerStepSeconds": layer,
+            "layerTokenSeconds": token,
+            "stepSeconds": step,
+            "hopSeconds": hop,
+        }
+        if products is not None:
+            fields["productSecondsPerByte"] = products
+        return self._with(**fields)
+
+    def no_fixed_costs(self) -> NodeBuilder:
+        return self.timings()
+
     def label(self, key: str, value: str) -> NodeBuilder:
         return self._with(labels={**self.labels, key: value})
 

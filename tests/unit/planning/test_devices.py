@@ -240,13 +240,18 @@ def test_a_jetson_offers_its_memory_once() -> None:
 
 
 def test_gpu_stages_are_costed_at_the_gpus_speed() -> None:
-    cluster = a_cluster(a_node("gpu-1").cloud().memory("8Gi").gpu()).build()
+    cluster = a_cluster(a_node("gpu-1").cloud().memory("8Gi").gpu().no_fixed_costs()).build()
     workload = planner.Workload(max_sequences=1)
     plan = planner.plan_pipeline(BIG, cluster, workload=workload)
     weights = cost.weight_bytes(BIG, 0, BIG.num_layers)
     assert plan.stages[0].compute_seconds == pytest.approx(weights / 300e9)  # L4: 300 GB/s
     labelled = a_cluster(
-        a_node("gpu-1").cloud().memory("8Gi").gpu().label("llmpipe.io/memory-bandwidth-gbps", "150")
+        a_node("gpu-1")
+        .cloud()
+        .memory("8Gi")
+        .gpu()
+        .label("llmpipe.io/memory-bandwidth-gbps", "150")
+        .no_fixed_costs()
     ).build()
     slower = planner.plan_pipeline(BIG, labelled, workload=workload)
     assert slower.stages[0].compute_seconds == pytest.approx(weights / 150e9)
