@@ -34,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -214,13 +215,11 @@ def run_split(
     )
     try:
         load(pipeline, sequences=2, new=4, prompt=args.prompt)  # warm-up
-        before = stage_metrics(pipeline)
-        tokens_per_second = load(
-            pipeline, sequences=args.sequences, new=args.new, prompt=args.prompt
-        )
-        after = stage_metrics(pipeline)
+        window = decode_window(pipeline, sequences=args.sequences, new=args.new, prompt=args.prompt)
+        before, after = window["before"], window["after"]
         return {
-            "tokensPerSecond": tokens_per_second,
+            "tokensPerSecond": window["tokensPerSecond"],
+            "wholeTokensPerSecond": window["wholeTokensPerSecond"],
             "stages": [
                 {
                     "computeSeconds": (after[i][0] - before[i][0])
@@ -235,6 +234,62 @@ def run_split(
     except BaseException:  # Ctrl-C too: never leave stage processes in the namespaces
         pipeline.stop()
         raise
+
+
+def decode_window(
+    pipeline: pipelines.Pipeline, *, sequences: int, new: int, prompt: int
+) -> dict[str, Any]:
+    """`sequences` streamed completions at once; the window opens when every one has its
+    first token (the prefills are over) and closes when all are done: what the cost model's
+    round estimates (decode at S sequences in flight; the prefill is TTFT's)."""
+    first = threading.Barrier(sequences + 1, timeout=900)
+    url = f"{pipeline.base_url}/v1/completions"
+
+    def one(seed: int) -> int:
+        body = {
+            "model": "tiny",
+            "prompt": [3 + (seed * 7 + i) % 250 for i in range(prompt)],
+            "max_tokens": new,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+        }
+        request = urllib.request.Request(
+            url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
+        events = 0
+        with urllib.request.urlopen(request, timeout=900) as reply:
+            for line in reply:
+                if line.startswith(b"data: {"):
+                    events += 1
+                    if events == 1:
+                        first.wait()
+        if events == 0:
+            first.wait()
+        return events
+
+    with ThreadPoolExecutor(sequences) as pool:
+        started = time.perf_counter()
+        futures = [pool.submit(one, i) for i in range(sequences)]
+        first.wait()
+        before, opened, generated = stage_metrics(pipeline), time.perf_counter(), tokens(pipeline)
+        produced = sum(f.result() for f in futures)
+        closed = time.perf_counter()
+        after, generated = stage_metrics(pipeline), tokens(pipeline) - generated
+    return {
+        "tokensPerSecond": generated / (closed - opened),
+        "wholeTokensPerSecond": produced / (closed - started),
+        "before": before,
+        "after": after,
+    }
+
+
+def tokens(pipeline: pipelines.Pipeline) -> float:
+    """Stage 0's `llmpipe_generated_tokens` counter."""
+    url = f"http://{pipeline.host(0)}:{pipeline.http_ports[0]}/metrics"
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    found = re.search(r"^llmpipe_generated_tokens_total(?:\{[^}]*\})? (\S+)$", text, re.M)
+    return float(found[1]) if found else 0.0
 
 
 def load(pipeline: pipelines.Pipeline, *, sequences: int, new: int, prompt: int) -> float:
@@ -308,16 +363,21 @@ def report(
     layout = " ".join(f"{s['node']}[{s['layerStart']},{s['layerEnd']})" for s in plan["stages"])
     micro = cost.micro_batch(workload, len(plan["stages"]))
     print(f"\n{name}: {layout}  (load average {load_average()})")
-    print(f"  tokens/s  estimated {est:7.2f}  measured {got:7.2f}  ({got / est - 1:+.0%})")
+    print(
+        f"  tokens/s (decode window) estimated {est:7.2f}  measured {got:7.2f}  "
+        f"({got / est - 1:+.0%}); whole load incl. prefill {result['wholeTokensPerSecond']:.2f}"
+    )
     for stage, seen in zip(plan["stages"], result["stages"], strict=True):
-        # the plan's estimate is the decode micro-batch of S / K tokens (prefills are a few
-        # micro-batches of the timed window: the measured mean of tokens says how many)
-        estimate = estimated_stage_seconds(profile, inventory, workload, stage, micro)
+        # the estimate at the micro-batch the stage ran (a worker merges the micro-batches
+        # queued for it, so a slow stage past stage 0 runs more than S / K tokens a step),
+        # and at the plan's S / K
+        ran = estimated_stage_seconds(profile, inventory, workload, stage, seen["batchTokens"])
+        planned = estimated_stage_seconds(profile, inventory, workload, stage, micro)
+        took = seen["computeSeconds"]
         print(
-            f"  stage {stage['index']} on {stage['node']:5}: "
-            f"{seen['batchTokens']:5.1f} tokens/micro-batch (decode {micro:.1f}), compute "
-            f"estimated {estimate * 1e3:7.1f} ms, measured {seen['computeSeconds'] * 1e3:7.1f} "
-            f"ms ({seen['computeSeconds'] / estimate - 1:+.0%})"
+            f"  stage {stage['index']} on {stage['node']:5}: {seen['batchTokens']:5.1f} "
+            f"tokens/step: estimated {ran * 1e3:7.1f} ms, measured {took * 1e3:7.1f} ms "
+            f"({took / ran - 1:+.0%}); at S/K = {micro:.1f}: {planned * 1e3:7.1f} ms"
         )
 
 
@@ -441,7 +501,9 @@ def recalibrate(
             "while the plan runs"
         )
         slowed.set_cpus(args.slow_cpus)
-        degraded = load(pipeline, sequences=args.sequences, new=args.new, prompt=args.prompt)
+        degraded = decode_window(
+            pipeline, sequences=args.sequences, new=args.new, prompt=args.prompt
+        )["tokensPerSecond"]
     finally:
         pipeline.stop()
     # the slowed node's next measurement: its scheduled re-measurement, brought forward by

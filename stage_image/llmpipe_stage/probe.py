@@ -186,8 +186,8 @@ its step time is the layer's fixed cost."""
 
 
 def measure_layer_step(*, dtype: str, device: str, seconds: float) -> dict[str, Any]:
-    """f, g, a of the stage runtime's decode step: t(layers, tokens) at (1, 1), (5, 1),
-    (5, 8); f = (t(5,1) - t(1,1)) / 4, g = (t(5,8) - t(5,1)) / (5 x 7), a = t(1,1) - f."""
+    """f, g, h of the stage runtime's decode step: t(layers, tokens) at (1, 1), (5, 1),
+    (5, 8); f = (t(5,1) - t(1,1)) / 4, g = (t(5,8) - t(5,1)) / (5 x 7), h = t(1,1) - f."""
     each = seconds / 3
     one = _decode_step_seconds(layers=1, tokens=1, dtype=dtype, device=device, seconds=each)
     five = _decode_step_seconds(layers=5, tokens=1, dtype=dtype, device=device, seconds=each)

@@ -225,7 +225,7 @@ of the development VM: f = 0.14 ms beside 57.7 GFLOP/s; docs/planning.md)."""
 DEFAULT_LAYER_TOKEN_FLOP = 0.25e6
 """g x CPU FLOP/s: per layer and token of the micro-batch (same run: 4.1 us)."""
 DEFAULT_STEP_FLOP = 17e6
-"""a x CPU FLOP/s: the runtime's work around a step's layers (same run: 0.29 ms)."""
+"""h x CPU FLOP/s: the runtime's work around a step's layers (same run: 0.29 ms)."""
 DEFAULT_HOP_FLOP = 38e6
 """m x CPU FLOP/s: one gRPC message hop, send + receive of a small micro-batch (same run:
 0.67 ms)."""
@@ -308,7 +308,7 @@ def product_seconds_per_byte(
 
 
 def fixed_seconds(node: inv.Node, *, batch: float, layers: int) -> float:
-    """fixed_s(batch) = a + layers x (f + g x batch): what a step of `batch` tokens
+    """fixed_s(batch) = h + layers x (f + g x batch): what a step of `batch` tokens
     over `layers` decoder layers costs whatever their width."""
     t = timings(node)
     return _given(t.step_seconds, 0) + layers * (

@@ -88,7 +88,7 @@ class Timings:
     layer_token_seconds: float | None = None
     """g: seconds per decoder layer per token of the micro-batch beyond the products."""
     step_seconds: float | None = None
-    """a: seconds per step whatever the layers (the runtime's bookkeeping around them)."""
+    """h: seconds per step whatever the layers (the runtime's bookkeeping around them)."""
     hop_seconds: float | None = None
     """m: CPU seconds one message hop costs the node (send + receive of a micro-batch)."""
     products: tuple[tuple[float, float], ...] = ()

@@ -43,6 +43,15 @@ def small_clusters(
             node = node.gpu(product, memory_mib=draw(st.integers(1, 12)) * 512)
         elif kind == "unified":  # a Jetson: the GPU computes out of the node's memory
             node = node.gpu("NVIDIA-Jetson-AGX-Orin", memory_mib=None)
+        timing = draw(st.sampled_from(["default", "none", "measured", "curve"]))
+        if timing != "default":  # default: derived from the compute figure
+            node = node.timings(
+                layer=draw(st.sampled_from([0.0, 1e-4, 5e-3])) if timing != "none" else 0.0,
+                token=draw(st.sampled_from([0.0, 1e-5])) if timing != "none" else 0.0,
+                step=draw(st.sampled_from([0.0, 2e-3])) if timing != "none" else 0.0,
+                hop=draw(st.sampled_from([0.0, 1e-3, 2e-2])) if timing != "none" else 0.0,
+                products=_curve(draw) if timing == "curve" else None,
+            )
         nodes.append(node.uplink(draw(st.sampled_from([10.0, 100.0, 1000.0, 10000.0]))))
     cluster = a_cluster(*nodes)
     if count >= 2 and draw(st.booleans()):
@@ -58,11 +67,17 @@ def small_clusters(
     return cluster.build()
 
 
+def _curve(draw: st.DrawFn) -> dict[str, float]:
+    """A measured product curve, noisy (not monotone) as measurements are."""
+    tokens = draw(st.lists(st.sampled_from([1, 2, 4, 8, 16, 32]), min_size=1, max_size=4))
+    return {str(t): draw(st.sampled_from([5e-12, 5e-11, 2e-10, 1e-9])) for t in tokens}
+
+
 @st.composite
 def workloads(draw: st.DrawFn) -> planner.Workload:
     return planner.Workload(
         objective=draw(st.sampled_from(["throughput", "latency"])),
-        max_sequences=draw(st.sampled_from([1, 4, 64])),
+        max_sequences=draw(st.sampled_from([1, 4, 6, 64])),
         max_context_tokens=draw(st.sampled_from([128, 2048])),
         runtime_overhead_bytes=draw(st.sampled_from([0, 256 * MiB])),
         device=draw(st.sampled_from(["auto", "auto", "cpu", "cuda"])),

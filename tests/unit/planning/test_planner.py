@@ -1,7 +1,10 @@
 """The planner: every layer covered once and in order, memory and placement respected,
 the exact optimum versus brute force on random small instances (both objectives), the
 heuristic above 8 nodes (feasible, never below its lower bound), the lower bound never
-above the true optimum, infeasible inputs named by their shortfall, and the plan JSON."""
+above the true optimum, infeasible inputs named by their shortfall, and the plan JSON;
+the fixed costs and the round of K micro-batches (with a flat CPU product curve a second
+equal stage gains nothing but its messages, with a FLOP-bound roofline it halves the
+round; a node's per-layer fixed cost moves layers off it)."""
 
 from __future__ import annotations
 
@@ -422,3 +425,44 @@ def test_edge_rule_without_any_edge_node() -> None:
             a_profile().build(), cluster, workload=planner.Workload(), placement=placement
         )
     assert raised.value.reason == "last-stage"
+
+
+TWINS = [a_node(n).memory("4Gi").tflops(1).bandwidth(1000).uplink(10000) for n in ("p", "q")]
+
+
+def test_a_flat_product_curve_makes_one_stage_beat_two_equal_ones() -> None:
+    # a CPU whose product of 2 tokens costs what one of 4 does: each of two stages reads its
+    # half of the weights twice per round (two micro-batches of 2), as long as one stage
+    # reading all of them once, and pays its messages on top
+    flat = {"1": 1e-10, "4": 1e-10}
+    cluster = a_cluster(*(n.timings(products=flat, hop=1e-3) for n in TWINS)).build()
+    profile = a_profile(4).build()
+    workload = planner.Workload(max_sequences=4, runtime_overhead_bytes=0)
+    plan = planner.plan_pipeline(profile, cluster, workload=workload)
+    assert len(plan.stages) == 1
+    two = cost.evaluate(profile, cluster, workload, nodes=["p", "q"], bounds=[0, 2, 4])
+    assert two.bottleneck_seconds > plan.bottleneck_seconds
+
+
+def test_a_flop_bound_roofline_makes_two_equal_stages_beat_one() -> None:
+    # 1 TFLOP/s and 1000 GB/s: FLOP-bound at 4 tokens, so halving each stage's weights
+    # halves its step while the tokens per round stay S
+    cluster = a_cluster(*(n.timings() for n in TWINS)).build()
+    profile = a_profile(4).build()
+    workload = planner.Workload(max_sequences=4, runtime_overhead_bytes=0)
+    plan = planner.plan_pipeline(profile, cluster, workload=workload)
+    assert len(plan.stages) == 2
+    assert plan.exact
+
+
+def test_a_per_layer_fixed_cost_moves_layers_off_a_node() -> None:
+    profile = a_profile(8).build()
+    workload = planner.Workload(max_sequences=4, runtime_overhead_bytes=0)
+    even = a_cluster(*(n.timings() for n in TWINS)).build()
+    layers = {s.node: s.layer_end - s.layer_start for s in planner.plan_pipeline(
+        profile, even, workload=workload).stages}  # fmt: skip
+    assert layers == {"p": 4, "q": 4}
+    costly = a_cluster(TWINS[0].timings(layer=2e-3), TWINS[1].timings()).build()
+    layers = {s.node: s.layer_end - s.layer_start for s in planner.plan_pipeline(
+        profile, costly, workload=workload).stages}  # fmt: skip
+    assert layers["p"] < layers["q"]
