@@ -29,7 +29,14 @@ from pathlib import Path
 from typing import Any
 
 CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
-PERIOD_US = 100_000
+PERIOD_US = 10_000
+"""The CFS period of a node's quota: 10 ms (the kernel's default is 100 ms). A quota lets a
+node run at a whole core's speed until its share of the period is spent, then pauses it;
+with 100 ms periods a stage that works 20 ms and waits 80 (any stage but the bottleneck)
+ran at the whole core's speed, not at its share, so a node was a fast CPU paused now and
+then rather than the slower CPU it stands for. A 10 ms period (1 ms of CPU at 0.1 core,
+the kernel's least quota) slices the work finely enough that a step of a few
+milliseconds or more runs at the node's share, busy or not."""
 SHARES = 262_144
 """The largest cpu.shares: on a busy machine a node still gets its whole budget (the quota
 caps it), so a node's CPU is what the cluster file says, not what the neighbours leave."""

@@ -11,6 +11,7 @@ Pure: data in, data out.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -243,7 +244,11 @@ def plan_pipeline(
         raise diagnose(profile, inventory, workload=workload, placement=placement)
     # 3. cost the chosen chain once more, with the one cost model
     costed = problem.evaluate(chain)
-    bound = costed.value(workload.objective) if exact else search.lower_bound(problem)
+    bound = (
+        costed.value(workload.objective)
+        if exact
+        else round_lower_bound(profile, inventory, workload, placement, nodes)
+    )
     chunk = chunking.choose(profile, inventory, workload, costed)
     return dataclasses.replace(
         _plan(costed, workload, exact=exact, lower_bound=bound),
@@ -267,13 +272,45 @@ def exact_chain(
     optimum (docs/planning.md, "How the plan is searched")."""
     if workload.objective == "latency":  # batch 1: no round, no K
         return search.exact(_problem(profile, inventory, workload, placement, nodes))
-    found = [
-        search.exact(
-            _problem(profile, inventory, workload, placement, nodes, micro_batches=k, stages=k)
+    found: list[search.Chain] = []
+    best = math.inf
+    for k in _stage_counts(profile, placement, nodes):
+        # no chain of k or more stages beats the bound at K = k (its cost only grows with
+        # K): past the best found, the larger K cannot win (ties still searched)
+        longer = _problem(profile, inventory, workload, placement, nodes, micro_batches=k)
+        if search.lower_bound(longer) > best:
+            break
+        problem = _problem(
+            profile, inventory, workload, placement, nodes, micro_batches=k, stages=k
         )
-        for k in _stage_counts(profile, placement, nodes)
-    ]
-    return _best(profile, inventory, workload, nodes, [c for c in found if c is not None])
+        chain = search.exact(problem)
+        if chain is not None:
+            found.append(chain)
+            best = min(best, _score(profile, inventory, workload, nodes, chain)[0])
+    return _best(profile, inventory, workload, nodes, found)
+
+
+def round_lower_bound(
+    profile: profiles.ModelProfile,
+    inventory: inv.Inventory,
+    workload: cost.Workload,
+    placement: Placement,
+    nodes: list[inv.Node],
+) -> float:
+    """No chain's objective is below this. Throughput: chains of k in [K, 2K) stages cost
+    at least the bound of rounds of K micro-batches, for K = 1, 2, 4, ...; the least of
+    those bounds."""
+    if workload.objective == "latency":
+        return search.lower_bound(_problem(profile, inventory, workload, placement, nodes))
+    counts = _stage_counts(profile, placement, nodes)
+    bounds, k = [], 1
+    while k <= counts.stop - 1:
+        problem = _problem(
+            profile, inventory, workload, placement, nodes, micro_batches=k, stages=2 * k - 1
+        )
+        bounds.append(search.lower_bound(problem))
+        k *= 2
+    return min(bounds)
 
 
 def _heuristic_chain(
@@ -321,13 +358,21 @@ def _best(
     if not chains:
         return None
 
-    def score(chain: search.Chain) -> tuple[float, float]:
-        names = [nodes[i].name for i in chain.nodes]
-        costed = cost.evaluate(profile, inventory, workload, nodes=names, bounds=chain.bounds)
-        pair = (costed.bottleneck_seconds, costed.token_latency_seconds)
-        return pair if workload.objective == "throughput" else (pair[1], pair[0])
+    return min(chains, key=lambda chain: _score(profile, inventory, workload, nodes, chain))
 
-    return min(chains, key=score)
+
+def _score(
+    profile: profiles.ModelProfile,
+    inventory: inv.Inventory,
+    workload: cost.Workload,
+    nodes: list[inv.Node],
+    chain: search.Chain,
+) -> tuple[float, float]:
+    """(objective, other objective) of the chain at its own stage count."""
+    names = [nodes[i].name for i in chain.nodes]
+    costed = cost.evaluate(profile, inventory, workload, nodes=names, bounds=chain.bounds)
+    pair = (costed.bottleneck_seconds, costed.token_latency_seconds)
+    return pair if workload.objective == "throughput" else (pair[1], pair[0])
 
 
 def eligible_nodes(
