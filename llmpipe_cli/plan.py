@@ -279,7 +279,8 @@ def render_table(
     workload: planner.Workload,
 ) -> str:
     """The plan at a glance: one row per stage, the bottleneck marked, then the totals."""
-    batch = workload.max_sequences if plan.objective == "throughput" else 1
+    count = len(plan.stages)
+    batch = cost.micro_batch(workload, count) if plan.objective == "throughput" else 1
     header = [
         "STAGE",
         "NODE",
@@ -322,12 +323,13 @@ def render_table(
     title = (
         f"{profile.name}: {profile.num_layers} layers, "
         f"{cost.human_bytes(profile.total_weight_bytes)} of weights; objective {plan.objective}; "
-        f"times per step at batch {batch}"
+        f"times per step of {batch:.3g} sequences"
     )
+    rounds = f"{count} micro-batches" if count > 1 else "one batch"
     summary = [
         f"estimated throughput: {plan.est_tokens_per_second:.1f} tokens/s "
-        f"({workload.max_sequences} sequences in flight, bottleneck "
-        f"{plan.bottleneck_seconds * 1e3:.2f} ms per step)",
+        f"({workload.max_sequences} sequences in flight as {rounds}, "
+        f"{plan.bottleneck_seconds * 1e3:.2f} ms per round)",
         f"token latency: {plan.token_latency_seconds * 1e3:.2f} ms",
         _first_token_note(plan, workload),
         _search_note(plan, cluster, profile=profile, workload=workload),
