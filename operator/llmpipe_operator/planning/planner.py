@@ -321,14 +321,14 @@ def _heuristic_chain(
     nodes: list[inv.Node],
     settings: search.SearchSettings,
 ) -> search.Chain | None:
-    """The heuristic at K = 1, then at the stage count of what it found (at most three
-    rounds, until the count repeats); the best of those chains."""
+    """The heuristic at K = 1, then once more at the stage count of what it found; the
+    better of the two chains."""
     if workload.objective == "latency":
         problem = _problem(profile, inventory, workload, placement, nodes)
         return search.heuristic(problem, settings)
     found: list[search.Chain] = []
     count, tried = 1, set[int]()
-    while count not in tried and len(tried) < 3:
+    while count not in tried and len(tried) < 2:
         tried.add(count)
         problem = _problem(profile, inventory, workload, placement, nodes, micro_batches=count)
         chain = search.heuristic(problem, settings)
