@@ -104,6 +104,8 @@ class ModelSpec:
     dtype: str = "auto"
     """auto: each stage's device picks (bfloat16 where a GPU or CPU runs it natively,
     float16 on GPUs without it, e.g. a T4); a dtype named here applies to every stage."""
+    quantization: str = "none"
+    """int8: weight-only int8 projections (CPU stages); planned at their int8 byte size."""
 
     @property
     def planned_dtype(self) -> str:
@@ -245,7 +247,10 @@ class PipelineSpec:
         """The planner's view of the model (exact per-layer byte sizes from config.json)."""
         try:
             return profiles.from_config(
-                self.model.config, dtype=self.model.planned_dtype, name=self.model.name
+                self.model.config,
+                dtype=self.model.planned_dtype,
+                name=self.model.name,
+                quantization=self.model.quantization,
             )
         except (ValueError, KeyError, TypeError) as error:
             raise SpecError(f"spec.model.config: {error}") from error
@@ -275,6 +280,7 @@ def _parse_model(raw: Mapping[str, Any]) -> ModelSpec:
         source=_parse_source(_object(raw, "source", where, required=True)),
         config=dict(config),
         dtype=_choice(raw, "dtype", where, DTYPES, default="auto"),
+        quantization=_choice(raw, "quantization", where, profiles.QUANTIZATIONS, default="none"),
     )
 
 

@@ -21,6 +21,21 @@ from llmpipe_stage import api_requests
 from llmpipe_stage import config as stage_config
 
 
+OMP_WAIT_POLICY = "PASSIVE"
+"""The stage's OpenMP wait policy unless the environment sets one. With the default
+(active) policy an idle OpenMP thread spins for a while after every parallel region; when
+the stage shares its cores (other stages of `llmpipe serve`, other pods, a CPU limit) the
+spinning threads take the time the working thread needs, and a 2-thread decode step on a
+loaded 2-core machine took 7x the CPU time and up to 14x the wall time of the passive
+policy's (docs/benchmarks.md, "Decode speed")."""
+
+
+def sleep_between_parallel_regions() -> None:
+    """Set OMP_WAIT_POLICY before torch (and its OpenMP runtime) is loaded; a value the
+    environment gives wins."""
+    os.environ.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY)
+
+
 def _add_placement(parser: argparse.ArgumentParser) -> None:
     """Which stage this is, of which plan and model, and where it listens."""
     parser.add_argument(
@@ -187,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    sleep_between_parallel_regions()
     from llmpipe_stage import server  # imports torch; after argument errors are reported
 
     settings = server.StageSettings(

@@ -14,10 +14,19 @@ attention), so greedy tokens equal transformers'.
 Weight-only int8 (`quantize="int8"`): every projection weight becomes int8 with one scale
 per output row (symmetric, max |w| / 127) and runs through `aten._weight_int8pack_mm`
 (activations bf16): half the bytes of bf16 per token.
+
+bfloat16 weights on a CPU are packed once at load into oneDNN's blocked layout
+(`PackedProjection`): torch's plain `linear` reads a bf16 weight at about 10-12 GB/s per
+core on the benchmark CPU, the packed product at 15-21 GB/s (docs/benchmarks.md, "Decode
+speed"), for one token and for a few. The prompt path (transformers' layers) calls q, k
+and v one after another on the same input; over a packed q|k|v the first call computes the
+fused product and the others take their columns of it (`SharedRows`), so no weight is held
+twice and a prompt still costs one product per fused weight.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -65,6 +74,86 @@ class Projection(nn.Module):
         return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
 
+class PackedProjection(Projection):
+    """y = x W^T + b with W in oneDNN's packed layout (CPU, bfloat16 or float16)."""
+
+    def __init__(self, plain: Projection, *, batch_hint: int) -> None:
+        weight = plain.weight
+        super().__init__(
+            torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint), plain.bias, None
+        )
+        self.shape = (int(weight.shape[0]), int(weight.shape[1]))
+        self.views = 0
+        self.memo: tuple[torch.Tensor, torch.Tensor, set[tuple[int, int]]] | None = None
+
+    @property
+    def out_features(self) -> int:
+        return self.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y: torch.Tensor = torch.ops.mkldnn._linear_pointwise(
+            x, self.weight, self.bias, "none", [], ""
+        )
+        return y
+
+    def rows(self, start: int, end: int) -> SharedRows:  # type: ignore[override]
+        self.views += 1
+        return SharedRows(self, start, end)
+
+    def columns_of(self, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Output columns [start, end) for input x, computing the product once per input
+        while the row views take their parts in turn."""
+        memo = self.memo
+        if memo is None or memo[0] is not x or (start, end) in memo[2]:
+            memo = self.memo = (x, self(x), set())
+        memo[2].add((start, end))
+        if len(memo[2]) >= self.views:
+            self.memo = None  # every view took its part: hold no activations
+        return memo[1][..., start:end]
+
+    def nbytes(self) -> int:
+        bias = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
+        return self.shape[0] * self.shape[1] * self.weight.element_size() + bias
+
+
+class SharedRows(nn.Module):
+    """Rows [start, end) of a packed projection, as transformers' layer calls them."""
+
+    def __init__(self, parent: PackedProjection, start: int, end: int) -> None:
+        super().__init__()
+        self.parent = [parent]  # a list: not registered as a submodule (no second owner)
+        self.start, self.end = start, end
+
+    @property
+    def out_features(self) -> int:
+        return self.end - self.start
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.parent[0].columns_of(x, self.start, self.end)
+
+
+def packable(weight: torch.Tensor) -> bool:
+    """Whether `weight` goes through oneDNN's packed product: a 16-bit float on a CPU whose
+    oneDNN build takes it (checked by packing a tiny weight once)."""
+    if weight.device.type != "cpu" or weight.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if weight.dtype not in _PACKABLE:
+        try:
+            probe = torch.ops.mkldnn._reorder_linear_weight(
+                torch.zeros(8, 8, dtype=weight.dtype), 1
+            )
+            torch.ops.mkldnn._linear_pointwise(
+                torch.zeros(1, 8, dtype=weight.dtype), probe, None, "none", [], ""
+            )
+            _PACKABLE[weight.dtype] = True
+        except (RuntimeError, AttributeError):
+            _PACKABLE[weight.dtype] = False
+    return _PACKABLE[weight.dtype]
+
+
+_PACKABLE: dict[torch.dtype, bool] = {}
+
+
 def quantize_int8(
     weight: torch.Tensor, *, scale_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,6 +170,7 @@ def projection(
     *,
     quantize: str,
     dtype: torch.dtype,
+    pack_for: int = 0,
 ) -> Projection:
     """One projection over the concatenated rows of `weights` (freed as they are joined).
 
@@ -101,7 +191,10 @@ def projection(
     if quantize == "int8":
         q, scales = quantize_int8(weight, scale_dtype=dtype)
         return Projection(q, None if bias is None else bias.to(dtype), scales)
-    return Projection(weight, bias)
+    plain = Projection(weight, bias)
+    if pack_for and packable(weight):
+        return PackedProjection(plain, batch_hint=pack_for)
+    return plain
 
 
 @dataclass
@@ -121,24 +214,48 @@ class FusedLayer:
     act: Callable[[torch.Tensor], torch.Tensor]
 
 
-def fuse_layer(layer: Any, *, heads: int, kv_heads: int, quantize: str) -> FusedLayer:
-    """Fuse q|k|v and gate|up, quantize when asked, and re-point the layer's own projection
+class Fuser:
+    """Fuses each decoder layer as the loader builds it (`loading.build_slice(on_layer=)`),
+    so a quantized stage holds one layer's float weights at a time while loading."""
+
+    def __init__(self, *, quantize: str, pack_for: int = 0) -> None:
+        self.quantize = quantize
+        self.pack_for = pack_for
+        self.layers: list[FusedLayer] = []
+
+    def __call__(self, layer: nn.Module) -> None:
+        attn: Any = layer.self_attn
+        config = attn.config
+        heads = int(config.num_attention_heads)
+        kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+        self.layers.append(
+            fuse_layer(
+                layer,
+                heads=heads,
+                kv_heads=kv_heads,
+                quantize=self.quantize,
+                pack_for=self.pack_for,
+            )
+        )
+
+
+def fuse_layer(
+    layer: Any, *, heads: int, kv_heads: int, quantize: str, pack_for: int = 0
+) -> FusedLayer:
+    """Fuse q|k|v and gate|up, quantize when asked (or pack 16-bit weights for oneDNN when
+    `pack_for`, the usual decode batch, is set), and re-point the layer's own projection
     modules at row views of the fused weights (prompts keep running through the layer)."""
     attn, mlp = layer.self_attn, layer.mlp
     dtype = attn.q_proj.weight.dtype
     head_dim = int(attn.head_dim)
     parts = [attn.q_proj, attn.k_proj, attn.v_proj]
-    qkv = projection(
-        [p.weight for p in parts], [p.bias for p in parts], quantize=quantize, dtype=dtype
+    make = functools.partial(projection, quantize=quantize, dtype=dtype, pack_for=pack_for)
+    qkv = make([p.weight for p in parts], [p.bias for p in parts])
+    gate_up = make(
+        [mlp.gate_proj.weight, mlp.up_proj.weight], [mlp.gate_proj.bias, mlp.up_proj.bias]
     )
-    gate_up = projection(
-        [mlp.gate_proj.weight, mlp.up_proj.weight],
-        [mlp.gate_proj.bias, mlp.up_proj.bias],
-        quantize=quantize,
-        dtype=dtype,
-    )
-    out = projection([attn.o_proj.weight], [attn.o_proj.bias], quantize=quantize, dtype=dtype)
-    down = projection([mlp.down_proj.weight], [mlp.down_proj.bias], quantize=quantize, dtype=dtype)
+    out = make([attn.o_proj.weight], [attn.o_proj.bias])
+    down = make([mlp.down_proj.weight], [mlp.down_proj.bias])
     q_rows, kv_rows = heads * head_dim, kv_heads * head_dim
     attn.q_proj = qkv.rows(0, q_rows)
     attn.k_proj = qkv.rows(q_rows, q_rows + kv_rows)

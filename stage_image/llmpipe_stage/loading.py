@@ -15,7 +15,7 @@ import json
 import os
 import stat
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -180,6 +180,41 @@ def needed_keys(
     return list(dict.fromkeys(wanted))
 
 
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor's bytes lie in its safetensors file."""
+
+    path: Path
+    key: str
+    stored: torch.dtype
+    begin: int  # absolute file offsets [begin, end)
+    end: int
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+def tensor_entries(keys: dict[str, Path], wanted: list[str]) -> Iterator[TensorEntry]:
+    """The wanted tensors, file by file (each file's header read once, each file checked
+    readable), with their stored dtype, absolute byte range and shape. Both readers walk
+    this, the host one and the device one."""
+    by_file: dict[Path, list[str]] = {}
+    for key in wanted:
+        by_file.setdefault(keys[key], []).append(key)
+    for path, file_keys in by_file.items():
+        require_readable(path)
+        header, data_start = safetensors_header(path)
+        for key in file_keys:
+            entry = header[key]
+            stored = SAFETENSORS_DTYPES.get(str(entry["dtype"]))
+            if stored is None:
+                raise LoadError(f"{path}: tensor {key} has dtype {entry['dtype']}")
+            begin, end = (data_start + int(x) for x in entry["data_offsets"])
+            yield TensorEntry(path, key, stored, begin, end, tuple(int(d) for d in entry["shape"]))
+
+
 def read_tensors(
     keys: dict[str, Path],
     wanted: list[str],
@@ -197,32 +232,27 @@ def read_tensors(
     float32 file loaded as bfloat16 peaked at about 2x the slice (docs/benchmarks.md,
     "Peer benchmark"). The page cache still holds what the kernel read; it is not ours.
     """
-    by_file: dict[Path, list[str]] = {}
-    for key in wanted:
-        by_file.setdefault(keys[key], []).append(key)
     out: dict[str, torch.Tensor] = {}
-    for path, file_keys in by_file.items():
-        require_readable(path)
-        header, data_start = safetensors_header(path)
-        with path.open("rb", buffering=0) as file:
-            for key in file_keys:
-                entry = header[key]
-                stored = SAFETENSORS_DTYPES.get(str(entry["dtype"]))
-                if stored is None:
-                    raise LoadError(f"{path}: tensor {key} has dtype {entry['dtype']}")
-                begin, end = (int(x) for x in entry["data_offsets"])
-                shape = [int(d) for d in entry["shape"]]
-                raw = torch.empty(end - begin, dtype=torch.uint8)
-                view, done = raw.numpy().data, 0
-                file.seek(data_start + begin)
-                while done < len(view):  # one read(2) returns at most ~2 GiB
-                    count = file.readinto(view[done:])
-                    if not count:
-                        raise LoadError(f"{path}: tensor {key} is cut short")
-                    done += count
-                out[key] = raw.view(stored).reshape(shape).to(dtype)
-                if progress is not None:
-                    progress(len(out), len(wanted))
+    files: dict[Path, Any] = {}
+    try:
+        for entry in tensor_entries(keys, wanted):
+            file = files.get(entry.path)
+            if file is None:
+                file = files[entry.path] = entry.path.open("rb", buffering=0)
+            raw = torch.empty(entry.nbytes, dtype=torch.uint8)
+            view, done = raw.numpy().data, 0
+            file.seek(entry.begin)
+            while done < len(view):  # one read(2) returns at most ~2 GiB
+                count = file.readinto(view[done:])
+                if not count:
+                    raise LoadError(f"{entry.path}: tensor {entry.key} is cut short")
+                done += count
+            out[entry.key] = raw.view(entry.stored).reshape(entry.shape).to(dtype)
+            if progress is not None:
+                progress(len(out), len(wanted))
+    finally:
+        for file in files.values():
+            file.close()
     return out
 
 
@@ -263,36 +293,31 @@ def read_tensors_to_device(
     a chunk at a time: host memory holds one chunk, never a tensor or the slice (the page
     cache holds what the kernel read, as for any file read, and it is not this process's).
     """
-    by_file: dict[Path, list[str]] = {}
-    for key in wanted:
-        by_file.setdefault(keys[key], []).append(key)
     on_gpu = device.type == "cuda"
     staging = torch.empty(STAGING_BYTES, dtype=torch.uint8, pin_memory=on_gpu)
     window = staging.numpy().data
     out: dict[str, torch.Tensor] = {}
-    for path, file_keys in by_file.items():
-        require_readable(path)
-        header, data_start = safetensors_header(path)
-        with path.open("rb", buffering=0) as file:
-            for key in file_keys:
-                entry = header[key]
-                stored = SAFETENSORS_DTYPES.get(str(entry["dtype"]))
-                if stored is None:
-                    raise LoadError(f"{path}: tensor {key} has dtype {entry['dtype']}")
-                begin, end = (int(x) for x in entry["data_offsets"])
-                shape = [int(d) for d in entry["shape"]]
-                raw = torch.empty(end - begin, dtype=torch.uint8, device=device)
-                for offset in range(0, raw.numel(), STAGING_BYTES):
-                    count = min(STAGING_BYTES, raw.numel() - offset)
-                    file.seek(data_start + begin + offset)
-                    if file.readinto(window[:count]) != count:
-                        raise LoadError(f"{path}: tensor {key} is cut short")
-                    raw[offset : offset + count].copy_(staging[:count], non_blocking=on_gpu)
-                    if on_gpu:
-                        torch.cuda.current_stream(device).synchronize()  # staging is reused
-                out[key] = raw.view(stored).reshape(shape).to(dtype)
-                if progress is not None:
-                    progress(len(out), len(wanted))
+    files: dict[Path, Any] = {}
+    try:
+        for entry in tensor_entries(keys, wanted):
+            file = files.get(entry.path)
+            if file is None:
+                file = files[entry.path] = entry.path.open("rb", buffering=0)
+            raw = torch.empty(entry.nbytes, dtype=torch.uint8, device=device)
+            for offset in range(0, raw.numel(), STAGING_BYTES):
+                count = min(STAGING_BYTES, raw.numel() - offset)
+                file.seek(entry.begin + offset)
+                if file.readinto(window[:count]) != count:
+                    raise LoadError(f"{entry.path}: tensor {entry.key} is cut short")
+                raw[offset : offset + count].copy_(staging[:count], non_blocking=on_gpu)
+                if on_gpu:
+                    torch.cuda.current_stream(device).synchronize()  # staging is reused
+            out[entry.key] = raw.view(entry.stored).reshape(entry.shape).to(dtype)
+            if progress is not None:
+                progress(len(out), len(wanted))
+    finally:
+        for file in files.values():
+            file.close()
     return out
 
 
@@ -307,9 +332,14 @@ def build_slice(
     attn_implementation: str = "sdpa",
     progress: Callable[[int, int], None] | None = None,
     device: torch.device | None = None,
+    on_layer: Callable[[nn.Module], None] | None = None,
 ) -> StageSlice:
     """Load the stage's modules from `model_dir` onto `device` (default the CPU); only its
-    own tensors are read."""
+    own tensors are read.
+
+    Layers are read one at a time, and `on_layer` gets each one as soon as it is built,
+    before the next is read: the runtime fuses (and quantizes) it there, so the float copy
+    a quantized stage starts from is one layer at a time, never the slice."""
     device = device or CPU
     config = load_config(model_dir)
     config._attn_implementation = attn_implementation
@@ -329,22 +359,40 @@ def build_slice(
         has_embedding=has_embedding,
         has_head=has_head,
     )
-    if device.type == "cpu":
-        tensors = read_tensors(keys, wanted, dtype=dtype, progress=progress)
-    else:
-        tensors = read_tensors_to_device(
-            keys, wanted, dtype=dtype, device=device, progress=progress
-        )
+    done = 0
+
+    def read(group: list[str]) -> dict[str, torch.Tensor]:
+        nonlocal done
+        before = done
+
+        def step(count: int, _total: int) -> None:
+            if progress is not None:
+                progress(before + count, len(wanted))
+
+        if device.type == "cpu":
+            tensors = read_tensors(keys, group, dtype=dtype, progress=step)
+        else:
+            tensors = read_tensors_to_device(keys, group, dtype=dtype, device=device, progress=step)
+        done += len(group)
+        return tensors
 
     layers = nn.ModuleList()
     for index in range(layer_start, layer_end):
+        prefix = f"model.layers.{index}."
+        state = {
+            k[len(prefix) :]: v
+            for k, v in read([k for k in wanted if k.startswith(prefix)]).items()
+        }
         with torch.device("meta"):
             layer = getattr(classes, family.decoder_layer)(config, layer_idx=index)
-        prefix = f"model.layers.{index}."
-        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         layer.load_state_dict(state, strict=True, assign=True)
-        layers.append(layer.eval())
+        del state
+        layer = layer.eval()
+        if on_layer is not None:
+            on_layer(layer)
+        layers.append(layer)
 
+    tensors = read([k for k in wanted if not k.startswith("model.layers.")])
     embed = None
     if has_embedding:
         weight = tensors[EMBED_KEY]

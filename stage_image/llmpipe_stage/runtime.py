@@ -268,7 +268,10 @@ class StageRuntime:
         context_limit: int,
         max_sequences: int = 16,
         quantization: str = "none",
+        fused: list[decode.FusedLayer] | None = None,
     ) -> None:
+        """`fused`: the slice's layers already fused by a `decode.Fuser` while loading
+        (`server.load_runtime`); without it they are fused here."""
         if quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization {quantization!r} is not one of {QUANTIZATIONS}")
         self.stage = stage
@@ -279,14 +282,24 @@ class StageRuntime:
         config = stage.config
         heads = int(config.num_attention_heads)
         kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
-        self.fused = [
-            decode.fuse_layer(layer, heads=heads, kv_heads=kv_heads, quantize=quantization)
-            for layer in stage.layers
-        ]
+        if fused is None:
+            fuser = decode.Fuser(quantize=quantization, pack_for=max_sequences)
+            for layer in stage.layers:
+                fuser(layer)
+            fused = fuser.layers
+        self.fused = fused
         self.head: decode.Projection | None = None
         if stage.head_weight is not None:
+            tied = (
+                stage.embed is not None
+                and stage.head_weight.data_ptr() == stage.embed.weight.data_ptr()
+            )
             self.head = decode.projection(
-                [stage.head_weight], [None], quantize=quantization, dtype=stage.dtype
+                [stage.head_weight],
+                [None],
+                quantize=quantization,
+                dtype=stage.dtype,
+                pack_for=0 if tied else max_sequences,  # packing a tied head would copy it
             )
         head_dim = self.fused[0].head_dim if self.fused else 1
         self.pool = SlotPool(
@@ -311,7 +324,8 @@ class StageRuntime:
             total += self.head.nbytes()
         if self.stage.embed is not None:
             weight = self.stage.embed.weight
-            if self.head is None or weight.data_ptr() != self.head.weight.data_ptr():
+            packed = isinstance(self.head, decode.PackedProjection)
+            if self.head is None or packed or weight.data_ptr() != self.head.weight.data_ptr():
                 total += weight.numel() * weight.element_size()
         return total
 

@@ -25,7 +25,7 @@ from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
-from llmpipe_stage import api_requests, devices, gateway, loading, tls
+from llmpipe_stage import api_requests, decode, devices, gateway, loading, tls
 from llmpipe_stage.backend import Head, Ledger, LoadProgress, Parts, Timeouts, Worker
 from llmpipe_stage.config import PipelineConfig
 from llmpipe_stage.coordinator import CoordinatorSettings
@@ -183,6 +183,11 @@ def load_runtime(process: Process) -> StageRuntime:
             f"{config.num_hidden_layers}"
         )
     plan = settings.pipeline.stages[settings.stage_index]
+    # Each layer is fused (quantized, packed) as soon as it is read: the float copy of an
+    # int8 stage is one layer at a time.
+    fuser = decode.Fuser(
+        quantize=settings.pipeline.quantization, pack_for=settings.pipeline.max_sequences
+    )
     stage_slice = loading.build_slice(
         settings.model_dir,
         layer_start=plan.layer_start,
@@ -193,6 +198,7 @@ def load_runtime(process: Process) -> StageRuntime:
         attn_implementation=settings.attn_implementation,
         progress=on_progress,
         device=placement.device,
+        on_layer=fuser,
     )
     limit = min(loading.context_limit(stage_slice.config), settings.pipeline.max_context_tokens)
     return StageRuntime(
@@ -200,6 +206,7 @@ def load_runtime(process: Process) -> StageRuntime:
         context_limit=limit,
         max_sequences=settings.pipeline.max_sequences,
         quantization=settings.pipeline.quantization,
+        fused=fuser.layers,
     )
 
 

@@ -75,3 +75,22 @@ def test_int8_weights_are_half_of_bfloat16(smollm2_dir: Path) -> None:
     layers_int8 = sum(p.nbytes() for f in int8.fused for p in (f.qkv, f.out, f.gate_up, f.down))
     assert layers_int8 < 0.51 * layers_bf16
     assert all(f.qkv.weight.dtype == torch.int8 for f in int8.fused)
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "qwen2-tied"])
+def test_the_planner_sizes_int8_at_the_bytes_the_stage_holds(tmp_path: Path, family: str) -> None:
+    """spec.model.quantization int8: the profile's bytes (layers + embeddings + head) equal
+    what an int8 stage of the whole model computes with, byte for byte (untied Llama;
+    Qwen2 with q/k/v biases and tied embeddings: the head is its own int8 copy)."""
+    import json
+
+    from llmpipe_operator.planning import profiles
+    from tests.dataplane import pipelines
+
+    model_dir = pipelines.write_family(tmp_path, family)
+    config = json.loads((model_dir / "config.json").read_text())
+    profile = profiles.from_config(config, dtype="bfloat16", quantization="int8")
+    stage = whole_model(model_dir, dtype=torch.bfloat16, quantization="int8")
+    planned = sum(profile.layer_bytes) + profile.embed_bytes + profile.head_bytes
+    assert planned == stage.weight_bytes()
+    assert profile.weight_bytes_per_param == 1

@@ -55,6 +55,12 @@ def plan_hash(plan: Mapping[str, Any], spec: spec_mod.PipelineSpec) -> str:
             "name": spec.model.name,
             "dtype": spec.model.dtype,
             "source": repr(spec.model.source),
+            # only when set, so a default spec keeps the hash it had before the field
+            **(
+                {"quantization": spec.model.quantization}
+                if spec.model.quantization != "none"
+                else {}
+            ),
         },
         "workload": {
             "maxSequences": spec.workload.max_sequences,

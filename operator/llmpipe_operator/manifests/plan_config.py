@@ -32,6 +32,8 @@ def build_pipeline_config(
         max_context_tokens=spec.workload.max_context_tokens,
         prefill_chunk_tokens=prefill_chunk_tokens(spec, plan),
         speculation=spec.workload.speculation,
+        # written only when set: a default spec's pipeline.json stays as it was
+        quantization=None if spec.model.quantization == "none" else spec.model.quantization,
         addresses=[
             (int(stage["index"]), names.stage_address(pipeline, digest, int(stage["index"])))
             for stage in plan["stages"]

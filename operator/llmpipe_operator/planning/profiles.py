@@ -170,26 +170,51 @@ def config_dtype(config: Mapping[str, Any]) -> str:
     return normalize_dtype(str(declared))
 
 
+QUANTIZATIONS = ("none", "int8")
+"""`spec.model.quantization`: int8 stores every projection weight (q, k, v, o, the MLP's
+and the LM head) as one byte per weight plus one `dtype` scale per output row; norms,
+biases and the token embeddings stay in `dtype`."""
+
+
 def from_config(
-    config: Mapping[str, Any], *, dtype: str | None = None, name: str | None = None
+    config: Mapping[str, Any],
+    *,
+    dtype: str | None = None,
+    name: str | None = None,
+    quantization: str = "none",
 ) -> ModelProfile:
-    """The profile of a Hugging Face config, with weights stored in `dtype`.
+    """The profile of a Hugging Face config, with weights stored in `dtype` (or, quantized,
+    at the byte size the stage holds them in).
 
     `dtype` defaults to the config's own dtype. Sizes are exact for the supported
-    families: they equal what `save_pretrained` writes into the safetensors headers.
+    families: they equal what `save_pretrained` writes into the safetensors headers, and
+    for int8 what the stage's quantized projections take.
     """
+    if quantization not in QUANTIZATIONS:
+        raise ProfileError(f"unknown quantization {quantization!r} (known: {QUANTIZATIONS})")
     dims = _Dims.of(config)
     element = DTYPE_BYTES[normalize_dtype(dtype) if dtype else config_dtype(config)]
+    layer = dims.layer_params() * element
+    head = dims.head_params() * element
+    per_param = element
+    if quantization == "int8":
+        if dims.family == "gpt2":
+            raise ProfileError("int8 quantization is not supported for gpt2-family models")
+        params, rows = dims.projections()
+        # each projection weight: element bytes -> 1 byte, plus one scale per output row
+        layer -= params * (element - 1) - rows * element
+        head -= dims.vocab * dims.hidden * (element - 1) - dims.vocab * element
+        per_param = 1
     return ModelProfile(
         name=name or _config_name(config),
         num_layers=dims.num_layers,
         hidden_size=dims.hidden,
-        layer_bytes=(dims.layer_params() * element,) * dims.num_layers,
+        layer_bytes=(layer,) * dims.num_layers,
         embed_bytes=dims.embed_params() * element,
-        head_bytes=dims.head_params() * element,
+        head_bytes=head,
         kv_bytes_per_token_per_layer=dims.kv_elements_per_token() * element,
         activation_bytes=element,
-        weight_bytes_per_param=element,
+        weight_bytes_per_param=per_param,
     )
 
 
@@ -360,6 +385,13 @@ class _Dims:
         attention += 2 * self.head_dim * self.qk_norm
         mlp = 3 * h * self.intermediate + (2 * self.intermediate + h) * self.mlp_bias
         return attention + mlp + 2 * h  # input and post-attention RMSNorm weights
+
+    def projections(self) -> tuple[int, int]:
+        """(weights, output rows) of one Llama-style layer's projections: q, k, v, o, gate,
+        up, down."""
+        h, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        weights = h * q + 2 * h * kv + q * h + 3 * h * self.intermediate
+        return weights, q + 2 * kv + h + 2 * self.intermediate + h
 
     def embed_params(self) -> int:
         return (self.vocab + self.positions) * self.hidden

@@ -40,6 +40,7 @@ def crd_spec_schema() -> dict[str, Any]:
 
 PARSED = {
     ("model", "dtype"): lambda s: s.model.dtype,
+    ("model", "quantization"): lambda s: s.model.quantization,
     ("placement", "firstStage"): lambda s: s.placement.first_stage,
     ("placement", "lastStage"): lambda s: s.placement.last_stage,
     ("workload", "objective"): lambda s: s.workload.objective,
@@ -263,3 +264,35 @@ def test_node_selector_entries_must_be_label_keys_and_values(selector: dict[str,
     ) as raised:
         spec_mod.parse_spec(body)
     assert len(str(raised.value)) < 300
+
+
+def test_int8_quantization_is_planned_at_its_byte_size_and_reaches_the_stages() -> None:
+    from llmpipe_operator.manifests import names, plan_config
+
+    plain = a_spec().parsed()
+    builder = a_spec()
+    builder.raw["model"]["quantization"] = "int8"
+    int8 = builder.parsed()
+    assert int8.model.quantization == "int8"
+    # bfloat16 -> int8 projections: about half the layer bytes (norms and scales stay 2 B)
+    ratio = sum(int8.profile().layer_bytes) / sum(plain.profile().layer_bytes)
+    assert 0.5 < ratio < 0.56, ratio
+    assert int8.profile().embed_bytes == plain.profile().embed_bytes  # embeddings stay bf16
+    ref = names.PipelineRef("default", "p", "uid")
+    plan = {"stages": [{"index": 0}]}
+    assert (
+        plan_config.build_pipeline_config(ref, int8, plan, digest="d")["model"]["quantization"]
+        == "int8"
+    )
+    assert (
+        "quantization"
+        not in plan_config.build_pipeline_config(ref, plain, plan, digest="d")["model"]
+    )
+    assert names.plan_hash(plan, int8) != names.plan_hash(plan, plain)
+
+
+def test_unknown_quantization_is_refused() -> None:
+    builder = a_spec()
+    builder.raw["model"]["quantization"] = "int4"
+    with pytest.raises(spec_mod.SpecError, match="quantization"):
+        builder.parsed()

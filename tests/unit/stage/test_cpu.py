@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
+import pytest
+
 from llmpipe_stage import cpu
 
 ZEN4 = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 avx512_vnni\n"
@@ -26,3 +30,16 @@ def test_float32_elsewhere() -> None:
 def test_flags_are_whole_words() -> None:
     assert cpu.cpu_flags("flags : avx512_bf16x foo\n") == {"avx512_bf16x", "foo"}
     assert not cpu.native_bf16("flags : avx512_bf16x\n")
+
+
+def test_stage_sets_a_passive_openmp_wait_policy_unless_the_environment_has_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from llmpipe_stage import __main__ as stage_main
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    stage_main.sleep_between_parallel_regions()
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    stage_main.sleep_between_parallel_regions()
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
