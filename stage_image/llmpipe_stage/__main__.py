@@ -20,7 +20,6 @@ from pathlib import Path
 from llmpipe_stage import api_requests
 from llmpipe_stage import config as stage_config
 
-
 OMP_WAIT_POLICY = "PASSIVE"
 """The stage's OpenMP wait policy unless the environment sets one. With the default
 (active) policy an idle OpenMP thread spins for a while after every parallel region; when
