@@ -350,6 +350,10 @@ def wait_http(url: str, process: subprocess.Popen[bytes], *, timeout: float = 90
     raise RuntimeError(f"{url} not ready after {timeout} s")
 
 
+LLMPIPE_ARGS: list[str] = []
+"""Extra `llmpipe serve` flags for every llmpipe start (`--llmpipe-args`)."""
+
+
 def start_llmpipe(model: Path, *, stages: int, precision: str, threads: int, log: Path) -> System:
     port = free_block(stages)
     grpc_port = free_block(stages + 40) + 20
@@ -361,6 +365,7 @@ def start_llmpipe(model: Path, *, stages: int, precision: str, threads: int, log
         "--quantization", quantization, "--threads", str(threads),
         "--port", str(port), "--grpc-port", str(grpc_port), "--max-sequences", "4",
         "--max-context", "1024", "--run-dir", str(log.parent / f"run-{log.stem}"),
+        *LLMPIPE_ARGS,
     ]  # fmt: skip
     process = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
     system = System("llmpipe", port, [process], llama=False)
@@ -619,7 +624,13 @@ def main() -> int:
     parser.add_argument("--prompt", type=int, default=16, help="prompt tokens (decode runs)")
     parser.add_argument("--new", type=int, default=64, help="greedy tokens per sequence")
     parser.add_argument("--ttft-prompt", type=int, default=512)
+    parser.add_argument(
+        "--llmpipe-args",
+        default="",
+        help="extra `llmpipe serve` flags, e.g. '--micro-batches 1' (split into words)",
+    )
     args = parser.parse_args()
+    LLMPIPE_ARGS[:] = args.llmpipe_args.split()
     binaries = build_llamacpp()
     say(f"llama.cpp binaries in {binaries}")
     if args.build_only:
