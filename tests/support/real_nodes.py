@@ -99,8 +99,9 @@ def find_node_bin_dir() -> Path:
 def find_images_dir() -> Path:
     """$LLMPIPE_IMAGES, else the cached `scripts/build-images` (never builds)."""
     images = _built("build-images", "LLMPIPE_IMAGES")
-    if not (images / "images.env").exists():
-        raise cp.MissingBinaries(f"{images} holds no images.env: run scripts/build-images")
+    for name in ("images.env", "manifests.json"):
+        if not (images / name).exists():
+            raise cp.MissingBinaries(f"{images} holds no {name}: run scripts/build-images")
     return images
 
 
