@@ -306,6 +306,7 @@ class Head(Backend):
             forward=forward,
             release_remote=self.release_remote,
             chain_ready=self.peers.readiness,
+            chain_lost=self.peers.lost,
         )
 
     async def forward(self, steps: list[wire.Step], hidden: torch.Tensor) -> None:

@@ -8,8 +8,9 @@ stage k-1 works on the next; it embeds them, runs stage 0's layers and sends the
 states on (or samples directly when the pipeline has one stage). When a sequence ends, is
 cancelled, fails or times out, its cache is freed here and on every other stage.
 
-When a stage fails under the ring (a hop fails, a stage reports a failure, a step times
-out), every sequence in the ring is *parked*: its caches are freed everywhere, its client
+When a stage fails under the ring (a hop fails, a stage reports a failure, a late step
+finds a stage refusing connections or loading again, a step times out), every sequence in
+the ring is *parked*: its caches are freed everywhere, its client
 waits. Stage 0 still holds each one's prompt and generated tokens, so once every stage
 answers ready again (asked every `RESUME_POLL_S`), each parked sequence is *replayed*
 under a fresh id: prompt + generated tokens as one prefill, which rebuilds every stage's
@@ -51,6 +52,11 @@ _END = _End()
 
 RESUME_POLL_S = 0.25
 """How often parked sequences ask whether every stage is ready again."""
+
+LATE_STEP_S = 2.0
+"""A step with no token back after this long makes stage 0 ask whether a stage was lost
+(`ChainLost`): a stage killed while it held the only step in the ring fails no hop, so
+without the question a lone stream would wait for the whole step timeout."""
 
 
 @dataclass(eq=False)
@@ -165,6 +171,15 @@ async def _alone() -> tuple[bool, str]:
     return True, "one stage"
 
 
+ChainLost = Callable[[], Awaitable[str | None]]
+"""Why a stage of the chain is gone (refuses connections, or restarted), or None
+(`peers.Peers.lost`)."""
+
+
+async def _nothing_lost() -> str | None:
+    return None
+
+
 SendFn = Callable[[list[Step], list[int]], Awaitable[None]]
 
 
@@ -179,6 +194,7 @@ class Coordinator:
         forward: Callable[[list[Step], torch.Tensor], Awaitable[None]] | None,
         release_remote: Callable[[list[int]], Awaitable[None]],
         chain_ready: ChainReady = _alone,
+        chain_lost: ChainLost = _nothing_lost,
     ) -> None:
         self.settings = settings
         self.runtime = runtime
@@ -187,6 +203,7 @@ class Coordinator:
         self.forward = forward  # None when the pipeline has one stage
         self.release_remote = release_remote
         self.chain_ready = chain_ready
+        self.chain_lost = chain_lost
         self.sequences: dict[int, Sequence] = {}  # id -> sequence, for those in the ring
         self.parked: set[Sequence] = set()  # waiting for a healthy chain
         self._recovery: asyncio.Task[None] | None = None
@@ -528,3 +545,13 @@ class Coordinator:
                     f"no token came back from the pipeline within "
                     f"{timeout:g} s (a stage may be stuck or overloaded)",
                 )
+                continue
+            late = [
+                s.id
+                for s in self.sequences.values()
+                if s.step_sent_at is not None and now - s.step_sent_at > LATE_STEP_S
+            ]
+            if late:
+                reason = await self.chain_lost()
+                if reason is not None:
+                    self.on_failure(late, reason)

@@ -123,6 +123,27 @@ class Peers:
                 return False, f"{self.describe(i)} is still loading"
         return True, "all stages ready"
 
+    async def lost(self, *, budget_s: float = READY_BUDGET_S) -> str | None:
+        """Why the chain has lost a stage, or None: a stage that refuses connections (its
+        process died) or answers not ready (it restarted and is loading, so every cache
+        it held is gone). A stage that is only slow to answer is not lost: the step
+        timeout decides for it, so a loaded machine does not make stage 0 replay."""
+        others = self.others
+        answers = await asyncio.gather(
+            *(self.stub(i).Info(stage_pb2.InfoRequest(), timeout=budget_s) for i in others),
+            return_exceptions=True,
+        )
+        for i, answer in zip(others, answers, strict=True):
+            if isinstance(answer, grpc.aio.AioRpcError):
+                if answer.code() == grpc.StatusCode.UNAVAILABLE:
+                    return rpc_failure(answer, self.describe(i))
+                continue
+            if isinstance(answer, BaseException):
+                raise answer
+            if not answer.ready:
+                return f"{self.describe(i)} restarted (it is loading again)"
+        return None
+
     async def close(self) -> None:
         for channel in self._channels:
             await channel.close()

@@ -5,7 +5,8 @@ run (greedy); a stage that never comes back fails every request with a clear err
 the resume bound has passed (an SSE error event, or 503 in OpenAI's error shape) and
 leaves no KV cache on any surviving stage; SIGTERM drains stage 0: its streams finish
 exact, a new request gets 503, and it exits 0 as soon as they are done (not at its drain
-bound)."""
+bound); a lone request whose step dies inside the killed stage resumes long before the
+step timeout."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llmpipe_stage import config as stage_config
 from tests.dataplane import pipelines
 
 CONTEXT = 1000
@@ -198,3 +200,61 @@ def test_sigterm_drains_stage_0_it_finishes_its_streams_and_refuses_new_ones(
     # It exits as soon as its sequences are done, not at the 120 s drain bound.
     assert pipeline.processes[0].wait(30) == 0
     assert time.monotonic() - finished < 15
+
+
+def cpu_ticks(pid: int) -> int:
+    """User + system clock ticks the process has used (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def kill_while_computing(pipeline: pipelines.Pipeline, index: int, *, within: float) -> None:
+    """SIGKILL stage `index` once it is busy computing (it burned >= 50 ms of CPU in
+    100 ms): it has taken its step, so no hop to it fails."""
+    pid = pipeline.processes[index].pid
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        before = cpu_ticks(pid)
+        time.sleep(0.1)
+        if cpu_ticks(pid) - before >= 5:
+            pipeline.kill(index)
+            return
+    raise AssertionError(f"stage {index} never got busy within {within} s")
+
+
+def test_a_lone_request_whose_step_dies_inside_the_killed_stage_resumes_without_the_step_timeout(
+    smollm2_dir: Path, start_pipeline
+) -> None:
+    """One request, its long prompt's prefill inside the middle stage (28 of the real
+    model's 30 layers) when that stage is killed: no hop fails and no stage reports it, so
+    stage 0 finds the stage gone when the step is late (a refused connection, then a stage
+    loading again) and resumes, instead of waiting for the 300 s step timeout."""
+    plan = stage_config.even_plan(30, 3)
+    for stage, (start, end) in zip(plan["stages"], [(0, 1), (1, 29), (29, 30)], strict=True):
+        stage.update(layerStart=start, layerEnd=end)
+    pipeline = start_pipeline(
+        smollm2_dir,
+        stages=3,
+        max_context=CONTEXT,
+        plan=plan,
+        extra_args=("--resume-timeout", "200", "--step-timeout", "300", "--threads", "1"),
+    )
+    prompt = [(7 * i) % 40000 + 100 for i in range(900)]
+    request = {**body(prompt), "max_tokens": 8}
+    url = f"{pipeline.base_url}/v1/completions"
+    status, alone = pipelines.http_json(url, request, 240)
+    assert status == 200, alone
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(pipelines.http_json, url, request, 280)
+        kill_while_computing(pipeline, 1, within=60)
+        killed = time.monotonic()
+        time.sleep(1)
+        pipeline.spawn(1)
+        status, resumed = answer.result()
+    took = time.monotonic() - killed
+    assert status == 200, (resumed, pipeline.logs())
+    assert resumed["choices"][0]["text"] == alone["choices"][0]["text"]
+    assert metric(pipeline, "llmpipe_resumed_sequences_total") == 1
+    # Far below the step timeout: the restart (torch import, load) is most of the pause.
+    assert took < 200, f"the request finished {took:.0f} s after the kill"
+    assert pipeline.wait_no_cache() == {0: [], 1: [], 2: []}
