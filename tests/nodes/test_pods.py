@@ -144,10 +144,20 @@ def test_a_pod_reaches_a_service_on_the_other_node_by_name(
         what="pod web Ready (its readiness probe passed)",
         timeout=120,
     )
+    # Ready comes a moment before kube-proxy has synced the new Service's rules (the
+    # EndpointSlice, then an iptables sync): until then the ClusterIP refuses connections.
+    # The client retries for up to a minute, as a client would; it fails if never routed.
+    url = f"http://web.{namespace}.svc/hostname"
     fetch = (
-        "import urllib.request; "
-        f"print(urllib.request.urlopen('http://web.{namespace}.svc/hostname', timeout=10)"
-        ".read().decode().strip())"
+        "import time, urllib.request\n"
+        "for attempt in range(60):\n"
+        "    try:\n"
+        f"        print(urllib.request.urlopen({url!r}, timeout=10).read().decode().strip())\n"
+        "        break\n"
+        "    except OSError:\n"
+        "        time.sleep(1)\n"
+        "else:\n"
+        f"    raise SystemExit({url!r} + ' never answered')\n"
     )
     client_pod = pod("client", image, other, ["python", "-c", fetch])
     assert run_to_completion(real_cluster, namespace, client_pod).strip() == "web"
