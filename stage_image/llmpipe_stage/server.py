@@ -33,7 +33,7 @@ from llmpipe_stage.handler import Identity, StageServicer
 from llmpipe_stage.metrics import StageMetrics
 from llmpipe_stage.peers import CHANNEL_OPTIONS, Peers
 from llmpipe_stage.proto import stage_pb2_grpc
-from llmpipe_stage.runtime import StageRuntime
+from llmpipe_stage.runtime import StageRuntime, give_freed_memory_back
 
 log = logging.getLogger(__name__)
 
@@ -183,8 +183,15 @@ def load_runtime(process: Process) -> StageRuntime:
             f"{config.num_hidden_layers}"
         )
     plan = settings.pipeline.stages[settings.stage_index]
+
     # Each layer is fused (quantized, packed) as soon as it is read: the float copy of an
     # int8 stage is one layer at a time.
+    def on_layer(layer: torch.nn.Module) -> None:
+        fuser(layer)
+        # glibc keeps the freed float copies in its heap (its mmap threshold rises after
+        # the first large free); handing them back per layer keeps the peak near one layer.
+        give_freed_memory_back()
+
     fuser = decode.Fuser(
         quantize=settings.pipeline.quantization, pack_for=settings.pipeline.max_sequences
     )
@@ -198,7 +205,7 @@ def load_runtime(process: Process) -> StageRuntime:
         attn_implementation=settings.attn_implementation,
         progress=on_progress,
         device=placement.device,
-        on_layer=fuser,
+        on_layer=on_layer,
     )
     limit = min(loading.context_limit(stage_slice.config), settings.pipeline.max_context_tokens)
     return StageRuntime(
