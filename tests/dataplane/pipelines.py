@@ -20,6 +20,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -166,12 +167,14 @@ def http_json(
         return error.code, json.loads(error.read() or b"{}")
 
 
-def complete(pipeline: Pipeline, prompt: list[int], max_tokens: int) -> list[int]:
+def complete(
+    pipeline: Pipeline, prompt: list[int], max_tokens: int, *, model: str = "tiny"
+) -> list[int]:
     """Greedy `/v1/completions` on token ids: the generated token ids."""
     status, body = http_json(
         f"{pipeline.base_url}/v1/completions",
         {
-            "model": "tiny",
+            "model": model,
             "prompt": prompt,
             "max_tokens": max_tokens,
             "temperature": 0,
@@ -180,6 +183,19 @@ def complete(pipeline: Pipeline, prompt: list[int], max_tokens: int) -> list[int
     )
     assert status == 200, body
     return list(body["choices"][0]["token_ids"])
+
+
+def complete_concurrently(
+    pipeline: Pipeline, prompts: list[list[int]], lengths: list[int], *, model: str = "tiny"
+) -> list[list[int]]:
+    """`complete` for every prompt at once (one thread each), in prompt order."""
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        return list(
+            pool.map(
+                lambda args: complete(pipeline, *args, model=model),
+                zip(prompts, lengths, strict=True),
+            )
+        )
 
 
 @dataclass

@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 import re
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -49,41 +48,19 @@ def test_chunked_prefill_equals_single_process_generate(
         model_dirs[family], stages=stages, workload={"prefillChunkTokens": chunk}
     )
     try:
-        with ThreadPoolExecutor(len(PROMPTS)) as pool:
-            got = list(
-                pool.map(lambda args: complete(pipeline, *args), zip(PROMPTS, MAX_NEW, strict=True))
-            )
+        got = pipelines.complete_concurrently(pipeline, PROMPTS, MAX_NEW)
         assert got == references[family]
         # the prompts really went as chunks: every prompt longer than a chunk (prompts
         # prefilling at once share a micro-batch's budget, so some chunks are shorter)
         concurrent = chunks_sent(pipeline)
         assert concurrent >= sum(math.ceil(len(p) / chunk) for p in PROMPTS if len(p) > chunk)
         # one long prompt alone: its chunks flow back to back through every stage
-        assert complete(pipeline, PROMPTS[0], MAX_NEW[0]) == references[family][0]
+        assert pipelines.complete(pipeline, PROMPTS[0], MAX_NEW[0]) == references[family][0]
         alone = math.ceil(len(PROMPTS[0]) / chunk) if len(PROMPTS[0]) > chunk else 0
         assert chunks_sent(pipeline) - concurrent == alone  # a chunk past it: sent whole
         assert pipeline.wait_no_cache() == {i: [] for i in range(stages)}
     finally:
         pipeline.stop()
-
-
-def complete(
-    pipeline: pipelines.Pipeline, prompt: list[int], max_tokens: int, model: str = "tiny"
-) -> list[int]:
-    if model == "tiny":
-        return pipelines.complete(pipeline, prompt, max_tokens)
-    status, body = pipelines.http_json(
-        f"{pipeline.base_url}/v1/completions",
-        {
-            "model": model,
-            "prompt": prompt,
-            "max_tokens": max_tokens,
-            "temperature": 0,
-            "return_token_ids": True,
-        },
-    )
-    assert status == 200, body
-    return list(body["choices"][0]["token_ids"])
 
 
 def chunks_sent(pipeline: pipelines.Pipeline) -> float:
@@ -116,13 +93,7 @@ def test_chunked_prefill_of_the_real_model_equals_single_process_generate(
         workload={"prefillChunkTokens": chunk},
     )
     try:
-        with ThreadPoolExecutor(len(prompts)) as pool:
-            got = list(
-                pool.map(
-                    lambda args: complete(pipeline, *args, model=NAME),
-                    zip(prompts, lengths, strict=True),
-                )
-            )
+        got = pipelines.complete_concurrently(pipeline, prompts, lengths, model=NAME)
         assert got == expected
         cut = [math.ceil(len(p) / chunk) for p in prompts if len(p) > chunk]
         assert chunks_sent(pipeline) >= sum(cut) > 0  # concurrent prompts share a budget

@@ -4,7 +4,6 @@ on two families (Llama with grouped-query attention, Qwen2 with tied embeddings)
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -37,13 +36,7 @@ def test_greedy_tokens_equal_single_process_generate(
 ) -> None:
     pipeline = start_pipeline(model_dirs[family], stages=stages)
     try:
-        with ThreadPoolExecutor(len(PROMPTS)) as pool:
-            got = list(
-                pool.map(
-                    lambda args: pipelines.complete(pipeline, *args),
-                    zip(PROMPTS, MAX_NEW, strict=True),
-                )
-            )
+        got = pipelines.complete_concurrently(pipeline, PROMPTS, MAX_NEW)
         assert got == references[family]
         # The ring really ran through every stage, and every cache was freed afterwards.
         assert [pipeline.info(i).layer_start for i in range(stages)] == [

@@ -15,7 +15,6 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -54,13 +53,7 @@ def test_greedy_tokens_on_one_gpu_equal_generate_on_it(
 ) -> None:
     pipeline = start_pipeline(model_dirs[family], stages=stages, device="cuda", dtype="float32")
     try:
-        with ThreadPoolExecutor(len(PROMPTS)) as pool:
-            got = list(
-                pool.map(
-                    lambda args: pipelines.complete(pipeline, *args),
-                    zip(PROMPTS, MAX_NEW, strict=True),
-                )
-            )
+        got = pipelines.complete_concurrently(pipeline, PROMPTS, MAX_NEW)
         assert got == gpu_references[family]
         assert pipeline.wait_no_cache() == {i: [] for i in range(stages)}
         assert "cuda" in pipeline.logs()  # every stage said where it computes

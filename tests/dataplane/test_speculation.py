@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -69,13 +68,7 @@ def test_speculative_greedy_tokens_equal_single_process_generate(
         workload={"speculation": "ngram", "maxDraftTokens": max_draft, "prefillChunkTokens": 8},
     )
     try:
-        with ThreadPoolExecutor(len(PROMPTS)) as pool:
-            got = list(
-                pool.map(
-                    lambda args: pipelines.complete(pipeline, *args),
-                    zip(PROMPTS, MAX_NEW, strict=True),
-                )
-            )
+        got = pipelines.complete_concurrently(pipeline, PROMPTS, MAX_NEW)
         assert got == references[family]
         # alone, one after the other (one sequence's rollbacks with nothing beside it)
         for prompt, n, expected in zip(PROMPTS, MAX_NEW, references[family], strict=True):
