@@ -10,7 +10,9 @@ the host never holds a copy of the slice. This module reads files; it serves not
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import json
 import os
 import stat
@@ -233,12 +235,9 @@ def read_tensors(
     "Peer benchmark"). The page cache still holds what the kernel read; it is not ours.
     """
     out: dict[str, torch.Tensor] = {}
-    files: dict[Path, Any] = {}
-    try:
+    with open_files() as opened:
         for entry in tensor_entries(keys, wanted):
-            file = files.get(entry.path)
-            if file is None:
-                file = files[entry.path] = entry.path.open("rb", buffering=0)
+            file = opened(entry.path)
             raw = torch.empty(entry.nbytes, dtype=torch.uint8)
             view, done = raw.numpy().data, 0
             file.seek(entry.begin)
@@ -250,9 +249,6 @@ def read_tensors(
             out[entry.key] = raw.view(entry.stored).reshape(entry.shape).to(dtype)
             if progress is not None:
                 progress(len(out), len(wanted))
-    finally:
-        for file in files.values():
-            file.close()
     return out
 
 
@@ -266,6 +262,24 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "BF16": torch.bfloat16,
     "F64": torch.float64,
 }
+
+
+@contextlib.contextmanager
+def open_files() -> Iterator[Callable[[Path], io.FileIO]]:
+    """A function that opens each file once (unbuffered, for readinto) and keeps it open
+    until the block ends, when every file it opened is closed."""
+    files: dict[Path, io.FileIO] = {}
+
+    def opened(path: Path) -> io.FileIO:
+        if path not in files:
+            files[path] = path.open("rb", buffering=0)
+        return files[path]
+
+    try:
+        yield opened
+    finally:
+        for file in files.values():
+            file.close()
 
 
 def safetensors_header(path: Path) -> tuple[dict[str, dict[str, Any]], int]:
@@ -297,12 +311,9 @@ def read_tensors_to_device(
     staging = torch.empty(STAGING_BYTES, dtype=torch.uint8, pin_memory=on_gpu)
     window = staging.numpy().data
     out: dict[str, torch.Tensor] = {}
-    files: dict[Path, Any] = {}
-    try:
+    with open_files() as opened:
         for entry in tensor_entries(keys, wanted):
-            file = files.get(entry.path)
-            if file is None:
-                file = files[entry.path] = entry.path.open("rb", buffering=0)
+            file = opened(entry.path)
             raw = torch.empty(entry.nbytes, dtype=torch.uint8, device=device)
             for offset in range(0, raw.numel(), STAGING_BYTES):
                 count = min(STAGING_BYTES, raw.numel() - offset)
@@ -315,9 +326,6 @@ def read_tensors_to_device(
             out[entry.key] = raw.view(entry.stored).reshape(entry.shape).to(dtype)
             if progress is not None:
                 progress(len(out), len(wanted))
-    finally:
-        for file in files.values():
-            file.close()
     return out
 
 
