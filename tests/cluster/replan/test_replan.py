@@ -29,9 +29,13 @@ from tests.support import wait
 
 from .harness import EndpointWatch
 
-# Three 48 MiB nodes: the tiny model (about 70 MB with KV cache and overhead) needs two of
-# them, and runs fastest on all three (embeddings and LM head on different nodes).
-SMALL = {"tier": "edge", "memory": "48Mi"}
+# Three 52 MiB nodes, slow at compute (0.05 TFLOP/s): with 12 sequences in flight (WORKLOAD)
+# the tiny model (about 80 MiB with KV cache and overhead) needs two of them, and its
+# compute-bound stages run fastest on all three (a split shortens each micro-batch's
+# products more than it adds messages; with 4 sequences the per-message costs win and the
+# planner stops at two).
+SMALL = {"tier": "edge", "memory": "52Mi", "tflops": 0.05}
+WORKLOAD = {"maxSequences": 12}
 # maxStages 1 and roomy nodes: the plan is the node with the most memory bandwidth, and the
 # objective (bottleneck = weights / bandwidth) scales exactly with it.
 ROOMY = {"tier": "cloud", "memory": "4Gi", "tflops": 100.0}
@@ -51,7 +55,7 @@ def new_plan_serving(old_hash: str):
 def test_removing_a_stage_node_replans_without_it(lab, operator) -> None:
     for i in range(3):
         lab.add_node(f"e{i}", **SMALL)
-    lab.apply_pipeline("chat", replan={"debounceSeconds": 30})
+    lab.apply_pipeline("chat", replan={"debounceSeconds": 30}, workload=WORKLOAD)
     first = lab.wait_ready("chat")
     planned = lab.planned_nodes(first)
     assert len(planned) == 3, first
@@ -88,7 +92,7 @@ def test_removing_a_stage_node_replans_without_it(lab, operator) -> None:
 def test_a_stage_node_going_not_ready_replans_at_once(lab, operator) -> None:
     for i in range(3):
         lab.add_node(f"e{i}", **SMALL)
-    lab.apply_pipeline("chat", replan={"debounceSeconds": 30})
+    lab.apply_pipeline("chat", replan={"debounceSeconds": 30}, workload=WORKLOAD)
     first = lab.wait_ready("chat")
     sick = lab.planned_nodes(first)[1]
 
@@ -107,7 +111,7 @@ def test_a_stage_node_going_not_ready_replans_at_once(lab, operator) -> None:
 def test_losing_a_node_nothing_can_replace_says_what_is_short(lab, operator) -> None:
     for i in range(2):  # the model needs both
         lab.add_node(f"e{i}", **SMALL)
-    lab.apply_pipeline("chat", replan={"debounceSeconds": 30})
+    lab.apply_pipeline("chat", replan={"debounceSeconds": 30}, workload=WORKLOAD)
     first = lab.wait_ready("chat")
     gone = lab.planned_nodes(first)[0]
 
@@ -131,7 +135,7 @@ def test_a_switch_never_leaves_the_service_without_a_ready_endpoint(lab, operato
     # left, and the scheduler counts both plans' memory requests until the switch
     for i in range(3):
         lab.add_node(f"e{i}", **{**SMALL, "memory": "96Mi"})
-    lab.apply_pipeline("chat", replan={"debounceSeconds": 30, "drainSeconds": 6})
+    lab.apply_pipeline("chat", replan={"debounceSeconds": 30, "drainSeconds": 6}, workload=WORKLOAD)
     first = lab.wait_ready("chat")
     stage0 = lab.planned_nodes(first)[0]
     wait.until(lambda: lab.ready_endpoints("chat") > 0, what="a ready endpoint", timeout=30)
