@@ -19,7 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -260,12 +260,15 @@ class Pipeline:
         device: str | None = "cpu",
         dtype: str = "float32",
         workload: Mapping[str, Any] | None = None,
+        peer_address: Callable[[str], str] | None = None,
     ) -> Pipeline:
         """`plan` (docs/design.md's plan JSON) splits the layers; default: evenly.
         `device` (cpu / cuda) goes into every stage of plan.json that names none, as the
         operator's plan names it (the CPU by default, like the references); None leaves
         the plan without devices (each stage picks: auto). `workload` adds fields to
-        pipeline.json's workload (e.g. prefillChunkTokens)."""
+        pipeline.json's workload (e.g. prefillChunkTokens). `peer_address` maps each stage's
+        own "host:port" to the address pipeline.json gives its peers (e.g. a delaying relay
+        in front of it, tests/support/relay.py)."""
         config = json.loads((model_dir / "config.json").read_text())
         ports = free_ports(2 * stages)
         pipeline = cls(
@@ -303,7 +306,7 @@ class Pipeline:
                         **(workload or {}),
                     },
                     "stages": [
-                        {"index": i, "address": f"{pipeline.host(i)}:{p}"}
+                        {"index": i, "address": (peer_address or str)(f"{pipeline.host(i)}:{p}")}
                         for i, p in enumerate(pipeline.grpc_ports)
                     ],
                 }
