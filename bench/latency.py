@@ -4,7 +4,9 @@ speed with and without prompt-lookup speculation, on the real model over shaped 
     sudo PYTHONPATH=operator:stage_image:. python bench/latency.py ttft \
         [--stages 4] [--mbps 100] [--prompts 256,1024] [--chunk 128] [--repeats 2]
     sudo PYTHONPATH=operator:stage_image:. python bench/latency.py decode \
-        [--stages 2] [--mbps 1000] [--new 64]
+        [--stages 2] [--new 64] [--repeats 2] [--rtt-ms 0,30]
+    PYTHONPATH=operator:stage_image:. python bench/latency.py relay [--rtt-ms 0,10,30] \
+        [--rounds 200]
 
 `ttft`: the stages run in network namespaces (tests/support/emulated.py: one per stage,
 each with an equal share of the machine's cores as its CPU budget, a `tc tbf`-shaped veth
@@ -15,12 +17,16 @@ of the same prompts; the client times each request. It prints the measured TTFT 
 and the load average.
 
 `decode`: one conversation at a time on code-editing and summarising prompts, greedy,
-`--new` tokens, with `speculation` off and `ngram`, alternating; tokens/s from the
-client's wall time, and the acceptance counters of stage 0's /metrics.
+`--new` tokens, with `speculation` off and `ngram` (two pipelines up at once, requests
+alternating between them); tokens/s from the client's wall time less the prefill, and the
+acceptance counters of stage 0's /metrics. Round-trip time is emulated by a delaying TCP
+relay in front of every stage (tests/support/relay.py; netem is absent here): each hop,
+the return hop to stage 0 included, takes RTT/2, so one token's trip around a 2-stage
+pipeline takes one RTT on top of the compute. `ttft` runs at the veths' own RTT (well
+under 1 ms).
 
-Round-trip time is not emulated here (netem is absent and the delaying relay was not
-built): every figure is at the veths' own RTT (well under 1 ms). Prints figures; asserts
-nothing.
+`relay`: the round trip the relay really adds (ping-pong through one relay: median, p90,
+max). Prints figures; asserts nothing.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.dataplane import pipelines
-from tests.support import emulated
+from tests.support import emulated, relay
 
 NAME = "SmolLM2-135M-Instruct"
 CODE = """def load(path):
@@ -180,46 +187,97 @@ def ttft(args: argparse.Namespace) -> None:
 
 
 def decode(args: argparse.Namespace) -> None:
+    """Both pipelines (speculation off and ngram) are up at once, each stage behind a
+    delaying relay; one request at a time, the two modes alternating within each round,
+    so a change of load hits both alike. The relays' delay is set per RTT between rounds."""
     directory = model_dir()
-    figures: dict[tuple[str, str], list[float]] = {}
-    accepted: dict[str, tuple[float, float]] = {}
-    for mode in ("off", "ngram"):
-        with tempfile.TemporaryDirectory() as run:
-            pipeline = start(
-                directory,
-                Path(run),
-                stages=args.stages,
-                workload={"speculation": mode},
-                cluster=None,
-                max_context=1024,
-            )
-            try:
-                request(pipeline, "Hello", 4)
+    rtts = [float(r) for r in args.rtt_ms.split(",")]
+    modes = ("off", "ngram")
+    figures: dict[tuple[float, str, str], list[float]] = {}
+    drafts: dict[tuple[float, str], tuple[float, float]] = {}
+    fronts: list[relay.Relay] = []
+
+    def via(address: str) -> str:
+        host, port = address.rsplit(":", 1)
+        fronts.append(relay.Relay((host, int(port))).start())
+        return fronts[-1].address
+
+    started: dict[str, pipelines.Pipeline] = {}
+    with tempfile.TemporaryDirectory() as run:
+        try:
+            for mode in modes:
+                started[mode] = pipelines.Pipeline.start(
+                    directory,
+                    Path(run) / mode,
+                    stages=args.stages,
+                    name=NAME,
+                    max_context=1024,
+                    plaintext=True,
+                    workload={"speculation": mode},
+                    ready_timeout=600,
+                    peer_address=via,
+                )
+            for rtt in rtts:
+                for front in fronts:
+                    front.delay = rtt / 2000
+                for mode in modes:
+                    request(started[mode], "Hello", 4)  # warm up at this delay
+                before = {m: _draft_counters(started[m]) for m in modes}
                 for _ in range(args.repeats):
                     for kind, text in DECODE_PROMPTS.items():
-                        before = request(pipeline, text, 1)  # the prefill alone
-                        seconds = request(pipeline, text, args.new) - before
-                        figures.setdefault((mode, kind), []).append((args.new - 1) / seconds)
-                accepted[mode] = (
-                    counter(pipeline, "llmpipe_draft_tokens_total"),
-                    counter(pipeline, "llmpipe_accepted_draft_tokens_total"),
-                )
-            finally:
+                        for mode in modes:
+                            pipeline = started[mode]
+                            prefill = request(pipeline, text, 1)  # the prefill alone
+                            seconds = request(pipeline, text, args.new) - prefill
+                            figures.setdefault((rtt, mode, kind), []).append(
+                                (args.new - 1) / seconds
+                            )
+                for mode in modes:
+                    after = _draft_counters(started[mode])
+                    drafts[(rtt, mode)] = (
+                        after[0] - before[mode][0],
+                        after[1] - before[mode][1],
+                    )
+        finally:
+            for pipeline in started.values():
                 pipeline.stop()
+            for front in fronts:
+                front.stop()
     print(
-        f"stages {args.stages} on loopback, {args.new} greedy tokens per conversation; "
-        f"{os.getloadavg()[0]:.1f} load average"
+        f"stages {args.stages} on loopback, each stage behind a delaying relay "
+        f"(RTT/2 each way per hop), {args.new} greedy tokens per conversation, "
+        f"{args.repeats} rounds; {os.getloadavg()[0]:.1f} load average"
     )
-    print("prompt      off tok/s       ngram tok/s     speed-up")
-    for kind in DECODE_PROMPTS:
-        off, on = figures[("off", kind)], figures[("ngram", kind)]
-        print(
-            f"{kind:10s}  {' '.join(f'{v:5.1f}' for v in off):14s}  "
-            f"{' '.join(f'{v:5.1f}' for v in on):14s}  {max(on) / max(off):.2f}x"
-        )
-    drafted, kept = accepted["ngram"]
-    rate = kept / drafted if drafted else 0.0
-    print(f"draft tokens {drafted:g}, accepted {kept:g} ({rate:.0%})")
+    print("RTT ms  prompt      off tok/s        ngram tok/s      speed-up (median, best)")
+    for rtt in rtts:
+        for kind in DECODE_PROMPTS:
+            off, on = figures[(rtt, "off", kind)], figures[(rtt, "ngram", kind)]
+            print(
+                f"{rtt:6g}  {kind:10s}  {' '.join(f'{v:5.1f}' for v in off):15s}  "
+                f"{' '.join(f'{v:5.1f}' for v in on):15s}  "
+                f"{statistics.median(on) / statistics.median(off):.2f}x, "
+                f"{max(on) / max(off):.2f}x"
+            )
+        drafted, kept = drafts[(rtt, "ngram")]
+        rate = kept / drafted if drafted else 0.0
+        print(f"        draft tokens {drafted:g}, accepted {kept:g} ({rate:.0%})")
+
+
+def _draft_counters(pipeline: pipelines.Pipeline) -> tuple[float, float]:
+    return (
+        counter(pipeline, "llmpipe_draft_tokens_total"),
+        counter(pipeline, "llmpipe_accepted_draft_tokens_total"),
+    )
+
+
+def relay_rtt(args: argparse.Namespace) -> None:
+    """The round trip the relay adds: `--rounds` ping-pongs of 64 bytes through one relay
+    in front of an echo server, per configured RTT."""
+    print(f"{args.rounds} round trips of 64 bytes per RTT; {os.getloadavg()[0]:.1f} load average")
+    print("RTT ms  median ms  p90 ms  max ms  median - RTT")
+    for rtt in (float(r) for r in args.rtt_ms.split(",")):
+        median, p90, top = relay.summary(relay.ping_pong(rtt, rounds=args.rounds))
+        print(f"{rtt:6g}  {median:9.2f}  {p90:6.2f}  {top:6.2f}  {median - rtt:+.2f}")
 
 
 def main() -> int:
@@ -235,6 +293,10 @@ def main() -> int:
     second.add_argument("--stages", type=int, default=2)
     second.add_argument("--new", type=int, default=64)
     second.add_argument("--repeats", type=int, default=2)
+    second.add_argument("--rtt-ms", default="0,30", help="comma-separated round-trip times")
+    third = commands.add_parser("relay")
+    third.add_argument("--rtt-ms", default="0,10,30")
+    third.add_argument("--rounds", type=int, default=200)
     args = parser.parse_args()
     if args.command == "ttft":
         reason = emulated.available()
@@ -242,8 +304,10 @@ def main() -> int:
             print(f"bench/latency.py: {reason}", file=sys.stderr)
             return 2
         ttft(args)
-    else:
+    elif args.command == "decode":
         decode(args)
+    else:
+        relay_rtt(args)
     subprocess.run(["uptime"], check=False)
     return 0
 

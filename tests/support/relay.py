@@ -78,6 +78,9 @@ class Relay:
                 self._pump(up_reader, writer),
                 return_exceptions=True,
             )
+        except asyncio.CancelledError:
+            # stop(): end quietly (asyncio's server callback would report the cancellation)
+            writer.close()
         finally:
             self._tasks.discard(task)
 
