@@ -19,33 +19,39 @@ from tests.support import relay
 
 def test_bytes_cross_intact_and_in_order_both_ways() -> None:
     payload = random.Random(7).randbytes(3 << 20)  # 3 MiB: many chunks, many reads
-    with relay.echo_server() as target, relay.relays([target], one_way_ms=5) as (front,):
-        with socket.create_connection(("127.0.0.1", front.port), timeout=30) as conn:
-            received = bytearray()
+    with (
+        relay.echo_server() as target,
+        relay.relays([target], one_way_ms=5) as (front,),
+        socket.create_connection(("127.0.0.1", front.port), timeout=30) as conn,
+    ):
+        received = bytearray()
 
-            def read() -> None:
-                while len(received) < len(payload):
-                    chunk = conn.recv(1 << 16)
-                    if not chunk:
-                        return
-                    received.extend(chunk)
+        def read() -> None:
+            while len(received) < len(payload):
+                chunk = conn.recv(1 << 16)
+                if not chunk:
+                    return
+                received.extend(chunk)
 
-            reader = threading.Thread(target=read)
-            reader.start()
-            for offset in range(0, len(payload), 10_007):  # odd sizes, sent back to back
-                conn.sendall(payload[offset : offset + 10_007])
-            reader.join(60)
+        reader = threading.Thread(target=read)
+        reader.start()
+        for offset in range(0, len(payload), 10_007):  # odd sizes, sent back to back
+            conn.sendall(payload[offset : offset + 10_007])
+        reader.join(60)
     assert bytes(received) == payload
 
 
 def test_end_of_stream_is_forwarded_after_the_data() -> None:
-    with relay.echo_server() as target, relay.relays([target], one_way_ms=20) as (front,):
-        with socket.create_connection(("127.0.0.1", front.port), timeout=30) as conn:
-            conn.sendall(b"last words")
-            conn.shutdown(socket.SHUT_WR)
-            got = b""
-            while chunk := conn.recv(100):
-                got += chunk
+    with (
+        relay.echo_server() as target,
+        relay.relays([target], one_way_ms=20) as (front,),
+        socket.create_connection(("127.0.0.1", front.port), timeout=30) as conn,
+    ):
+        conn.sendall(b"last words")
+        conn.shutdown(socket.SHUT_WR)
+        got = b""
+        while chunk := conn.recv(100):
+            got += chunk
     assert got == b"last words"
 
 

@@ -169,20 +169,23 @@ def ping_pong(rtt_ms: float, rounds: int = 200, size: int = 64) -> list[float]:
     """Seconds per round trip of `size` bytes through a relay of `rtt_ms` in front of an
     echo server (each round trip crosses the relay once each way)."""
     seconds: list[float] = []
-    with echo_server() as target, relays([target], one_way_ms=rtt_ms / 2) as (relay,):
-        with socket.create_connection(("127.0.0.1", relay.port), timeout=30) as conn:
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            message = b"x" * size
-            for _ in range(rounds):
-                started = time.perf_counter()
-                conn.sendall(message)
-                got = 0
-                while got < size:
-                    chunk = conn.recv(size - got)
-                    if not chunk:
-                        raise ConnectionError("relay closed the connection")
-                    got += len(chunk)
-                seconds.append(time.perf_counter() - started)
+    with (
+        echo_server() as target,
+        relays([target], one_way_ms=rtt_ms / 2) as (relay,),
+        socket.create_connection(("127.0.0.1", relay.port), timeout=30) as conn,
+    ):
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        message = b"x" * size
+        for _ in range(rounds):
+            started = time.perf_counter()
+            conn.sendall(message)
+            got = 0
+            while got < size:
+                chunk = conn.recv(size - got)
+                if not chunk:
+                    raise ConnectionError("relay closed the connection")
+                got += len(chunk)
+            seconds.append(time.perf_counter() - started)
     return seconds
 
 
