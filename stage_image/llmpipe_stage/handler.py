@@ -24,6 +24,13 @@ from llmpipe_stage.proto import stage_pb2, stage_pb2_grpc
 
 log = logging.getLogger(__name__)
 
+OVERTAKE_WAIT_S = 2.0
+"""How long a step that starts past its sequence's cached tokens waits for the earlier
+chunk (two messages of one hop, sent back to back, can swap places; that takes
+milliseconds). Past it the step is refused as out of order: a forged or stale step does
+not hold a caller for the whole hop deadline, and a real gap makes stage 0 pause and
+replay the sequence, so nothing is lost."""
+
 
 class Refusal(Exception):
     """An RPC this stage refuses: the gRPC status and the reason the caller gets."""
@@ -119,7 +126,8 @@ class StageServicer(stage_pb2_grpc.StageServicer):
                 request, hidden_size=worker.hidden_size, dtype=self.identity.dtype
             )
             # A prompt's chunks are sent back to back; a later one may arrive first.
-            await self.ledger.wait_in_order(steps, timeout=worker.timeouts.forward_s / 2)
+            wait = min(OVERTAKE_WAIT_S, worker.timeouts.forward_s / 2)
+            await self.ledger.wait_in_order(steps, timeout=wait)
             self.ledger.check(steps, context_limit=worker.runtime.context_limit)
         except wire.WireError as error:
             await self._refuse(Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(error)), context)
