@@ -45,16 +45,19 @@ def test_replans_are_counted_by_cause_and_outcome() -> None:
 
 
 def test_pipelines_are_counted_once_in_their_current_phase() -> None:
-    telemetry.set_phase("ns", "a", "Deploying")
-    telemetry.set_phase("ns", "b", "Deploying")
-    telemetry.set_phase("ns", "a", "Ready")
-    assert value("llmpipe_pipelines", phase="Ready") == 1
-    assert value("llmpipe_pipelines", phase="Deploying") == 1
-    assert value("llmpipe_pipelines", phase="Failed") == 0  # every phase is exported
-    telemetry.forget_pipeline("ns", "a")
-    telemetry.forget_pipeline("ns", "b")
-    assert value("llmpipe_pipelines", phase="Ready") == 0
-    assert value("llmpipe_pipelines", phase="Deploying") == 0
+    # The gauge is process-wide: other tests' pipelines may be counted already.
+    phases = ("Ready", "Deploying", "Failed")
+    before = {phase: value("llmpipe_pipelines", phase=phase) for phase in phases}
+    telemetry.set_phase("telemetry-test", "a", "Deploying")
+    telemetry.set_phase("telemetry-test", "b", "Deploying")
+    telemetry.set_phase("telemetry-test", "a", "Ready")
+    assert value("llmpipe_pipelines", phase="Ready") == before["Ready"] + 1
+    assert value("llmpipe_pipelines", phase="Deploying") == before["Deploying"] + 1
+    assert ("llmpipe_pipelines", (("phase", "Failed"),)) in samples()  # every phase exported
+    assert value("llmpipe_pipelines", phase="Failed") == before["Failed"]
+    telemetry.forget_pipeline("telemetry-test", "a")
+    telemetry.forget_pipeline("telemetry-test", "b")
+    assert {phase: value("llmpipe_pipelines", phase=phase) for phase in phases} == before
 
 
 def test_usable_memory_keeps_the_pipelines_own_stages_in_the_budget() -> None:
