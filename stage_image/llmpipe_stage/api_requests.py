@@ -37,6 +37,9 @@ MAX_MESSAGES = 4096
 """Messages per chat request: the template renders each one (in Python), so even empty
 ones cost time; long conversations have hundreds."""
 ROLES = ("system", "developer", "user", "assistant", "tool")
+MAX_CHOICES = 16
+"""`n` at most: each choice is a sequence of its own in the pipeline (its prompt prefilled
+again), so a large n is a large batch that one request would hold."""
 
 
 class RequestError(ValueError):
@@ -73,6 +76,8 @@ class Options:
     """Completions' `logprobs: 0`: the chosen tokens' log-probabilities (llmpipe_stage.scoring)."""
     echo: bool = False
     """Completions' `echo`: the prompt in front of the text (scored too with logprobs)."""
+    n: int = 1
+    """Choices to generate for the prompt, each its own sequence (and seed + index)."""
 
 
 @dataclass(frozen=True)
@@ -234,8 +239,11 @@ def _stop(body: Mapping[str, Any]) -> tuple[str, ...]:
 def parse_options(body: Mapping[str, Any]) -> Options:
     """The sampling and response fields, each checked for type and range."""
     n = _integer(body, "n", low=1, high=1 << 31)
-    if n not in (None, 1):
-        raise RequestError("only n=1 is supported", param="n")
+    if n is not None and n > MAX_CHOICES:
+        raise RequestError(
+            f"n is {n}; this server generates at most {MAX_CHOICES} choices per request",
+            param="n",
+        )
     stream = _flag(body, "stream")
     stream_options = body.get("stream_options")
     if stream_options is not None and not isinstance(stream_options, dict):
@@ -259,6 +267,7 @@ def parse_options(body: Mapping[str, Any]) -> Options:
         stream=stream,
         include_usage=include_usage,
         return_token_ids=_flag(body, "return_token_ids"),
+        n=n or 1,
     )
 
 

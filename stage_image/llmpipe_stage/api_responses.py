@@ -81,6 +81,24 @@ class TextStream:
         return self.decode(self.ids)[self.sent :]
 
 
+def token_texts(decode: Decode, ids: list[int], *, window: int = 4) -> list[str]:
+    """Each token's share of `decode(ids)`, for logprobs: the text a token adds after the
+    `window` tokens before it. Decoding a token alone loses what depends on its neighbours
+    (a SentencePiece token's leading space, a character split over byte tokens); joined,
+    the shares give the decoded text. A token that ends inside a character shows nothing
+    of it: the token that completes the character carries it."""
+    texts = []
+    for i in range(len(ids)):
+        start = max(0, i - window)
+        before = decode(ids[start:i]) if i > start else ""
+        after = decode(ids[start : i + 1])
+        settled = before.removesuffix("\ufffd")  # a character the window left incomplete
+        if not after.startswith(settled):
+            settled = before
+        texts.append(after[len(settled) :].removesuffix("\ufffd"))
+    return texts
+
+
 def model_list(model_name: str, created: int) -> dict[str, Any]:
     """`/v1/models`: the one model this pipeline serves."""
     model = {"id": model_name, "object": "model", "created": created, "owned_by": "llmpipe"}
@@ -126,15 +144,15 @@ KEEP_ALIVE = b": keep-alive\n\n"
 
 
 def stream_choice(
-    text: str | None, finish: str | None, *, chat: bool, role: bool = False
+    text: str | None, finish: str | None, *, chat: bool, role: bool = False, index: int = 0
 ) -> dict[str, Any]:
-    """The one choice of a streamed chunk; `role` is a chat stream's opening delta."""
+    """Choice `index` of a streamed chunk; `role` is a chat stream's opening delta."""
     if not chat:
-        return {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+        return {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
     delta: dict[str, Any] = (
         {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
     )
-    return {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+    return {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
 
 
 def stream_error(reason: str) -> bytes:
@@ -150,9 +168,10 @@ def completion_choice(
     chat: bool,
     logprobs: dict[str, Any] | None,
     token_ids: list[int] | None,
+    index: int = 0,
 ) -> dict[str, Any]:
-    """The one choice of a whole (not streamed) completion; token_ids when asked for."""
-    choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": logprobs}
+    """Choice `index` of a whole (not streamed) completion; token_ids when asked for."""
+    choice: dict[str, Any] = {"index": index, "finish_reason": finish, "logprobs": logprobs}
     if chat:
         choice["message"] = {"role": "assistant", "content": content}
     else:

@@ -1,10 +1,12 @@
-"""Log-probabilities on `/v1/completions`: the `logprobs` and `echo` fields (pure).
+"""Log-probabilities: completions' `logprobs` and `echo`, chat's `logprobs` (pure).
 
-`logprobs: 0` returns the log-probability (under the model, before temperature and top-p)
-of every generated token; with `echo: true` the prompt comes back in front of the text
-and its tokens are scored too (the first has no log-probability), which is how a client
-measures perplexity. Alternatives (`logprobs` > 0, OpenAI's top-k lists) are not computed;
-asking for them is refused rather than answered with less than was asked.
+`logprobs: 0` on `/v1/completions` (and `logprobs: true` on `/v1/chat/completions`)
+returns the log-probability (under the model, before temperature and top-p) of every
+generated token; with completions' `echo: true` the prompt comes back in front of the
+text and its tokens are scored too (the first has no log-probability), which is how a
+client measures perplexity. Alternatives (`logprobs` > 0, chat's `top_logprobs` > 0: OpenAI's
+top-k lists) are not computed; asking for them is refused rather than answered with less
+than was asked.
 """
 
 from __future__ import annotations
@@ -30,13 +32,11 @@ class Scoring:
 
 
 def parse_scoring(body: Mapping[str, Any], *, chat: bool, stream: bool) -> Scoring:
-    """Read `logprobs` and `echo` from a completions request (chat: only refuse them)."""
+    """Read `logprobs` and `echo` (completions) or `logprobs` and `top_logprobs` (chat)."""
+    if chat:
+        return _parse_chat_scoring(body, stream=stream)
     logprobs = body.get("logprobs")
     echo = body.get("echo", False)
-    if chat:
-        if logprobs not in (None, False):
-            raise ScoringError("logprobs are not supported on chat completions", param="logprobs")
-        return Scoring()
     if not isinstance(echo, bool):
         raise ScoringError(f"echo must be a boolean, got {echo!r}", param="echo")
     if logprobs is None:
@@ -50,9 +50,38 @@ def parse_scoring(body: Mapping[str, Any], *, chat: bool, stream: bool) -> Scori
             "only logprobs=0 is supported (the chosen tokens' log-probabilities, no alternatives)",
             param="logprobs",
         )
+    _refuse_streaming(stream)
+    return Scoring(logprobs=True, echo=echo)
+
+
+def _parse_chat_scoring(body: Mapping[str, Any], *, stream: bool) -> Scoring:
+    """Chat: `logprobs` is a boolean; `top_logprobs` (0-20, only with logprobs) must be 0."""
+    logprobs = body.get("logprobs")
+    top = body.get("top_logprobs")
+    if logprobs is not None and not isinstance(logprobs, bool):
+        raise ScoringError(f"logprobs must be a boolean, got {logprobs!r}", param="logprobs")
+    if top is not None:
+        if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20:
+            raise ScoringError(
+                f"top_logprobs must be an integer in [0, 20], got {top!r}", param="top_logprobs"
+            )
+        if not logprobs:
+            raise ScoringError("top_logprobs needs logprobs: true", param="top_logprobs")
+        if top > 0:
+            raise ScoringError(
+                "only top_logprobs=0 is supported (the chosen tokens' log-probabilities, "
+                "no alternatives)",
+                param="top_logprobs",
+            )
+    if not logprobs:
+        return Scoring()
+    _refuse_streaming(stream)
+    return Scoring(logprobs=True)
+
+
+def _refuse_streaming(stream: bool) -> None:
     if stream:
         raise ScoringError("logprobs are not supported with stream=true", param="logprobs")
-    return Scoring(logprobs=True, echo=echo)
 
 
 def _number(value: float) -> float | None:
@@ -83,4 +112,21 @@ def logprobs_object(
         "token_logprobs": scores,
         "top_logprobs": None,
         "text_offset": offsets,
+    }
+
+
+def chat_logprobs_object(token_texts: list[str], *, token_scores: list[float]) -> dict[str, Any]:
+    """OpenAI's chat `logprobs` object: each generated token, its log-probability and its
+    text's UTF-8 bytes (a token that ends inside a character decodes to U+FFFD alone, so
+    its bytes are those of U+FFFD), with no alternatives."""
+    return {
+        "content": [
+            {
+                "token": text,
+                "logprob": _number(score),
+                "bytes": list(text.encode("utf-8")),
+                "top_logprobs": [],
+            }
+            for text, score in zip(token_texts, token_scores, strict=True)
+        ]
     }

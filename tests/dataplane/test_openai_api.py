@@ -1,6 +1,7 @@
 """The OpenAI-compatible API of stage 0, driven by the `openai` package: models, completions,
-chat completions, streaming (SSE), max_tokens, temperature/top_p/seed, stop strings; and
-/healthz, /readyz, /metrics on every stage. A 2-stage Llama pipeline in real processes."""
+chat completions, streaming (SSE), max_tokens, temperature/top_p/seed, stop strings, `n`
+choices (whole and streamed), chat logprobs; and /healthz, /readyz, /metrics on every
+stage. A 2-stage Llama pipeline in real processes."""
 
 from __future__ import annotations
 
@@ -141,6 +142,94 @@ def test_seed_makes_sampling_reproducible(client: openai.OpenAI) -> None:
 
     assert sample(7) == sample(7)
     assert sample(7) != sample(8)
+
+
+def test_n_choices_are_each_a_seeded_sample_of_their_own(client: openai.OpenAI) -> None:
+    def sample(seed: int, n: int = 1) -> list[str]:
+        reply = client.completions.create(
+            model="tiny",
+            prompt="one day",
+            max_tokens=12,
+            temperature=1.0,
+            seed=seed,
+            n=n,
+            extra_body={"ignore_eos": True},
+        )
+        assert [c.index for c in reply.choices] == list(range(n))
+        assert reply.usage is not None and reply.usage.completion_tokens == 12 * n
+        return [c.text for c in reply.choices]
+
+    three = sample(40, n=3)
+    # choice i is what a request with seed + i samples alone, so the three differ
+    assert three == [sample(40)[0], sample(41)[0], sample(42)[0]]
+    assert len(set(three)) == 3
+
+
+def test_n_greedy_choices_are_the_greedy_text(
+    client: openai.OpenAI, tokenizer, model_dirs: dict[str, Path]
+) -> None:
+    messages = [{"role": "user", "content": "tell me about the sea"}]
+    reply = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=9, temperature=0, n=2
+    )
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    expected = greedy_text(model_dirs["llama-gqa"], tokenizer, ids, 9)
+    assert [c.message.content for c in reply.choices] == [expected, expected]
+
+
+def test_streamed_n_choices_reassemble_into_the_whole_ones(client: openai.OpenAI) -> None:
+    asked = dict(
+        model="tiny",
+        prompt="the hills",
+        max_tokens=10,
+        temperature=0.8,
+        seed=5,
+        n=3,
+        extra_body={"ignore_eos": True},
+    )
+    whole = client.completions.create(**asked)
+    parts = ["", "", ""]
+    finishes: dict[int, str] = {}
+    usage = None
+    stream = client.completions.create(**asked, stream=True, stream_options={"include_usage": True})
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            parts[choice.index] += choice.text
+            if choice.finish_reason:
+                finishes[choice.index] = choice.finish_reason
+    assert parts == [c.text for c in whole.choices]
+    assert finishes == {0: "length", 1: "length", 2: "length"}
+    assert usage is not None and usage.completion_tokens == 30
+
+
+def test_chat_logprobs_score_the_generated_tokens(
+    client: openai.OpenAI, tokenizer, model_dirs: dict[str, Path]
+) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    messages = [{"role": "user", "content": "a song of the wind"}]
+    reply = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=6, temperature=0, logprobs=True
+    )
+    choice = reply.choices[0]
+    assert choice.logprobs is not None and choice.logprobs.content is not None
+    scored = choice.logprobs.content
+    assert "".join(t.token for t in scored) == choice.message.content
+    assert all(t.top_logprobs == [] and bytes(t.bytes or []) == t.token.encode() for t in scored)
+    # the reference: log-softmax of a single-process forward over prompt + reply
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    prompt = tokenizer.encode(text, add_special_tokens=False)
+    generated = pipelines.reference_tokens(model_dirs["llama-gqa"], [prompt], [6])[0]
+    model = AutoModelForCausalLM.from_pretrained(model_dirs["llama-gqa"], dtype=torch.float32)
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + generated])).logits[0]  # [seq, vocab]
+    logprobs = torch.log_softmax(logits.float(), dim=-1)[len(prompt) - 1 : -1]
+    expected = logprobs.gather(1, torch.tensor(generated)[:, None])[:, 0].tolist()
+    assert [t.logprob for t in scored] == pytest.approx(expected, abs=1e-3)
 
 
 def test_tiny_top_p_keeps_only_the_most_likely_token(client: openai.OpenAI) -> None:

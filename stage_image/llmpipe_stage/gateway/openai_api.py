@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 from prometheus_client import Gauge
@@ -32,16 +32,17 @@ log = logging.getLogger(__name__)
 Piece = tuple[str, str | None, list[int]]
 Pieces = AsyncIterator[Piece]
 """(new text, finish reason or None, token ids so far) as tokens arrive."""
+T = TypeVar("T")
 
 KEEP_ALIVE_S = 2.0
 """A stream silent this long (paused while a stage recovers) gets an SSE comment, so the
 client, and any proxy between, keeps the connection open through the pause."""
 
 
-async def with_keep_alives(pieces: Pieces, *, every_s: float) -> AsyncIterator[Piece | None]:
+async def with_keep_alives(pieces: AsyncIterator[T], *, every_s: float) -> AsyncIterator[T | None]:
     """`pieces`, with None whenever `every_s` passed without one. Closing this closes
     `pieces` (which cancels the generation)."""
-    pending: asyncio.Future[Piece] = asyncio.ensure_future(anext(pieces))
+    pending: asyncio.Future[T] = asyncio.ensure_future(anext(pieces))
     try:
         while True:
             done, _ = await asyncio.wait({pending}, timeout=every_s)
@@ -64,13 +65,48 @@ async def with_keep_alives(pieces: Pieces, *, every_s: float) -> AsyncIterator[P
             await aclose()
 
 
-def sampling_params(generation: api_requests.Generation) -> SamplingParams:
+async def merged(streams: list[Pieces]) -> AsyncIterator[tuple[int, Piece]]:
+    """The pieces of several generations (a request's `n` choices) as each arrives, tagged
+    with its stream's index; each stream's own order is kept (one read of it at a time).
+    Closing this closes every stream, which cancels their generations."""
+    pending = {asyncio.ensure_future(anext(stream)): i for i, stream in enumerate(streams)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for future in done:
+                index = pending.pop(future)
+                try:
+                    piece = future.result()
+                except StopAsyncIteration:
+                    continue
+                pending[asyncio.ensure_future(anext(streams[index]))] = index
+                yield index, piece
+    finally:
+        for future in pending:
+            future.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await future
+        for stream in streams:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """Choice `index`'s seed: the request's plus the index (wrapped into int64), so a seeded
+    request with n > 1 is reproducible and its choices still differ from one another."""
+    if seed is None:
+        return None
+    return (seed + index + 2**63) % 2**64 - 2**63
+
+
+def sampling_params(generation: api_requests.Generation, *, index: int = 0) -> SamplingParams:
     options = generation.options
     return SamplingParams(
         max_new_tokens=generation.max_tokens,
         temperature=options.temperature,
         top_p=options.top_p,
-        seed=options.seed,
+        seed=choice_seed(options.seed, index),
         ignore_eos=options.ignore_eos,
         logprobs=options.logprobs,
         # echo with logprobs: the last stage scores the prompt too
@@ -177,7 +213,12 @@ class OpenAIRoutes:
         )
 
     async def _pieces(
-        self, serving: Serving, generation: api_requests.Generation, *, scores: Scores | None
+        self,
+        serving: Serving,
+        generation: api_requests.Generation,
+        *,
+        scores: Scores | None,
+        index: int = 0,
     ) -> Pieces:
         """Submit the generation; yield its text as tokens arrive (leaving early cancels)."""
         tokenizer = serving.tokenizer
@@ -191,7 +232,7 @@ class OpenAIRoutes:
             incremental=options.stream or bool(options.stop),
         )
         tokens = serving.generations.generate(
-            generation.prompt_ids, sampling_params(generation), scores=scores
+            generation.prompt_ids, sampling_params(generation, index=index), scores=scores
         )
         async with contextlib.aclosing(tokens):
             async for token in tokens:
@@ -211,39 +252,54 @@ class OpenAIRoutes:
         chat: bool,
         reply: api_responses.Reply,
     ) -> web.Response:
+        failure: BaseException | None = None
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [
+                    group.create_task(self._choice(serving, generation, chat=chat, index=i))
+                    for i in range(generation.options.n)
+                ]
+        except* PipelineError as failed:  # the other choices were cancelled with it
+            failure = failed.exceptions[0]
+        if failure is not None:
+            return unavailable(f"the pipeline failed: {failure}")
+        choices = [task.result() for task in tasks]
+        usage = api_responses.usage(
+            len(generation.prompt_ids), sum(generated for _, generated in choices)
+        )
+        return web.json_response(reply.body([choice for choice, _ in choices], usage=usage))
+
+    async def _choice(
+        self, serving: Serving, generation: api_requests.Generation, *, chat: bool, index: int
+    ) -> tuple[dict[str, Any], int]:
+        """One whole choice, and how many tokens it generated."""
         parts: list[str] = []
         finish: str | None = None
         ids: list[int] = []
-        scores = Scores() if generation.options.logprobs else None
-        try:
-            async for text, reason, so_far in self._pieces(serving, generation, scores=scores):
-                parts.append(text)
-                finish, ids = reason, so_far
-        except PipelineError as error:
-            return unavailable(f"the pipeline failed: {error}")
+        options = generation.options
+        scores = Scores() if options.logprobs else None
+        pieces = self._pieces(serving, generation, scores=scores, index=index)
+        async for text, reason, so_far in pieces:
+            parts.append(text)
+            finish, ids = reason, so_far
         content = "".join(parts)
         tokenizer = serving.tokenizer
-        echo = generation.options.echo
-        if echo:
+        if options.echo:
             content = tokenizer.decode(generation.prompt_ids) + content
         logprobs = None
         if scores is not None:
-            shown = [*generation.prompt_ids, *ids] if echo else ids
-            logprobs = scoring.logprobs_object(
-                [tokenizer.decode([t]) for t in shown],
-                prompt_scores=scores.prompt,
-                token_scores=scores.tokens,
-                echo=echo,
+            logprobs = choice_logprobs(
+                tokenizer, generation, ids, scores, chat=chat, echo=options.echo
             )
         choice = api_responses.completion_choice(
             content,
             finish,
             chat=chat,
             logprobs=logprobs,
-            token_ids=ids if generation.options.return_token_ids else None,
+            token_ids=ids if options.return_token_ids else None,
+            index=index,
         )
-        usage = api_responses.usage(len(generation.prompt_ids), len(ids))
-        return web.json_response(reply.body([choice], usage=usage))
+        return choice, len(ids)
 
     async def _stream(
         self,
@@ -265,25 +321,27 @@ class OpenAIRoutes:
             model=reply.model,
         )
 
-        def chunk(text: str | None, finish: str | None, *, role: bool = False) -> bytes:
-            choice = api_responses.stream_choice(text, finish, chat=chat, role=role)
+        def chunk(text: str | None, finish: str | None, *, index: int, role: bool = False) -> bytes:
+            choice = api_responses.stream_choice(text, finish, chat=chat, role=role, index=index)
             return api_responses.event(chunks.body([choice]))
 
-        ids: list[int] = []
+        n = generation.options.n
+        generated = [0] * n
         try:
             if chat:
-                await response.write(chunk(None, None, role=True))
-            pieces = self._pieces(serving, generation, scores=None)
-            async for piece in with_keep_alives(pieces, every_s=KEEP_ALIVE_S):
-                if piece is None:
+                for index in range(n):
+                    await response.write(chunk(None, None, index=index, role=True))
+            streams = [self._pieces(serving, generation, scores=None, index=i) for i in range(n)]
+            async for item in with_keep_alives(merged(streams), every_s=KEEP_ALIVE_S):
+                if item is None:
                     await response.write(api_responses.KEEP_ALIVE)
                     continue
-                text, finish, so_far = piece
-                ids = so_far
+                index, (text, finish, so_far) = item
+                generated[index] = len(so_far)
                 if text or finish:
-                    await response.write(chunk(text, finish))
+                    await response.write(chunk(text, finish, index=index))
             if generation.options.include_usage:
-                usage = api_responses.usage(len(generation.prompt_ids), len(ids))
+                usage = api_responses.usage(len(generation.prompt_ids), sum(generated))
                 await response.write(api_responses.event(chunks.body([], usage=usage)))
             await response.write(api_responses.DONE)
         except PipelineError as error:
@@ -292,6 +350,33 @@ class OpenAIRoutes:
             log.info("client went away; its sequence was freed")
             raise
         return response
+
+
+def choice_logprobs(
+    tokenizer: Any,
+    generation: api_requests.Generation,
+    ids: list[int],
+    scores: Scores,
+    *,
+    chat: bool,
+    echo: bool,
+) -> dict[str, Any]:
+    """A choice's `logprobs` object. The last stage may have scored a token or two past a
+    stop string before the generation was cancelled: only the tokens kept are shown."""
+    token_scores = scores.tokens[: len(ids)]
+    shares = api_responses.token_texts(
+        lambda t: str(tokenizer.decode(t, skip_special_tokens=True)), ids
+    )
+    if chat:
+        return scoring.chat_logprobs_object(shares, token_scores=token_scores)
+    if echo:  # the body's text is decode(prompt) + decode(generated): so are the shares
+        prompt = api_responses.token_texts(
+            lambda t: str(tokenizer.decode(t)), generation.prompt_ids
+        )
+        shares = [*prompt, *shares]
+    return scoring.logprobs_object(
+        shares, prompt_scores=scores.prompt, token_scores=token_scores, echo=echo
+    )
 
 
 def too_large(max_prompt_chars: int) -> web.Response:

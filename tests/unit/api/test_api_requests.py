@@ -29,9 +29,14 @@ def fit(body: dict[str, Any], prompt: int = 10, limit: int = 64) -> api.Generati
 
 def test_defaults_follow_openai() -> None:
     generation = fit({})
-    assert generation.max_tokens == 16
+    assert generation.max_tokens == 16 and generation.options.n == 1
     assert generation.options.temperature == 1.0 and generation.options.top_p == 1.0
     assert generation.options.stop == () and not generation.options.stream
+
+
+def test_n_choices_up_to_the_limit() -> None:
+    assert fit({"n": 3}).options.n == 3
+    assert fit({"n": api.MAX_CHOICES}).options.n == api.MAX_CHOICES
 
 
 @pytest.mark.parametrize(
@@ -49,7 +54,8 @@ def test_defaults_follow_openai() -> None:
         ({"stop": ["a", "b", "c", "d", "e"]}, "up to 4 non-empty strings"),
         ({"stop": [""]}, "up to 4 non-empty strings"),
         ({"stop": "x" * 257}, "of at most 256 characters"),
-        ({"n": 2}, "only n=1"),
+        ({"n": 17}, "at most 16 choices per request"),
+        ({"n": 0}, "n must be an integer in [1, "),
         ({"n": True}, "n must be an integer"),
         ({"stream": "false"}, "stream must be true or false (a JSON boolean), got 'false'"),
         ({"stream": 1}, "stream must be true or false"),
@@ -165,6 +171,7 @@ json_values = st.recursive(
 FIELDS = [
     *("model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature"),
     *("top_p", "seed", "n", "stop", "stream", "stream_options", "ignore_eos", "return_token_ids"),
+    *("logprobs", "top_logprobs", "echo"),
 ]
 bodies = st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=8), json_values, max_size=8)
 
@@ -184,6 +191,7 @@ def test_any_json_body_parses_or_is_a_request_error(body: dict[str, Any], chat: 
     assert isinstance(options.stream, bool) and isinstance(options.include_usage, bool)
     assert 0.0 <= options.temperature <= 2.0 and 0.0 <= options.top_p <= 1.0
     assert options.max_tokens is None or options.max_tokens >= 1
+    assert 1 <= options.n <= api.MAX_CHOICES
 
 
 @settings(max_examples=400, deadline=None)

@@ -87,6 +87,7 @@ def test_stream_chunks_and_bodies_have_openai_shapes() -> None:
         "content": "",
     }
     assert responses.stream_choice("", "stop", chat=True)["delta"] == {}
+    assert responses.stream_choice("x", None, chat=True, index=2)["index"] == 2
     event = responses.event(body)
     assert event.startswith(b"data: ") and event.endswith(b"\n\n")
     assert json.loads(event[6:]) == body
@@ -102,5 +103,28 @@ def test_a_whole_completion_choice_carries_token_ids_only_when_asked() -> None:
         "logprobs": None,
         "message": {"role": "assistant", "content": "Paris"},
     }
-    text = responses.completion_choice("x", "length", chat=False, logprobs=None, token_ids=[4])
-    assert text["text"] == "x" and text["token_ids"] == [4]
+    text = responses.completion_choice(
+        "x", "length", chat=False, logprobs=None, token_ids=[4], index=3
+    )
+    assert text["text"] == "x" and text["token_ids"] == [4] and text["index"] == 3
+
+
+def sentencepiece_like(pieces: dict[int, bytes]):
+    """A decode that, like a SentencePiece tokenizer, drops the text's leading space and
+    shows an incomplete UTF-8 character as U+FFFD."""
+
+    def decode(ids: list[int]) -> str:
+        return b"".join(pieces[i] for i in ids).decode("utf-8", errors="replace").lstrip(" ")
+
+    return decode
+
+
+def test_token_texts_join_into_the_decoded_text() -> None:
+    pieces = {1: b" the", 2: b" caf", 3: b"\xc3", 4: b"\xa9", 5: b" is", 6: b" open"}
+    decode = sentencepiece_like(pieces)
+    ids = [1, 2, 3, 4, 5, 6]
+    texts = responses.token_texts(decode, ids)
+    assert "".join(texts) == decode(ids) == "the café is open"
+    # the space a token alone would lose is kept; the split character goes to its end
+    assert texts == ["the", " caf", "", "é", " is", " open"]
+    assert [decode([i]) for i in ids][4] == "is"  # what decoding alone would have shown

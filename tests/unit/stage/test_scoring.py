@@ -1,5 +1,6 @@
-"""Completions' `logprobs` and `echo` fields: what is accepted, what is refused by name, and
-the OpenAI logprobs object (first echoed token unscored, offsets into the returned text)."""
+"""Completions' `logprobs` and `echo` fields and chat's `logprobs` and `top_logprobs`: what
+is accepted, what is refused by name, and OpenAI's two logprobs objects (completions: first
+echoed token unscored, offsets into the returned text; chat: token, logprob, bytes)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,12 @@ def test_logprobs_zero_and_echo_are_read() -> None:
         ({"logprobs": True}, False, False, "non-negative integer"),
         ({"logprobs": 0}, False, True, "not supported with stream"),
         ({"echo": "yes"}, False, False, "echo must be a boolean"),
-        ({"logprobs": True}, True, False, "not supported on chat"),
+        ({"logprobs": 1}, True, False, "logprobs must be a boolean"),
+        ({"logprobs": True}, True, True, "not supported with stream"),
+        ({"logprobs": True, "top_logprobs": 3}, True, False, "only top_logprobs=0"),
+        ({"logprobs": True, "top_logprobs": 21}, True, False, r"integer in \[0, 20\]"),
+        ({"logprobs": True, "top_logprobs": True}, True, False, r"integer in \[0, 20\]"),
+        ({"top_logprobs": 0}, True, False, "top_logprobs needs logprobs: true"),
     ],
 )
 def test_unsupported_requests_are_refused(
@@ -33,6 +39,33 @@ def test_unsupported_requests_are_refused(
 ) -> None:
     with pytest.raises(scoring.ScoringError, match=message):
         scoring.parse_scoring(body, chat=chat, stream=stream)
+
+
+def test_chat_logprobs_are_read() -> None:
+    assert scoring.parse_scoring({}, chat=True, stream=True) == scoring.Scoring()
+    assert scoring.parse_scoring({"logprobs": False}, chat=True, stream=True) == scoring.Scoring()
+    asked = scoring.parse_scoring({"logprobs": True, "top_logprobs": 0}, chat=True, stream=False)
+    assert asked == scoring.Scoring(logprobs=True)
+    # echo is a completions field: on chat it is not read
+    assert not scoring.parse_scoring({"echo": True}, chat=True, stream=False).echo
+
+
+def test_chat_logprobs_object() -> None:
+    got = scoring.chat_logprobs_object([" Paris", "\u00e9", "."], token_scores=[-0.5, -2.0, -0.25])
+    assert got == {
+        "content": [
+            {
+                "token": " Paris",
+                "logprob": -0.5,
+                "bytes": [32, 80, 97, 114, 105, 115],
+                "top_logprobs": [],
+            },
+            {"token": "\u00e9", "logprob": -2.0, "bytes": [195, 169], "top_logprobs": []},
+            {"token": ".", "logprob": -0.25, "bytes": [46], "top_logprobs": []},
+        ]
+    }
+    with pytest.raises(ValueError):
+        scoring.chat_logprobs_object(["a", "b"], token_scores=[-1.0])
 
 
 def test_logprobs_object_with_echo() -> None:
