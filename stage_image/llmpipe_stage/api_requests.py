@@ -9,7 +9,10 @@ error's `status`) in OpenAI's error shape; nothing a client sends may end in a 5
 Strict where OpenAI is strict: booleans are JSON booleans (`"stream": "false"` is refused,
 not read as true), numbers are JSON numbers, strings are valid Unicode (no unpaired
 surrogates, which no tokenizer can encode), objects nest at most `MAX_DEPTH` levels.
-Fields the API does not know are ignored, as OpenAI-compatible servers do.
+Fields the API does not know are ignored, as OpenAI-compatible servers do; fields it knows
+but cannot honour (tools, a JSON response format, penalties, logit bias, best_of, suffix)
+are refused by name rather than ignored, since ignoring them returns an answer other than
+the one asked for.
 """
 
 from __future__ import annotations
@@ -271,6 +274,39 @@ def parse_options(body: Mapping[str, Any]) -> Options:
     )
 
 
+UNHONOURED = (
+    ("tools", "tool calls are not supported (no tool-call parser); send the tools in the prompt"),
+    ("functions", "function calls are not supported (no tool-call parser)"),
+    ("logit_bias", "logit_bias is not supported"),
+    ("suffix", "suffix (insertion) is not supported"),
+)
+"""Fields refused when set to anything but their empty value."""
+
+
+def refuse_unhonoured(body: Mapping[str, Any]) -> None:
+    """A 400 naming the first field set that the pipeline cannot honour."""
+    no_calls = body.get("tool_choice") == "none"  # tools listed, none to be called: fine
+    for key, reason in UNHONOURED:
+        if no_calls and key in ("tools", "functions"):
+            continue
+        if body.get(key) not in (None, [], {}, ""):
+            raise RequestError(reason, param=key)
+    for key in ("presence_penalty", "frequency_penalty"):
+        value = body.get(key)
+        if value not in (None, 0, 0.0) or isinstance(value, bool):
+            raise RequestError(f"{key} is not supported (only 0)", param=key)
+    if body.get("best_of") not in (None, 1) or isinstance(body.get("best_of"), bool):
+        raise RequestError(
+            "best_of is not supported (only 1; use n for several choices)", param="best_of"
+        )
+    response_format = body.get("response_format")
+    if response_format is not None and response_format != {"type": "text"}:
+        raise RequestError(
+            'response_format is not supported (no constrained decoding): only {"type": "text"}',
+            param="response_format",
+        )
+
+
 def check_model(body: Mapping[str, Any], *, model_name: str) -> None:
     model = body.get("model")
     if model is None:
@@ -359,6 +395,7 @@ def parse_completion(
 ) -> CompletionRequest:
     """Everything that can be checked before tokenizing (cheap: no tokenizer, no model)."""
     check_model(body, model_name=model_name)
+    refuse_unhonoured(body)
     options = parse_options(body)
     try:
         asked = scoring.parse_scoring(body, chat=chat, stream=options.stream)

@@ -34,6 +34,21 @@ def test_defaults_follow_openai() -> None:
     assert generation.options.stop == () and not generation.options.stream
 
 
+def test_fields_set_to_their_neutral_values_are_accepted() -> None:
+    neutral = {
+        "tools": [],
+        "presence_penalty": 0,
+        "frequency_penalty": 0.0,
+        "logit_bias": {},
+        "best_of": 1,
+        "response_format": {"type": "text"},
+        "suffix": "",
+    }
+    assert fit(neutral).options.n == 1
+    listed = {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "none"}
+    assert fit(listed).max_tokens == 16
+
+
 def test_n_choices_up_to_the_limit() -> None:
     assert fit({"n": 3}).options.n == 3
     assert fit({"n": api.MAX_CHOICES}).options.n == api.MAX_CHOICES
@@ -67,6 +82,14 @@ def test_n_choices_up_to_the_limit() -> None:
             "return_token_ids must be true or false (a JSON boolean), got an array",
         ),
         ({"model": 7}, "model must be a string"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tool calls are not"),
+        ({"functions": [{"name": "f"}]}, "function calls are not supported"),
+        ({"response_format": {"type": "json_object"}}, "response_format is not supported"),
+        ({"logit_bias": {"50": 100}}, "logit_bias is not supported"),
+        ({"presence_penalty": 0.5}, "presence_penalty is not supported (only 0)"),
+        ({"frequency_penalty": True}, "frequency_penalty is not supported"),
+        ({"best_of": 3}, "best_of is not supported"),
+        ({"suffix": "}"}, "suffix (insertion) is not supported"),
     ],
 )
 def test_bad_fields_are_400_naming_the_field(body: dict[str, Any], says: str) -> None:
@@ -171,7 +194,7 @@ json_values = st.recursive(
 FIELDS = [
     *("model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature"),
     *("top_p", "seed", "n", "stop", "stream", "stream_options", "ignore_eos", "return_token_ids"),
-    *("logprobs", "top_logprobs", "echo"),
+    *("logprobs", "top_logprobs", "echo", "tools", "response_format", "presence_penalty"),
 ]
 bodies = st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=8), json_values, max_size=8)
 
