@@ -780,21 +780,19 @@ class RealCluster:
     # -- helpers for tests -----------------------------------------------------------------
 
     def pods_on(self, node: str) -> list[Pod]:
-        return [p for p in self.plane.client().list(Pod, namespace="*") if p.spec.nodeName == node]
+        return [p for p in self.plane.client().list(Pod, namespace="*") if _node_of(p) == node]
 
     def stop(self) -> None:
         client = self.plane.client()
         real = {n.name for n in self.nodes}
         with contextlib.suppress(Exception):
             for pod in client.list(Pod, namespace="*"):
-                if pod.spec and pod.spec.nodeName in real and pod.metadata:
+                if _node_of(pod) in real and pod.metadata and pod.metadata.name:
                     with contextlib.suppress(Exception):
                         client.delete(Pod, pod.metadata.name, namespace=pod.metadata.namespace)
             with contextlib.suppress(wait.WaitTimeout):
                 wait.until(
-                    lambda: (
-                        not any(p.spec.nodeName in real for p in client.list(Pod, namespace="*"))
-                    ),
+                    lambda: not any(_node_of(p) in real for p in client.list(Pod, namespace="*")),
                     what="the real nodes' pods to stop",
                     timeout=60,
                 )
@@ -827,3 +825,8 @@ def running(workdir: Path, **options: Any) -> Iterator[RealCluster]:
 
 def all_nodes(cluster: RealCluster) -> list[Node]:
     return list(cluster.plane.client().list(Node))
+
+
+def _node_of(pod: Pod) -> str | None:
+    """The node a pod is bound to (None before it is scheduled)."""
+    return pod.spec.nodeName if pod.spec else None
