@@ -144,15 +144,22 @@ KEEP_ALIVE = b": keep-alive\n\n"
 
 
 def stream_choice(
-    text: str | None, finish: str | None, *, chat: bool, role: bool = False, index: int = 0
+    text: str | None,
+    finish: str | None,
+    *,
+    chat: bool,
+    role: bool = False,
+    index: int = 0,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Choice `index` of a streamed chunk; `role` is a chat stream's opening delta."""
+    """Choice `index` of a streamed chunk; `role` is a chat stream's opening delta;
+    `logprobs` those of the tokens that arrived with this chunk."""
     if not chat:
-        return {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
+        return {"index": index, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
     delta: dict[str, Any] = (
         {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
     )
-    return {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
+    return {"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
 
 
 def stream_error(reason: str) -> bytes:

@@ -6,7 +6,8 @@ generated token; with completions' `echo: true` the prompt comes back in front o
 text and its tokens are scored too (the first has no log-probability), which is how a
 client measures perplexity. Alternatives (`logprobs` > 0, chat's `top_logprobs` > 0: OpenAI's
 top-k lists) are not computed; asking for them is refused rather than answered with less
-than was asked.
+than was asked. Streamed, each chunk carries the scores of the tokens that came with it;
+prompt scores (`echo` with `logprobs`) come only with a whole reply.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class Scoring:
 def parse_scoring(body: Mapping[str, Any], *, chat: bool, stream: bool) -> Scoring:
     """Read `logprobs` and `echo` (completions) or `logprobs` and `top_logprobs` (chat)."""
     if chat:
-        return _parse_chat_scoring(body, stream=stream)
+        return _parse_chat_scoring(body)
     logprobs = body.get("logprobs")
     echo = body.get("echo", False)
     if not isinstance(echo, bool):
@@ -50,11 +51,16 @@ def parse_scoring(body: Mapping[str, Any], *, chat: bool, stream: bool) -> Scori
             "only logprobs=0 is supported (the chosen tokens' log-probabilities, no alternatives)",
             param="logprobs",
         )
-    _refuse_streaming(stream)
+    if stream and echo:
+        raise ScoringError(
+            "logprobs with echo are not supported with stream=true (the prompt's scores come "
+            "with the whole reply only)",
+            param="logprobs",
+        )
     return Scoring(logprobs=True, echo=echo)
 
 
-def _parse_chat_scoring(body: Mapping[str, Any], *, stream: bool) -> Scoring:
+def _parse_chat_scoring(body: Mapping[str, Any]) -> Scoring:
     """Chat: `logprobs` is a boolean; `top_logprobs` (0-20, only with logprobs) must be 0."""
     logprobs = body.get("logprobs")
     top = body.get("top_logprobs")
@@ -73,15 +79,7 @@ def _parse_chat_scoring(body: Mapping[str, Any], *, stream: bool) -> Scoring:
                 "no alternatives)",
                 param="top_logprobs",
             )
-    if not logprobs:
-        return Scoring()
-    _refuse_streaming(stream)
-    return Scoring(logprobs=True)
-
-
-def _refuse_streaming(stream: bool) -> None:
-    if stream:
-        raise ScoringError("logprobs are not supported with stream=true", param="logprobs")
+    return Scoring(logprobs=bool(logprobs))
 
 
 def _number(value: float) -> float | None:

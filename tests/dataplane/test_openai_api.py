@@ -232,6 +232,48 @@ def test_chat_logprobs_score_the_generated_tokens(
     assert [t.logprob for t in scored] == pytest.approx(expected, abs=1e-3)
 
 
+def test_streamed_logprobs_are_the_whole_reply_s(client: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": "the mountain at dawn"}]
+    asked = dict(model="tiny", messages=messages, max_tokens=8, temperature=0, logprobs=True)
+    whole = client.chat.completions.create(**asked).choices[0]
+    assert whole.logprobs is not None and whole.logprobs.content is not None
+    streamed = []
+    text = ""
+    for chunk in client.chat.completions.create(**asked, stream=True):
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+            if choice.logprobs is not None and choice.logprobs.content:
+                streamed.extend(choice.logprobs.content)
+    assert text == whole.message.content
+    assert [t.token for t in streamed] == [t.token for t in whole.logprobs.content]
+    assert [t.logprob for t in streamed] == pytest.approx(
+        [t.logprob for t in whole.logprobs.content], abs=1e-6
+    )
+
+
+def test_streamed_completion_logprobs_offsets_index_the_text(client: openai.OpenAI) -> None:
+    text, tokens, offsets = "", [], []
+    stream = client.completions.create(
+        model="tiny", prompt="a long road", max_tokens=10, temperature=0, logprobs=0, stream=True
+    )
+    for chunk in stream:
+        choice = chunk.choices[0]
+        text += choice.text
+        if choice.logprobs is not None:
+            tokens.extend(choice.logprobs.tokens or [])
+            offsets.extend(choice.logprobs.text_offset or [])
+    assert len(tokens) == 10 and "".join(tokens) == text
+    assert [text[at : at + len(t)] for at, t in zip(offsets, tokens, strict=True)] == tokens
+
+
+def test_streamed_echo_puts_the_prompt_in_front(client: openai.OpenAI, tokenizer) -> None:
+    asked = dict(model="tiny", prompt="the old river", max_tokens=6, temperature=0, echo=True)
+    whole = client.completions.create(**asked).choices[0].text
+    streamed = "".join(c.choices[0].text for c in client.completions.create(**asked, stream=True))
+    prompt = tokenizer.decode(tokenizer.encode("the old river"))
+    assert streamed == whole and whole.startswith(prompt) and len(whole) > len(prompt)
+
+
 def test_tiny_top_p_keeps_only_the_most_likely_token(client: openai.OpenAI) -> None:
     greedy = (
         client.completions.create(model="tiny", prompt="the forest", max_tokens=10, temperature=0)

@@ -321,25 +321,48 @@ class OpenAIRoutes:
             model=reply.model,
         )
 
-        def chunk(text: str | None, finish: str | None, *, index: int, role: bool = False) -> bytes:
-            choice = api_responses.stream_choice(text, finish, chat=chat, role=role, index=index)
+        def chunk(
+            text: str | None,
+            finish: str | None,
+            *,
+            index: int,
+            role: bool = False,
+            logprobs: dict[str, Any] | None = None,
+        ) -> bytes:
+            choice = api_responses.stream_choice(
+                text, finish, chat=chat, role=role, index=index, logprobs=logprobs
+            )
             return api_responses.event(chunks.body([choice]))
 
-        n = generation.options.n
+        options = generation.options
+        n = options.n
+        scored = [
+            StreamScores(serving.tokenizer, chat=chat) if options.logprobs else None
+            for _ in range(n)
+        ]
         generated = [0] * n
         try:
             if chat:
                 for index in range(n):
                     await response.write(chunk(None, None, index=index, role=True))
-            streams = [self._pieces(serving, generation, scores=None, index=i) for i in range(n)]
+            elif options.echo:  # the prompt in front of each choice's text, as when whole
+                prompt = serving.tokenizer.decode(generation.prompt_ids)
+                for index in range(n):
+                    await response.write(chunk(prompt, None, index=index))
+            streams = [
+                self._pieces(serving, generation, scores=s.scores if s else None, index=i)
+                for i, s in enumerate(scored)
+            ]
             async for item in with_keep_alives(merged(streams), every_s=KEEP_ALIVE_S):
                 if item is None:
                     await response.write(api_responses.KEEP_ALIVE)
                     continue
                 index, (text, finish, so_far) = item
                 generated[index] = len(so_far)
-                if text or finish:
-                    await response.write(chunk(text, finish, index=index))
+                scores = scored[index]
+                logprobs = scores.new(so_far) if scores is not None else None
+                if text or finish or logprobs:
+                    await response.write(chunk(text, finish, index=index, logprobs=logprobs))
             if generation.options.include_usage:
                 usage = api_responses.usage(len(generation.prompt_ids), sum(generated))
                 await response.write(api_responses.event(chunks.body([], usage=usage)))
@@ -350,6 +373,43 @@ class OpenAIRoutes:
             log.info("client went away; its sequence was freed")
             raise
         return response
+
+
+class StreamScores:
+    """The log-probabilities of one streamed choice: each chunk carries those of the tokens
+    that arrived since the last one (a chunk's text may lag its tokens while a possible
+    stop string is held back; the tokens' texts, joined, are still the choice's text)."""
+
+    def __init__(self, tokenizer: Any, *, chat: bool) -> None:
+        self.scores = Scores()
+        self.chat = chat
+        self.shown = 0
+        """Tokens whose scores were sent."""
+        self.offset = 0
+        """Characters of the tokens' texts so far (completions' `text_offset`)."""
+        self.decode = lambda ids: str(tokenizer.decode(ids, skip_special_tokens=True))
+
+    def new(self, ids: list[int]) -> dict[str, Any] | None:
+        """The logprobs object of the tokens past those already sent (None: no new ones)."""
+        if len(ids) <= self.shown:
+            return None
+        context = max(0, self.shown - TOKEN_WINDOW)
+        shares = api_responses.token_texts(self.decode, ids[context:], window=TOKEN_WINDOW)
+        shares = shares[self.shown - context :]
+        token_scores = self.scores.tokens[self.shown : len(ids)]
+        self.shown = len(ids)
+        if self.chat:
+            return scoring.chat_logprobs_object(shares, token_scores=token_scores)
+        scored = scoring.logprobs_object(
+            shares, prompt_scores=None, token_scores=token_scores, echo=False
+        )
+        scored["text_offset"] = [self.offset + at for at in scored["text_offset"]]
+        self.offset += sum(len(share) for share in shares)
+        return scored
+
+
+TOKEN_WINDOW = 4
+"""Tokens decoded before a token to find its text (a UTF-8 character spans at most 4)."""
 
 
 def choice_logprobs(
@@ -365,7 +425,7 @@ def choice_logprobs(
     stop string before the generation was cancelled: only the tokens kept are shown."""
     token_scores = scores.tokens[: len(ids)]
     shares = api_responses.token_texts(
-        lambda t: str(tokenizer.decode(t, skip_special_tokens=True)), ids
+        lambda t: str(tokenizer.decode(t, skip_special_tokens=True)), ids, window=TOKEN_WINDOW
     )
     if chat:
         return scoring.chat_logprobs_object(shares, token_scores=token_scores)

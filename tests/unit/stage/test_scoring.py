@@ -16,6 +16,7 @@ def test_logprobs_zero_and_echo_are_read() -> None:
     asked = scoring.parse_scoring({"logprobs": 0, "echo": True}, chat=False, stream=False)
     assert asked == scoring.Scoring(logprobs=True, echo=True)
     assert scoring.parse_scoring({"echo": True}, chat=False, stream=True).echo
+    assert scoring.parse_scoring({"logprobs": 0}, chat=False, stream=True).logprobs
 
 
 @pytest.mark.parametrize(
@@ -24,10 +25,9 @@ def test_logprobs_zero_and_echo_are_read() -> None:
         ({"logprobs": 5}, False, False, "only logprobs=0 is supported"),
         ({"logprobs": -1}, False, False, "non-negative integer"),
         ({"logprobs": True}, False, False, "non-negative integer"),
-        ({"logprobs": 0}, False, True, "not supported with stream"),
+        ({"logprobs": 0, "echo": True}, False, True, "not supported with stream"),
         ({"echo": "yes"}, False, False, "echo must be a boolean"),
         ({"logprobs": 1}, True, False, "logprobs must be a boolean"),
-        ({"logprobs": True}, True, True, "not supported with stream"),
         ({"logprobs": True, "top_logprobs": 3}, True, False, "only top_logprobs=0"),
         ({"logprobs": True, "top_logprobs": 21}, True, False, r"integer in \[0, 20\]"),
         ({"logprobs": True, "top_logprobs": True}, True, False, r"integer in \[0, 20\]"),
@@ -46,6 +46,7 @@ def test_chat_logprobs_are_read() -> None:
     assert scoring.parse_scoring({"logprobs": False}, chat=True, stream=True) == scoring.Scoring()
     asked = scoring.parse_scoring({"logprobs": True, "top_logprobs": 0}, chat=True, stream=False)
     assert asked == scoring.Scoring(logprobs=True)
+    assert scoring.parse_scoring({"logprobs": True}, chat=True, stream=True).logprobs
     # echo is a completions field: on chat it is not read
     assert not scoring.parse_scoring({"echo": True}, chat=True, stream=False).echo
 
