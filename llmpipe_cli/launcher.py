@@ -146,6 +146,15 @@ def _add_workload(parser: argparse.ArgumentParser) -> None:
         f"with --cluster; on one machine {LOCAL_PREFILL_CHUNK} when every stage has a core "
         "of its own, else off: stages sharing a core cannot overlap)",
     )
+    parser.add_argument(
+        "--prefill-in-flight",
+        type=int,
+        default=None,
+        metavar="TOKENS",
+        help="token throttling: the most prompt tokens of chunked prefills in flight at once, "
+        "so a long prompt cannot pile chunks up in front of a slower stage and hold up "
+        "running streams; 0 for no bound (default: two chunks per stage)",
+    )
 
 
 def _add_run(parser: argparse.ArgumentParser) -> None:
@@ -309,6 +318,7 @@ def write_config(
         max_context_tokens=args.max_context,
         prefill_chunk_tokens=prefill_chunk(args, plan),
         speculation=args.speculate,
+        prefill_tokens_in_flight=args.prefill_in_flight,
         addresses=[
             (s["index"], f"{args.host}:{args.grpc_port + s['index']}") for s in plan["stages"]
         ],

@@ -22,11 +22,13 @@ def pipeline_document(
     quantization: str | None = None,
     prefill_chunk_tokens: int | None = None,
     speculation: str | None = None,
+    prefill_tokens_in_flight: int | None = None,
 ) -> dict[str, Any]:
     """The `pipeline.json` document; `addresses` are (stage index, host:port) pairs.
     `prefill_chunk_tokens`: prompt tokens per pipelined prefill chunk (0: off; None: not
     written, which the stage reads as off). `speculation`: `ngram` or `off` (None: not
-    written: off)."""
+    written: off). `prefill_tokens_in_flight`: token throttling's bound on the prompt
+    tokens in flight (0: no bound; None: not written, the stage's default)."""
     model: dict[str, Any] = {"name": model_name, "dtype": dtype}
     if quantization is not None:
         model["quantization"] = quantization
@@ -38,6 +40,8 @@ def pipeline_document(
         workload["prefillChunkTokens"] = prefill_chunk_tokens
     if speculation is not None:
         workload["speculation"] = speculation
+    if prefill_tokens_in_flight is not None:
+        workload["prefillTokensInFlight"] = prefill_tokens_in_flight
     return {
         "model": model,
         "workload": workload,

@@ -186,6 +186,9 @@ class WorkloadSpec:
     """Enough for chat with small models; raise it knowing the KV cache grows with it."""
     prefill_chunk_tokens: int | None = None
     """Prompt tokens per pipelined prefill chunk (0: off); None: the plan's choice."""
+    prefill_tokens_in_flight: int | None = None
+    """Token throttling's bound on prompt tokens in flight (0: none); None: the stage's
+    default, two chunks per stage."""
     speculation: str | None = None
     """`ngram` (prompt-lookup speculative decoding of greedy requests) or `off`; None:
     off, and pipeline.json says nothing (older stages read the same)."""
@@ -418,6 +421,7 @@ def _parse_workload(raw: Mapping[str, Any]) -> WorkloadSpec:
         max_sequences=_positive_int(raw, "maxSequences", where, default=4),
         max_context_tokens=_positive_int(raw, "maxContextTokens", where, default=2048),
         prefill_chunk_tokens=_chunk_tokens(raw, where),
+        prefill_tokens_in_flight=_tokens_in_flight(raw, where),
         speculation=(
             _choice(raw, "speculation", where, ("off", "ngram"), default="off")
             if "speculation" in raw
@@ -432,6 +436,15 @@ def _chunk_tokens(raw: Mapping[str, Any], where: str) -> int | None:
         return None
     if not _is_int(value) or value < 0:
         raise SpecError(f"{where}.prefillChunkTokens must be an integer >= 0 (got {value!r})")
+    return int(value)
+
+
+def _tokens_in_flight(raw: Mapping[str, Any], where: str) -> int | None:
+    value = raw.get("prefillTokensInFlight")
+    if value is None:
+        return None
+    if not _is_int(value) or value < 0:
+        raise SpecError(f"{where}.prefillTokensInFlight must be an integer >= 0 (got {value!r})")
     return int(value)
 
 

@@ -217,7 +217,7 @@ class Worker(Backend):
         self.metrics.compute.observe(time.perf_counter() - started)
         self.metrics.batch_tokens.observe(int(hidden.shape[0]))
         self.metrics.measure_caches(self.runtime)
-        if kept:
+        if kept or (isinstance(output, wire.Sampled) and output.chunks):
             self.background.spawn(self._pass_on(kept, output))
 
     def _compute(
@@ -237,8 +237,10 @@ class Worker(Backend):
         if not steps:
             return [], hidden
         out = self.runtime.run(steps, hidden)
-        if self.is_last:  # partial prompt chunks return nothing
-            return wire.sampled_steps(steps), self.runtime.sample_scored(steps, out)
+        if self.is_last:  # partial prompt chunks return no token, only that they ran
+            sampled = self.runtime.sample_scored(steps, out)
+            sampled.chunks = [(s.sequence_id, s.length) for s in steps if s.partial]
+            return wire.sampled_steps(steps), sampled
         return steps, out
 
     async def _pass_on(self, steps: list[wire.Step], output: torch.Tensor | wire.Sampled) -> None:

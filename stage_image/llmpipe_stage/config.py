@@ -59,6 +59,9 @@ class PipelineConfig:
     """`int8`: weight-only int8 projections (activations in `dtype`)."""
     prefill_chunk_tokens: int = 0
     """workload.prefillChunkTokens: prompt tokens per pipelined prefill chunk; 0: off."""
+    prefill_tokens_in_flight: int | None = None
+    """workload.prefillTokensInFlight: token throttling's bound on the prompt tokens in
+    flight (None: two chunks per stage; 0: no bound)."""
     speculation: str = "off"
     """workload.speculation: `ngram` (prompt-lookup drafts, greedy requests) or `off`."""
     max_draft_tokens: int = 8
@@ -181,6 +184,11 @@ def parse_pipeline(
     config = dataclasses.replace(config, speculation=speculation, max_draft_tokens=max_draft)
     if config.prefill_chunk_tokens < 0:
         raise ConfigError(f"{where}: workload.prefillChunkTokens must be >= 0 (0: off)")
+    if "prefillTokensInFlight" in workload:
+        in_flight = _field(workload, "prefillTokensInFlight", int, f"{where}: workload")
+        if in_flight < 0:
+            raise ConfigError(f"{where}: workload.prefillTokensInFlight must be >= 0 (0: no bound)")
+        config = dataclasses.replace(config, prefill_tokens_in_flight=in_flight)
     return config
 
 

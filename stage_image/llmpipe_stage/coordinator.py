@@ -79,6 +79,7 @@ class Sequence:
     resumes: int = 0
     context_room: int = 0  # the context limit (set on admission when drafting)
     prefill_sent: int = 0  # prompt (or replayed history) tokens sent in earlier chunks
+    prefill_out: int = 0  # its prompt tokens in flight: sent, not yet run by the last stage
     drafter: AdaptiveDraft | None = None  # speculative decoding (greedy requests only)
     drafted: int = 0  # draft tokens of the step in flight
     rollback: bool = False  # the caches past position hold rejected draft positions
@@ -157,6 +158,9 @@ class CoordinatorSettings:
     not a lost stage) fails the request instead of looping."""
     prefill_chunk_tokens: int = 0
     """Prompt tokens per prefill chunk (`llmpipe_stage.prefill`); 0: a prompt in one step."""
+    prefill_tokens_in_flight: int | None = None
+    """Token throttling: the most prompt tokens in flight at once (`prefill.in_flight_limit`;
+    None: two chunks per stage; 0: no bound)."""
     speculation: str = "off"
     """`ngram`: prompt-lookup drafts verified by the pipeline (`llmpipe_stage.speculation`)."""
     max_draft_tokens: int = DEFAULT_MAX_DRAFT
@@ -209,6 +213,13 @@ class Coordinator:
         self._recovery: asyncio.Task[None] | None = None
         self.accepting = True  # False once stage 0 drains (SIGTERM): new sequences refused
         self.ready: asyncio.Queue[Sequence] = asyncio.Queue()
+        self.throttled: list[Sequence] = []  # prefills waiting for prompt tokens in flight
+        self.prefill_in_flight = 0  # prompt tokens sent that the last stage has not run
+        self.in_flight_limit = prefill.in_flight_limit(
+            settings.prefill_tokens_in_flight,
+            chunk=settings.prefill_chunk_tokens,
+            num_stages=settings.num_stages,
+        )
         self.slots = asyncio.Semaphore(settings.max_sequences)
         self.waiting = 0
         self._ids = itertools.count(secrets.randbits(40) << 20)
@@ -276,6 +287,7 @@ class Coordinator:
         sequence.closed = sequence.finished = True
         in_ring = self.sequences.pop(sequence.id, None) is not None
         self.parked.discard(sequence)
+        self._settle(sequence)
         self.slots.release()
         self._count_in_flight()
         self.metrics.requests.labels(outcome=sequence.outcome).inc()
@@ -309,12 +321,15 @@ class Coordinator:
         now = time.monotonic()
         self.last_token_at = now
         self.metrics.count_tokens(len(sampled.tokens))
+        for sid, length in sampled.chunks:
+            self._chunk_ran(sid, length)
         groups = sampled.per_sequence()
         firsts = wire.token_offsets([Step(0, 0, len(g)) for g in groups])
         for sid, tokens, first in zip(sequence_ids, groups, firsts[:-1], strict=True):
             sequence = self.sequences.get(sid)
             if sequence is None or sequence.finished:
                 continue  # cancelled while its step was in the ring
+            self._settle(sequence)  # its last chunk ran, so every earlier one did
             if sequence.drafted:
                 self._accepted(sequence, len(tokens) - 1)
             for row, token in enumerate(tokens, start=first):
@@ -323,6 +338,27 @@ class Coordinator:
                 self._token(sequence, token, row, sampled, now=now)
             if not sequence.finished:
                 self.ready.put_nowait(sequence)
+
+    # -- token throttling (`llmpipe_stage.prefill`) ----------------------------------------
+    def _chunk_ran(self, sequence_id: int, length: int) -> None:
+        """The last stage ran a partial chunk of this sequence: its tokens left the ring."""
+        sequence = self.sequences.get(sequence_id)
+        if sequence is not None:  # else settled when it left the ring
+            self._out(sequence, min(length, sequence.prefill_out))
+
+    def _settle(self, sequence: Sequence) -> None:
+        """None of the sequence's prompt tokens are in flight any more."""
+        self._out(sequence, sequence.prefill_out)
+
+    def _out(self, sequence: Sequence, tokens: int) -> None:
+        if tokens <= 0:
+            return
+        sequence.prefill_out -= tokens
+        self.prefill_in_flight -= tokens
+        self.metrics.prefill_in_flight.set(self.prefill_in_flight)
+        waiting, self.throttled = self.throttled, []  # room again: let them try
+        for entry in waiting:
+            self.ready.put_nowait(entry)
 
     def _accepted(self, sequence: Sequence, accepted: int) -> None:
         """A verified draft came back: `accepted` of its tokens were the model's own."""
@@ -384,6 +420,7 @@ class Coordinator:
             sequence.prefill_sent = 0
             sequence.drafted = 0  # a draft in flight is lost with the caches
             sequence.rollback = False
+            self._settle(sequence)
             if sequence.paused_since is None:
                 sequence.paused_since = now
             sequence.pause_reason = reason
@@ -395,6 +432,7 @@ class Coordinator:
                 kept.append(entry)
         for entry in kept:
             self.ready.put_nowait(entry)
+        self.throttled = [s for s in self.throttled if self.sequences.get(s.id) is s]
         self._count_in_flight()
         self.background.spawn(self._release_everywhere([s.id for s in batch]))
         if self._recovery is None or self._recovery.done():
@@ -479,11 +517,19 @@ class Coordinator:
             prefilling = sequence.prefilling
             next_step = sequence.next_step(budget)
             if next_step is None:
-                later.append(sequence)
+                if budget is not None and budget.throttled:  # back when tokens come out
+                    self.throttled.append(sequence)
+                    self.metrics.prefill_throttled.inc()
+                else:
+                    later.append(sequence)
                 continue
             step, ids = next_step
             if prefilling and (step.partial or step.position > 0):  # a cut prompt's chunk
                 self.metrics.prefill_chunks.inc()
+            if prefilling and self.in_flight_limit is not None:
+                sequence.prefill_out += step.length
+                self.prefill_in_flight += step.length
+                self.metrics.prefill_in_flight.set(self.prefill_in_flight)
             steps.append(step)
             token_ids.extend(ids)
             sequence.step_sent_at = time.monotonic()
@@ -509,7 +555,12 @@ class Coordinator:
 
     def _budget(self) -> TokenBudget | None:
         chunk = self.settings.prefill_chunk_tokens
-        return TokenBudget(chunk) if chunk > 0 else None
+        if chunk <= 0:
+            return None
+        if self.in_flight_limit is None:
+            return TokenBudget(chunk)
+        room = max(0, self.in_flight_limit - self.prefill_in_flight)
+        return TokenBudget(chunk, room=room, idle=self.prefill_in_flight == 0)
 
     def _chunks_sent(self, steps: list[Step]) -> None:
         """A sequence whose chunk just left is ready for its next one at once: stage 0

@@ -66,6 +66,18 @@ class StageMetrics:
             "(stage 0; prompts sent whole are not counted)",
             registry=r,
         )
+        self.prefill_in_flight = Gauge(
+            "llmpipe_prefill_tokens_in_flight",
+            "Prompt tokens sent down the pipeline that the last stage has not run yet "
+            "(stage 0, with token throttling on)",
+            registry=r,
+        )
+        self.prefill_throttled = Counter(
+            "llmpipe_prefill_throttled",
+            "Times a prompt chunk waited because the prompt tokens in flight were at the "
+            "bound (stage 0, token throttling)",
+            registry=r,
+        )
         self.draft_tokens = Counter(
             "llmpipe_draft_tokens",
             "Draft tokens sent for verification by speculative decoding (stage 0)",

@@ -15,6 +15,15 @@ hold up running streams for more than one chunk's compute per micro-batch, and i
 starved either: it re-enters the ready queue after each chunk, behind the decode steps that
 were waiting. The chunk size comes from the cost model (`docs/planning.md`, chunked
 prefill); 0 turns chunking off (one step per prompt, as before).
+
+The per-micro-batch budget bounds what stage 0 adds, not what piles up further down: a
+stage slower than stage 0 would collect chunk after chunk in its queue, and a decode step
+arriving behind them waits for all of them. Token throttling bounds the prompt tokens in
+flight (sent by stage 0, not yet run by the last stage; the last stage acknowledges each
+partial chunk in `Tokens.chunk_sequence_ids`): a chunk goes only while the tokens in
+flight plus its own stay within `in_flight_limit`, or when nothing is in flight, so no
+queue in the ring ever holds more than that, and a decode step waits for at most that
+many tokens' compute at any stage. Decode steps are never throttled.
 """
 
 from __future__ import annotations
@@ -28,6 +37,13 @@ class TokenBudget:
 
     chunk: int
     """Tokens per chunk; 0: whole prompts in one step."""
+    room: int | None = None
+    """Prompt tokens that may still be put in flight (token throttling); None: no bound."""
+    idle: bool = False
+    """Nothing is in flight: one chunk goes whatever `room` says (a prompt is never
+    starved by a bound below one chunk)."""
+    throttled: bool = False
+    """A take came back 0 because of `room` (not of this micro-batch's budget)."""
     left: int = 0
 
     def __post_init__(self) -> None:
@@ -38,11 +54,33 @@ class TokenBudget:
     def take(self, remaining: int) -> int:
         """Tokens of a prompt with `remaining` unsent tokens to send in this micro-batch
         (0: none, wait for the next one)."""
+        self.throttled = False
         if self.chunk == 0:
             return remaining
         n = min(remaining, self.left)
+        if self.room is not None and n > 0:
+            if n > self.room and not self.idle:
+                self.throttled = True
+                return 0
+            self.room -= n
+            self.idle = False
         self.left -= n
         return n
+
+
+def in_flight_limit(setting: int | None, *, chunk: int, num_stages: int) -> int | None:
+    """The bound on prompt tokens in flight: `setting` when given (0: no bound), else two
+    chunks per stage (one running on each stage, one crossing each hop, the return hop
+    included), the least that keeps every stage of a pipeline of equal stages busy with
+    one prompt's chunks. None: no bound (chunking off, or one stage: nothing is in flight
+    after stage 0's own step)."""
+    if chunk == 0 or num_stages < 2:
+        return None
+    if setting is None:
+        return 2 * num_stages * chunk
+    if setting < 0:
+        raise ValueError(f"prompt tokens in flight must be >= 0 (0: no bound), got {setting}")
+    return setting or None
 
 
 def chunkable(prompt_scored: bool) -> bool:

@@ -250,6 +250,7 @@ async def start_head(process: Process, runtime: StageRuntime) -> tuple[Head, gat
         resume_timeout_s=settings.resume_timeout_s,
         micro_batches=settings.micro_batches,
         prefill_chunk_tokens=settings.pipeline.prefill_chunk_tokens,
+        prefill_tokens_in_flight=settings.pipeline.prefill_tokens_in_flight,
         speculation=settings.pipeline.speculation,
         max_draft_tokens=settings.pipeline.max_draft_tokens,
     )

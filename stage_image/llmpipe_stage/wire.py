@@ -82,6 +82,9 @@ class Sampled:
     counts: list[int] | None = None
     """Tokens per sequence when a step verified a draft (tokens then holds sum(counts));
     None: one each."""
+    chunks: list[tuple[int, int]] = field(default_factory=list)
+    """(sequence id, length) of each partial prompt chunk the last stage ran in this
+    micro-batch: no token comes back for them, only this acknowledgement."""
 
     def per_sequence(self) -> list[list[int]]:
         """Each sequence's tokens, in order."""
@@ -100,6 +103,8 @@ def encode_tokens(sequence_ids: list[int], sampled: Sampled) -> stage_pb2.Tokens
         token_ids=sampled.tokens,
         logprobs=sampled.logprobs or [],
         counts=sampled.counts or [],
+        chunk_sequence_ids=[sid for sid, _ in sampled.chunks],
+        chunk_lengths=[length for _, length in sampled.chunks],
     )
     for sid, scores in sampled.prompt_logprobs.items():
         message.prompt_logprobs.add(sequence_id=sid, logprobs=scores)
@@ -119,9 +124,15 @@ def decode_tokens(message: stage_pb2.Tokens) -> tuple[list[int], Sampled]:
         raise WireError(f"{len(ids)} sequence ids but {len(message.token_ids)} token ids")
     if message.logprobs and len(message.logprobs) != len(message.token_ids):
         raise WireError(f"{len(message.token_ids)} tokens but {len(message.logprobs)} logprobs")
+    if len(message.chunk_sequence_ids) != len(message.chunk_lengths):
+        raise WireError(
+            f"{len(message.chunk_sequence_ids)} chunk sequence ids but "
+            f"{len(message.chunk_lengths)} chunk lengths"
+        )
     prompts = {p.sequence_id: list(p.logprobs) for p in message.prompt_logprobs}
     logprobs = list(message.logprobs) if message.logprobs else None
-    return ids, Sampled(list(message.token_ids), logprobs, prompts, counts)
+    chunks = list(zip(message.chunk_sequence_ids, message.chunk_lengths, strict=True))
+    return ids, Sampled(list(message.token_ids), logprobs, prompts, counts, chunks)
 
 
 def encode_tensor(tensor: torch.Tensor) -> stage_pb2.Tensor:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from llmpipe_stage import config, loading, runtime, wire
+from llmpipe_stage import config, loading, prefill, runtime, wire
 from llmpipe_stage.proto import build, stage_pb2
 from tests.dataplane import pipelines
 
@@ -95,6 +95,48 @@ def test_config_dir_round_trip_and_errors(tmp_path: Path) -> None:
     (tmp_path / "pipeline.json").write_text(json.dumps(pipeline))
     with pytest.raises(config.ConfigError, match="dtype 'int8' is not one of"):
         config.read_config_dir(tmp_path)
+
+
+def test_the_last_stages_chunk_acknowledgements_round_trip_and_are_checked() -> None:
+    sampled = wire.Sampled([7], chunks=[(3, 16), (5, 9)])
+    ids, back = wire.decode_tokens(wire.encode_tokens([4], sampled))
+    assert ids == [4] and back.tokens == [7] and back.chunks == [(3, 16), (5, 9)]
+    only = wire.decode_tokens(wire.encode_tokens([], wire.Sampled([], chunks=[(3, 16)])))
+    assert only == ([], wire.Sampled([], chunks=[(3, 16)]))
+    broken = stage_pb2.Tokens(chunk_sequence_ids=[3, 5], chunk_lengths=[16])
+    with pytest.raises(wire.WireError, match="2 chunk sequence ids but 1 chunk lengths"):
+        wire.decode_tokens(broken)
+
+
+def test_token_throttling_admits_chunks_within_the_room_and_one_when_idle() -> None:
+    assert prefill.in_flight_limit(None, chunk=16, num_stages=3) == 96  # two per stage
+    assert prefill.in_flight_limit(40, chunk=16, num_stages=3) == 40
+    assert prefill.in_flight_limit(0, chunk=16, num_stages=3) is None  # off
+    assert prefill.in_flight_limit(None, chunk=0, num_stages=3) is None  # chunking off
+    assert prefill.in_flight_limit(None, chunk=16, num_stages=1) is None
+    budget = prefill.TokenBudget(16, room=20)
+    assert budget.take(100) == 16 and not budget.throttled
+    fresh = prefill.TokenBudget(16, room=4)
+    assert fresh.take(100) == 0 and fresh.throttled  # a whole chunk or nothing
+    assert fresh.take(3) == 3 and not fresh.throttled  # a prompt's short last chunk fits
+    idle = prefill.TokenBudget(16, room=4, idle=True)  # nothing in flight: one chunk goes
+    assert idle.take(100) == 16 and idle.take(100) == 0 and not idle.throttled  # budget spent
+    assert prefill.TokenBudget(16).take(100) == 16  # no bound
+
+
+def test_pipeline_json_sets_the_prompt_tokens_in_flight(tmp_path: Path) -> None:
+    plan = config.even_plan(4, 2)
+    pipeline: dict[str, object] = {
+        "model": {"name": "m", "dtype": "float32"},
+        "workload": {"maxSequences": 4, "maxContextTokens": 64},
+        "stages": [{"index": 0, "address": "a:1"}, {"index": 1, "address": "b:2"}],
+    }
+    assert config.parse_pipeline(plan, pipeline).prefill_tokens_in_flight is None  # default
+    pipeline["workload"] = {"maxSequences": 4, "maxContextTokens": 64, "prefillTokensInFlight": 0}
+    assert config.parse_pipeline(plan, pipeline).prefill_tokens_in_flight == 0
+    pipeline["workload"] = {"maxSequences": 4, "maxContextTokens": 64, "prefillTokensInFlight": -1}
+    with pytest.raises(config.ConfigError, match="prefillTokensInFlight must be >= 0"):
+        config.parse_pipeline(plan, pipeline)
 
 
 def test_even_plan_covers_every_layer_once() -> None:

@@ -72,6 +72,11 @@ def plan_hash(plan: Mapping[str, Any], spec: spec_mod.PipelineSpec) -> str:
                 else {}
             ),
             **(
+                {"prefillTokensInFlight": spec.workload.prefill_tokens_in_flight}
+                if spec.workload.prefill_tokens_in_flight is not None
+                else {}
+            ),
+            **(
                 {"speculation": spec.workload.speculation}
                 if spec.workload.speculation is not None
                 else {}

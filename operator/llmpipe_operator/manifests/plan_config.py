@@ -32,6 +32,7 @@ def build_pipeline_config(
         max_context_tokens=spec.workload.max_context_tokens,
         prefill_chunk_tokens=prefill_chunk_tokens(spec, plan),
         speculation=spec.workload.speculation,
+        prefill_tokens_in_flight=spec.workload.prefill_tokens_in_flight,
         # written only when set: a default spec's pipeline.json stays as it was
         quantization=None if spec.model.quantization == "none" else spec.model.quantization,
         addresses=[

@@ -74,18 +74,22 @@ class Activations(_message.Message):
     def __init__(self, steps: _Optional[_Iterable[_Union[SequenceStep, _Mapping]]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., sent_unix_ns: _Optional[int] = ...) -> None: ...
 
 class Tokens(_message.Message):
-    __slots__ = ("sequence_ids", "token_ids", "logprobs", "prompt_logprobs", "counts")
+    __slots__ = ("sequence_ids", "token_ids", "logprobs", "prompt_logprobs", "counts", "chunk_sequence_ids", "chunk_lengths")
     SEQUENCE_IDS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     COUNTS_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_SEQUENCE_IDS_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_LENGTHS_FIELD_NUMBER: _ClassVar[int]
     sequence_ids: _containers.RepeatedScalarFieldContainer[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     logprobs: _containers.RepeatedScalarFieldContainer[float]
     prompt_logprobs: _containers.RepeatedCompositeFieldContainer[PromptLogprobs]
     counts: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, sequence_ids: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., prompt_logprobs: _Optional[_Iterable[_Union[PromptLogprobs, _Mapping]]] = ..., counts: _Optional[_Iterable[int]] = ...) -> None: ...
+    chunk_sequence_ids: _containers.RepeatedScalarFieldContainer[int]
+    chunk_lengths: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, sequence_ids: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., prompt_logprobs: _Optional[_Iterable[_Union[PromptLogprobs, _Mapping]]] = ..., counts: _Optional[_Iterable[int]] = ..., chunk_sequence_ids: _Optional[_Iterable[int]] = ..., chunk_lengths: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PromptLogprobs(_message.Message):
     __slots__ = ("sequence_id", "logprobs")

@@ -261,6 +261,27 @@ def test_speculation_reaches_pipeline_json_only_when_set() -> None:
         a_spec().workload(speculation="draft").build()
 
 
+def test_prompt_tokens_in_flight_reach_pipeline_json_only_when_set() -> None:
+    def workload(spec: Any) -> dict[str, Any]:
+        plan = a_plan(spec)
+        objects = render.render_plan(REF, spec, plan, digest=names.plan_hash(plan, spec))
+        (configmap,) = by_kind(objects, "ConfigMap")
+        return dict(json.loads(configmap["data"]["pipeline.json"])["workload"])
+
+    default = a_spec().build()
+    assert "prefillTokensInFlight" not in workload(default)  # the stage's default
+    bounded = a_spec().workload(prefillTokensInFlight=256).build()
+    assert workload(bounded)["prefillTokensInFlight"] == 256
+    assert (
+        workload(a_spec().workload(prefillTokensInFlight=0).build())["prefillTokensInFlight"] == 0
+    )
+    plan = a_plan(default)
+    assert names.plan_hash(plan, bounded) != names.plan_hash(plan, default)
+    for bad in (-1, "64", True):
+        with pytest.raises(spec_mod.SpecError, match="prefillTokensInFlight must be an integer"):
+            a_spec().workload(prefillTokensInFlight=bad).build()
+
+
 def test_endpoint_service_selects_one_plans_stage_zero() -> None:
     spec = a_spec().service(port=80, type="NodePort").build()
     service = endpoint.build_endpoint_service(REF, spec, serving_digest="abcd1234")
