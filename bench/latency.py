@@ -118,8 +118,9 @@ def start(
     workload: dict[str, Any],
     cluster: emulated.Cluster | None,
     max_context: int,
+    peer_address: Any = None,
 ) -> pipelines.Pipeline:
-    options: dict[str, Any] = {}
+    options: dict[str, Any] = {"peer_address": peer_address}
     if cluster is not None:
         options = {
             "hosts": [node.address for node in cluster.nodes],
@@ -134,6 +135,7 @@ def start(
         plaintext=True,
         workload=workload,
         ready_timeout=600,
+        extra_args=("--step-timeout", "900"),  # a whole 4,096-token prompt on 0.5 core
         **options,
     )
 
@@ -151,8 +153,15 @@ def ttft(args: argparse.Namespace) -> None:
     lengths = [int(p) for p in args.prompts.split(",")]
     prompts = {n: prompt_ids(directory, n) for n in lengths}
     results: dict[tuple[int, int], list[float]] = {}
+    fronts: list[relay.Relay] = []
+
+    def via(address: str) -> str:
+        host, port = address.rsplit(":", 1)
+        fronts.append(relay.Relay((host, int(port)), one_way_ms=args.rtt_ms / 2).start())
+        return fronts[-1].address
+
     for chunk in (0, args.chunk):  # one pipeline at a time: both would share the cores
-        cluster = emulated.Cluster.start(description)
+        cluster = None if args.rtt_ms else emulated.Cluster.start(description)
         pipeline = None
         try:
             with tempfile.TemporaryDirectory() as run:
@@ -163,6 +172,7 @@ def ttft(args: argparse.Namespace) -> None:
                     workload={"prefillChunkTokens": chunk},
                     cluster=cluster,
                     max_context=max(lengths) + 16,
+                    peer_address=via if args.rtt_ms else None,
                 )
                 request(pipeline, prompts[lengths[0]][:32], 1)  # warm up
                 for _ in range(args.repeats):
@@ -172,10 +182,18 @@ def ttft(args: argparse.Namespace) -> None:
         finally:
             if pipeline is not None:
                 pipeline.stop()
-            cluster.stop()
+            if cluster is not None:
+                cluster.stop()
+            for front in fronts:
+                front.stop()
+            fronts.clear()
+    where = (
+        f"{args.mbps:g} Mbit/s per hop, each stage {cores / args.stages:g} cores"
+        if not args.rtt_ms
+        else f"loopback, {args.rtt_ms:g} ms RTT per hop (delaying relays), unshaped"
+    )
     print(
-        f"stages {args.stages}, {args.mbps:g} Mbit/s per hop, each stage {cores / args.stages:g}"
-        f" cores, chunk {args.chunk}; {os.getloadavg()[0]:.1f} load average"
+        f"stages {args.stages}, {where}, chunk {args.chunk}; {os.getloadavg()[0]:.1f} load average"
     )
     print("prompt  TTFT whole (s)        TTFT chunked (s)      speed-up")
     for n in lengths:
@@ -289,6 +307,12 @@ def main() -> int:
     first.add_argument("--prompts", default="256,1024")
     first.add_argument("--chunk", type=int, default=128)
     first.add_argument("--repeats", type=int, default=2)
+    first.add_argument(
+        "--rtt-ms",
+        type=float,
+        default=0,
+        help="> 0: stages on loopback behind delaying relays (no namespaces, no tbf)",
+    )
     second = commands.add_parser("decode")
     second.add_argument("--stages", type=int, default=2)
     second.add_argument("--new", type=int, default=64)
@@ -299,7 +323,7 @@ def main() -> int:
     third.add_argument("--rounds", type=int, default=200)
     args = parser.parse_args()
     if args.command == "ttft":
-        reason = emulated.available()
+        reason = None if args.rtt_ms else emulated.available()
         if reason:
             print(f"bench/latency.py: {reason}", file=sys.stderr)
             return 2
