@@ -455,6 +455,10 @@ bad_specs = pytest.mark.parametrize(
             lambda m: m["spec"].update(service={"maxPromptCharacters": 0}),
             "spec.service.maxPromptCharacters in body should be greater than or equal to 1",
         ),
+        (
+            lambda m: m["spec"]["workload"].update(prefillTokensInFlight=-1),
+            "spec.workload.prefillTokensInFlight in body should be greater than or equal to 0",
+        ),
     ],
     ids=[
         "maxStages-0",
@@ -467,6 +471,7 @@ bad_specs = pytest.mark.parametrize(
         "gguf-not-gguf",
         "api-key-secret-name",
         "prompt-bound-0",
+        "in-flight-negative",
     ],
 )
 
