@@ -135,8 +135,9 @@ def _add_workload(parser: argparse.ArgumentParser) -> None:
         "--speculate",
         choices=("ngram", "off"),
         default="off",
-        help="speculative decoding of greedy requests: ngram drafts by prompt lookup and "
-        "the pipeline verifies the drafts in one pass, output unchanged (off)",
+        help="speculative decoding (greedy and sampled requests): ngram drafts by prompt "
+        "lookup and the pipeline verifies the drafts in one pass; greedy output unchanged, "
+        "sampled output keeps its distribution (off)",
     )
     parser.add_argument(
         "--prefill-chunk",

@@ -63,7 +63,8 @@ class PipelineConfig:
     """workload.prefillTokensInFlight: token throttling's bound on the prompt tokens in
     flight (None: two chunks per stage; 0: no bound)."""
     speculation: str = "off"
-    """workload.speculation: `ngram` (prompt-lookup drafts, greedy requests) or `off`."""
+    """workload.speculation: `ngram` (prompt-lookup drafts; requests without logprobs) or
+    `off`."""
     max_draft_tokens: int = 8
     """workload.maxDraftTokens: the most draft tokens one step verifies (k adapts below)."""
 

@@ -80,7 +80,7 @@ class Sequence:
     context_room: int = 0  # the context limit (set on admission when drafting)
     prefill_sent: int = 0  # prompt (or replayed history) tokens sent in earlier chunks
     prefill_out: int = 0  # its prompt tokens in flight: sent, not yet run by the last stage
-    drafter: AdaptiveDraft | None = None  # speculative decoding (greedy requests only)
+    drafter: AdaptiveDraft | None = None  # speculative decoding (no logprobs asked)
     drafted: int = 0  # draft tokens of the step in flight
     rollback: bool = False  # the caches past position hold rejected draft positions
 
@@ -252,12 +252,12 @@ class Coordinator:
             self._finish(sequence)
 
     def _speculates(self, params: SamplingParams) -> bool:
-        """Drafts only for greedy requests that ask for no log-probabilities (a draft's
-        tokens come back without them)."""
+        """Drafts for greedy and sampled requests (the last stage verifies a sampled one by
+        the accept/reject rule, `llmpipe_stage.sampling`) that ask for no log-probabilities
+        (a draft's tokens come back without them)."""
         return (
             self.settings.speculation == "ngram"
             and self.settings.max_draft_tokens > 0
-            and params.temperature == 0.0
             and not params.logprobs
         )
 

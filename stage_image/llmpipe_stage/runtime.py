@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llmpipe_stage import decode, devices, wire
+from llmpipe_stage import decode, devices, sampling, wire
 from llmpipe_stage.config import QUANTIZATIONS
 from llmpipe_stage.loading import StageSlice
 from llmpipe_stage.proto import stage_pb2
@@ -233,25 +233,15 @@ class Sampler:
         )
 
     def pick(self, logits: torch.Tensor) -> int:
-        """logits: [vocab] (float32). Safe for every temperature > 0, however small: the
-        largest logit is subtracted first, so the scaled logits are <= 0 (never +inf) and
-        the most likely token keeps weight exp(0) = 1; a tiny temperature sends every other
-        weight to 0, which is greedy, instead of inf / inf = nan."""
+        """logits: [vocab] (float32): the argmax when greedy, else a draw from
+        `sampling.probabilities` (temperature, then top_p)."""
         if self.temperature == 0.0:
             return int(torch.argmax(logits).item())
-        # A subnormal temperature could be flushed to 0 (0 / 0 = nan): use the least normal.
-        temperature = max(self.temperature, torch.finfo(torch.float32).tiny)
-        # scaled: [vocab], max 0, the others <= 0 or -inf
-        scaled = (logits - logits.max()) / temperature
-        probs = torch.softmax(scaled, dim=-1)
-        if self.top_p < 1.0:
-            sorted_probs, order = torch.sort(probs, descending=True)
-            before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-            drop = before >= self.top_p  # keep the smallest set reaching top_p ...
-            drop[0] = False  # ... and always the most likely token (top_p 0 is greedy)
-            sorted_probs[drop] = 0.0
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-        return int(torch.multinomial(probs, 1, generator=self.generator).item())
+        return sampling.draw(self.probabilities(logits), self.generator)
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits: [vocab] -> the distribution [vocab] this sampler draws from (temperature > 0)."""
+        return sampling.probabilities(logits, temperature=self.temperature, top_p=self.top_p)
 
 
 PROMPT_SCORE_CHUNK = 256
@@ -494,10 +484,12 @@ class StageRuntime:
         for row, i in enumerate(plain):
             score = sampled.logprobs[row] if sampled.logprobs is not None else math.nan
             by_step[i] = ([sampled.tokens[row]], [score])
-        for i, step in enumerate(steps):
-            if step.draft:
-                tokens = self._verify(step, hidden[ends[i] + 1 - step.length : ends[i] + 1])
-                by_step[i] = (tokens, [math.nan] * len(tokens))
+        with torch.inference_mode():
+            for i, step in enumerate(steps):
+                if step.draft:
+                    rows = hidden[ends[i] + 1 - step.length : ends[i] + 1]
+                    tokens = self._verify(step, rows)
+                    by_step[i] = (tokens, [math.nan] * len(tokens))
         ordered = [by_step[i] for i in range(len(steps))]
         logprobs = None
         if sampled.logprobs is not None:
@@ -510,21 +502,30 @@ class StageRuntime:
         )
 
     def _verify(self, step: Step, hidden: torch.Tensor) -> list[int]:
-        """Greedy verification of a draft. hidden: the step's rows [length, hidden_size],
-        whose last k + 1 rows follow the last accepted token and the k draft tokens. The
+        """Verification of a draft. hidden: the step's rows [length, hidden_size], whose
+        last k + 1 rows follow the last accepted token and the k draft tokens. Greedy: the
         model's choice after each is its argmax; the draft is accepted up to its first
         token that differs, and that choice (or, all accepted, the one after the draft) is
-        the corrected token. The rejected positions are dropped from this stage's cache."""
+        the corrected token. Sampled: the accept/reject rule of speculative sampling over
+        the sampler's own distributions (`sampling.accept_draft`; the drafter's q is a point
+        mass on its token). The rejected positions are dropped from this stage's cache."""
         k = len(step.draft)
         logits = self._logits(hidden[-(k + 1) :])  # [k + 1, vocab]
-        choices = [int(token) for token in torch.argmax(logits, dim=-1).tolist()]
-        accepted = 0
-        while accepted < k and choices[accepted] == step.draft[accepted]:
-            accepted += 1
+        sampler = self.samplers.get(step.sequence_id, Sampler())
+        if sampler.temperature == 0.0:
+            choices = [int(token) for token in torch.argmax(logits, dim=-1).tolist()]
+            accepted = 0
+            while accepted < k and choices[accepted] == step.draft[accepted]:
+                accepted += 1
+            tokens = choices[: accepted + 1]
+        else:
+            probs = torch.stack([sampler.probabilities(row) for row in logits])  # [k + 1, vocab]
+            tokens = sampling.accept_draft(probs, step.draft, sampler.generator)
+            accepted = len(tokens) - 1
         cache = self.caches.get(step.sequence_id)
         if cache is not None:
             cache.length = step.position + step.length - (k - accepted)
-        return choices[: accepted + 1]
+        return tokens
 
     def _sample_plain(self, steps: list[Step], ends: list[int], hidden: torch.Tensor) -> Sampled:
         if not steps:

@@ -7,6 +7,9 @@ takes the model's greedy choice at each position, accepts the guesses up to the 
 differs and returns them with the first corrected choice (`runtime.StageRuntime._verify`).
 One trip then yields between 1 and k + 1 tokens, and greedy output is exactly what plain
 decoding gives: every token returned is the model's own argmax after the tokens before it.
+A sampled request's draft is verified by the accept/reject rule of speculative sampling
+(`llmpipe_stage.sampling.accept_draft`; prompt lookup's q is a point mass on its token), so
+its tokens have exactly the distribution plain sampling gives them.
 Every stage drops the rejected positions from its cache: the last stage at once, the
 others when the sequence's next step (flagged `rollback`) sets the length back.
 
@@ -21,7 +24,7 @@ the accepted fraction sets k near the expected run of accepted tokens a / (1 - a
 one), between 1 and the configured maximum; after a draft rejected whole while `a` is low,
 the sequence stops drafting for a while (doubling each time, up to BACKOFF_MAX steps), so
 text that does not repeat costs little more than plain decoding. Speculation applies to
-greedy requests without log-probabilities; sampled ones decode plainly.
+requests without log-probabilities (a draft's tokens come back unscored).
 """
 
 from __future__ import annotations

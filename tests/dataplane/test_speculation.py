@@ -127,3 +127,42 @@ def test_speculation_on_the_real_model_accepts_drafts_and_stays_exact(
         assert pipeline.wait_no_cache() == {i: [] for i in range(stages)}
     finally:
         pipeline.stop()
+
+
+def test_sampled_requests_speculate_and_a_seed_reproduces_them(
+    model_dirs: dict[str, Path], start_pipeline
+) -> None:
+    """A sampled request now drafts too (its drafts verified by the accept/reject rule at
+    the last stage, whose distribution is tested in test_speculative_sampling): over two
+    stages the draft counters move, a seed gives the same tokens twice, and every cache is
+    freed afterwards."""
+    pipeline = start_pipeline(
+        model_dirs["llama-gqa"], stages=2, workload={"speculation": "ngram", "maxDraftTokens": 4}
+    )
+
+    def sampled(seed: int) -> list[int]:
+        status, body = pipelines.http_json(
+            f"{pipeline.base_url}/v1/completions",
+            {
+                "model": "tiny",
+                "prompt": PROMPTS[0],
+                "max_tokens": 24,
+                "temperature": 0.8,
+                "seed": seed,
+                "ignore_eos": True,
+                "return_token_ids": True,
+            },
+        )
+        assert status == 200, body
+        return list(body["choices"][0]["token_ids"])
+
+    try:
+        first = sampled(7)
+        assert len(first) == 24
+        assert sampled(7) == first
+        drafted, accepted = counters(pipeline)
+        assert drafted > 0
+        assert 0 <= accepted <= drafted
+        assert pipeline.wait_no_cache() == {i: [] for i in range(2)}
+    finally:
+        pipeline.stop()
