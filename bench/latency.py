@@ -212,7 +212,7 @@ def decode(args: argparse.Namespace) -> None:
     rtts = [float(r) for r in args.rtt_ms.split(",")]
     modes = ("off", "ngram")
     figures: dict[tuple[float, str, str], list[float]] = {}
-    drafts: dict[tuple[float, str], tuple[float, float]] = {}
+    drafts: dict[tuple[float, str], tuple[float, float]] = {}  # (rtt, prompt) -> ngram's
     fronts: list[relay.Relay] = []
 
     def via(address: str) -> str:
@@ -240,9 +240,9 @@ def decode(args: argparse.Namespace) -> None:
                     front.delay = rtt / 2000
                 for mode in modes:
                     request(started[mode], "Hello", 4)  # warm up at this delay
-                before = {m: _draft_counters(started[m]) for m in modes}
                 for _ in range(args.repeats):
                     for kind, text in DECODE_PROMPTS.items():
+                        before = _draft_counters(started["ngram"])
                         for mode in modes:
                             pipeline = started[mode]
                             prefill = request(pipeline, text, 1)  # the prefill alone
@@ -250,12 +250,12 @@ def decode(args: argparse.Namespace) -> None:
                             figures.setdefault((rtt, mode, kind), []).append(
                                 (args.new - 1) / seconds
                             )
-                for mode in modes:
-                    after = _draft_counters(started[mode])
-                    drafts[(rtt, mode)] = (
-                        after[0] - before[mode][0],
-                        after[1] - before[mode][1],
-                    )
+                        after = _draft_counters(started["ngram"])
+                        total = drafts.get((rtt, kind), (0.0, 0.0))
+                        drafts[(rtt, kind)] = (
+                            total[0] + after[0] - before[0],
+                            total[1] + after[1] - before[1],
+                        )
         finally:
             for pipeline in started.values():
                 pipeline.stop()
@@ -276,9 +276,10 @@ def decode(args: argparse.Namespace) -> None:
                 f"{statistics.median(on) / statistics.median(off):.2f}x, "
                 f"{max(on) / max(off):.2f}x"
             )
-        drafted, kept = drafts[(rtt, "ngram")]
-        rate = kept / drafted if drafted else 0.0
-        print(f"        draft tokens {drafted:g}, accepted {kept:g} ({rate:.0%})")
+            drafted, kept = drafts[(rtt, kind)]
+            rate = kept / drafted if drafted else 0.0
+            rounds = " ".join(f"{b / a:.2f}" for a, b in zip(off, on, strict=True))
+            print(f"        rounds {rounds}; drafted {drafted:g}, accepted {kept:g} ({rate:.0%})")
 
 
 def _draft_counters(pipeline: pipelines.Pipeline) -> tuple[float, float]:

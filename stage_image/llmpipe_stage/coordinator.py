@@ -106,7 +106,8 @@ class Sequence:
         k = min(self.drafter.k(), room)
         if k < 1:
             return []
-        return speculation.propose([*self.prompt, *self.generated], k)
+        context = [*self.prompt, *self.generated]
+        return speculation.propose(context, k, ngram_min=self.drafter.min_match())
 
     def next_step(self, budget: TokenBudget | None = None) -> tuple[Step, list[int]] | None:
         """The sequence's next step and its token ids; a prefill takes at most what
