@@ -8,9 +8,12 @@ pod per node, or any process in an emulated node). It measures:
   product), the rate `llmpipe.io/tflops` stands for;
 - memory bandwidth: a streaming read (`sum`) of a buffer much larger than the caches, the
   rate at which a decode step streams its weights (`llmpipe.io/memory-bandwidth-gbps`);
-- the product curve (CPU): seconds per weight byte of a decode product of 1 to 32
-  tokens over weights beyond the caches (`productSecondsPerByte`): on a CPU a few tokens
-  cost about the same per call, which no roofline of the two figures above describes;
+- the product curve (CPU, version 3): seconds per weight byte of the stage runtime's own
+  decode step (`StageRuntime.run`: the fused, packed or quantized products the stages
+  run, with the norms, rotary and attention whose work grows with the layer's width) of 1
+  to 32 tokens over decoder layers of the model's shape (`--layer-shape`), less the
+  fixed costs below (`productSecondsPerByte`): on a CPU a few tokens cost about the same
+  per call, which no roofline of the two figures above describes;
 - fixed costs (version 2): the stage runtime's own decode step (`StageRuntime.run`, the
   fused decode path) over a tiny decoder slice (width 32, so its products are negligible)
   at 1 and 5 layers and 1 and 8 tokens gives seconds per layer per step
@@ -50,7 +53,7 @@ from typing import Any
 
 log = logging.getLogger("llmpipe.probe")
 
-PROBE_VERSION = "2"
+PROBE_VERSION = "3"
 """Bumped when a method changes, so an operator can tell figures of different methods apart."""
 
 MAX_LINK_BYTES = 4 * 2**20
@@ -68,8 +71,8 @@ class Budget:
     memory_bytes: int = 256 * 2**20
     """Far beyond any last-level cache, so the read streams from DRAM (or HBM)."""
     products_seconds: float = 2.0
-    """Spread over the curve's six token counts: a third of a second each, three CFS
-    periods at least."""
+    """Spread over the curve's eight token counts: a quarter of a second each (25 CFS
+    periods of 10 ms), but at least three steps per count."""
     layer_seconds: float = 1.5
     """Spread over the decode step's three shapes."""
     hop_seconds: float = 0.5
@@ -147,37 +150,105 @@ def measure_memory_bandwidth(*, device: str, seconds: float, size_bytes: int) ->
     }
 
 
-PRODUCT_TOKENS = (1, 2, 4, 8, 16, 32)
-"""Token counts of the product curve: the micro-batches of S / K tokens decode runs."""
-PRODUCT_SHAPE = (1024, 2048, 8)
-"""(in, out, copies): 8 weight matrices of 2 M parameters (64 MiB in float32), used in
-turn so every call streams its weight from memory, as a stage's layers do."""
+PRODUCT_TOKENS = (1, 2, 4, 8, 12, 16, 24, 32)
+"""Token counts of the product curve: the micro-batches of S / K tokens decode runs. 12
+and 24 are measured, not interpolated: a product of 12 tokens cost 45 % more per byte
+than one of 16 in one run (docs/benchmarks.md), and 24 is a common S."""
+PRODUCT_WORKING_SET = 64 * 2**20
+"""The curve's layers hold at least this many weight bytes (and at least two layers), so
+each step streams them from memory, as a stage's layers do."""
 
 
-def measure_products(*, dtype: str, device: str, seconds: float) -> dict[str, Any]:
-    """Seconds per weight byte of `linear` of t tokens, for t in PRODUCT_TOKENS."""
-    import torch
+@dataclasses.dataclass(frozen=True)
+class LayerShape:
+    """A Llama-style decoder layer's shape: what the product curve is measured on."""
 
-    width, out, copies = PRODUCT_SHAPE
-    torch_dtype = getattr(torch, dtype)
-    weights = [torch.randn(out, width, device=device).to(torch_dtype) for _ in range(copies)]
-    size = weights[0].numel() * weights[0].element_size()
-    linear = torch.nn.functional.linear
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+
+    @classmethod
+    def parse(cls, text: str) -> LayerShape:
+        """`HIDDEN,INTERMEDIATE,HEADS,KV_HEADS`, e.g. `2048,5632,32,4` (TinyLlama)."""
+        parts = text.split(",")
+        if len(parts) != 4 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+            raise ValueError(f"a layer shape is HIDDEN,INTERMEDIATE,HEADS,KV_HEADS, got {text!r}")
+        hidden, intermediate, heads, kv_heads = (int(p) for p in parts)
+        if hidden % heads or heads % kv_heads or (hidden // heads) % 2:
+            raise ValueError(
+                f"layer shape {text!r}: heads must divide hidden into an even head size, "
+                "and kv_heads must divide heads"
+            )
+        return cls(hidden, intermediate, heads, kv_heads)
+
+    def text(self) -> str:
+        return f"{self.hidden},{self.intermediate},{self.heads},{self.kv_heads}"
+
+    def weight_bytes(self, element_bytes: int) -> int:
+        """One layer's projection weights (q|k|v, o, gate|up, down): what r(t) is per."""
+        head_dim = self.hidden // self.heads
+        q, kv = self.heads * head_dim, self.kv_heads * head_dim
+        params = self.hidden * (q + 2 * kv) + q * self.hidden + 3 * self.hidden * self.intermediate
+        return params * element_bytes
+
+    def layers(self, element_bytes: int) -> int:
+        """Layers the curve runs over: PRODUCT_WORKING_SET of weights, at least two."""
+        per_layer = self.weight_bytes(element_bytes)
+        return max(2, -(-PRODUCT_WORKING_SET // per_layer))
+
+
+DEFAULT_LAYER_SHAPE = LayerShape(hidden=1024, intermediate=2816, heads=16, kv_heads=8)
+"""The shape measured when none is given (47 MiB per float32 layer, two layers): a small
+model's. Give the served model's (`--layer-shape`, the chart's `probe.layerShape`): the
+work beside the products grows with the width slower than the weights do, so a narrower
+model costs more per byte than a wider one (docs/planning.md, "Fixed costs")."""
+
+
+def measure_products(
+    *,
+    dtype: str,
+    device: str,
+    seconds: float,
+    shape: LayerShape = DEFAULT_LAYER_SHAPE,
+    fixed: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """r(t), seconds per weight byte, for t in PRODUCT_TOKENS: the stage runtime's decode
+    step of t sequences over `shape.layers()` decoder layers of `shape`, less the fixed
+    costs `fixed` (f, g, h of `measure_layer_step`, which the cost model adds on its own),
+    divided by the layers' projection bytes. What the stages' products cost, on their own
+    kernels (fused q|k|v and gate|up, packed 16-bit weights), with everything else that
+    grows with the layer's width counted per byte; the KV cache read at the curve's short
+    contexts (positions 1 to at most 64) is in it too, a few per cent of a step."""
+    fixed = fixed or {}
+    element = _element_bytes(dtype)
+    layers = shape.layers(element)
+    layer_bytes = shape.weight_bytes(element)
+    f = fixed.get("layerStepSeconds", 0.0)
+    g = fixed.get("layerTokenSeconds", 0.0)
+    h = fixed.get("stepSeconds", 0.0)
+    each = seconds / len(PRODUCT_TOKENS)
+    steps = _decode_steps(
+        layers=layers, token_counts=PRODUCT_TOKENS, dtype=dtype, device=device, seconds=each,
+        shape=shape, prompt=1,
+    )  # fmt: skip
     curve = {}
-    for tokens in PRODUCT_TOKENS:
-        x = torch.randn(tokens, width, device=device).to(torch_dtype)  # [t, in]
-
-        def all_weights(x: Any = x) -> None:
-            for weight in weights:
-                linear(x, weight)
-
-        per_call = _timed(all_weights, _sync(device), seconds=seconds / len(PRODUCT_TOKENS))
-        curve[str(tokens)] = per_call / (copies * size)
+    for tokens, step in steps.items():
+        beside = h + layers * (f + g * tokens)
+        # noise can make the difference tiny or negative: never below a tenth of the step
+        curve[str(tokens)] = max(step - beside, 0.1 * step) / (layers * layer_bytes)
     return {
         "productSecondsPerByte": curve,
-        "method": f"{dtype} linear t tokens x {width}->{out} over {copies} weights "
-        f"({copies * size // 2**20} MiB) on {device}, t in {list(PRODUCT_TOKENS)}, {seconds:g} s",
+        "method": f"{dtype} StageRuntime decode step, {layers} layers of shape "
+        f"{shape.text()} (hidden, intermediate, heads, kv heads; {layer_bytes // 2**20} MiB "
+        f"each), less f, g, h, on {device}, t in {list(PRODUCT_TOKENS)}, {seconds:g} s",
     }
+
+
+def _element_bytes(dtype: str) -> int:
+    import torch
+
+    return int(torch.empty(0, dtype=getattr(torch, dtype)).element_size())
 
 
 LAYER_WIDTH = 32
@@ -207,21 +278,43 @@ def _decode_step_seconds(
     *, layers: int, tokens: int, dtype: str, device: str, seconds: float
 ) -> float:
     """Mean seconds of one decode step of `tokens` sequences through a `layers`-layer slice
-    of a tiny random Llama, on the stage runtime's own path."""
+    of a tiny random Llama (width LAYER_WIDTH), on the stage runtime's own path."""
+    tiny = LayerShape(hidden=LAYER_WIDTH, intermediate=2 * LAYER_WIDTH, heads=2, kv_heads=1)
+    return _decode_steps(
+        layers=layers, token_counts=(tokens,), dtype=dtype, device=device, seconds=seconds,
+        shape=tiny, prompt=8,
+    )[tokens]  # fmt: skip
+
+
+def _decode_steps(
+    *,
+    layers: int,
+    token_counts: tuple[int, ...],
+    dtype: str,
+    device: str,
+    seconds: float,
+    shape: LayerShape,
+    prompt: int,
+) -> dict[int, float]:
+    """Mean seconds of one decode step of t sequences, for each t in `token_counts`,
+    through a `layers`-layer slice of a random Llama of `shape`, on the stage runtime's own
+    path (fused at load, as a stage's): each t runs for `seconds` and at least 3 steps.
+    The mean, not the median: under a CPU quota the throttled steps are part of the rate."""
     import torch
     from transformers import LlamaConfig
     from transformers.models.llama import modeling_llama
 
     from llmpipe_stage import loading, runtime, wire
 
+    context = 96 if shape.hidden <= LAYER_WIDTH else prompt + 64
     config = LlamaConfig(
         vocab_size=64,
-        hidden_size=LAYER_WIDTH,
-        intermediate_size=2 * LAYER_WIDTH,
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
         num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=256,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        max_position_embeddings=context + 32,
     )
     config._attn_implementation = "sdpa"
     torch_dtype, where = getattr(torch, dtype), torch.device(device)
@@ -241,27 +334,32 @@ def _decode_step_seconds(
         dtype=torch_dtype,
         device=where,
     )
-    stage_runtime = runtime.StageRuntime(stage, context_limit=128, max_sequences=tokens)
-    prompt, steps, spent = 8, 0, 0.0
+    stage_runtime = runtime.StageRuntime(
+        stage, context_limit=context, max_sequences=max(token_counts)
+    )
     sync = _sync(device)
+    out = {}
     with torch.inference_mode():
-        while spent < seconds or steps < 3:
-            ids = list(range(tokens))
-            stage_runtime.run(
-                [wire.Step(i, 0, prompt) for i in ids],
-                torch.randn(tokens * prompt, LAYER_WIDTH, dtype=torch_dtype),
-            )
-            for position in range(prompt, 96):  # [tokens, hidden]: one decode micro-batch
-                hidden = torch.randn(tokens, LAYER_WIDTH, dtype=torch_dtype)
-                started = time.perf_counter()
-                stage_runtime.run([wire.Step(i, position, 1) for i in ids], hidden)
-                sync()
-                spent += time.perf_counter() - started
-                steps += 1
-                if spent >= seconds and steps >= 3:
-                    break
-            stage_runtime.release(ids)
-    return spent / steps
+        for tokens in token_counts:
+            steps, spent = 0, 0.0
+            while spent < seconds or steps < 3:
+                ids = list(range(tokens))
+                stage_runtime.run(
+                    [wire.Step(i, 0, prompt) for i in ids],
+                    torch.randn(tokens * prompt, shape.hidden, dtype=torch_dtype, device=where),
+                )
+                for position in range(prompt, context):  # [tokens, hidden]: one micro-batch
+                    hidden = torch.randn(tokens, shape.hidden, dtype=torch_dtype, device=where)
+                    started = time.perf_counter()
+                    stage_runtime.run([wire.Step(i, position, 1) for i in ids], hidden)
+                    sync()
+                    spent += time.perf_counter() - started
+                    steps += 1
+                    if spent >= seconds and steps >= 3:
+                        break
+                stage_runtime.release(ids)
+            out[tokens] = spent / steps
+    return out
 
 
 HOP_BYTES = 16 * 2**10
@@ -320,7 +418,9 @@ def _sync(device: str) -> Callable[[], None]:
     return lambda: None
 
 
-def measure_node(*, dtype: str, device: str, budget: Budget) -> dict[str, Any]:
+def measure_node(
+    *, dtype: str, device: str, budget: Budget, shape: LayerShape = DEFAULT_LAYER_SHAPE
+) -> dict[str, Any]:
     """The node's facts in the `llmpipe.io/measured` shape (less the links)."""
     compute = measure_compute(dtype=dtype, device=device, seconds=budget.compute_seconds)
     memory = measure_memory_bandwidth(
@@ -347,11 +447,21 @@ def measure_node(*, dtype: str, device: str, budget: Budget) -> dict[str, Any]:
         },
     }
     if not device.startswith("cuda"):  # a GPU's decode step: the roofline of its figures
-        products = measure_products(dtype=dtype, device=device, seconds=budget.products_seconds)
+        products = measure_products(
+            dtype=dtype,
+            device=device,
+            seconds=budget.products_seconds,
+            shape=shape,
+            fixed={k: float(facts[k]) for k in FIXED_KEYS},
+        )
         curve = products["productSecondsPerByte"]
         facts["productSecondsPerByte"] = {t: _sig(r) for t, r in curve.items()}
         facts["method"]["productSecondsPerByte"] = products["method"]
     return facts
+
+
+FIXED_KEYS = ("layerStepSeconds", "layerTokenSeconds", "stepSeconds")
+"""f, g, h: what the product curve is measured beside."""
 
 
 def _sig(value: float) -> float:
@@ -475,10 +585,17 @@ class Probe:
     """The latest facts of this node, re-measured every `interval_seconds`."""
 
     def __init__(
-        self, *, dtype: str, device: str, budget: Budget, link_port: int, threads: int | None
+        self,
+        *,
+        dtype: str,
+        device: str,
+        budget: Budget,
+        link_port: int,
+        threads: int | None,
+        shape: LayerShape = DEFAULT_LAYER_SHAPE,
     ) -> None:
         self.dtype, self.device, self.budget, self.link_port = dtype, device, budget, link_port
-        self.threads = threads
+        self.threads, self.shape = threads, shape
         self.facts: dict[str, Any] | None = None
         self.link_lock = threading.Lock()
 
@@ -490,7 +607,9 @@ class Probe:
             import torch
 
             torch.set_num_threads(self.threads)
-        facts = measure_node(dtype=self.dtype, device=self.device, budget=self.budget)
+        facts = measure_node(
+            dtype=self.dtype, device=self.device, budget=self.budget, shape=self.shape
+        )
         facts["linkPort"] = self.link_port
         self.facts = facts
         log.info("measured %s", json.dumps(facts))
@@ -565,6 +684,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--interval", type=float, default=3600.0, help="seconds between re-measurements (3600)"
     )
     parser.add_argument("--seconds", type=float, default=2.0, help="per measurement (2)")
+    parser.add_argument(
+        "--layer-shape",
+        type=LayerShape.parse,
+        default=DEFAULT_LAYER_SHAPE,
+        metavar="H,I,HEADS,KV",
+        help="decoder layer the product curve runs on: the served model's hidden size, "
+        f"intermediate size, heads, kv heads ({DEFAULT_LAYER_SHAPE.text()})",
+    )
     parser.add_argument("--once", action="store_true", help="measure, print JSON, exit")
     return parser.parse_args(argv)
 
@@ -578,7 +705,10 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     budget = Budget.scaled(args.seconds)
     if args.once:
-        print(json.dumps(measure_node(dtype=args.dtype, device=args.device, budget=budget)))
+        facts = measure_node(
+            dtype=args.dtype, device=args.device, budget=budget, shape=args.layer_shape
+        )
+        print(json.dumps(facts))
         return
     links = LinkServer(args.host, args.link_port)
     threading.Thread(target=links.serve_forever, name="links", daemon=True).start()
@@ -588,6 +718,7 @@ def main(argv: list[str] | None = None) -> None:
         budget=budget,
         link_port=args.link_port,
         threads=args.threads,
+        shape=args.layer_shape,
     )
     threading.Thread(
         target=probe.run_schedule, args=(args.interval,), name="measure", daemon=True

@@ -60,15 +60,23 @@ collide (the root namespace never listens on them)."""
 
 
 def probe_command(
-    prefix: list[str], *, host: str | None = None, seconds: float, threads: int = 1
+    prefix: list[str],
+    *,
+    host: str | None = None,
+    seconds: float,
+    threads: int = 1,
+    layer_shape: str | None = None,
 ) -> list[str]:
     """`python -m llmpipe_stage.probe` run by `prefix` (a node's, or the reference cgroup's):
-    serving on the node's address when `host` is given, else `--once` (print and exit)."""
+    serving on the node's address when `host` is given, else `--once` (print and exit);
+    `layer_shape` (`H,I,HEADS,KV`): the served model's, for the product curve."""
     command = [*prefix, sys.executable, "-m", "llmpipe_stage.probe"]
     if host is None:
         command.append("--once")
     else:
         command += ["--host", host, "--port", str(PROBE_PORT), "--link-port", str(LINK_PORT)]
+    if layer_shape:
+        command += ["--layer-shape", layer_shape]
     return [*command, "--threads", str(threads), "--seconds", str(seconds)]
 
 

@@ -406,3 +406,12 @@ def test_operator_runner_accepts_the_probe_args(render: Render) -> None:
 
     parsed = probe.parse_args(probe_args)
     assert (parsed.port, parsed.link_port) == (8090, 8091)
+    assert parsed.layer_shape == probe.DEFAULT_LAYER_SHAPE
+
+
+def test_the_probe_measures_products_on_the_given_layer_shape(render: Render) -> None:
+    from llmpipe_stage import probe
+
+    objects = render("probe.enabled=true", "probe.layerShape=2048\\,5632\\,32\\,4")
+    args = one(objects, "DaemonSet")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert probe.parse_args(args).layer_shape == probe.LayerShape(2048, 5632, 32, 4)
