@@ -52,17 +52,28 @@ from tests.support import emulated
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBE_PORT = emulated.PROBE_PORT
+HIDDEN, INTERMEDIATE, HEADS, KV_HEADS = 512, 1408, 8, 4
+"""The bench model's layer shape (24 layers, float32, random weights)."""
+MODEL_SHAPE = f"{HIDDEN},{INTERMEDIATE},{HEADS},{KV_HEADS}"
 
 
 # -- 1. probe ------------------------------------------------------------------------------
-def start_probe(node: emulated.Node, *, seconds: float) -> subprocess.Popen[bytes]:
-    command = emulated.probe_command(node.prefix(), host=node.address, seconds=seconds)
+def start_probe(
+    node: emulated.Node, *, seconds: float, layer_shape: str | None
+) -> subprocess.Popen[bytes]:
+    command = emulated.probe_command(
+        node.prefix(), host=node.address, seconds=seconds, layer_shape=layer_shape
+    )
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def reference_facts(cluster: emulated.Cluster, *, seconds: float) -> dict[str, Any]:
+def reference_facts(
+    cluster: emulated.Cluster, *, seconds: float, layer_shape: str | None
+) -> dict[str, Any]:
     """One whole core: what a node's `cpus` is a share of."""
-    command = emulated.probe_command(cluster.reference_prefix(), seconds=seconds)
+    command = emulated.probe_command(
+        cluster.reference_prefix(), seconds=seconds, layer_shape=layer_shape
+    )
     done = subprocess.run(command, capture_output=True, text=True, check=True)
     return dict(json.loads(done.stdout))
 
@@ -215,25 +226,52 @@ def run_split(
     )
     try:
         load(pipeline, sequences=2, new=4, prompt=args.prompt)  # warm-up
-        window = decode_window(pipeline, sequences=args.sequences, new=args.new, prompt=args.prompt)
-        before, after = window["before"], window["after"]
-        return {
-            "tokensPerSecond": window["tokensPerSecond"],
-            "wholeTokensPerSecond": window["wholeTokensPerSecond"],
-            "stages": [
+        windows = []
+        for _ in range(args.windows):
+            window = decode_window(
+                pipeline, sequences=args.sequences, new=args.new, prompt=args.prompt
+            )
+            before, after = window["before"], window["after"]
+            windows.append(
                 {
-                    "computeSeconds": (after[i][0] - before[i][0])
-                    / max(after[i][2] - before[i][2], 1),
-                    "batchTokens": (after[i][1] - before[i][1])
-                    / max(after[i][2] - before[i][2], 1),
+                    "tokensPerSecond": window["tokensPerSecond"],
+                    "wholeTokensPerSecond": window["wholeTokensPerSecond"],
+                    "stages": [
+                        {
+                            "computeSeconds": (after[i][0] - before[i][0])
+                            / max(after[i][2] - before[i][2], 1),
+                            "batchTokens": (after[i][1] - before[i][1])
+                            / max(after[i][2] - before[i][2], 1),
+                        }
+                        for i in range(len(nodes))
+                    ],
                 }
-                for i in range(len(nodes))
-            ],
-            "pipeline": pipeline,
-        }
+            )
+        return {**median_window(windows), "windows": windows, "pipeline": pipeline}
     except BaseException:  # Ctrl-C too: never leave stage processes in the namespaces
         pipeline.stop()
         raise
+
+
+def median_window(windows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each figure's median over the windows (one window: its figures): the other sessions'
+    bursts on the shared cores move single windows by 15-30 %."""
+
+    def median(values: list[float]) -> float:
+        return float(statistics.median(values))
+
+    count = len(windows[0]["stages"])
+    return {
+        "tokensPerSecond": median([w["tokensPerSecond"] for w in windows]),
+        "wholeTokensPerSecond": median([w["wholeTokensPerSecond"] for w in windows]),
+        "stages": [
+            {
+                key: median([w["stages"][i][key] for w in windows])
+                for key in ("computeSeconds", "batchTokens")
+            }
+            for i in range(count)
+        ],
+    }
 
 
 def decode_window(
@@ -363,9 +401,12 @@ def report(
     layout = " ".join(f"{s['node']}[{s['layerStart']},{s['layerEnd']})" for s in plan["stages"])
     micro = cost.micro_batch(workload, len(plan["stages"]))
     print(f"\n{name}: {layout}  (load average {load_average()})")
+    windows = result.get("windows", [])
+    spread = ", ".join(f"{w['tokensPerSecond']:.1f}" for w in windows)
     print(
-        f"  tokens/s (decode window) estimated {est:7.2f}  measured {got:7.2f}  "
-        f"({got / est - 1:+.0%}); whole load incl. prefill {result['wholeTokensPerSecond']:.2f}"
+        f"  tokens/s (decode window, median of {len(windows)}: {spread}) estimated {est:7.2f}  "
+        f"measured {got:7.2f} ({got / est - 1:+.0%}); whole load incl. prefill "
+        f"{result['wholeTokensPerSecond']:.2f}"
     )
     for stage, seen in zip(plan["stages"], result["stages"], strict=True):
         # the estimate at the micro-batch the stage ran (a worker merges the micro-batches
@@ -374,15 +415,32 @@ def report(
         ran = estimated_stage_seconds(profile, inventory, workload, stage, seen["batchTokens"])
         planned = estimated_stage_seconds(profile, inventory, workload, stage, micro)
         took = seen["computeSeconds"]
+        index = stage["index"]
+        each = ", ".join(f"{w['stages'][index]['computeSeconds'] * 1e3:.0f}" for w in windows)
         print(
-            f"  stage {stage['index']} on {stage['node']:5}: {seen['batchTokens']:5.1f} "
+            f"  stage {index} on {stage['node']:5}: {seen['batchTokens']:5.1f} "
             f"tokens/step: estimated {ran * 1e3:7.1f} ms, measured {took * 1e3:7.1f} ms "
-            f"({took / ran - 1:+.0%}); at S/K = {micro:.1f}: {planned * 1e3:7.1f} ms"
+            f"({took / ran - 1:+.0%}; windows {each}); at S/K = {micro:.1f}: "
+            f"{planned * 1e3:7.1f} ms"
         )
 
 
 def load_average() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def recost(record: dict[str, Any], profile: Any, workload: cost.Workload) -> None:
+    """The saved splits' estimates again, from the saved Nodes (the re-planned split: the
+    Nodes after the slowdown), against the saved measured figures."""
+    for name, split in record["splits"].items():
+        nodes = record["nodesAfterSlowdown" if name == "re-planned" else "nodes"]
+        inventory = live.build_inventory(
+            list(nodes.values()), eligibility=live.Eligibility()
+        ).inventory
+        stages = split["plan"]["stages"]
+        bounds = [s["layerStart"] for s in stages] + [stages[-1]["layerEnd"]]
+        plan = split_plan(profile, inventory, workload, [s["node"] for s in stages], bounds)
+        report(name, plan, split, profile, inventory, workload)
 
 
 # -- main ----------------------------------------------------------------------------------
@@ -399,13 +457,30 @@ def main() -> int:
     parser.add_argument("--slow-node", default="fast", help="node whose CPU is cut in step 4")
     parser.add_argument("--slow-cpus", type=float, default=0.1)
     parser.add_argument("--skip-runs", action="store_true", help="probe and plan only")
+    parser.add_argument(
+        "--save", type=Path, help="write the facts, plans and measured figures (JSON) here"
+    )
+    parser.add_argument(
+        "--recost",
+        type=Path,
+        help="no run: re-cost a --save file's splits with this code's cost model (same "
+        "probe facts, same measured figures) and print the comparison",
+    )
+    parser.add_argument(
+        "--windows", type=int, default=3, help="decode windows per split (medians reported)"
+    )
+    parser.add_argument(
+        "--layer-shape",
+        default=MODEL_SHAPE,
+        help="the probes' product-curve layer (H,I,HEADS,KV; the model's; '': the probe's default)",
+    )
     args = parser.parse_args()
     from llmpipe_stage import demo
 
     work = Path(tempfile.mkdtemp(prefix="llmpipe-emu-model-"))
     model_dir = demo.write_model(
-        work / "model", family="llama", hidden_size=512, intermediate_size=1408,
-        num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=4,
+        work / "model", family="llama", hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
+        num_hidden_layers=args.layers, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
         max_position_embeddings=1024,
     )  # fmt: skip
     profile = modelfiles.load_profile(model_dir)
@@ -414,21 +489,30 @@ def main() -> int:
         max_context_tokens=args.prompt + args.new + 8,
         runtime_overhead_bytes=256 * 2**20,
     )
+    if args.recost:
+        recost(json.loads(args.recost.read_text()), profile, workload)
+        return 0
     description = yaml.safe_load(args.cluster.read_text())
     cluster = emulated.Cluster.start(description)
     running: dict[str, subprocess.Popen[bytes]] = {}
     try:
         # 1. probe
         print(f"load average before the probes: {load_average()}")
-        reference_facts_before = reference_facts(cluster, seconds=args.probe_seconds)
+        reference_facts_before = reference_facts(
+            cluster, seconds=args.probe_seconds, layer_shape=args.layer_shape
+        )
         reference = float(reference_facts_before["tflops"])
         # one node's probe after another: here the "nodes" share this machine's cores, so
         # probes measuring at once would measure each other (real nodes do not share CPUs)
         for node in cluster.nodes:
-            running[node.name] = start_probe(node, seconds=args.probe_seconds)
+            running[node.name] = start_probe(
+                node, seconds=args.probe_seconds, layer_shape=args.layer_shape
+            )
             asyncio.run(read_probes(cluster, pairs=False, only=node.name))
         facts, links = asyncio.run(read_probes(cluster, pairs=True))
-        reference_facts_after = reference_facts(cluster, seconds=args.probe_seconds)
+        reference_facts_after = reference_facts(
+            cluster, seconds=args.probe_seconds, layer_shape=args.layer_shape
+        )
         reference_after = float(reference_facts_after["tflops"])
         print(
             f"reference before/after the probes: {reference * 1e3:.1f} / "
@@ -465,15 +549,21 @@ def main() -> int:
             return 0
         # 3. run each split
         measured_rates = {}
+        record: dict[str, Any] = {"splits": {}, "args": vars(args) | {"cluster": str(args.cluster)}}
         for name, plan in plans.items():
             result = run_split(cluster, model_dir, plan, args)
             result.pop("pipeline").stop()
             report(name, plan, result, profile, inventory, workload)
             measured_rates[name] = result["tokensPerSecond"]
+            record["splits"][name] = {"plan": plan, **result}
         better = max(measured_rates["even"], measured_rates["memory-proportional"])
         print(f"\nplanner / better baseline, measured: {measured_rates['planner'] / better:.2f}x")
         # 4. recalibration: the planner's plan runs; one node slows down
-        recalibrate(cluster, model_dir, chosen, nodes, profile, workload, args, running)
+        record["nodes"] = json.loads(json.dumps(nodes))
+        recalibrate(cluster, model_dir, chosen, nodes, profile, workload, args, running, record)
+        if args.save:
+            args.save.write_text(json.dumps(record, indent=1, default=str))
+            print(f"\nfacts, plans and measured figures saved to {args.save}")
     finally:
         for process in running.values():
             process.terminate()
@@ -491,6 +581,7 @@ def recalibrate(
     workload: cost.Workload,
     args: argparse.Namespace,
     running: dict[str, subprocess.Popen[bytes]],
+    record: dict[str, Any],
 ) -> None:
     slowed = cluster.node(args.slow_node)
     result = run_split(cluster, model_dir, current, args)
@@ -510,7 +601,9 @@ def recalibrate(
     # restarting its probe (a new probe pod measures at once, like on a joining node)
     running[slowed.name].terminate()
     running[slowed.name].wait()
-    running[slowed.name] = start_probe(slowed, seconds=args.probe_seconds)
+    running[slowed.name] = start_probe(
+        slowed, seconds=args.probe_seconds, layer_shape=args.layer_shape
+    )
     asyncio.run(read_probes(cluster, pairs=False, only=slowed.name))
     facts, _ = asyncio.run(read_probes(cluster, pairs=False))
     print(
@@ -537,6 +630,8 @@ def recalibrate(
         after = run_split(cluster, model_dir, candidate, args)
         after.pop("pipeline").stop()
         report("re-planned", candidate, after, profile, inventory, workload)
+        record["splits"]["re-planned"] = {"plan": candidate, **after}
+        record["nodesAfterSlowdown"] = json.loads(json.dumps(nodes))
         print(
             f"  measured after the switch: {after['tokensPerSecond']:.2f} tok/s "
             f"({after['tokensPerSecond'] / degraded:.2f}x)"
