@@ -35,29 +35,47 @@ import torch
 from torch import nn
 from torch.nn import functional
 
+from llmpipe_stage import kernels
+
 if TYPE_CHECKING:
     from llmpipe_stage.runtime import SlotPool
 
 
 class Projection(nn.Module):
-    """y = x W^T + b for a float weight, or int8 weight with per-row scales."""
+    """y = x W^T + b for a float weight, or int8 weight with per-row scales.
+
+    With `small=True` (llmpipe's own kernel is loaded and takes this dtype, see
+    `kernels`), products of up to `kernels.MAX_ROWS` rows (a decode step) run through
+    `kernels.small_linear`; longer inputs (prompts) keep torch's product."""
 
     def __init__(
-        self, weight: torch.Tensor, bias: torch.Tensor | None, scales: torch.Tensor | None = None
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        scales: torch.Tensor | None = None,
+        *,
+        small: bool = False,
     ) -> None:
         super().__init__()
         self.weight = weight  # [out, in]: float, or int8 when scales is set
         self.bias = bias
         self.scales = scales  # [out], the activation dtype
+        self.small = small and weight.is_contiguous()
+        # The kernel's epilogue reads float32 scales and bias (a few KB per projection).
+        self.small_scales = None if scales is None or not self.small else scales.float()
+        self.small_bias = None if bias is None or not self.small else bias.float()
 
     @property
     def out_features(self) -> int:
         return int(self.weight.shape[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        if self.small and flat.shape[0] <= kernels.MAX_ROWS:
+            small = kernels.small_linear(flat, self.weight, self.small_scales, self.small_bias)
+            return small.reshape(*x.shape[:-1], small.shape[-1])
         if self.scales is None:
             return functional.linear(x, self.weight, self.bias)
-        flat = x.reshape(-1, x.shape[-1])
         y: torch.Tensor = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales)
         if self.bias is not None:
             y = y + self.bias
@@ -67,7 +85,7 @@ class Projection(nn.Module):
         """A projection over rows [start, end) of this one's weight (views, no copy)."""
         bias = None if self.bias is None else self.bias[start:end]
         scales = None if self.scales is None else self.scales[start:end]
-        return Projection(self.weight[start:end], bias, scales)
+        return Projection(self.weight[start:end], bias, scales, small=self.small)
 
     def nbytes(self) -> int:
         parts = (self.weight, self.bias, self.scales)
@@ -188,13 +206,26 @@ def projection(
                 for w, b in zip(weights, biases, strict=True)
             ]
         )
+    small = small_kernel(weight, quantize=quantize, dtype=dtype)
     if quantize == "int8":
         q, scales = quantize_int8(weight, scale_dtype=dtype)
-        return Projection(q, None if bias is None else bias.to(dtype), scales)
+        return Projection(q, None if bias is None else bias.to(dtype), scales, small=small)
+    if small:  # the kernel reads the plain layout: no packed copy
+        return Projection(weight.contiguous(), bias, small=True)
     plain = Projection(weight, bias)
     if pack_for and packable(weight):
         return PackedProjection(plain, batch_hint=pack_for)
     return plain
+
+
+def small_kernel(weight: torch.Tensor, *, quantize: str, dtype: torch.dtype) -> bool:
+    """Whether decode-sized products of this weight run through llmpipe's kernel: a CPU
+    weight in bfloat16 or float32 (or int8 of either), where the kernel is loaded."""
+    if weight.device.type != "cpu" or dtype not in (torch.bfloat16, torch.float32):
+        return False
+    if quantize not in ("none", "int8") or (quantize == "none" and weight.dtype != dtype):
+        return False
+    return kernels.available()
 
 
 @dataclass

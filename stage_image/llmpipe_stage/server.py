@@ -25,7 +25,7 @@ from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
-from llmpipe_stage import api_requests, decode, devices, gateway, loading, tls
+from llmpipe_stage import api_requests, decode, devices, gateway, kernels, loading, tls
 from llmpipe_stage.backend import Head, Ledger, LoadProgress, Parts, Timeouts, Worker
 from llmpipe_stage.config import PipelineConfig
 from llmpipe_stage.coordinator import CoordinatorSettings
@@ -171,6 +171,8 @@ def load_runtime(process: Process) -> StageRuntime:
     log.info(
         "stage %d: layers [%d, %d) on %s", process.index, *process.layers, placement.describe()
     )
+    if placement.device.type == "cpu":
+        log.info("stage %d: decode products: %s", process.index, kernels.status())
 
     def on_progress(done: int, total: int) -> None:
         progress.loaded, progress.total = done, total
