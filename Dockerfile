@@ -136,6 +136,24 @@ RUN python3 -m venv /opt/llmpipe \
       -r /opt/llmpipe-requirements/stage.txt
 
 # ---------------------------------------------------------------------------------------
+# stage-kernel: llmpipe's decode product kernel (stage_image/llmpipe_stage/kernels), compiled
+# here with g++ and ninja so that the stage image carries the library and no compiler (about
+# 200 MB of toolchain kept out of it). The library's name hashes its source, torch's version
+# and the flags, so it matches the torch of stage-deps exactly; it needs AVX-512 + AVX512_BF16
+# only where it runs (a stage on another CPU logs that and runs torch's products). On arm64
+# nothing is built.
+FROM stage-deps AS stage-kernel
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends g++ ninja-build \
+ && rm -rf /var/lib/apt/lists/*
+COPY --from=wheel /wheels /tmp/wheels
+RUN /opt/llmpipe/bin/pip install --no-index --no-deps /tmp/wheels/*.whl \
+ && mkdir -p /opt/llmpipe-kernels \
+ && /opt/llmpipe/bin/python -m llmpipe_stage.kernels --build /opt/llmpipe-kernels \
+ && rm -rf /opt/llmpipe-kernels/*.build
+
+# ---------------------------------------------------------------------------------------
 # stage: one pipeline stage (`python -m llmpipe_stage --config-dir ... --stage-index N ...`).
 FROM stage-deps AS stage
 LABEL org.opencontainers.image.title="llmpipe-stage" \
@@ -144,9 +162,11 @@ LABEL org.opencontainers.image.title="llmpipe-stage" \
 COPY --from=wheel /wheels /tmp/wheels
 RUN /opt/llmpipe/bin/pip install --no-index --no-deps /tmp/wheels/*.whl \
  && rm -rf /tmp/wheels
+COPY --from=stage-kernel /opt/llmpipe-kernels /opt/llmpipe-kernels
 ENV PATH=/opt/llmpipe/bin:$PATH \
     PYTHONUNBUFFERED=1 \
-    PYTHONDONTWRITEBYTECODE=1
+    PYTHONDONTWRITEBYTECODE=1 \
+    LLMPIPE_KERNEL_DIR=/opt/llmpipe-kernels
 USER 10001:10001
 WORKDIR /home/llmpipe
 # 50051: gRPC between stages; 8000: OpenAI API (stage 0), /healthz, /readyz, /metrics.

@@ -9,10 +9,17 @@ takes the kernel only for decode-sized inputs and says which path runs."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from llmpipe_stage import decode, kernels
+from llmpipe_stage.kernels import __main__ as kernels_main
 
 pytestmark = pytest.mark.skipif(
     not kernels.available(), reason=f"decode kernel: {kernels.status()}"
@@ -121,3 +128,59 @@ def test_status_says_which_path_runs() -> None:
 def test_cpu_without_the_instructions_is_not_supported() -> None:
     assert not kernels.cpu_supported("flags\t: fpu sse2 avx2 fma avx512f avx512bw avx512vl\n")
     assert kernels.cpu_supported("flags\t: avx2 avx512f avx512bw avx512vl avx512_bf16\n")
+
+
+def fresh_process_status(tmp_path: Path, **env: str) -> list[str]:
+    """kernels.status() and whether a bf16 projection takes the kernel, in a new process
+    whose cache is `tmp_path` (no library there)."""
+    code = (
+        "import torch\n"
+        "from llmpipe_stage import decode, kernels\n"
+        "p = decode.projection([torch.zeros(8, 64).bfloat16()], [None], quantize='none',"
+        " dtype=torch.bfloat16, pack_for=4)\n"
+        "print(kernels.status()); print(p.small, type(p).__name__)\n"
+    )
+    run_env = {k: v for k, v in os.environ.items() if k != "LLMPIPE_KERNEL_DIR"}
+    run_env.update(XDG_CACHE_HOME=str(tmp_path), **env)
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=run_env, capture_output=True, text=True, check=True
+    )
+    return done.stdout.splitlines()
+
+
+def test_turned_off_it_runs_the_packed_torch_path(tmp_path: Path) -> None:
+    status, path = fresh_process_status(tmp_path, LLMPIPE_KERNEL="off")
+    assert status.startswith("off (LLMPIPE_KERNEL=off)")
+    assert path == "False PackedProjection"
+
+
+def test_without_a_compiler_it_falls_back_and_says_so(tmp_path: Path) -> None:
+    status, path = fresh_process_status(tmp_path, CXX=str(tmp_path / "no-such-compiler"))
+    assert status.startswith("off (no prebuilt kernel and no C++ compiler")
+    assert path == "False PackedProjection"
+    assert not (tmp_path / "llmpipe" / "kernels").exists()
+
+
+def test_a_prebuilt_library_is_found_in_the_kernel_dir(tmp_path: Path) -> None:
+    """The stage image's case: the library in $LLMPIPE_KERNEL_DIR, no compiler on PATH."""
+    built = next(
+        d / f"{kernels.library_name()}.so"
+        for d in kernels.search_dirs()
+        if (d / f"{kernels.library_name()}.so").is_file()
+    )
+    (tmp_path / "image").mkdir()
+    shutil.copy(built, tmp_path / "image")
+    status, path = fresh_process_status(
+        tmp_path, CXX=str(tmp_path / "no-such-compiler"), LLMPIPE_KERNEL_DIR=str(tmp_path / "image")
+    )
+    assert status == f"on ({tmp_path / 'image' / built.name})"
+    assert path == "True Projection"
+
+
+def test_image_build_step_skips_other_architectures(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(kernels_main.platform, "machine", lambda: "aarch64")
+    assert kernels_main.main(["--build", str(tmp_path / "out")]) == 0
+    assert "not built on aarch64" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
