@@ -1,0 +1,131 @@
+"""The decode product kernel against torch's products: weight bytes read per second.
+
+    PYTHONPATH=.:operator:stage_image python bench/kernel.py [--rows 1,4,8]
+    PYTHONPATH=.:operator:stage_image python bench/kernel.py --profile 1 [--quantization int8]
+
+For each row count M, 16 matrices of 5632 x 1024 (the benchmark model's gate|up, 185 MB
+in bf16, far beyond the caches) are multiplied in turn by M activation rows; best of 5
+passes, as GB/s of weights read: llmpipe's kernel (`kernels.small_linear`) against oneDNN's
+packed bf16 (`decode.PackedProjection`), torch's `_weight_int8pack_mm` and MKL float32
+`linear`, all with torch's default thread count.
+
+`--profile S` instead runs the decode step of the peer benchmark's model (bench/peer.py,
+bf16, one process holding all layers) for S sequences: the mean step time over 10 steps,
+then torch.profiler's summary of 8 more (run it with OMP_WAIT_POLICY=PASSIVE, as a stage
+process does)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from llmpipe_stage import decode, demo, kernels, loading, runtime, wire
+
+K, N, COUNT = 1024, 5632, 16
+
+
+def best(fn: Callable[[object], object], weights: list, reps: int = 5) -> float:
+    fn(weights[0])
+    fastest = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        for w in weights:
+            fn(w)
+        fastest = min(fastest, time.perf_counter() - start)
+    return fastest
+
+
+def measure(m: int) -> dict[str, float]:
+    """Bytes of weights read per second by each product for m activation rows."""
+    xb = torch.randn(m, K, dtype=torch.bfloat16)
+    xf = xb.float()
+    wb = [torch.randn(N, K, dtype=torch.bfloat16) for _ in range(COUNT)]
+    bf16 = N * K * 2 * COUNT
+    rows = {"bf16 kernel": bf16 / best(lambda w: kernels.small_linear(xb, w), wb)}
+    packed = [decode.PackedProjection(decode.Projection(w, None), batch_hint=4) for w in wb]
+    rows["bf16 oneDNN packed"] = bf16 / best(lambda p: p(xb), packed)
+    del packed
+    q = [decode.quantize_int8(w, scale_dtype=torch.bfloat16) for w in wb]
+    del wb
+    fs = [(w, s.float()) for w, s in q]
+    rows["int8 kernel"] = bf16 / 2 / best(lambda p: kernels.small_linear(xb, p[0], p[1]), fs)
+    rows["int8 _weight_int8pack_mm"] = (
+        bf16 / 2 / best(lambda p: torch.ops.aten._weight_int8pack_mm(xb, p[0], p[1]), q)
+    )
+    del q, fs
+    wf = [torch.randn(N, K) for _ in range(COUNT // 2)]
+    rows["f32 kernel"] = bf16 / best(lambda w: kernels.small_linear(xf, w), wf)
+    rows["f32 torch linear"] = bf16 / best(lambda w: torch.nn.functional.linear(xf, w), wf)
+    del wf
+    return rows
+
+
+def profile_decode(seqs: int, quantization: str) -> None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    import peer  # the peer benchmark's model shape
+
+    model = demo.write_model(Path(tempfile.mkdtemp()) / "model", **peer.MODEL_SHAPE)
+    config = loading.load_config(model)
+    stage = loading.build_slice(
+        model,
+        layer_start=0,
+        layer_end=config.num_hidden_layers,
+        has_embedding=True,
+        has_head=True,
+        dtype=torch.bfloat16,
+    )
+    rt = runtime.StageRuntime(
+        stage, context_limit=256, max_sequences=seqs, quantization=quantization
+    )
+    last = {}
+    for sid in range(seqs):
+        steps = [wire.Step(sid, 0, 16)]
+        last[sid] = rt.sample(steps, rt.run(steps, rt.embed(list(range(10 + sid, 26 + sid)))))[0]
+    position = [16]
+
+    def step() -> None:
+        steps = [wire.Step(sid, position[0], 1) for sid in range(seqs)]
+        tokens = rt.sample(steps, rt.run(steps, rt.embed([last[sid] for sid in range(seqs)])))
+        last.update(enumerate(tokens))
+        position[0] += 1
+
+    for _ in range(3):
+        step()
+    start = time.perf_counter()
+    for _ in range(10):
+        step()
+    print(f"{seqs} seq, {quantization}: {(time.perf_counter() - start) * 100:.1f} ms a step")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(8):
+            step()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", default="1,4,8")
+    parser.add_argument("--profile", type=int, default=0, help="profile S sequences' decode")
+    parser.add_argument("--quantization", default="none")
+    args = parser.parse_args()
+    print(f"kernel: {kernels.status()}; torch threads {torch.get_num_threads()}")
+    if args.profile:
+        profile_decode(args.profile, args.quantization)
+        return 0
+    if not kernels.available():
+        return 1
+    torch.manual_seed(0)
+    for m in (int(r) for r in args.rows.split(",")):
+        rows = measure(m)
+        for name, rate in rows.items():
+            print(f"M={m} {name}: {rate / 1e9:.1f} GB/s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
