@@ -10,7 +10,9 @@ built complete, after loading, by `llmpipe_stage.server`; neither speaks gRPC as
 nor HTTP (`llmpipe_stage.handler` and `llmpipe_stage.gateway` do).
 
 `Ledger` is the per-sequence bookkeeping the handler validates against: the position each
-sequence may send next and the sequences released recently.
+sequence may send next and the sequences released recently. `OrderedSender` keeps one
+stage's micro-batches to its next stage in order per sequence (a prompt's chunk i + 1 never
+leaves before chunk i has arrived).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -128,6 +131,36 @@ class Timeouts:
     """A KV cache idle this long is freed (its stage 0 is gone or forgot to release it)."""
 
 
+class OrderedSender:
+    """The sends of one stage to its next stage. Two micro-batches on the same link as two
+    concurrent calls can arrive swapped (a large message and a small one behind it); for
+    two chunks of one prompt that is out of order. So a micro-batch that carries a sequence
+    whose previous micro-batch to this stage has not been acknowledged yet waits for that
+    acknowledgement first; every other micro-batch goes at once (a decode step's previous
+    step came back around the ring long ago, so decode never waits here). The receiver
+    still checks the order (`Ledger.wait_in_order`) as a defence."""
+
+    def __init__(self) -> None:
+        self._latest: dict[int, asyncio.Future[None]] = {}  # sequence id -> its last send
+
+    async def send(self, ids: list[int], call: Callable[[], Awaitable[object]]) -> None:
+        """Run `call` (the RPC) once every earlier send of these sequences is done (sent
+        and acknowledged, or failed). Callers start sends in the order they must arrive."""
+        earlier = {self._latest[sid] for sid in ids if sid in self._latest}
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        for sid in ids:
+            self._latest[sid] = done
+        try:
+            if earlier:
+                await asyncio.wait(earlier)
+            await call()
+        finally:
+            done.set_result(None)
+            for sid in ids:
+                if self._latest.get(sid) is done:
+                    del self._latest[sid]
+
+
 @dataclass(frozen=True)
 class Parts:
     """What a loaded stage is made of; `llmpipe_stage.server` builds it once loading is done."""
@@ -154,6 +187,7 @@ class Backend:
         self.ledger = parts.ledger
         self.timeouts = parts.timeouts
         self.background = TaskSet()
+        self.next_stage = OrderedSender()  # Forward to stage index + 1
 
     async def release(self, ids: list[int]) -> None:
         """Free these sequences here (the ledger at once, the caches in the compute thread)."""
@@ -255,7 +289,12 @@ class Worker(Backend):
             call = self.peers.stub(target).Forward
         try:
             started = time.perf_counter()
-            await call(message, timeout=self.timeouts.forward_s)
+            if target == 0:
+                await call(message, timeout=self.timeouts.forward_s)
+            else:
+                await self.next_stage.send(
+                    ids, lambda: call(message, timeout=self.timeouts.forward_s)
+                )
             self.metrics.send.observe(time.perf_counter() - started)
             self.metrics.bytes_sent.inc(message.ByteSize())
         except grpc.aio.AioRpcError as error:
@@ -314,15 +353,19 @@ class Head(Backend):
     async def forward(self, steps: list[wire.Step], hidden: torch.Tensor) -> None:
         """Hand stage 0's layers' output to stage 1; a failed hop fails the sequences."""
         message = wire.encode_activations(steps, hidden, sent_unix_ns=time.time_ns())
+        ids = [s.sequence_id for s in steps]
+        stub = self.peers.stub(1)
         try:
             started = time.perf_counter()
-            await self.peers.stub(1).Forward(message, timeout=self.timeouts.forward_s)
+            await self.next_stage.send(
+                ids, lambda: stub.Forward(message, timeout=self.timeouts.forward_s)
+            )
             self.metrics.send.observe(time.perf_counter() - started)
             self.metrics.bytes_sent.inc(message.ByteSize())
         except grpc.aio.AioRpcError as error:
             reason = rpc_failure(error, self.peers.describe(1))
             log.warning("stage 0: %s", reason)
-            self.coordinator.on_failure([s.sequence_id for s in steps], reason)
+            self.coordinator.on_failure(ids, reason)
 
     async def release_remote(self, ids: list[int]) -> None:
         self.ledger.release(ids)

@@ -26,10 +26,11 @@ log = logging.getLogger(__name__)
 
 OVERTAKE_WAIT_S = 2.0
 """How long a step that starts past its sequence's cached tokens waits for the earlier
-chunk (two messages of one hop, sent back to back, can swap places; that takes
-milliseconds). Past it the step is refused as out of order: a forged or stale step does
-not hold a caller for the whole hop deadline, and a real gap makes stage 0 pause and
-replay the sequence, so nothing is lost."""
+chunk. Senders keep a sequence's micro-batches in order (`backend.OrderedSender`), so this
+is a defence (a sender of another build, a retried call), not the mechanism. Past it the
+step is refused as out of order: a forged or stale step does not hold a caller for the
+whole hop deadline, and a real gap makes stage 0 pause and replay the sequence, so nothing
+is lost."""
 
 
 class Refusal(Exception):
