@@ -2,7 +2,8 @@
 speed with and without prompt-lookup speculation, on the real model over shaped links.
 
     sudo PYTHONPATH=operator:stage_image:. python bench/latency.py ttft \
-        [--stages 4] [--mbps 100] [--prompts 256,1024] [--chunk 128] [--repeats 2]
+        [--stages 4] [--mbps 100] [--prompts 256,1024] [--chunk 128] [--repeats 2] \
+        [--rtt-ms 30]
     sudo PYTHONPATH=operator:stage_image:. python bench/latency.py decode \
         [--stages 2] [--new 64] [--repeats 2] [--rtt-ms 0,30]
     PYTHONPATH=operator:stage_image:. python bench/latency.py relay [--rtt-ms 0,10,30] \
@@ -23,7 +24,8 @@ acceptance counters of stage 0's /metrics. Round-trip time is emulated by a dela
 relay in front of every stage (tests/support/relay.py; netem is absent here): each hop,
 the return hop to stage 0 included, takes RTT/2, so one token's trip around a 2-stage
 pipeline takes one RTT on top of the compute. `ttft` runs at the veths' own RTT (well
-under 1 ms).
+under 1 ms), or with `--rtt-ms` on loopback behind the same relays (no namespaces, so no
+rate limit and no CPU quota per stage).
 
 `relay`: the round trip the relay really adds (ping-pong through one relay: median, p90,
 max). Prints figures; asserts nothing.
