@@ -191,7 +191,7 @@ void run(const Args& a, Kind kind) {
   // At least ~64 KB of weights per task, so small products do not pay for waking threads.
   const int64_t row_bytes = a.K * (kind == Kind::kInt8 ? 1 : kind == Kind::kBf16 ? 2 : 4);
   const int64_t grain = std::max<int64_t>(1, (64 * 1024) / std::max<int64_t>(1, row_bytes * R));
-  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+  auto body = [&](int64_t b0, int64_t b1) {
     float sums[M * R];
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n = b * R;
@@ -206,7 +206,12 @@ void run(const Args& a, Kind kind) {
         }
       }
     }
-  });
+  };
+  // Under 1 MB of weights a second thread costs more to wake than it saves.
+  if (a.N * row_bytes < (int64_t{1} << 20))
+    body(0, blocks);
+  else
+    at::parallel_for(0, blocks, grain, body);
 }
 
 void dispatch(const Args& a, Kind kind) {
