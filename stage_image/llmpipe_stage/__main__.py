@@ -54,6 +54,15 @@ def _add_placement(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="model directory: config.json, tokenizer files, *.safetensors",
     )
+    parser.add_argument(
+        "--draft-model-dir",
+        type=Path,
+        default=Path(os.environ["LLMPIPE_DRAFT_MODEL_DIR"])
+        if os.environ.get("LLMPIPE_DRAFT_MODEL_DIR")
+        else None,
+        help="stage 0 with workload.speculation 'draft': the draft model's directory (same "
+        "tokenizer; run whole in stage 0) (or env LLMPIPE_DRAFT_MODEL_DIR)",
+    )
     parser.add_argument("--host", default="0.0.0.0", help="bind address (default 0.0.0.0)")
     parser.add_argument("--grpc-port", type=int, default=50051, help="gRPC port (50051)")
     parser.add_argument(
@@ -208,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         stage_index=args.stage_index,
         pipeline=pipeline,
         model_dir=args.model_dir,
+        draft_model_dir=args.draft_model_dir,
         host=args.host,
         grpc_port=args.grpc_port,
         http_port=args.http_port,

@@ -32,6 +32,7 @@ import torch
 from llmpipe_stage import wire
 from llmpipe_stage.background import TaskSet
 from llmpipe_stage.coordinator import Coordinator, CoordinatorSettings
+from llmpipe_stage.draft import DraftModel
 from llmpipe_stage.metrics import StageMetrics
 from llmpipe_stage.peers import Peers, rpc_failure
 from llmpipe_stage.proto import stage_pb2
@@ -336,7 +337,13 @@ def _disjoint_runs(
 class Head(Backend):
     """Stage 0: the coordinator's ring, its hop to stage 1 and its releases everywhere."""
 
-    def __init__(self, parts: Parts, *, coordinator: CoordinatorSettings) -> None:
+    def __init__(
+        self,
+        parts: Parts,
+        *,
+        coordinator: CoordinatorSettings,
+        draft_model: DraftModel | None = None,
+    ) -> None:
         super().__init__(parts)
         forward = self.forward if coordinator.num_stages > 1 else None
         self.coordinator = Coordinator(
@@ -348,6 +355,7 @@ class Head(Backend):
             release_remote=self.release_remote,
             chain_ready=self.peers.readiness,
             chain_lost=self.peers.lost,
+            draft_model=draft_model,
         )
 
     async def forward(self, steps: list[wire.Step], hidden: torch.Tensor) -> None:

@@ -17,7 +17,7 @@ PIPELINE_DTYPES = ("auto", *DTYPES)
 """pipeline.json's model.dtype: `auto` lets each stage's device pick (`devices.place`)."""
 STAGE_DEVICES = ("cpu", "cuda")
 QUANTIZATIONS = ("none", "int8")
-SPECULATIONS = ("off", "ngram")
+SPECULATIONS = ("off", "ngram", "draft")
 """pipeline.json's workload.speculation (`llmpipe_stage.speculation`)."""
 """Weight quantization of a stage's projections (`none`: weights in `dtype`)."""
 
@@ -63,8 +63,8 @@ class PipelineConfig:
     """workload.prefillTokensInFlight: token throttling's bound on the prompt tokens in
     flight (None: two chunks per stage; 0: no bound)."""
     speculation: str = "off"
-    """workload.speculation: `ngram` (prompt-lookup drafts; requests without logprobs) or
-    `off`."""
+    """workload.speculation: `ngram` (prompt-lookup drafts; requests without logprobs),
+    `draft` (a draft model's, run whole in stage 0: `--draft-model-dir`) or `off`."""
     max_draft_tokens: int = 8
     """workload.maxDraftTokens: the most draft tokens one step verifies (k adapts below)."""
 

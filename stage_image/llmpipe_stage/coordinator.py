@@ -34,6 +34,7 @@ import torch
 
 from llmpipe_stage import prefill, speculation, wire
 from llmpipe_stage.background import TaskSet
+from llmpipe_stage.draft import DraftModel
 from llmpipe_stage.generation import PipelineError, SamplingParams, Scores
 from llmpipe_stage.metrics import StageMetrics
 from llmpipe_stage.prefill import TokenBudget
@@ -83,6 +84,7 @@ class Sequence:
     drafter: AdaptiveDraft | None = None  # speculative decoding (no logprobs asked)
     drafted: int = 0  # draft tokens of the step in flight
     rollback: bool = False  # the caches past position hold rejected draft positions
+    proposed: list[int] | None = None  # the draft model's tokens for its next step
 
     @property
     def position(self) -> int:
@@ -94,17 +96,25 @@ class Sequence:
         """Whether its next step is (a chunk of) a prefill rather than a decode step."""
         return not self.generated or self.replay
 
-    def _draft(self) -> list[int]:
-        """Prompt-lookup draft tokens for the next decode step, within what may still be
-        generated and the context ([] without a drafter)."""
+    def draft_size(self) -> int:
+        """Draft tokens to propose for the next decode step, within what may still be
+        generated and the context (0 without a drafter, or while it pauses)."""
         if self.drafter is None:
-            return []
+            return 0
         room = min(
             self.params.max_new_tokens - len(self.generated) - 1,
             self.context_room - self.position - 2,
         )
-        k = min(self.drafter.k(), room)
-        if k < 1:
+        return max(0, min(self.drafter.k(), room))
+
+    def _draft(self) -> list[int]:
+        """The draft for the next decode step: the draft model's (`proposed`, set by the
+        coordinator before the step is built), else prompt lookup's."""
+        if self.proposed is not None:
+            draft, self.proposed = self.proposed, None
+            return draft
+        k = self.draft_size()
+        if k < 1 or self.drafter is None:
             return []
         context = [*self.prompt, *self.generated]
         return speculation.propose(context, k, ngram_min=self.drafter.min_match())
@@ -163,7 +173,8 @@ class CoordinatorSettings:
     """Token throttling: the most prompt tokens in flight at once (`prefill.in_flight_limit`;
     None: two chunks per stage; 0: no bound)."""
     speculation: str = "off"
-    """`ngram`: prompt-lookup drafts verified by the pipeline (`llmpipe_stage.speculation`)."""
+    """`ngram`: prompt-lookup drafts verified by the pipeline (`llmpipe_stage.speculation`);
+    `draft`: the draft model's (`llmpipe_stage.draft`, the coordinator's `draft_model`)."""
     max_draft_tokens: int = DEFAULT_MAX_DRAFT
     """The most draft tokens one step verifies (k is adaptive below it)."""
 
@@ -200,8 +211,12 @@ class Coordinator:
         release_remote: Callable[[list[int]], Awaitable[None]],
         chain_ready: ChainReady = _alone,
         chain_lost: ChainLost = _nothing_lost,
+        draft_model: DraftModel | None = None,
     ) -> None:
+        if settings.speculation == "draft" and draft_model is None:
+            raise ValueError("speculation 'draft' needs a draft model")
         self.settings = settings
+        self.draft_model = draft_model  # used only in the compute thread
         self.runtime = runtime
         self.executor = executor
         self.metrics = metrics
@@ -257,7 +272,7 @@ class Coordinator:
         the accept/reject rule, `llmpipe_stage.sampling`) that ask for no log-probabilities
         (a draft's tokens come back without them)."""
         return (
-            self.settings.speculation == "ngram"
+            self.settings.speculation in ("ngram", "draft")
             and self.settings.max_draft_tokens > 0
             and not params.logprobs
         )
@@ -302,6 +317,8 @@ class Coordinator:
 
     def _release_measured(self, ids: list[int]) -> None:
         self.runtime.release(ids)
+        if self.draft_model is not None:
+            self.draft_model.release(ids)
         self.metrics.measure_caches(self.runtime)
 
     # -- ring events (from the server) -----------------------------------------------------
@@ -421,6 +438,7 @@ class Coordinator:
             sequence.prefill_sent = 0
             sequence.drafted = 0  # a draft in flight is lost with the caches
             sequence.rollback = False
+            sequence.proposed = None
             self._settle(sequence)
             if sequence.paused_since is None:
                 sequence.paused_since = now
@@ -509,7 +527,38 @@ class Coordinator:
             batch.append(self.ready.get_nowait())
         return [s for s in batch if not s.finished and s.id in self.sequences]
 
+    async def _propose(self, batch: list[Sequence]) -> list[Sequence]:
+        """The draft model's proposals for the decode steps of this micro-batch, computed
+        in the compute thread; returns the batch without what ended meanwhile."""
+        asks = []
+        for sequence in batch:
+            if sequence.drafter is None or sequence.prefilling:
+                continue
+            k = sequence.draft_size()
+            sequence.proposed = []
+            if k > 0:
+                asks.append((sequence, sequence.id, [*sequence.prompt, *sequence.generated], k))
+        if not asks:
+            return batch
+        loop = asyncio.get_running_loop()
+        work = [(sid, context, k) for _, sid, context, k in asks]
+        try:
+            drafts = await loop.run_in_executor(self.executor, self._draft_all, work)
+        except Exception:  # a drafter failure costs the draft, never the request
+            log.exception("stage 0: the draft model failed; decoding these steps plainly")
+            drafts = [[] for _ in asks]
+        for (sequence, sid, _, _), draft in zip(asks, drafts, strict=True):
+            if sequence.id == sid:  # else parked and replayed meanwhile: no draft
+                sequence.proposed = draft
+        return [s for s in batch if not s.finished and self.sequences.get(s.id) is s]
+
+    def _draft_all(self, work: list[tuple[int, list[int], int]]) -> list[list[int]]:
+        assert self.draft_model is not None
+        return [self.draft_model.propose(sid, context, k) for sid, context, k in work]
+
     async def _process(self, batch: list[Sequence]) -> None:
+        if self.draft_model is not None and self.settings.speculation == "draft":
+            batch = await self._propose(batch)
         steps: list[Step] = []
         token_ids: list[int] = []
         budget = self._budget()

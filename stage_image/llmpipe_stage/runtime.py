@@ -452,6 +452,12 @@ class StageRuntime:
         """Final norm + head on each step's last token, then that sequence's sampler."""
         return self.sample_scored(steps, hidden).tokens
 
+    def greedy(self, hidden: torch.Tensor) -> list[int]:
+        """hidden [rows, hidden_size] -> each row's argmax token (the draft model's choice)."""
+        with torch.inference_mode():
+            chosen: list[int] = self._logits(hidden).argmax(dim=-1).tolist()
+        return chosen
+
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [rows, hidden_size] -> float32 logits [rows, vocab], on the host."""
         if self.stage.norm is None or self.head is None:

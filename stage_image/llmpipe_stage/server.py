@@ -18,6 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import torch
@@ -29,6 +30,7 @@ from llmpipe_stage import api_requests, decode, devices, gateway, kernels, loadi
 from llmpipe_stage.backend import Head, Ledger, LoadProgress, Parts, Timeouts, Worker
 from llmpipe_stage.config import PipelineConfig
 from llmpipe_stage.coordinator import CoordinatorSettings
+from llmpipe_stage.draft import DraftModel, DraftModelError
 from llmpipe_stage.handler import Identity, StageServicer
 from llmpipe_stage.metrics import StageMetrics
 from llmpipe_stage.peers import CHANNEL_OPTIONS, Peers
@@ -72,6 +74,9 @@ class StageSettings:
     """Stage 0: a key file or directory; None serves the OpenAI API without keys."""
     protect_metrics: bool = False
     """Whether /metrics also needs a key (it holds counts, never prompt text)."""
+    draft_model_dir: Path | None = None
+    """Stage 0 with `workload.speculation: draft`: the draft model's directory (a small
+    model of the same tokenizer, run whole in this process; `llmpipe_stage.draft`)."""
     tls_dir: Path | None = None
     """ca.crt, tls.crt, tls.key for mutual TLS with the other stages; None means plaintext
     gRPC with no authentication (an explicit opt-out, `--plaintext`, for benchmarks)."""
@@ -219,6 +224,26 @@ def load_runtime(process: Process) -> StageRuntime:
     )
 
 
+def load_draft_model(settings: StageSettings, runtime: StageRuntime, tokenizer: Any) -> DraftModel:
+    """Runs in the compute thread: the draft model, whole, on stage 0's device and dtype,
+    after its tokenizer is checked against the model's (DraftModelError otherwise)."""
+    if settings.draft_model_dir is None:
+        raise DraftModelError(
+            "workload.speculation is 'draft' but stage 0 was given no draft model "
+            "(--draft-model-dir, or env LLMPIPE_DRAFT_MODEL_DIR)"
+        )
+    log.info("stage 0: loading the draft model from %s", settings.draft_model_dir)
+    return DraftModel.load(
+        settings.draft_model_dir,
+        target_dir=settings.model_dir,
+        dtype=runtime.stage.dtype,
+        device=runtime.stage.device,
+        context_limit=runtime.context_limit,
+        max_sequences=settings.pipeline.max_sequences,
+        target_tokenizer=tokenizer,
+    )
+
+
 def _parts(process: Process, runtime: StageRuntime) -> Parts:
     settings = process.settings
     return Parts(
@@ -256,7 +281,12 @@ async def start_head(process: Process, runtime: StageRuntime) -> tuple[Head, gat
         speculation=settings.pipeline.speculation,
         max_draft_tokens=settings.pipeline.max_draft_tokens,
     )
-    head = Head(_parts(process, runtime), coordinator=coordinator)
+    draft_model = None
+    if settings.pipeline.speculation == "draft":
+        draft_model = await loop.run_in_executor(
+            process.executor, load_draft_model, settings, runtime, tokenizer
+        )
+    head = Head(_parts(process, runtime), coordinator=coordinator, draft_model=draft_model)
     serving = gateway.Serving(
         generations=head.coordinator,
         tokenizer=tokenizer,
