@@ -133,11 +133,19 @@ def _add_workload(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--speculate",
-        choices=("ngram", "off"),
+        choices=("ngram", "draft", "off"),
         default="off",
         help="speculative decoding (greedy and sampled requests): ngram drafts by prompt "
-        "lookup and the pipeline verifies the drafts in one pass; greedy output unchanged, "
-        "sampled output keeps its distribution (off)",
+        "lookup, draft by --draft-model; the pipeline verifies the drafts in one pass; "
+        "greedy output unchanged, sampled output keeps its distribution (off)",
+    )
+    parser.add_argument(
+        "--draft-model",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="with --speculate draft: a small model of the same tokenizer (a directory with "
+        "config.json, or a .gguf file), run whole in stage 0",
     )
     parser.add_argument(
         "--prefill-chunk",
@@ -195,6 +203,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for add in (_add_model, _add_listeners, _add_workload, _add_run):
         add(parser)
     args = parser.parse_args(argv)
+    if args.speculate == "draft" and args.draft_model is None:
+        parser.error("--speculate draft needs --draft-model PATH")
+    if args.draft_model is not None and args.speculate != "draft":
+        parser.error("--draft-model is used only with --speculate draft")
+    args.draft_model_dir = None  # resolved (a .gguf converted) when serving starts
     if args.dtype == "auto":
         args.dtype = "bfloat16" if args.quantization == "int8" else cpu.auto_dtype()
     return args
@@ -221,6 +234,20 @@ def resolve_model(args: argparse.Namespace) -> tuple[Path, str]:
     if not (path / "config.json").is_file():
         raise LaunchError(f"--model {path}: neither a .gguf file nor a directory with config.json")
     return path, args.name or path.resolve().name
+
+
+def resolve_draft_model(args: argparse.Namespace) -> Path | None:
+    """--draft-model's model directory (a .gguf file converted first); None without it."""
+    path: Path | None = args.draft_model
+    if path is None:
+        return None
+    if path.is_file() and path.suffix == ".gguf":
+        return convert_gguf(path)
+    if not (path / "config.json").is_file():
+        raise LaunchError(
+            f"--draft-model {path}: neither a .gguf file nor a directory with config.json"
+        )
+    return path.resolve()
 
 
 def convert_gguf(path: Path) -> Path:
@@ -406,6 +433,8 @@ def stage_command(
     ]
     if index == 0 and args.api_key_file is not None:
         command += ["--api-keys", str(args.api_key_file.resolve())]
+    if index == 0 and args.draft_model_dir is not None:
+        command += ["--draft-model-dir", str(args.draft_model_dir)]
     return command
 
 
@@ -608,6 +637,7 @@ def main(argv: list[str]) -> int:
         if args.api_key_file is not None and not args.api_key_file.is_file():
             raise LaunchError(f"--api-key-file {args.api_key_file}: no such file")
         model_dir, name = resolve_model(args)
+        args.draft_model_dir = resolve_draft_model(args)
         model_config = json.loads((model_dir / "config.json").read_text())
         plan = make_plan(args, model_config)
         count = len(plan["stages"])

@@ -10,6 +10,9 @@ of another vocabulary is refused at load with a message that says so; every cach
 
 from __future__ import annotations
 
+import json
+import re
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -164,3 +167,96 @@ def test_a_pipeline_with_a_mismatched_draft_model_fails_to_start_and_says_why(
             ready_timeout=60,
         ).stop()
     assert "a draft model needs the same tokenizer" in str(failure.value)
+
+
+def truncated_copy(model_dir: Path, path: Path, layers: int) -> Path:
+    """The model's first `layers` decoder layers as a draft model: its config with fewer
+    layers beside links to its own files (a stage reads only the tensors it needs)."""
+    path.mkdir(parents=True)
+    for item in model_dir.iterdir():
+        if item.name != "config.json":
+            (path / item.name).symlink_to(item.resolve())
+    config = json.loads((model_dir / "config.json").read_text())
+    config["num_hidden_layers"] = layers
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def test_real_model_with_a_truncated_copy_of_itself_as_draft(
+    smollm2_dir: Path, start_pipeline, tmp_path: Path
+) -> None:
+    """SmolLM2 over 2 stages, its first 24 of 30 layers as the draft: the greedy tokens
+    are the model's own, and some drafts are accepted, some rejected. (A truncated copy
+    is a test of the mechanism, not a fast draft: it costs 24/30 of the model, and with 10
+    or 20 layers its argmax agrees with the model's on 0 or 3 of these 32 tokens.)"""
+    from transformers import AutoTokenizer
+
+    from tests.dataplane.test_real_model import NAME
+    from tests.dataplane.test_speculation import CODE
+
+    draft_dir = truncated_copy(smollm2_dir, tmp_path / "draft", 24)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    text = f"Rename width to w in this code:\n{CODE}\nThe code with width renamed to w:\n"
+    prompt = tokenizer.encode(text)
+    expected = pipelines.reference_tokens(smollm2_dir, [prompt], [32])[0]
+    pipeline = start_pipeline(
+        smollm2_dir,
+        stages=2,
+        name=NAME,
+        max_context=512,
+        workload={"speculation": "draft", "maxDraftTokens": 4},
+        extra_args=("--draft-model-dir", str(draft_dir)),
+    )
+    try:
+        status, body = pipelines.http_json(
+            f"{pipeline.base_url}/v1/completions",
+            {
+                "model": NAME,
+                "prompt": prompt,
+                "max_tokens": 32,
+                "temperature": 0,
+                "return_token_ids": True,
+            },
+        )
+        assert status == 200, body
+        assert body["choices"][0]["token_ids"] == expected
+        drafted, accepted = counters(pipeline)
+        print(f"SmolLM2, 24-layer draft: {accepted:g} of {drafted:g} draft tokens accepted")
+        assert 0 < accepted < drafted
+        assert pipeline.wait_no_cache() == {i: [] for i in range(2)}
+    finally:
+        pipeline.stop()
+
+
+def test_serve_speculates_with_a_draft_model(tmp_path: Path) -> None:
+    """`llmpipe serve --speculate draft --draft-model PATH` end to end: the demo model is
+    its own draft over 2 stages, the greedy tokens are plain decoding's, and nearly every
+    draft token is accepted."""
+    cache = tmp_path / "cache"
+    model_dir = demo.ensure_demo_model(cache)
+    prompt = [5, 6, 7, 8, 9] * 4
+    expected = pipelines.reference_tokens(model_dir, [prompt], [20])[0]
+    http_port, grpc_port = pipelines.free_port_blocks(2, 2)
+    args = ["--model", "demo", "--stages", "2", "--port", str(http_port), "--threads", "1"]
+    args += ["--grpc-port", str(grpc_port), "--run-dir", str(tmp_path / "run")]
+    args += ["--dtype", "float32", "--speculate", "draft", "--draft-model", str(model_dir)]
+    with pipelines.serving(args, timeout=180, cache=cache) as served:
+        assert pipelines.READY_LINE in served.output, served.output
+        status, body = pipelines.http_json(
+            f"http://127.0.0.1:{http_port}/v1/completions",
+            {
+                "model": demo.DEMO_NAME,
+                "prompt": prompt,
+                "max_tokens": 20,
+                "temperature": 0,
+                "return_token_ids": True,
+            },
+        )
+        assert status == 200, body
+        assert body["choices"][0]["token_ids"] == expected
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10)
+        text = metrics.read().decode()
+        drafted = float(re.findall(r"^llmpipe_draft_tokens_total (\S+)$", text, re.M)[0])
+        accepted = float(re.findall(r"^llmpipe_accepted_draft_tokens_total (\S+)$", text, re.M)[0])
+        assert drafted > 0 and accepted >= 0.95 * drafted, (drafted, accepted)
+    assert served.exit_code == 0

@@ -24,3 +24,29 @@ def test_prompt_tokens_in_flight_are_the_stages_default_unless_given(tmp_path: P
     assert written(tmp_path, "--prefill-in-flight", "96")["prefillTokensInFlight"] == 96
     with pytest.raises(stage_config.ConfigError, match="prefillTokensInFlight must be >= 0"):
         written(tmp_path, "--prefill-in-flight", "-5")
+
+
+def test_draft_speculation_needs_a_draft_model_and_only_stage_0_gets_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        launcher.parse_args(["--speculate", "draft"])
+    assert "--speculate draft needs --draft-model PATH" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        launcher.parse_args(["--draft-model", str(tmp_path)])
+    assert "--draft-model is used only with --speculate draft" in capsys.readouterr().err
+    args = launcher.parse_args(["--speculate", "draft", "--draft-model", str(tmp_path)])
+    with pytest.raises(launcher.LaunchError, match=r"neither a \.gguf file nor a directory"):
+        launcher.resolve_draft_model(args)
+    (tmp_path / "config.json").write_text("{}")
+    args.draft_model_dir = launcher.resolve_draft_model(args)
+    flags = ("--speculate", "draft", "--draft-model", str(tmp_path))
+    assert written(tmp_path / "run", *flags)["speculation"] == "draft"
+    commands = [
+        launcher.stage_command(
+            args, index=i, config_dir=tmp_path, model_dir=tmp_path, count=2, tls_dir=None
+        )
+        for i in range(2)
+    ]
+    assert commands[0][commands[0].index("--draft-model-dir") + 1] == str(tmp_path.resolve())
+    assert "--draft-model-dir" not in commands[1]
