@@ -17,7 +17,7 @@ run one after the other (side by side they would share the cores) and asked for 
 of the same prompts; the client times each request. It prints the measured TTFT of each
 and the load average.
 
-`decode`: one conversation at a time on code-editing and summarising prompts, greedy,
+`decode`: one conversation at a time on code-editing, summarising and open prompts, greedy,
 `--new` tokens, with `speculation` off and `ngram` (two pipelines up at once, requests
 alternating between them); tokens/s from the client's wall time less the prefill, and the
 acceptance counters of stage 0's /metrics. Round-trip time is emulated by a delaying TCP
@@ -75,6 +75,8 @@ DECODE_PROMPTS = {
     "code-edit": f"Rename the variable rows to records in this code:\n{CODE}\nThe code "
     "with rows renamed to records:\n",
     "summary": f"Article: {ARTICLE}\nRepeat the key facts of the article in one paragraph:\n",
+    # nothing to copy: prompt lookup finds few matches, and those it finds are rejected
+    "open": "Write a short, original poem about a lighthouse keeper's winter night.\n",
 }
 
 
