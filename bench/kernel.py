@@ -71,15 +71,7 @@ def profile_decode(seqs: int, quantization: str) -> None:
     import peer  # the peer benchmark's model shape
 
     model = demo.write_model(Path(tempfile.mkdtemp()) / "model", **peer.MODEL_SHAPE)
-    config = loading.load_config(model)
-    stage = loading.build_slice(
-        model,
-        layer_start=0,
-        layer_end=config.num_hidden_layers,
-        has_embedding=True,
-        has_head=True,
-        dtype=torch.bfloat16,
-    )
+    stage = loading.build_whole(model, dtype=torch.bfloat16)
     rt = runtime.StageRuntime(
         stage, context_limit=256, max_sequences=seqs, quantization=quantization
     )

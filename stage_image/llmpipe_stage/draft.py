@@ -106,15 +106,7 @@ class DraftModel:
         if target_tokenizer is None:
             target_tokenizer = AutoTokenizer.from_pretrained(str(target_dir))
         check_same_tokenizer(loading.load_config(target_dir), config, target_tokenizer, tokenizer)
-        whole = loading.build_slice(
-            model_dir,
-            layer_start=0,
-            layer_end=int(config.num_hidden_layers),
-            has_embedding=True,
-            has_head=True,
-            dtype=dtype,
-            device=device,
-        )
+        whole = loading.build_whole(model_dir, dtype=dtype, device=device)
         limit = min(loading.context_limit(whole.config), context_limit)
         return cls(StageRuntime(whole, context_limit=limit, max_sequences=max_sequences))
 

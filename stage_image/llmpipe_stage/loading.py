@@ -329,6 +329,23 @@ def read_tensors_to_device(
     return out
 
 
+def build_whole(
+    model_dir: Path, *, dtype: torch.dtype, device: torch.device | None = None
+) -> StageSlice:
+    """The whole model as one slice (every layer, the embedding and the head), as a
+    one-stage pipeline or a draft model runs it."""
+    config = load_config(model_dir)
+    return build_slice(
+        model_dir,
+        layer_start=0,
+        layer_end=int(config.num_hidden_layers),
+        has_embedding=True,
+        has_head=True,
+        dtype=dtype,
+        device=device,
+    )
+
+
 def build_slice(
     model_dir: Path,
     *,

@@ -19,15 +19,7 @@ def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def whole(model_dir: Path, *, max_sequences: int) -> runtime.StageRuntime:
-    config = loading.load_config(model_dir)
-    stage = loading.build_slice(
-        model_dir,
-        layer_start=0,
-        layer_end=config.num_hidden_layers,
-        has_embedding=True,
-        has_head=True,
-        dtype=torch.float32,
-    )
+    stage = loading.build_whole(model_dir, dtype=torch.float32)
     return runtime.StageRuntime(stage, context_limit=128, max_sequences=max_sequences)
 
 

@@ -142,17 +142,8 @@ def test_kv_caches_live_on_the_gpu_and_release_gives_the_slots_back(
     from llmpipe_stage import loading, runtime, wire
 
     model_dir = model_dirs["llama-gqa"]
-    config = loading.load_config(model_dir)
     device = torch.device("cuda", 0)
-    stage = loading.build_slice(
-        model_dir,
-        layer_start=0,
-        layer_end=config.num_hidden_layers,
-        has_embedding=True,
-        has_head=True,
-        dtype=torch.float32,
-        device=device,
-    )
+    stage = loading.build_whole(model_dir, dtype=torch.float32, device=device)
     run = runtime.StageRuntime(stage, context_limit=512, max_sequences=8)
     torch.cuda.synchronize()
     # The slot pool (8 sequences x 512 positions) is reserved on the device up front.

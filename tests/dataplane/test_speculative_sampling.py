@@ -51,15 +51,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def stage(model_dir: Path) -> runtime.StageRuntime:
-    config = loading.load_config(model_dir)
-    piece = loading.build_slice(
-        model_dir,
-        layer_start=0,
-        layer_end=config.num_hidden_layers,
-        has_embedding=True,
-        has_head=True,
-        dtype=torch.float32,
-    )
+    piece = loading.build_whole(model_dir, dtype=torch.float32)
     return runtime.StageRuntime(piece, context_limit=64, max_sequences=2)
 
 
