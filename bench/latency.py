@@ -34,6 +34,7 @@ max). Prints figures; asserts nothing.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import statistics
@@ -114,6 +115,59 @@ def counter(pipeline: pipelines.Pipeline, name: str) -> float:
     return float(match.group(1)) if match else 0.0
 
 
+class Fronts:
+    """Delaying relays in front of the stages (tests/support/relay.py), made as
+    `pipelines.Pipeline.start` asks for each stage's peer address. On loopback
+    (`cluster` None) they run in this process; in an emulated cluster each runs as a process
+    in its stage's namespace (outside the stage's CPU budget), so a hop crosses the sender's
+    `tc tbf`-shaped veth, then the delay: rate limit and round-trip time per hop."""
+
+    def __init__(self, cluster: emulated.Cluster | None, *, rtt_ms: float = 0.0) -> None:
+        self.cluster = cluster
+        self.rtt_ms = rtt_ms
+        self.started: list[Any] = []
+
+    def via(self, address: str) -> str:
+        host, port = address.rsplit(":", 1)
+        one_way = self.rtt_ms / 2
+        if self.cluster is None:
+            front: Any = relay.Relay((host, int(port)), one_way_ms=one_way).start()
+        else:
+            node = next(n for n in self.cluster.nodes if n.address == host)
+            front = relay.RelayProcess(
+                (host, int(port)),
+                host=host,
+                one_way_ms=one_way,
+                prefix=self.cluster.network_prefix(node),
+            )
+        self.started.append(front)
+        return str(front.address)
+
+    def set_rtt(self, rtt_ms: float) -> None:
+        self.rtt_ms = rtt_ms
+        for front in self.started:
+            front.delay = rtt_ms / 2000
+
+    def stop(self) -> None:
+        for front in self.started:
+            front.stop()
+        self.started.clear()
+
+
+def cluster_of(stages: int, mbps: float) -> emulated.Cluster:
+    """One namespace per stage, each an equal share of the cores, `mbps` per hop."""
+    cores = os.cpu_count() or 1
+    return emulated.Cluster.start(
+        {
+            "nodes": [
+                {"name": f"s{i}", "cpus": cores / stages, "memory": "4Gi", "tier": "edge"}
+                for i in range(stages)
+            ],
+            "defaultMbps": mbps,
+        }
+    )
+
+
 def start(
     directory: Path,
     run_dir: Path,
@@ -123,13 +177,12 @@ def start(
     cluster: emulated.Cluster | None,
     max_context: int,
     peer_address: Any = None,
+    extra_args: tuple[str, ...] = (),
 ) -> pipelines.Pipeline:
     options: dict[str, Any] = {"peer_address": peer_address}
     if cluster is not None:
-        options = {
-            "hosts": [node.address for node in cluster.nodes],
-            "prefixes": [node.prefix() for node in cluster.nodes],
-        }
+        options["hosts"] = [node.address for node in cluster.nodes]
+        options["prefixes"] = [node.prefix() for node in cluster.nodes]
     return pipelines.Pipeline.start(
         directory,
         run_dir,
@@ -139,33 +192,43 @@ def start(
         plaintext=True,
         workload=workload,
         ready_timeout=600,
-        extra_args=("--step-timeout", "900"),  # a whole 4,096-token prompt on 0.5 core
+        # a whole 4,096-token prompt on 0.5 core takes past the default 30 s step timeout
+        extra_args=("--step-timeout", "900", *extra_args),
         **options,
     )
+
+
+def ideal_chunked(
+    whole: float, *, stages: int, tokens: int, chunk: int, mbps: float, rtt_ms: float, width: int
+) -> float:
+    """The chunked schedule of docs/planning.md ("Chunked prefill") fed with the measured
+    whole-prompt time: one stage's compute C = (whole - (S - 1) transfer(P) - S hop) / S, a
+    chunk's step C / n + 2 ms, its link transfer(c); the ordered sender sends a prompt's
+    next chunk on a link once the previous one's call came back, so a link carries one
+    chunk per transfer(c) + RTT. `width`: bytes per token on the wire."""
+    hop = rtt_ms / 2000
+
+    def transfer(n: int) -> float:
+        return n * width * 8 / (mbps * 1e6) if mbps else 0.0
+
+    n = -(-tokens // chunk)
+    compute = (whole - (stages - 1) * transfer(tokens) - stages * hop) / stages
+    step = compute / n + 0.002
+    link = transfer(chunk)
+    beat = max(step, link + 2 * hop)
+    return stages * step + (stages - 1) * link + stages * hop + (n - 1) * beat
 
 
 def ttft(args: argparse.Namespace) -> None:
     directory = model_dir()
     cores = os.cpu_count() or 1
-    description = {
-        "nodes": [
-            {"name": f"s{i}", "cpus": cores / args.stages, "memory": "4Gi", "tier": "edge"}
-            for i in range(args.stages)
-        ],
-        "defaultMbps": args.mbps,
-    }
+    width = 4 * int(json.loads((directory / "config.json").read_text())["hidden_size"])
     lengths = [int(p) for p in args.prompts.split(",")]
     prompts = {n: prompt_ids(directory, n) for n in lengths}
     results: dict[tuple[int, int], list[float]] = {}
-    fronts: list[relay.Relay] = []
-
-    def via(address: str) -> str:
-        host, port = address.rsplit(":", 1)
-        fronts.append(relay.Relay((host, int(port)), one_way_ms=args.rtt_ms / 2).start())
-        return fronts[-1].address
-
     for chunk in (0, args.chunk):  # one pipeline at a time: both would share the cores
-        cluster = None if args.rtt_ms else emulated.Cluster.start(description)
+        cluster = cluster_of(args.stages, args.mbps)
+        fronts = Fronts(cluster, rtt_ms=args.rtt_ms)
         pipeline = None
         try:
             with tempfile.TemporaryDirectory() as run:
@@ -176,114 +239,139 @@ def ttft(args: argparse.Namespace) -> None:
                     workload={"prefillChunkTokens": chunk},
                     cluster=cluster,
                     max_context=max(lengths) + 16,
-                    peer_address=via if args.rtt_ms else None,
+                    peer_address=fronts.via if args.rtt_ms else None,
                 )
                 request(pipeline, prompts[lengths[0]][:32], 1)  # warm up
                 for _ in range(args.repeats):
                     for n in lengths:
                         results.setdefault((chunk, n), []).append(request(pipeline, prompts[n], 1))
-                pipeline.stop()
         finally:
             if pipeline is not None:
                 pipeline.stop()
-            if cluster is not None:
-                cluster.stop()
-            for front in fronts:
-                front.stop()
-            fronts.clear()
-    where = (
-        f"{args.mbps:g} Mbit/s per hop, each stage {cores / args.stages:g} cores"
-        if not args.rtt_ms
-        else f"loopback, {args.rtt_ms:g} ms RTT per hop (delaying relays), unshaped"
-    )
+            fronts.stop()
+            cluster.stop()
+    relays = f", {args.rtt_ms:g} ms RTT per hop (delaying relays in the namespaces)"
     print(
-        f"stages {args.stages}, {where}, chunk {args.chunk}; {os.getloadavg()[0]:.1f} load average"
+        f"stages {args.stages}, {args.mbps:g} Mbit/s per hop{relays if args.rtt_ms else ''}, "
+        f"each stage {cores / args.stages:g} cores, chunk {args.chunk}; "
+        f"{os.getloadavg()[0]:.1f} load average"
     )
-    print("prompt  TTFT whole (s)        TTFT chunked (s)      speed-up")
+    print("prompt  TTFT whole (s)        TTFT chunked (s)      speed-up  ideal (s)  ideal x")
     for n in lengths:
         whole, cut = results[(0, n)], results[(args.chunk, n)]
+        best = ideal_chunked(
+            min(whole),
+            stages=args.stages,
+            tokens=n,
+            chunk=args.chunk,
+            mbps=args.mbps,
+            rtt_ms=args.rtt_ms,
+            width=width,
+        )
         print(
             f"{n:6d}  {' '.join(f'{t:6.2f}' for t in whole):20s}  "
-            f"{' '.join(f'{t:6.2f}' for t in cut):20s}  {min(whole) / min(cut):.2f}x"
+            f"{' '.join(f'{t:6.2f}' for t in cut):20s}  {min(whole) / min(cut):6.2f}x  "
+            f"{best:9.2f}  {min(whole) / best:6.2f}x"
         )
 
 
 def decode(args: argparse.Namespace) -> None:
-    """Both pipelines (speculation off and ngram) are up at once, each stage behind a
-    delaying relay; one request at a time, the two modes alternating within each round,
-    so a change of load hits both alike. The relays' delay is set per RTT between rounds."""
+    """The pipelines (one per mode) are up at once, each stage behind a delaying relay;
+    one request at a time, the modes alternating within each round, so a change of load
+    hits them alike. The relays' delay is set per RTT between rounds. With `--mbps` the
+    stages run in an emulated cluster (a namespace and an equal share of the cores per
+    stage, `tc tbf` per hop) and the relays in the namespaces; without, on loopback."""
     directory = model_dir()
     rtts = [float(r) for r in args.rtt_ms.split(",")]
-    modes = ("off", "ngram")
+    modes = args.modes.split(",")
+    kinds = args.prompts.split(",")
     figures: dict[tuple[float, str, str], list[float]] = {}
-    drafts: dict[tuple[float, str], tuple[float, float]] = {}  # (rtt, prompt) -> ngram's
-    fronts: list[relay.Relay] = []
-
-    def via(address: str) -> str:
-        host, port = address.rsplit(":", 1)
-        fronts.append(relay.Relay((host, int(port))).start())
-        return fronts[-1].address
-
+    drafts: dict[tuple[float, str, str], tuple[float, float]] = {}  # (rtt, mode, prompt)
+    cluster = cluster_of(args.stages, args.mbps) if args.mbps else None
+    fronts = Fronts(cluster)
     started: dict[str, pipelines.Pipeline] = {}
     with tempfile.TemporaryDirectory() as run:
         try:
+            draft_args = draft_model_args(args, directory, Path(run))
             for mode in modes:
-                started[mode] = pipelines.Pipeline.start(
+                started[mode] = start(
                     directory,
                     Path(run) / mode,
                     stages=args.stages,
-                    name=NAME,
-                    max_context=1024,
-                    plaintext=True,
                     workload={"speculation": mode},
-                    ready_timeout=600,
-                    peer_address=via,
+                    cluster=cluster,
+                    max_context=1024,
+                    peer_address=fronts.via,
+                    extra_args=draft_args if mode == "draft" else (),
                 )
             for rtt in rtts:
-                for front in fronts:
-                    front.delay = rtt / 2000
+                fronts.set_rtt(rtt)
                 for mode in modes:
                     request(started[mode], "Hello", 4)  # warm up at this delay
                 for _ in range(args.repeats):
-                    for kind, text in DECODE_PROMPTS.items():
-                        before = _draft_counters(started["ngram"])
+                    for kind in kinds:
+                        text = DECODE_PROMPTS[kind]
                         for mode in modes:
                             pipeline = started[mode]
+                            before = _draft_counters(pipeline)
                             prefill = request(pipeline, text, 1)  # the prefill alone
                             seconds = request(pipeline, text, args.new) - prefill
                             figures.setdefault((rtt, mode, kind), []).append(
                                 (args.new - 1) / seconds
                             )
-                        after = _draft_counters(started["ngram"])
-                        total = drafts.get((rtt, kind), (0.0, 0.0))
-                        drafts[(rtt, kind)] = (
-                            total[0] + after[0] - before[0],
-                            total[1] + after[1] - before[1],
-                        )
+                            after = _draft_counters(pipeline)
+                            total = drafts.get((rtt, mode, kind), (0.0, 0.0))
+                            drafts[(rtt, mode, kind)] = (
+                                total[0] + after[0] - before[0],
+                                total[1] + after[1] - before[1],
+                            )
         finally:
             for pipeline in started.values():
                 pipeline.stop()
-            for front in fronts:
-                front.stop()
-    print(
-        f"stages {args.stages} on loopback, each stage behind a delaying relay "
-        f"(RTT/2 each way per hop), {args.new} greedy tokens per conversation, "
-        f"{args.repeats} rounds; {os.getloadavg()[0]:.1f} load average"
+            fronts.stop()
+            if cluster is not None:
+                cluster.stop()
+    where = (
+        f"in namespaces, {args.mbps:g} Mbit/s per hop, each stage "
+        f"{(os.cpu_count() or 1) / args.stages:g} cores"
+        if args.mbps
+        else "on loopback"
     )
-    print("RTT ms  prompt      off tok/s        ngram tok/s      speed-up (median, best)")
+    print(
+        f"stages {args.stages} {where}, each stage behind a delaying relay (RTT/2 each way "
+        f"per hop), {args.new} greedy tokens per conversation, {args.repeats} rounds; "
+        f"{os.getloadavg()[0]:.1f} load average"
+    )
     for rtt in rtts:
-        for kind in DECODE_PROMPTS:
-            off, on = figures[(rtt, "off", kind)], figures[(rtt, "ngram", kind)]
-            print(
-                f"{rtt:6g}  {kind:10s}  {' '.join(f'{v:5.1f}' for v in off):15s}  "
-                f"{' '.join(f'{v:5.1f}' for v in on):15s}  "
-                f"{statistics.median(on) / statistics.median(off):.2f}x, "
-                f"{max(on) / max(off):.2f}x"
-            )
-            drafted, kept = drafts[(rtt, kind)]
-            rate = kept / drafted if drafted else 0.0
-            rounds = " ".join(f"{b / a:.2f}" for a, b in zip(off, on, strict=True))
-            print(f"        rounds {rounds}; drafted {drafted:g}, accepted {kept:g} ({rate:.0%})")
+        for kind in kinds:
+            off = figures[(rtt, "off", kind)] if "off" in modes else None
+            for mode in modes:
+                values = figures[(rtt, mode, kind)]
+                line = f"{rtt:6g} ms  {kind:10s} {mode:6s} {' '.join(f'{v:5.1f}' for v in values)}"
+                if off is not None and mode != "off":
+                    rounds = " ".join(f"{b / a:.2f}" for a, b in zip(off, values, strict=True))
+                    ratios = sorted(b / a for a, b in zip(off, values, strict=True))
+                    drafted, kept = drafts[(rtt, mode, kind)]
+                    rate = kept / drafted if drafted else 0.0
+                    line += (
+                        f"  x{statistics.median(values) / statistics.median(off):.2f} median, "
+                        f"x{max(values) / max(off):.2f} best; per round {rounds} "
+                        f"(median {statistics.median(ratios):.2f}, worst {ratios[0]:.2f}); "
+                        f"drafted {drafted:g}, accepted {kept:g} ({rate:.0%})"
+                    )
+                print(line)
+
+
+def draft_model_args(args: argparse.Namespace, directory: Path, run: Path) -> tuple[str, ...]:
+    """`--draft-model-dir` for the draft pipeline: `--draft-model`, or with `--draft-layers
+    N` the served model's first N layers (a test of the mechanism, not a fast draft)."""
+    if "draft" not in args.modes.split(","):
+        return ()
+    if args.draft_model:
+        return ("--draft-model-dir", args.draft_model)
+    from tests.dataplane.test_draft_model import truncated_copy
+
+    return ("--draft-model-dir", str(truncated_copy(directory, run / "draft", args.draft_layers)))
 
 
 def _draft_counters(pipeline: pipelines.Pipeline) -> tuple[float, float]:
@@ -294,13 +382,55 @@ def _draft_counters(pipeline: pipelines.Pipeline) -> tuple[float, float]:
 
 
 def relay_rtt(args: argparse.Namespace) -> None:
-    """The round trip the relay adds: `--rounds` ping-pongs of 64 bytes through one relay
-    in front of an echo server, per configured RTT."""
-    print(f"{args.rounds} round trips of 64 bytes per RTT; {os.getloadavg()[0]:.1f} load average")
-    print("RTT ms  median ms  p90 ms  max ms  median - RTT")
-    for rtt in (float(r) for r in args.rtt_ms.split(",")):
-        median, p90, top = relay.summary(relay.ping_pong(rtt, rounds=args.rounds))
-        print(f"{rtt:6g}  {median:9.2f}  {p90:6.2f}  {top:6.2f}  {median - rtt:+.2f}")
+    """The round trip the relay adds: `--rounds` ping-pongs of `--size` bytes through one
+    relay in front of an echo server, per configured RTT. With `--mbps`: across a
+    2-node emulated cluster, the client in node 0, the relay and the echo server in node 1
+    (the relay in the namespace, as `decode --mbps` and `ttft --rtt-ms` put it), so the
+    round trip crosses both shaped veth ends; the first line is the veths alone."""
+    cluster = cluster_of(2, args.mbps) if args.mbps else None
+    sizes = [int(s) for s in args.size.split(",")]
+    where = f"across namespaces at {args.mbps:g} Mbit/s" if cluster else "on loopback"
+    print(f"{args.rounds} round trips per RTT {where}; {os.getloadavg()[0]:.1f} load average")
+    print("bytes   RTT ms  median ms  p90 ms  max ms  median - RTT")
+    try:
+        for size in sizes:
+            if cluster is not None:
+                near, far = cluster.nodes
+                with relay.echo_process(far.address, prefix=cluster.network_prefix(far)) as echo:
+                    seconds = relay.ping_from(
+                        echo, rounds=args.rounds, size=size, prefix=cluster.network_prefix(near)
+                    )
+                    _print_rtt(size, None, seconds)
+                    for rtt in (float(r) for r in args.rtt_ms.split(",")):
+                        front = relay.RelayProcess(
+                            echo,
+                            host=far.address,
+                            one_way_ms=rtt / 2,
+                            prefix=cluster.network_prefix(far),
+                        )
+                        try:
+                            seconds = relay.ping_from(
+                                (far.address, front.port),
+                                rounds=args.rounds,
+                                size=size,
+                                prefix=cluster.network_prefix(near),
+                            )
+                        finally:
+                            front.stop()
+                        _print_rtt(size, rtt, seconds)
+            else:
+                for rtt in (float(r) for r in args.rtt_ms.split(",")):
+                    _print_rtt(size, rtt, relay.ping_pong(rtt, rounds=args.rounds, size=size))
+    finally:
+        if cluster is not None:
+            cluster.stop()
+
+
+def _print_rtt(size: int, rtt: float | None, seconds: list[float]) -> None:
+    median, p90, top = relay.summary(seconds)
+    label = "veth" if rtt is None else f"{rtt:g}"
+    extra = "" if rtt is None else f"{median - rtt:+.2f}"
+    print(f"{size:7d}  {label:>6s}  {median:9.2f}  {p90:6.2f}  {top:6.2f}  {extra}")
 
 
 def main() -> int:
@@ -316,22 +446,35 @@ def main() -> int:
         "--rtt-ms",
         type=float,
         default=0,
-        help="> 0: stages on loopback behind delaying relays (no namespaces, no tbf)",
+        help="> 0: a delaying relay in front of each stage, in its namespace",
     )
     second = commands.add_parser("decode")
     second.add_argument("--stages", type=int, default=2)
     second.add_argument("--new", type=int, default=64)
     second.add_argument("--repeats", type=int, default=2)
     second.add_argument("--rtt-ms", default="0,30", help="comma-separated round-trip times")
+    second.add_argument(
+        "--mbps", type=float, default=0, help="> 0: in namespaces, tc tbf per hop at this rate"
+    )
+    second.add_argument("--modes", default="off,ngram", help="of off, ngram, draft")
+    second.add_argument("--prompts", default=",".join(DECODE_PROMPTS))
+    second.add_argument("--draft-model", default="", help="the draft model's directory")
+    second.add_argument(
+        "--draft-layers", type=int, default=24, help="else the served model's first N layers"
+    )
     third = commands.add_parser("relay")
     third.add_argument("--rtt-ms", default="0,10,30")
     third.add_argument("--rounds", type=int, default=200)
+    third.add_argument("--size", default="64", help="comma-separated message sizes (bytes)")
+    third.add_argument("--mbps", type=float, default=0, help="> 0: across namespaces")
     args = parser.parse_args()
-    if args.command == "ttft":
-        reason = None if args.rtt_ms else emulated.available()
+    needs_root = args.command == "ttft" or getattr(args, "mbps", 0)
+    if needs_root:
+        reason = emulated.available()
         if reason:
             print(f"bench/latency.py: {reason}", file=sys.stderr)
             return 2
+    if args.command == "ttft":
         ttft(args)
     elif args.command == "decode":
         decode(args)

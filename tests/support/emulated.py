@@ -160,6 +160,7 @@ class Cluster:
     def _build(self) -> None:
         tag = self.tag
         self._cgroup(self.reference_cgroup, cpus=1.0)
+        self._cgroup(self.network_cgroup, cpus=None)
         for node in self.nodes:
             self._cgroup(node.cgroup, cpus=node.cpus)
             _run("ip", "netns", "add", node.namespace)
@@ -204,12 +205,26 @@ class Cluster:
         tasks = self.reference_cgroup / "tasks"
         return ["sh", "-c", f'echo $$ > {tasks} && exec "$@"', "reference"]
 
-    def _cgroup(self, path: Path, *, cpus: float) -> None:
+    @property
+    def network_cgroup(self) -> Path:
+        return CGROUP_CPU / f"llmpipe-emu-{self.tag}-network"
+
+    def network_prefix(self, node: Node) -> list[str]:
+        """Run a command in `node`'s namespace but outside its CPU budget, in a cgroup of
+        the nodes' shares and no quota: a process that stands for the network (the
+        delaying relay, tests/support/relay.py), whose work a real link does not take
+        from the node's CPU and which the busy nodes must not starve."""
+        tasks = self.network_cgroup / "tasks"
+        return ["sh", "-c", f'echo $$ > {tasks} && exec "$@"', "network", *node.netns()]
+
+    def _cgroup(self, path: Path, *, cpus: float | None) -> None:
+        """A cgroup of the nodes' shares with `cpus` cores' quota (None: no quota)."""
         path.mkdir()
         self._made.append(("cgroup", str(path)))
         (path / "cpu.cfs_period_us").write_text(str(PERIOD_US))
         (path / "cpu.shares").write_text(str(SHARES))
-        (path / "cpu.cfs_quota_us").write_text(str(int(cpus * PERIOD_US)))
+        quota = -1 if cpus is None else int(cpus * PERIOD_US)
+        (path / "cpu.cfs_quota_us").write_text(str(quota))
 
     def _link(self, a: Node, b: Node, mbps: float) -> None:
         end_a, end_b = f"lpl{self.tag}{a.index}{b.index}a", f"lpl{self.tag}{a.index}{b.index}b"
