@@ -37,6 +37,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -325,12 +326,23 @@ def decode(args: argparse.Namespace) -> None:
                                 total[0] + after[0] - before[0],
                                 total[1] + after[1] - before[1],
                             )
+                _print_decode(args, rtt, figures, drafts)
         finally:
             for pipeline in started.values():
                 pipeline.stop()
             fronts.stop()
             if cluster is not None:
                 cluster.stop()
+
+
+def _print_decode(
+    args: argparse.Namespace,
+    rtt: float,
+    figures: dict[tuple[float, str, str], list[float]],
+    drafts: dict[tuple[float, str, str], tuple[float, float]],
+) -> None:
+    """One RTT's figures (printed as soon as its rounds are done)."""
+    modes, kinds = args.modes.split(","), args.prompts.split(",")
     where = (
         f"in namespaces, {args.mbps:g} Mbit/s per hop, each stage "
         f"{(os.cpu_count() or 1) / args.stages:g} cores"
@@ -342,24 +354,23 @@ def decode(args: argparse.Namespace) -> None:
         f"per hop), {args.new} greedy tokens per conversation, {args.repeats} rounds; "
         f"{os.getloadavg()[0]:.1f} load average"
     )
-    for rtt in rtts:
-        for kind in kinds:
-            off = figures[(rtt, "off", kind)] if "off" in modes else None
-            for mode in modes:
-                values = figures[(rtt, mode, kind)]
-                line = f"{rtt:6g} ms  {kind:10s} {mode:6s} {' '.join(f'{v:5.1f}' for v in values)}"
-                if off is not None and mode != "off":
-                    rounds = " ".join(f"{b / a:.2f}" for a, b in zip(off, values, strict=True))
-                    ratios = sorted(b / a for a, b in zip(off, values, strict=True))
-                    drafted, kept = drafts[(rtt, mode, kind)]
-                    rate = kept / drafted if drafted else 0.0
-                    line += (
-                        f"  x{statistics.median(values) / statistics.median(off):.2f} median, "
-                        f"x{max(values) / max(off):.2f} best; per round {rounds} "
-                        f"(median {statistics.median(ratios):.2f}, worst {ratios[0]:.2f}); "
-                        f"drafted {drafted:g}, accepted {kept:g} ({rate:.0%})"
-                    )
-                print(line)
+    for kind in kinds:
+        off = figures[(rtt, "off", kind)] if "off" in modes else None
+        for mode in modes:
+            values = figures[(rtt, mode, kind)]
+            line = f"{rtt:6g} ms  {kind:10s} {mode:6s} {' '.join(f'{v:5.1f}' for v in values)}"
+            if off is not None and mode != "off":
+                rounds = " ".join(f"{b / a:.2f}" for a, b in zip(off, values, strict=True))
+                ratios = sorted(b / a for a, b in zip(off, values, strict=True))
+                drafted, kept = drafts[(rtt, mode, kind)]
+                rate = kept / drafted if drafted else 0.0
+                line += (
+                    f"  x{statistics.median(values) / statistics.median(off):.2f} median, "
+                    f"x{max(values) / max(off):.2f} best; per round {rounds} "
+                    f"(median {statistics.median(ratios):.2f}, worst {ratios[0]:.2f}); "
+                    f"drafted {drafted:g}, accepted {kept:g} ({rate:.0%})"
+                )
+            print(line, flush=True)
 
 
 def draft_model_args(args: argparse.Namespace, directory: Path, run: Path) -> tuple[str, ...]:
@@ -468,6 +479,9 @@ def main() -> int:
     third.add_argument("--size", default="64", help="comma-separated message sizes (bytes)")
     third.add_argument("--mbps", type=float, default=0, help="> 0: across namespaces")
     args = parser.parse_args()
+    # `timeout` ends a run with SIGTERM: exit through the finally blocks, which stop the
+    # stages and remove the namespaces and cgroups
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))
     needs_root = args.command == "ttft" or getattr(args, "mbps", 0)
     if needs_root:
         reason = emulated.available()
