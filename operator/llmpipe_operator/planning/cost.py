@@ -51,6 +51,9 @@ class Workload:
     prompt_tokens: int | None = None
     """P, the prompt the time-to-first-token estimate is for. None: C / 4 (a chat turn
     with some history)."""
+    first_stage_bytes: int = 0
+    """D, what stage 0 holds beside its layers: a draft model's weights and KV cache
+    (`draft_bytes`, spec.model.draft); 0 without one."""
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -58,6 +61,8 @@ class Workload:
         for field in ("max_sequences", "max_context_tokens"):
             if getattr(self, field) < 1:
                 raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
+        if self.first_stage_bytes < 0:
+            raise ValueError(f"first_stage_bytes must be >= 0, got {self.first_stage_bytes}")
         if self.runtime_overhead_bytes < 0:
             overhead = self.runtime_overhead_bytes
             raise ValueError(f"runtime_overhead_bytes must be >= 0, got {overhead}")
@@ -157,9 +162,35 @@ def weight_bytes(profile: profiles.ModelProfile, start: int, end: int) -> int:
 
 
 def memory_bytes(profile: profiles.ModelProfile, workload: Workload, start: int, end: int) -> int:
-    """memory_s = weights_s + S * C * kvBytesPerTokenPerLayer * (end - start) + R."""
+    """memory_s = weights_s + S * C * kvBytesPerTokenPerLayer * (end - start) + R, plus D
+    (the draft model) for stage 0."""
     kv = workload.kv_tokens * profile.kv_bytes_per_token_per_layer * (end - start)
-    return weight_bytes(profile, start, end) + kv + workload.runtime_overhead_bytes
+    first = workload.first_stage_bytes if start == 0 else 0
+    return weight_bytes(profile, start, end) + kv + first + workload.runtime_overhead_bytes
+
+
+def draft_weight_bytes(draft: profiles.ModelProfile) -> int:
+    """The draft model whole: every layer, the embeddings and the head (as a one-stage
+    pipeline of it is planned)."""
+    return draft.total_weight_bytes
+
+
+def draft_kv_bytes(draft: profiles.ModelProfile, workload: Workload) -> int:
+    """The draft model's KV cache: S sequences of C tokens in each of its layers (stage 0
+    keeps one draft cache per sequence, preallocated like its own)."""
+    return workload.kv_tokens * draft.kv_bytes_per_token_per_layer * draft.num_layers
+
+
+def draft_bytes(draft: profiles.ModelProfile, workload: Workload) -> int:
+    """D = the draft model's weights + its KV cache: what stage 0 holds for it."""
+    return draft_weight_bytes(draft) + draft_kv_bytes(draft, workload)
+
+
+def with_draft(workload: Workload, draft: profiles.ModelProfile | None) -> Workload:
+    """The workload with stage 0 holding `draft` (D = `draft_bytes`); as is for None."""
+    if draft is None:
+        return workload
+    return dataclasses.replace(workload, first_stage_bytes=draft_bytes(draft, workload))
 
 
 # per-node device facts ----------------------------------------------------------------

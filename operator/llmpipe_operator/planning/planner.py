@@ -19,6 +19,7 @@ from llmpipe_operator.planning import chunking, cost, profiles, search
 from llmpipe_operator.planning import inventory as inv
 
 Workload = cost.Workload
+with_draft = cost.with_draft
 SearchSettings = search.SearchSettings
 StageRule = Literal["any", "edge"]
 
@@ -64,6 +65,9 @@ class Stage:
     """The dtype the stage loads its weights in (`spec.model.dtype`, or the device's)."""
     host_memory_bytes: int | None = None
     """Node memory the stage's pod requests; None: memory_bytes (CPU and unified memory)."""
+    draft_memory_bytes: int = 0
+    """Stage 0: the part of memory_bytes its draft model takes (weights + KV cache, D of
+    docs/planning.md); 0 without one, and then not in the plan JSON."""
 
     @property
     def gpus(self) -> int:
@@ -88,6 +92,8 @@ class Stage:
             "dtype": self.dtype,
             "gpus": self.gpus,
             "hostMemoryBytes": self.host_bytes,
+            # only with a draft model: the plans (and hashes) of other pipelines stay as were
+            **({"draftMemoryBytes": self.draft_memory_bytes} if self.draft_memory_bytes else {}),
         }
 
     @classmethod
@@ -109,6 +115,7 @@ class Stage:
             device=device,
             dtype=str(data.get("dtype", "bfloat16")),
             host_memory_bytes=(int(data["hostMemoryBytes"]) if "hostMemoryBytes" in data else None),
+            draft_memory_bytes=int(data.get("draftMemoryBytes", 0)),
         )
 
 
@@ -209,7 +216,8 @@ class PlanInfeasible(Exception):
         """A short code: no-nodes, no-gpu, total-memory, largest-layer, first-stage,
         last-stage, max-stages or fragmented."""
         self.needed_bytes = needed_bytes
-        """Weights + KV cache of the whole model (runtime overhead not included)."""
+        """Weights + KV cache of the whole model, and stage 0's draft model if any
+        (runtime overhead not included)."""
         self.available_bytes = available_bytes
         """What the eligible nodes offer for weights + KV (memory minus overhead)."""
         self.weight_bytes = weight_bytes
@@ -380,15 +388,16 @@ def eligible_nodes(
 ) -> list[inv.Node]:
     """Nodes with room for the smallest possible stage (one layer, its KV cache, R)."""
     smallest = min(
-        cost.memory_bytes(profile, workload, i, i + 1) - _ends(profile, i)
+        cost.memory_bytes(profile, workload, i, i + 1) - _ends(profile, workload, i)
         for i in range(profile.num_layers)
     )
     return [node for node in inventory.nodes if cost.stage_budget(node, workload) >= smallest]
 
 
-def _ends(profile: profiles.ModelProfile, layer: int) -> int:
-    """Embedding/head bytes that memory_bytes adds for a one-layer stage at the ends."""
-    extra = profile.embed_bytes if layer == 0 else 0
+def _ends(profile: profiles.ModelProfile, workload: cost.Workload, layer: int) -> int:
+    """Embedding/head (and draft model) bytes that memory_bytes adds for a one-layer stage
+    at the ends."""
+    extra = profile.embed_bytes + workload.first_stage_bytes if layer == 0 else 0
     return extra + (profile.head_bytes if layer == profile.num_layers - 1 else 0)
 
 
@@ -437,6 +446,7 @@ def _plan(
             device=st.device,
             dtype=st.dtype,
             host_memory_bytes=st.host_memory_bytes,
+            draft_memory_bytes=workload.first_stage_bytes if s == 0 else 0,
         )
         for s, st in enumerate(costed.stages)
     )
@@ -465,11 +475,14 @@ def diagnose(
     """The most specific reason no chain fits, with the numbers a user can act on."""
     weights = profile.total_weight_bytes
     kv = workload.kv_tokens * profile.kv_bytes_per_token_per_layer * profile.num_layers
+    draft = workload.first_stage_bytes
     nodes = eligible_nodes(profile, inventory, workload)
     overhead = workload.runtime_overhead_bytes
     rooms = sorted((cost.stage_budget(n, workload) - overhead for n in nodes), reverse=True)
     available = sum(rooms)
     needs = f"needs {cost.human_bytes(weights)} of weights + {cost.human_bytes(kv)} of KV cache"
+    if draft:
+        needs += f" + {cost.human_bytes(draft)} for stage 0's draft model (weights + KV cache)"
     offer = (
         f"the {len(nodes)} eligible node{'s' * (len(nodes) != 1)} offer "
         f"{cost.human_bytes(available)} in total after "
@@ -486,7 +499,7 @@ def diagnose(
             f"{cost.human_bytes(max(cost.stage_budget(n, workload) for n in inventory.nodes))})"
         )
     facts = {
-        "needed_bytes": weights + kv,
+        "needed_bytes": weights + kv + draft,
         "available_bytes": available,
         "weight_bytes": weights,
         "kv_cache_bytes": kv,
@@ -524,13 +537,16 @@ def _shortfall(
             f"{cost.human_bytes(workload.runtime_overhead_bytes)} overhead) fits nowhere "
             f"(largest node: {cost.human_bytes(biggest)})"
         )
-    need = profile.total_weight_bytes + kv_layer * profile.num_layers
+    need = profile.total_weight_bytes + kv_layer * profile.num_layers + workload.first_stage_bytes
     overhead = workload.runtime_overhead_bytes
     rooms_by_node = [cost.stage_budget(n, workload) - overhead for n in nodes]
     if sum(rooms) < need:
         return "total-memory", f"short by {cost.human_bytes(need - sum(rooms))}"
+    draft = _draft_shortfall(profile, workload, placement, nodes, rooms_by_node, kv_layer)
+    if draft is not None:
+        return draft
     for rule, end, layer, part in (
-        (placement.first_stage, "first", 0, profile.embed_bytes),
+        (placement.first_stage, "first", 0, profile.embed_bytes + workload.first_stage_bytes),
         (placement.last_stage, "last", profile.num_layers - 1, profile.head_bytes),
     ):
         edge_rooms = [r for r, n in zip(rooms_by_node, nodes, strict=True) if n.tier == "edge"]
@@ -555,4 +571,35 @@ def _shortfall(
     return "fragmented", (
         "the memory adds up, but no chain of nodes was found that fits every stage "
         "(whole layers do not pack into the free memory of the nodes)"
+    )
+
+
+def _draft_shortfall(
+    profile: profiles.ModelProfile,
+    workload: cost.Workload,
+    placement: Placement,
+    nodes: list[inv.Node],
+    rooms: list[int],
+    kv_layer: int,
+) -> tuple[str, str] | None:
+    """Stage 0 holds the draft model beside the embeddings and at least one layer: the
+    sentence when no node it may run on has room for that (None: some node has)."""
+    draft = workload.first_stage_bytes
+    if not draft:
+        return None
+    smallest = profile.embed_bytes + profile.layer_bytes[0] + kv_layer + draft
+    allowed = [
+        room
+        for room, node in zip(rooms, nodes, strict=True)
+        if placement.first_stage != "edge" or node.tier == "edge"
+    ]
+    if not allowed or max(allowed) >= smallest:
+        return None
+    where = "edge node" if placement.first_stage == "edge" else "node"
+    return "first-stage", (
+        f"stage 0 holds the draft model ({cost.human_bytes(draft)}: weights + KV cache) "
+        f"beside the embeddings and one layer ({cost.human_bytes(smallest - draft)} with KV "
+        f"cache), {cost.human_bytes(smallest)} in all, and no {where} has that room after "
+        f"the runtime overhead (largest: {cost.human_bytes(max(allowed))}); try a smaller "
+        "spec.model.draft, fewer maxSequences or a shorter maxContextTokens"
     )

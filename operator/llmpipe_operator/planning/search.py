@@ -168,6 +168,7 @@ class Problem:
         self.ends = layer_prefix.copy()
         self.ends[self.layers] += profile.head_bytes
         self.mem_starts = self.starts + self.kv_per_layer * span
+        self.mem_starts[0] -= workload.first_stage_bytes  # D: stage 0's draft model
         self.mem_ends = self.ends + self.kv_per_layer * span
         self._dense: tuple[FloatArray, FloatArray, BoolArray] | None = None
         self._stage_costs: dict[tuple[int, bool], FloatArray] = {}

@@ -82,6 +82,8 @@ def workloads(draw: st.DrawFn) -> planner.Workload:
         runtime_overhead_bytes=draw(st.sampled_from([0, 256 * MiB])),
         device=draw(st.sampled_from(["auto", "auto", "cpu", "cuda"])),
         average_context_tokens=draw(st.sampled_from([None, 1, 128])),
+        # D, stage 0's draft model: none, or small to large beside the nodes' 0.5-6 GiB
+        first_stage_bytes=draw(st.sampled_from([0, 0, 192 * MiB, 2 * GiB])),
     )
 
 

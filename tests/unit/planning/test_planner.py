@@ -4,7 +4,8 @@ heuristic above 8 nodes (feasible, never below its lower bound), the lower bound
 above the true optimum, infeasible inputs named by their shortfall, and the plan JSON;
 the fixed costs and the round of K micro-batches (with a flat CPU product curve a second
 equal stage gains nothing but its messages, with a FLOP-bound roofline it halves the
-round; a node's per-layer fixed cost moves layers off it)."""
+round; a node's per-layer fixed cost moves layers off it); a draft model's memory on
+stage 0 (in the brute-force draws too), and the shortfall it causes named."""
 
 from __future__ import annotations
 
@@ -466,3 +467,90 @@ def test_a_per_layer_fixed_cost_moves_layers_off_a_node() -> None:
     layers = {s.node: s.layer_end - s.layer_start for s in planner.plan_pipeline(
         profile, costly, workload=workload).stages}  # fmt: skip
     assert layers["p"] < layers["q"]
+
+
+# a draft model on stage 0 ---------------------------------------------------------------
+
+
+def _draft_profile() -> profiles.ModelProfile:
+    """A 2-layer draft model: 2 x 50 MiB layers, 30 MiB embeddings, 40 MiB head, 1 KiB of KV
+    per token and layer."""
+    return (
+        a_profile(2, layer_size=50 * MiB)
+        .embed(30 * MiB)
+        .head(40 * MiB)
+        .kv_per_token_per_layer(1024)
+    ).build()
+
+
+def test_the_draft_term_is_its_weights_and_its_kv_cache_for_the_workload() -> None:
+    workload = planner.Workload(max_sequences=4, max_context_tokens=2048)
+    draft = _draft_profile()
+    weights = 2 * 50 * MiB + 30 * MiB + 40 * MiB
+    kv = 4 * 2048 * 1024 * 2
+    assert cost.draft_weight_bytes(draft) == weights
+    assert cost.draft_kv_bytes(draft, workload) == kv
+    assert cost.draft_bytes(draft, workload) == weights + kv
+    assert planner.with_draft(workload, draft).first_stage_bytes == weights + kv
+    assert planner.with_draft(workload, None) == workload
+    with pytest.raises(ValueError, match="first_stage_bytes"):
+        planner.Workload(first_stage_bytes=-1)
+
+
+def test_the_draft_model_goes_into_stage_0s_memory_only() -> None:
+    cluster = a_cluster(*(a_node(f"n{i}").memory("2Gi") for i in range(3))).build()
+    profile = a_profile(6, layer_size=300 * MiB).embed(100 * MiB).build()
+    workload = planner.Workload(max_sequences=4, max_context_tokens=2048)
+    drafted = planner.with_draft(workload, _draft_profile())
+    plan = planner.plan_pipeline(profile, cluster, workload=drafted)
+    draft = drafted.first_stage_bytes
+    first, *rest = plan.stages
+    assert first.memory_bytes == (
+        cost.memory_bytes(profile, workload, first.layer_start, first.layer_end) + draft
+    )
+    assert first.draft_memory_bytes == draft
+    for stage in rest:
+        assert stage.draft_memory_bytes == 0
+        assert stage.memory_bytes == cost.memory_bytes(
+            profile, workload, stage.layer_start, stage.layer_end
+        )
+    data = plan.to_dict()
+    assert data["stages"][0]["draftMemoryBytes"] == draft
+    assert all("draftMemoryBytes" not in s for s in data["stages"][1:])
+    assert planner.Plan.from_dict(data).stages[0].draft_memory_bytes == draft
+
+
+def test_a_draft_model_moves_layers_off_stage_0s_node() -> None:
+    # two equal nodes: the draft's 1400 MiB on stage 0 leaves it room for few layers
+    cluster = a_cluster(a_node("a").memory("2Gi"), a_node("b").memory("2Gi")).build()
+    profile = a_profile(8, layer_size=150 * MiB).build()
+    workload = planner.Workload(max_sequences=1, max_context_tokens=128, runtime_overhead_bytes=0)
+    plain = planner.plan_pipeline(profile, cluster, workload=workload)
+    big = dataclasses.replace(workload, first_stage_bytes=1400 * MiB)
+    drafted = planner.plan_pipeline(profile, cluster, workload=big)
+    assert len(plain.stages) == 1  # without the draft one node holds the whole model
+    assert len(drafted.stages) == 2
+    assert drafted.stages[0].layer_end <= 4  # 2 GiB - 1400 MiB holds at most 4 layers
+    assert drafted.stages[0].memory_bytes <= 2 * GiB
+
+
+def test_a_draft_model_that_leaves_stage_0_no_room_is_named() -> None:
+    cluster = a_cluster(a_node("a").memory("2Gi"), a_node("b").memory("2Gi")).build()
+    profile = a_profile(4, layer_size=200 * MiB).embed(300 * MiB).build()
+    workload = planner.Workload(max_sequences=1, max_context_tokens=128)
+    big = dataclasses.replace(workload, first_stage_bytes=1300 * MiB)
+    with pytest.raises(planner.PlanInfeasible) as raised:
+        planner.plan_pipeline(profile, cluster, workload=big)
+    error = raised.value
+    assert error.reason == "first-stage"
+    text = str(error)
+    assert "+ 1.3 GiB for stage 0's draft model (weights + KV cache)" in text
+    assert "stage 0 holds the draft model (1.3 GiB: weights + KV cache)" in text
+    assert "largest: 1.5 GiB" in text
+    kv = 1 * 128 * profile.kv_bytes_per_token_per_layer * 4
+    assert error.needed_bytes == profile.total_weight_bytes + kv + 1300 * MiB
+    assert text.endswith(
+        "try a smaller spec.model.draft, fewer maxSequences or a shorter maxContextTokens"
+    )
+    # without the draft model the same cluster serves the model
+    assert planner.plan_pipeline(profile, cluster, workload=workload).stages
