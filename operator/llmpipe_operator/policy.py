@@ -17,8 +17,9 @@ The rules (docs/security.md):
   other extended resources) only when the chosen profile lists them;
 - literalEnv: `spec.runtime.env` holds literal values only (no valueFrom of any kind), and
   no variable that changes which code the stage loads (LD_*, PYTHONPATH, ...);
-- hostPathPrefixes: a hostPath model source (a directory, or a GGUF file) lies under one of
-  the admin's prefixes, without `.` or `..` segments (it is mounted read-only).
+- hostPathPrefixes: a hostPath model source (a directory, or a GGUF file; the model's and
+  the draft model's) lies under one of the admin's prefixes, without `.` or `..` segments
+  (it is mounted read-only).
 Secrets reach a stage only through the fields made for them (the Hub `tokenSecret` of a
 huggingFace or gguf source, `spec.service.auth.apiKeySecret`), Secrets of the pipeline's own
 namespace (a secretKeyRef or a secret volume cannot name another namespace); PVC sources are
@@ -301,23 +302,29 @@ def _check_env(spec: spec_mod.PipelineSpec) -> list[Violation]:
 
 
 def _check_host_path(spec: spec_mod.PipelineSpec, policy: Policy) -> list[Violation]:
-    source = spec.model.source
-    if isinstance(source, spec_mod.HostPathSource):
-        path, field_path = source.path, "spec.model.source.hostPath.path"
-    elif isinstance(source, spec_mod.GgufSource) and source.host_path is not None:
-        path, field_path = source.host_path, "spec.model.source.gguf.hostPath"
-    else:
-        return []
-    if _under_prefix(path, policy.allowed_host_paths):
-        return []
-    allowed = ", ".join(p or "/" for p in policy.allowed_host_paths) or "none"
-    return [
-        Violation(
-            RULE_HOST_PATH,
-            f"{field_path} {path!r} is not under an allowed host directory ({allowed}), "
-            "or contains . or .. segments",
+    """The model's host path, and the draft model's (spec.model.draft) when it has one."""
+    sources = [(spec.model.source, "spec.model.source")]
+    if spec.model.draft is not None:
+        sources.append((spec.model.draft.source, "spec.model.draft.source"))
+    found = []
+    for source, where in sources:
+        if isinstance(source, spec_mod.HostPathSource):
+            path, field_path = source.path, f"{where}.hostPath.path"
+        elif isinstance(source, spec_mod.GgufSource) and source.host_path is not None:
+            path, field_path = source.host_path, f"{where}.gguf.hostPath"
+        else:
+            continue
+        if _under_prefix(path, policy.allowed_host_paths):
+            continue
+        allowed = ", ".join(p or "/" for p in policy.allowed_host_paths) or "none"
+        found.append(
+            Violation(
+                RULE_HOST_PATH,
+                f"{field_path} {path!r} is not under an allowed host directory ({allowed}), "
+                "or contains . or .. segments",
+            )
         )
-    ]
+    return found
 
 
 def _under_prefix(path: str, prefixes: Sequence[str]) -> bool:

@@ -28,6 +28,9 @@ PLANNED_AUTO_DTYPE = "bfloat16"
 """The byte size the planner gives `auto`: every dtype it picks (bfloat16 or float16 on a
 GPU, bfloat16 on a CPU) is 2 bytes per parameter."""
 MODELS_MOUNT = "/models"
+DRAFT_MOUNT = "/draft-model"
+"""Where stage 0 finds the draft model (spec.model.draft), apart from the model's files."""
+SPECULATIONS = ("off", "ngram", "draft")
 RUNTIME_CLASS = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 
 
@@ -96,6 +99,31 @@ ModelSource = PvcSource | HostPathSource | HuggingFaceSource | GgufSource
 SOURCE_KINDS = ("pvc", "hostPath", "huggingFace", "gguf")
 
 
+def source_dir(source: ModelSource, mount: str) -> str:
+    """Where a container finds config.json and the weights of `source` mounted at `mount`."""
+    if isinstance(source, PvcSource) and source.path:
+        return posixpath.join(mount, source.path)
+    if isinstance(source, HuggingFaceSource | GgufSource):
+        return posixpath.join(mount, "model")
+    return mount
+
+
+@dataclass(frozen=True)
+class DraftSpec:
+    """spec.model.draft: the small model stage 0 drafts with (`speculation: draft`), read
+    from the same kinds of source as the model, run whole in stage 0's process at stage
+    0's dtype (unquantized: the stage loads it so)."""
+
+    source: ModelSource
+    config: Mapping[str, Any]
+    """Its config.json: the planner sizes its weights and KV cache from it."""
+
+    @property
+    def model_dir(self) -> str:
+        """Where stage 0's container finds the draft model."""
+        return source_dir(self.source, DRAFT_MOUNT)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
@@ -106,6 +134,8 @@ class ModelSpec:
     float16 on GPUs without it, e.g. a T4); a dtype named here applies to every stage."""
     quantization: str = "none"
     """int8: weight-only int8 projections (CPU stages); planned at their int8 byte size."""
+    draft: DraftSpec | None = None
+    """The draft model of `speculation: draft`; None without one."""
 
     @property
     def planned_dtype(self) -> str:
@@ -115,11 +145,7 @@ class ModelSpec:
     @property
     def model_dir(self) -> str:
         """Where the stage container finds config.json and the weights."""
-        if isinstance(self.source, PvcSource) and self.source.path:
-            return posixpath.join(MODELS_MOUNT, self.source.path)
-        if isinstance(self.source, HuggingFaceSource | GgufSource):
-            return posixpath.join(MODELS_MOUNT, "model")
-        return MODELS_MOUNT
+        return source_dir(self.source, MODELS_MOUNT)
 
 
 @dataclass(frozen=True)
@@ -190,8 +216,8 @@ class WorkloadSpec:
     """Token throttling's bound on prompt tokens in flight (0: none); None: the stage's
     default, two chunks per stage."""
     speculation: str | None = None
-    """`ngram` (prompt-lookup speculative decoding of greedy requests) or `off`; None:
-    off, and pipeline.json says nothing (older stages read the same)."""
+    """`ngram` (prompt-lookup drafts), `draft` (spec.model.draft's) or `off`; None: off,
+    and pipeline.json says nothing (older stages read the same)."""
 
 
 @dataclass(frozen=True)
@@ -258,6 +284,19 @@ class PipelineSpec:
         except (ValueError, KeyError, TypeError) as error:
             raise SpecError(f"spec.model.config: {error}") from error
 
+    def draft_profile(self) -> profiles.ModelProfile | None:
+        """The planner's view of the draft model (None without one): its byte sizes at
+        the dtype stage 0 loads it in, the model's planned one, unquantized."""
+        draft = self.model.draft
+        if draft is None:
+            return None
+        try:
+            return profiles.from_config(
+                draft.config, dtype=self.model.planned_dtype, name=f"{self.model.name} draft"
+            )
+        except (ValueError, KeyError, TypeError) as error:
+            raise SpecError(f"spec.model.draft.config: {error}") from error
+
 
 def parse_spec(raw: Mapping[str, Any]) -> PipelineSpec:
     """Build the typed spec from the resource's `spec`; raise SpecError naming the field."""
@@ -272,7 +311,33 @@ def parse_spec(raw: Mapping[str, Any]) -> PipelineSpec:
         replan=_parse_replan(_object(raw, "replan", "spec")),
     )
     spec.profile()  # an unusable config.json is a spec error, found before planning
+    _check_draft(spec)
     return spec
+
+
+def _check_draft(spec: PipelineSpec) -> None:
+    """spec.model.draft and `speculation: draft` come together, and the draft model's
+    vocabulary is the model's (stage 0 compares the tokenizers themselves at load)."""
+    draft, speculation = spec.model.draft, spec.workload.speculation
+    if draft is not None and speculation != "draft":
+        raise SpecError(
+            f"spec.model.draft is set but spec.workload.speculation is {speculation or 'unset'}"
+            ": set spec.workload.speculation to draft, or remove spec.model.draft"
+        )
+    if draft is None and speculation == "draft":
+        raise SpecError(
+            "spec.workload.speculation is draft but spec.model.draft is not set: name the "
+            "draft model (spec.model.draft.source and spec.model.draft.config)"
+        )
+    if draft is None:
+        return
+    spec.draft_profile()  # an unusable draft config.json, found before planning
+    mine, theirs = spec.model.config.get("vocab_size"), draft.config.get("vocab_size")
+    if mine != theirs:
+        raise SpecError(
+            f"spec.model.draft.config.vocab_size is {theirs} but spec.model.config.vocab_size "
+            f"is {mine}: a draft model needs the model's tokenizer"
+        )
 
 
 def _parse_model(raw: Mapping[str, Any]) -> ModelSpec:
@@ -280,15 +345,23 @@ def _parse_model(raw: Mapping[str, Any]) -> ModelSpec:
     config = _object(raw, "config", where, required=True)
     return ModelSpec(
         name=_string(raw, "name", where, required=True),
-        source=_parse_source(_object(raw, "source", where, required=True)),
+        source=_parse_source(_object(raw, "source", where, required=True), f"{where}.source"),
         config=dict(config),
         dtype=_choice(raw, "dtype", where, DTYPES, default="auto"),
         quantization=_choice(raw, "quantization", where, profiles.QUANTIZATIONS, default="none"),
+        draft=_parse_draft(_object(raw, "draft", where)) if raw.get("draft") is not None else None,
     )
 
 
-def _parse_source(raw: Mapping[str, Any]) -> ModelSource:
-    where = "spec.model.source"
+def _parse_draft(raw: Mapping[str, Any]) -> DraftSpec:
+    where = "spec.model.draft"
+    return DraftSpec(
+        source=_parse_source(_object(raw, "source", where, required=True), f"{where}.source"),
+        config=dict(_object(raw, "config", where, required=True)),
+    )
+
+
+def _parse_source(raw: Mapping[str, Any], where: str) -> ModelSource:
     kinds = [kind for kind in SOURCE_KINDS if raw.get(kind) is not None]
     if len(kinds) != 1:
         raise SpecError(
@@ -423,7 +496,7 @@ def _parse_workload(raw: Mapping[str, Any]) -> WorkloadSpec:
         prefill_chunk_tokens=_chunk_tokens(raw, where),
         prefill_tokens_in_flight=_tokens_in_flight(raw, where),
         speculation=(
-            _choice(raw, "speculation", where, ("off", "ngram"), default="off")
+            _choice(raw, "speculation", where, SPECULATIONS, default="off")
             if "speculation" in raw
             else None
         ),

@@ -95,7 +95,8 @@ def bottleneck_text(plan: Mapping[str, Any]) -> str:
 def plan_summary(
     plan: Mapping[str, Any], *, availability: Sequence[StageAvailability] = ()
 ) -> dict[str, Any]:
-    """stage -> node, layers, memory (of its device), device, as `status.plan`."""
+    """stage -> node, layers, memory (of its device, and of it the draft model's on stage
+    0), device, as `status.plan`."""
     ready = {a.index: a.available for a in availability}
     return {
         "stages": [
@@ -110,10 +111,19 @@ def plan_summary(
                 "device": str(s.get("device", "cpu")),
                 "gpus": int(s.get("gpus", 0)),
                 "ready": ready.get(int(s["index"]), False),
+                **_draft_memory(s),
             }
             for s in plan["stages"]
         ]
     }
+
+
+def _draft_memory(stage: Mapping[str, Any]) -> dict[str, Any]:
+    """Stage 0's draft model's share of its memory (spec.model.draft); nothing without one."""
+    draft = int(stage.get("draftMemoryBytes", 0))
+    if not draft:
+        return {}
+    return {"draftMemoryBytes": draft, "draftMemory": format_bytes(draft)}
 
 
 def estimates(plan: Mapping[str, Any]) -> dict[str, Any]:

@@ -18,3 +18,13 @@ TINY_LLAMA_CONFIG: dict[str, Any] = {
     "max_position_embeddings": 2048,
     "rms_norm_eps": 1e-5,
 }
+
+TINY_DRAFT_CONFIG: dict[str, Any] = {
+    **TINY_LLAMA_CONFIG,
+    "num_hidden_layers": 2,
+    "hidden_size": 64,
+    "intermediate_size": 172,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
+"""A smaller model of TINY_LLAMA_CONFIG's vocabulary: a draft model for it (spec.model.draft)."""

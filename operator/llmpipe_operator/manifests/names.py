@@ -61,6 +61,17 @@ def plan_hash(plan: Mapping[str, Any], spec: spec_mod.PipelineSpec) -> str:
                 if spec.model.quantization != "none"
                 else {}
             ),
+            # stage 0's draft model (its files and flags); only when set, likewise
+            **(
+                {
+                    "draft": {
+                        "source": repr(spec.model.draft.source),
+                        "config": dict(spec.model.draft.config),
+                    }
+                }
+                if spec.model.draft is not None
+                else {}
+            ),
         },
         "workload": {
             "maxSequences": spec.workload.max_sequences,

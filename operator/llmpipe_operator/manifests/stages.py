@@ -6,12 +6,11 @@ Pure: (pipeline, spec, plan stage, plan hash) -> plain dicts; `k8s` applies them
 from __future__ import annotations
 
 import math
-import posixpath
 from collections.abc import Mapping
 from typing import Any
 
 from llmpipe_operator import spec as spec_mod
-from llmpipe_operator.manifests import names
+from llmpipe_operator.manifests import model_files, names
 from llmpipe_operator.planning import devices, inventory
 
 CONFIG_DIR = "/etc/llmpipe"
@@ -20,10 +19,6 @@ TLS_DIR = "/var/run/llmpipe/tls"
 TLS_FILE_MODE = 0o440
 """Owner root, group fsGroup (10001): the stage's user reads its key, nobody else does."""
 RUN_AS_USER = 10001
-WIDEST_STORED_BYTES = 4
-"""Checkpoints ship in float32 at most, whatever dtype the stage runs in."""
-SMALL_FILES_BYTES = 256 * 2**20
-"""config, tokenizer and index files: a few MiB, generously."""
 
 
 STAGE_DRAIN_S = 50
@@ -66,10 +61,13 @@ def build_stage_deployment(
     if on_gpu(stage) and spec.runtime.runtime_class_name:
         # Only GPU stages: a node without the NVIDIA runtime has no handler for the class.
         pod_spec["runtimeClassName"] = spec.runtime.runtime_class_name
-    if isinstance(spec.model.source, spec_mod.HuggingFaceSource):
-        pod_spec["initContainers"] = [_download_container(spec, spec.model.source, stage)]
-    if isinstance(spec.model.source, spec_mod.GgufSource):
-        pod_spec["initContainers"] = _gguf_containers(spec, spec.model.source, stage)
+    init = [
+        container
+        for files in _files(spec, index=index)
+        for container in model_files.init_containers(spec, files, stage)
+    ]
+    if init:
+        pod_spec["initContainers"] = init
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -117,13 +115,6 @@ def build_stage_service(
     }
 
 
-def _image(spec: spec_mod.PipelineSpec) -> str:
-    """The image the cluster policy resolved (policy.resolve runs before rendering)."""
-    if not spec.runtime.image:
-        raise ValueError("spec.runtime.image is unset: resolve the spec with the policy first")
-    return spec.runtime.image
-
-
 def _pin_to_node(node: str) -> dict[str, Any]:
     term = {
         "matchExpressions": [{"key": "kubernetes.io/hostname", "operator": "In", "values": [node]}]
@@ -139,7 +130,7 @@ def _stage_container(spec: spec_mod.PipelineSpec, stage: Mapping[str, Any]) -> d
     index = int(stage["index"])
     container: dict[str, Any] = {
         "name": "stage",
-        "image": _image(spec),
+        "image": model_files.image(spec),
         "imagePullPolicy": spec.runtime.image_pull_policy or "IfNotPresent",
         "command": [
             "python",
@@ -170,10 +161,10 @@ def _stage_container(spec: spec_mod.PipelineSpec, stage: Mapping[str, Any]) -> d
         "startupProbe": _http_probe("/healthz", period=5, failures=120),
         "livenessProbe": _http_probe("/healthz", period=10, failures=3),
         "readinessProbe": _http_probe("/readyz", period=5, failures=3),
-        "securityContext": _restricted(),
+        "securityContext": model_files.restricted(),
         "volumeMounts": [
             {"name": "plan", "mountPath": CONFIG_DIR, "readOnly": True},
-            {"name": "model", "mountPath": spec_mod.MODELS_MOUNT, "readOnly": True},
+            *(model_files.mount(files) for files in _files(spec, index=index)),
             {"name": "tmp", "mountPath": "/tmp"},
             # Not a subPath mount: the kubelet then updates the files when the operator
             # renews the certificate, and the stage reloads them.
@@ -188,7 +179,25 @@ def _stage_container(spec: spec_mod.PipelineSpec, stage: Mapping[str, Any]) -> d
         command[at:at] = ["--threads", str(threads)]
     if index == 0:
         _serve_the_api(container, spec.service)
+        _draft_with(container, model_files.draft_files(spec))
     return container
+
+
+def _files(spec: spec_mod.PipelineSpec, *, index: int) -> list[model_files.Files]:
+    """The model files a stage's pod holds: the model's, and on stage 0 the draft model's
+    (spec.model.draft); other stages get nothing of the draft."""
+    draft = model_files.draft_files(spec) if index == 0 else None
+    return [model_files.model_files(spec), *([draft] if draft is not None else [])]
+
+
+def _draft_with(container: dict[str, Any], draft: model_files.Files | None) -> None:
+    """Stage 0's draft model directory (pipeline.json's `speculation: draft` turns the
+    drafter on); a flag before `--model-dir`, which stays last."""
+    if draft is None:
+        return
+    command: list[str] = container["command"]
+    at = command.index("--model-dir")
+    command[at:at] = ["--draft-model-dir", draft.model_dir]
 
 
 def on_gpu(stage: Mapping[str, Any]) -> bool:
@@ -273,64 +282,17 @@ def _serve_the_api(container: dict[str, Any], service: spec_mod.ServiceSpec) -> 
     )
 
 
-def _download_container(
-    spec: spec_mod.PipelineSpec, source: spec_mod.HuggingFaceSource, stage: Mapping[str, Any]
-) -> dict[str, Any]:
-    """Fetches the stage's files into the pod's emptyDir (llmpipe_stage.fetch: its shards,
-    config, and the tokenizer on the end stages); only this container sees the token. It
-    gets spec.runtime.env too (HF_ENDPOINT, HTTPS_PROXY, ...), before our own variables."""
-    env: list[dict[str, Any]] = [
-        *(dict(item) for item in spec.runtime.env),
-        {"name": "HOME", "value": "/tmp"},
-        {"name": "HF_HOME", "value": "/tmp/hf"},
-    ]
-    if source.token_secret_name:
-        env.append(
-            {
-                "name": "HF_TOKEN",
-                "valueFrom": {
-                    "secretKeyRef": {
-                        "name": source.token_secret_name,
-                        "key": source.token_secret_key,
-                    }
-                },
-            }
-        )
-    return {
-        "name": "fetch-model",
-        "image": _image(spec),
-        "imagePullPolicy": spec.runtime.image_pull_policy or "IfNotPresent",
-        "command": [
-            "python",
-            "-m",
-            "llmpipe_stage.fetch",
-            source.id,
-            source.revision,
-            spec.model.model_dir,
-            "--layer-start",
-            str(int(stage["layerStart"])),
-            "--layer-end",
-            str(int(stage["layerEnd"])),
-            *(["--embedding"] if stage.get("hasEmbedding") else []),
-            *(["--head"] if stage.get("hasHead") else []),
-        ],
-        "env": env,
-        "securityContext": _restricted(),
-        "volumeMounts": [
-            {"name": "model", "mountPath": spec_mod.MODELS_MOUNT},
-            {"name": "tmp", "mountPath": "/tmp"},
-        ],
-    }
-
-
 def _volumes(
     pipeline: names.PipelineRef, spec: spec_mod.PipelineSpec, digest: str, *, index: int
 ) -> list[dict[str, Any]]:
+    main, *rest = _files(spec, index=index)
+    draft = rest[0] if rest else None
     volumes = [
         {"name": "plan", "configMap": {"name": names.plan_configmap_name(pipeline, digest)}},
-        {"name": "model", **_model_volume(spec)},
+        model_files.model_volume(main),
         {"name": "tmp", "emptyDir": {}},
-        *_gguf_volumes(spec.model.source),
+        *model_files.gguf_volumes(main),
+        *(model_files.volumes(draft) if draft is not None else []),
         {
             "name": "tls",
             "secret": {
@@ -348,123 +310,10 @@ def _volumes(
     return volumes
 
 
-def _model_volume(spec: spec_mod.PipelineSpec) -> dict[str, Any]:
-    source = spec.model.source
-    if isinstance(source, spec_mod.PvcSource):
-        return {"persistentVolumeClaim": {"claimName": source.claim_name, "readOnly": True}}
-    if isinstance(source, spec_mod.HostPathSource):
-        return {"hostPath": {"path": source.path, "type": "Directory"}}
-    return {"emptyDir": {"sizeLimit": str(download_size_limit(spec))}}
-
-
-def download_size_limit(spec: spec_mod.PipelineSpec) -> int:
-    """The download emptyDir's sizeLimit: the whole model at float32 plus small files.
-
-    A stage fetches only its shards, but one shard may hold the whole model (single-file
-    checkpoints), and the stored dtype may be wider than the one the stage runs in; so
-    the bound is the model's parameters at the widest stored dtype. It stops a wrong
-    repository id or a runaway download from filling the node's disk.
-    """
-    profile = spec.profile()
-    params = profile.total_weight_bytes // profile.weight_bytes_per_param
-    per_param = WIDEST_STORED_BYTES
-    if isinstance(spec.model.source, spec_mod.GgufSource):
-        # the .gguf file (at most float32) and the directory converted from it, side by side
-        per_param += profile.weight_bytes_per_param
-    return params * per_param + SMALL_FILES_BYTES
-
-
-GGUF_MOUNT = "/gguf"
-GGUF_DOWNLOAD = (
-    "import os, sys\n"
-    "from huggingface_hub import hf_hub_download\n"
-    "hf_hub_download(repo_id=sys.argv[1], revision=sys.argv[2], filename=sys.argv[3],\n"
-    "                local_dir=sys.argv[4], token=os.environ.get('HF_TOKEN') or None)\n"
-)
-
-
-def gguf_file_path(source: spec_mod.GgufSource) -> str:
-    """Where the init containers see the GGUF file."""
-    if source.host_path is not None:
-        return posixpath.join(GGUF_MOUNT, posixpath.basename(source.host_path))
-    if source.claim_name is not None:
-        return posixpath.join(GGUF_MOUNT, source.path)
-    return posixpath.join(spec_mod.MODELS_MOUNT, "gguf", source.filename)
-
-
-def _gguf_volumes(source: spec_mod.ModelSource) -> list[dict[str, Any]]:
-    if not isinstance(source, spec_mod.GgufSource) or source.hf_id is not None:
-        return []
-    if source.host_path is not None:
-        return [{"name": "gguf", "hostPath": {"path": source.host_path, "type": "File"}}]
-    claim = {"claimName": source.claim_name, "readOnly": True}
-    return [{"name": "gguf", "persistentVolumeClaim": claim}]
-
-
-def _gguf_containers(
-    spec: spec_mod.PipelineSpec, source: spec_mod.GgufSource, stage: Mapping[str, Any]
-) -> list[dict[str, Any]]:
-    """Download the file (Hugging Face only), then convert it into the model emptyDir
-    (`llmpipe_stage.gguf_convert`, dequantized to the stage's dtype)."""
-    mounts: list[dict[str, Any]] = [
-        {"name": "model", "mountPath": spec_mod.MODELS_MOUNT},
-        {"name": "tmp", "mountPath": "/tmp"},
-    ]
-    containers = []
-    if source.hf_id is not None:
-        hub = spec_mod.HuggingFaceSource(
-            id=source.hf_id,
-            revision=source.revision,
-            token_secret_name=source.token_secret_name,
-            token_secret_key=source.token_secret_key,
-        )
-        download = _download_container(spec, hub, {"layerStart": 0, "layerEnd": 1})
-        download["name"] = "fetch-gguf"
-        download["command"] = [
-            "python",
-            "-c",
-            GGUF_DOWNLOAD,
-            source.hf_id,
-            source.revision,
-            source.filename,
-            posixpath.join(spec_mod.MODELS_MOUNT, "gguf"),
-        ]
-        containers.append(download)
-    else:
-        mount = GGUF_MOUNT if source.claim_name is not None else gguf_file_path(source)
-        mounts.append({"name": "gguf", "mountPath": mount, "readOnly": True})
-    command = ["python", "-m", "llmpipe_stage.gguf_convert", gguf_file_path(source)]
-    dtype = str(stage.get("dtype") or spec.model.planned_dtype)
-    command += ["--out", spec.model.model_dir, "--dtype", dtype]
-    containers.append(
-        {
-            "name": "convert-gguf",
-            "image": _image(spec),
-            "imagePullPolicy": spec.runtime.image_pull_policy or "IfNotPresent",
-            "command": command,
-            "env": [*(dict(item) for item in spec.runtime.env), {"name": "HOME", "value": "/tmp"}],
-            "securityContext": _restricted(),
-            "volumeMounts": mounts,
-        }
-    )
-    return containers
-
-
 def _http_probe(path: str, *, period: int, failures: int) -> dict[str, Any]:
     return {
         "httpGet": {"path": path, "port": "http"},
         "periodSeconds": period,
         "timeoutSeconds": 3,
         "failureThreshold": failures,
-    }
-
-
-def _restricted() -> dict[str, Any]:
-    """The Pod Security Standard `restricted` profile, container part."""
-    return {
-        "allowPrivilegeEscalation": False,
-        "readOnlyRootFilesystem": True,
-        "runAsNonRoot": True,
-        "capabilities": {"drop": ["ALL"]},
-        "seccompProfile": {"type": "RuntimeDefault"},
     }

@@ -235,7 +235,8 @@ def make_plan(spec: spec_mod.PipelineSpec, nodes: live.LiveInventory) -> dict[st
 
 
 def workload_of(spec: spec_mod.PipelineSpec) -> planner.Workload:
-    return planner.Workload(
+    """The planner's workload, stage 0 holding the draft model when spec.model.draft names one."""
+    workload = planner.Workload(
         objective=spec.workload.objective,
         max_sequences=spec.workload.max_sequences,
         max_context_tokens=spec.workload.max_context_tokens,
@@ -243,6 +244,7 @@ def workload_of(spec: spec_mod.PipelineSpec) -> planner.Workload:
         device=spec.runtime.device,
         dtype=spec.model.dtype,
     )
+    return planner.with_draft(workload, spec.draft_profile())
 
 
 async def deploy_plan(

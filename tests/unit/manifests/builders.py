@@ -9,7 +9,7 @@ from llmpipe_operator import policy
 from llmpipe_operator import spec as spec_mod
 from llmpipe_operator.manifests import names
 from llmpipe_operator.planning import inventory, planner
-from tests.support.models import TINY_LLAMA_CONFIG
+from tests.support.models import TINY_DRAFT_CONFIG, TINY_LLAMA_CONFIG
 
 REF = names.PipelineRef(name="chat", namespace="team-a", uid="0000-uid")
 
@@ -42,6 +42,13 @@ class SpecBuilder:
     def gguf(self, **location: Any) -> SpecBuilder:
         """gguf(hostPath="/m/x.gguf") | gguf(pvc={...}) | gguf(huggingFace={...})"""
         return self.source(gguf=location)
+
+    def draft(self, **source: Any) -> SpecBuilder:
+        """spec.model.draft from `source` (default a host path) with TINY_DRAFT_CONFIG, and
+        `speculation: draft` that goes with it."""
+        source = source or {"hostPath": {"path": "/var/lib/llmpipe/models/tiny-draft"}}
+        self.raw["model"]["draft"] = {"source": source, "config": copy.deepcopy(TINY_DRAFT_CONFIG)}
+        return self.workload(speculation="draft")
 
     def placement(self, **fields: Any) -> SpecBuilder:
         self.raw.setdefault("placement", {}).update(fields)

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from llmpipe_operator import spec as spec_mod
-from llmpipe_operator.manifests import endpoint, names, render, stages
+from llmpipe_operator.manifests import endpoint, model_files, names, render, stages
 from tests.unit.manifests.builders import REF, a_plan, a_spec
 
 sources = pytest.mark.parametrize(
@@ -189,7 +189,9 @@ def test_model_source_is_mounted_read_only_or_fetched(builder, volume_key, model
             "abc123",
             "/models/model",
         ]
-        assert volumes["model"]["emptyDir"]["sizeLimit"] == str(stages.download_size_limit(spec))
+        assert volumes["model"]["emptyDir"]["sizeLimit"] == str(
+            model_files.download_size_limit(model_files.model_files(spec))
+        )
         token = next(e for e in init["env"] if e["name"] == "HF_TOKEN")
         assert token["valueFrom"] == {"secretKeyRef": {"name": "hf", "key": "token"}}
         # only the init container sees the token
@@ -257,7 +259,8 @@ def test_speculation_reaches_pipeline_json_only_when_set() -> None:
     assert "speculation" not in workload(a_spec().build())
     assert workload(a_spec().workload(speculation="ngram").build())["speculation"] == "ngram"
     assert workload(a_spec().workload(speculation="off").build())["speculation"] == "off"
-    with pytest.raises(spec_mod.SpecError, match="speculation"):
+    assert workload(a_spec().draft().build())["speculation"] == "draft"
+    with pytest.raises(spec_mod.SpecError, match=r"spec\.model\.draft is not set"):
         a_spec().workload(speculation="draft").build()
 
 
@@ -509,5 +512,5 @@ def test_the_download_size_limit_holds_the_whole_model_at_float32_and_little_mor
     spec = a_spec().hugging_face("org/tiny").build()
     profile = spec.profile()  # bfloat16: 2 bytes per parameter
     params = profile.total_weight_bytes // 2
-    limit = stages.download_size_limit(spec)
+    limit = model_files.download_size_limit(model_files.model_files(spec))
     assert params * 4 < limit <= params * 4 + 256 * 2**20

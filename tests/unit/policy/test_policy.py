@@ -95,6 +95,16 @@ attacks = pytest.mark.parametrize(
             "models-evil",
         ),
         (lambda b: b.source(gguf={"hostPath": "/etc/x.gguf"}), "hostPathPrefixes", "gguf.hostPath"),
+        (
+            lambda b: b.draft(hostPath={"path": "/etc"}),
+            "hostPathPrefixes",
+            "spec.model.draft.source.hostPath.path '/etc'",
+        ),
+        (
+            lambda b: b.draft(gguf={"hostPath": "/var/lib/llmpipe/models/../x.gguf"}),
+            "hostPathPrefixes",
+            "spec.model.draft.source.gguf.hostPath",
+        ),
         (lambda b: b.runtime(profile="gpu"), "runtimeProfile", "'gpu' is not a runtime profile"),
         (
             lambda b: b.runtime(resources={"limits": {"nvidia.com/gpu": 1}}),
@@ -112,6 +122,8 @@ attacks = pytest.mark.parametrize(
         "host-dotdot",
         "host-sibling-prefix",
         "gguf-host-etc",
+        "draft-host-etc",
+        "draft-gguf-dotdot",
         "unknown-profile",
         "device",
     ],

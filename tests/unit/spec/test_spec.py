@@ -62,7 +62,7 @@ PARSED = {
 def test_parser_defaults_are_the_crd_defaults() -> None:
     defaults = schema_defaults(crd_spec_schema())
     spec = a_spec().parsed()
-    source_defaults = {k for k in defaults if k[:2] == ("model", "source")}
+    source_defaults = {k for k in defaults if k[:2] in {("model", "source"), ("model", "draft")}}
     assert set(defaults) - source_defaults == set(PARSED)
     for path, read in PARSED.items():
         expected = defaults[path]
@@ -295,4 +295,81 @@ def test_unknown_quantization_is_refused() -> None:
     builder = a_spec()
     builder.raw["model"]["quantization"] = "int4"
     with pytest.raises(spec_mod.SpecError, match="quantization"):
+        builder.parsed()
+
+
+def test_draft_model_is_parsed_with_its_own_mount() -> None:
+    spec = a_spec().draft(pvc={"claimName": "drafts", "path": "small"}).parsed()
+    assert spec.workload.speculation == "draft"
+    assert spec.model.draft == spec_mod.DraftSpec(
+        source=spec_mod.PvcSource(claim_name="drafts", path="small"),
+        config=spec.model.draft.config,
+    )
+    assert spec.model.draft.model_dir == "/draft-model/small"
+    assert spec.model.model_dir == "/models"  # the model's own mount, apart
+    hub = a_spec().draft(huggingFace={"id": "org/small"}).parsed()
+    assert hub.model.draft is not None and hub.model.draft.model_dir == "/draft-model/model"
+    assert a_spec().parsed().model.draft is None
+
+
+def test_draft_profile_is_at_the_models_planned_dtype_unquantized() -> None:
+    spec = a_spec().draft().raw
+    spec["model"]["dtype"] = "float32"
+    spec["model"]["quantization"] = "int8"
+    parsed = spec_mod.parse_spec(spec)
+    profile = parsed.draft_profile()
+    assert profile is not None
+    assert profile.weight_bytes_per_param == 4  # float32, not int8: stage 0 loads it so
+    assert profile.num_layers == 2
+
+
+def _no_speculation(b: Any) -> None:
+    b.draft()
+    del b.raw["workload"]["speculation"]
+
+
+def _other_vocab(b: Any) -> None:
+    b.draft()
+    b.raw["model"]["draft"]["config"]["vocab_size"] = 49152
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (_no_speculation, "spec.model.draft is set but spec.workload.speculation is unset"),
+        (
+            lambda b: b.draft().workload(speculation="ngram"),
+            "spec.model.draft is set but spec.workload.speculation is ngram",
+        ),
+        (
+            lambda b: b.workload(speculation="draft"),
+            "spec.workload.speculation is draft but spec.model.draft is not set",
+        ),
+        (_other_vocab, "spec.model.draft.config.vocab_size is 49152 but spec.model.config"),
+        (lambda b: b.draft(hostPath={"path": "rel"}), "spec.model.draft.source.hostPath.path"),
+        (lambda b: b.draft(pvc={"claimName": "x"}, hostPath={"path": "/a"}), "draft.source must"),
+        (
+            lambda b: b.draft().raw["model"]["draft"].pop("config"),
+            "spec.model.draft.config is required",
+        ),
+        (
+            lambda b: b.draft().raw["model"]["draft"]["config"].update(model_type="mamba"),
+            "spec.model.draft.config:",
+        ),
+    ],
+    ids=[
+        "no-speculation",
+        "ngram",
+        "no-draft",
+        "vocab",
+        "relative",
+        "two-sources",
+        "no-config",
+        "bad-config",
+    ],
+)
+def test_a_draft_model_spec_the_operator_cannot_use_names_the_field(mutate, message) -> None:
+    builder = a_spec()
+    mutate(builder)
+    with pytest.raises(spec_mod.SpecError, match=re.escape(message)):
         builder.parsed()

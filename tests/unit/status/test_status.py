@@ -50,6 +50,15 @@ def test_planned_reports_the_plan_summary_and_estimates(plan: dict) -> None:
     assert patch["bottleneck"].split()[1].startswith("s")
 
 
+def test_the_plan_summary_shows_stage_0s_draft_model_memory_only_with_one(plan: dict) -> None:
+    assert all("draftMemoryBytes" not in s for s in status.plan_summary(plan)["stages"])
+    drafted = {**plan, "stages": [dict(s) for s in plan["stages"]]}
+    drafted["stages"][0]["draftMemoryBytes"] = 12 * 2**20
+    first, *rest = status.plan_summary(drafted)["stages"]
+    assert (first["draftMemoryBytes"], first["draftMemory"]) == (12 * 2**20, "12.0Mi")
+    assert all("draftMemoryBytes" not in s for s in rest)
+
+
 def test_first_plan_is_deploying_until_every_stage_is_available(plan: dict) -> None:
     patch = status.rollout(
         plan,
