@@ -175,11 +175,24 @@ _PACKABLE: dict[torch.dtype, bool] = {}
 def quantize_int8(
     weight: torch.Tensor, *, scale_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8: (int8 [out, in], scales [out]) with w ~= q * scale."""
-    w = weight.float()
-    scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
-    return q.contiguous(), scales.to(scale_dtype)
+    """Symmetric per-row int8: (int8 [out, in], scales [out]) with w ~= q * scale.
+
+    Rows are independent, so they are converted QUANTIZE_BLOCK_BYTES of float32 at a
+    time: the float32 temporaries stay a few MB, not several copies of the whole matrix
+    (for a vocabulary head that was the load's peak)."""
+    rows, columns = weight.shape
+    q = torch.empty((rows, columns), dtype=torch.int8, device=weight.device)
+    scales = torch.empty(rows, dtype=torch.float32, device=weight.device)
+    step = max(1, QUANTIZE_BLOCK_BYTES // (4 * max(1, columns)))
+    for start in range(0, rows, step):
+        w = weight[start : start + step].float()
+        block = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        scales[start : start + step] = block
+        q[start : start + step] = torch.round(w / block[:, None]).clamp(-127, 127)
+    return q, scales.to(scale_dtype)
+
+
+QUANTIZE_BLOCK_BYTES = 4 * 2**20
 
 
 def projection(

@@ -94,3 +94,25 @@ def test_the_planner_sizes_int8_at_the_bytes_the_stage_holds(tmp_path: Path, fam
     planned = sum(profile.layer_bytes) + profile.embed_bytes + profile.head_bytes
     assert planned == stage.weight_bytes()
     assert profile.weight_bytes_per_param == 1
+
+
+@pytest.mark.parametrize("rows", [1, 5, 17, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_quantization_in_row_blocks_equals_the_whole_matrix_formula(
+    monkeypatch: pytest.MonkeyPatch, rows: int, dtype: torch.dtype
+) -> None:
+    """Rows are quantized a few MB at a time (the load's peak); the result is the same
+    as the formula over the whole matrix, at every block boundary."""
+    from llmpipe_stage import decode
+
+    weight = (torch.randn(rows, 37, generator=torch.Generator().manual_seed(rows)) * 3).to(dtype)
+    weight[0, 5] = 0  # a row's zero stays zero
+    w = weight.float()
+    scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    expected = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    monkeypatch.setattr(decode, "QUANTIZE_BLOCK_BYTES", 4 * 37 * 4)  # 4 rows a block
+    q, got_scales = decode.quantize_int8(weight, scale_dtype=dtype)
+    assert q.dtype == torch.int8 and q.shape == weight.shape
+    assert torch.equal(q, expected)
+    assert torch.equal(got_scales, scales.to(dtype))
+    assert int(q.abs().max()) == 127  # every row's largest weight maps to +-127
