@@ -94,6 +94,16 @@ def _parser() -> argparse.ArgumentParser:
         help="model directory, config.json, GGUF file, or profile JSON (`llmpipe profile`)",
     )
     _dtype_option(plan)
+    plan.add_argument(
+        "--draft-model",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="spec.model.draft: a draft model (directory, config.json, GGUF file or profile "
+        "JSON) that stage 0 holds whole beside its layers; its weights at --dtype (else 2 "
+        "bytes a parameter, as stage 0 runs it) and its KV cache for --max-sequences x "
+        "--max-context go into stage 0's memory",
+    )
     defaults = planner.Workload()
     plan.add_argument("--objective", choices=cost.OBJECTIVES, default=defaults.objective)
     plan.add_argument(
@@ -213,6 +223,8 @@ def run_plan(args: argparse.Namespace, out: TextIO) -> int:
         device=args.device,
         dtype=profiles.normalize_dtype(args.dtype) if args.dtype else devices.DTYPE_AUTO,
     )
+    draft = _load_draft(args.draft_model, dtype=args.dtype) if args.draft_model else None
+    workload = planner.with_draft(workload, draft)
     placement = planner.Placement(
         first_stage=args.first_stage, last_stage=args.last_stage, max_stages=args.max_stages
     )
@@ -224,6 +236,17 @@ def run_plan(args: argparse.Namespace, out: TextIO) -> int:
     else:
         _dump(plan.to_dict(), args.output, out)
     return EXIT_OK
+
+
+def _load_draft(path: Path, *, dtype: str | None) -> profiles.ModelProfile:
+    """--draft-model's profile at the dtype stage 0 loads it in: --dtype, else auto's 2
+    bytes a parameter (a profile JSON as it is written)."""
+    try:
+        fixed = path.suffix == ".json" and "layerBytes" in modelfiles.read_json(path)
+    except modelfiles.ModelFileError as error:
+        raise BadInput(f"--draft-model {error}") from error
+    # auto's dtype on a CPU: 2 bytes a parameter, as is every dtype auto picks
+    return _load_profile(path, dtype=None if fixed else dtype or devices.CPU_AUTO_DTYPE)
 
 
 def load_cluster(path: Path) -> inventory.Inventory:
@@ -297,7 +320,13 @@ def render_table(
     for stage in plan.stages:
         node = cluster.node(stage.node)
         holds = "+".join(
-            part for part, has in (("embed", stage.has_embedding), ("head", stage.has_head)) if has
+            part
+            for part, has in (
+                ("embed", stage.has_embedding),
+                ("draft", stage.draft_memory_bytes > 0),
+                ("head", stage.has_head),
+            )
+            if has
         )
         mark = "<- bottleneck" if stage.index == plan.bottleneck_stage else ""
         rows.append(
@@ -332,6 +361,7 @@ def render_table(
         f"{plan.bottleneck_seconds * 1e3:.2f} ms per round)",
         f"token latency: {plan.token_latency_seconds * 1e3:.2f} ms",
         _first_token_note(plan, workload),
+        *_draft_note(plan),
         _search_note(plan, cluster, profile=profile, workload=workload),
     ]
     return "\n".join([title, "", *lines, "", *summary]) + "\n"
@@ -346,6 +376,14 @@ def _first_token_note(plan: planner.Plan, workload: planner.Workload) -> str:
         f"{plan.chunked_time_to_first_token_seconds * 1e3:.1f} ms with prefill chunks of "
         f"{plan.prefill_chunk_tokens} tokens ({whole} in one step)"
     )
+
+
+def _draft_note(plan: planner.Plan) -> list[str]:
+    """Stage 0's draft model's share of its memory (none without --draft-model)."""
+    draft = plan.stages[0].draft_memory_bytes
+    if not draft:
+        return []
+    return [f"draft model on stage 0: {cost.human_bytes(draft)} of its memory (weights + KV cache)"]
 
 
 def _search_note(

@@ -1,6 +1,7 @@
 """`llmpipe profile` and `llmpipe plan`: outputs (table, the JSON of docs/design.md, YAML), the
 three ways to name a model (directory, config.json, profile JSON), flags reaching the
-planner, and exit codes 0 / 2 (bad input, message names the problem) / 3 (infeasible)."""
+planner, a draft model's memory on stage 0, and exit codes 0 / 2 (bad input, message names
+the problem) / 3 (infeasible)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import pytest
 import yaml
 
 from llmpipe_cli import main as cli
+from llmpipe_cli import modelfiles
 from llmpipe_cli import plan as plan_cli
-from llmpipe_operator.planning import planner
+from llmpipe_operator.planning import cost, planner, profiles
 
 ROOT = Path(__file__).parents[3]
 CLUSTERS = ROOT / "examples" / "clusters"
@@ -351,3 +353,51 @@ def test_live_cluster_flags_say_what_is_wrong(
     assert code == 2 and str(missing) in err
     code, _, err = run(capsys, "plan", "--model", LLAMA2)
     assert code == 2 and "--cluster" in err and "--kubeconfig" in err
+
+
+TINYLLAMA = str(MODELS / "TinyLlama-1.1B" / "config.json")
+"""Llama-2's tokenizer and vocabulary: a draft model for it."""
+
+
+def test_a_draft_model_is_planned_into_stage_0s_memory_and_shown(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ("--cluster", JETSON, "--model", LLAMA2, "--draft-model", TINYLLAMA)
+    data = json.loads(plan_json(capsys, *argv))
+    config = json.loads(Path(TINYLLAMA).read_text())
+    draft = profiles.from_config(config, dtype="bfloat16")  # stage 0's 2 bytes under auto
+    workload = planner.Workload()  # the CLI's defaults: 4 sequences of 2,048 tokens
+    expected = draft.total_weight_bytes + (
+        workload.kv_tokens * draft.kv_bytes_per_token_per_layer * draft.num_layers
+    )
+    first, *rest = data["stages"]
+    assert first["draftMemoryBytes"] == expected
+    assert all("draftMemoryBytes" not in s for s in rest)
+    model = modelfiles.load_profile(Path(LLAMA2))
+    assert first["memoryBytes"] == (
+        cost.memory_bytes(model, workload, 0, first["layerEnd"]) + expected
+    )
+    code, out, err = run(capsys, "plan", *argv)
+    assert code == 0, err
+    row = next(line for line in out.splitlines() if line.startswith("0 "))
+    assert "embed+draft" in row
+    assert f"draft model on stage 0: {cost.human_bytes(expected)} of its memory" in out
+
+
+def test_a_draft_model_too_large_for_stage_0_is_named(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    small = {
+        "nodes": [
+            {"name": f"pi-{i}", "tier": "edge", "memory": "3Gi", "tflops": 0.1,
+             "memoryBandwidthGBps": 4, "uplinkMbps": 100}
+            for i in range(4)
+        ]
+    }  # fmt: skip
+    cluster = tmp_path / "pis.yaml"
+    cluster.write_text(yaml.safe_dump(small))
+    code, out, err = run(
+        capsys, "plan", "--cluster", str(cluster), "--model", TINYLLAMA, "--draft-model", LLAMA2
+    )
+    assert (code, out) == (plan_cli.EXIT_INFEASIBLE, "")
+    assert "for stage 0's draft model (weights + KV cache)" in err
