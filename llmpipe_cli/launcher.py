@@ -300,6 +300,11 @@ def plan_for_cluster(args: argparse.Namespace, model_config: dict[str, Any]) -> 
     workload = planner.Workload(
         max_sequences=args.max_sequences, max_context_tokens=args.max_context
     )
+    draft_dir: Path | None = getattr(args, "draft_model_dir", None)
+    if draft_dir is not None:  # stage 0 holds the draft model whole, at its dtype
+        draft_config = json.loads((draft_dir / "config.json").read_text())
+        draft = profiles.from_config(draft_config, dtype=args.dtype)
+        workload = planner.with_draft(workload, draft)
     try:
         plan = planner.plan_pipeline(profile, inventory.parse_cluster(cluster), workload=workload)
     except (planner.PlanInfeasible, inventory.InventoryError) as error:

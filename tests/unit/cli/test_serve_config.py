@@ -50,3 +50,24 @@ def test_draft_speculation_needs_a_draft_model_and_only_stage_0_gets_it(
     ]
     assert commands[0][commands[0].index("--draft-model-dir") + 1] == str(tmp_path.resolve())
     assert "--draft-model-dir" not in commands[1]
+
+
+def test_planning_over_a_cluster_puts_the_draft_model_on_stage_0(tmp_path: Path) -> None:
+    from llmpipe_operator.planning import cost, profiles
+    from tests.support.models import TINY_DRAFT_CONFIG, TINY_LLAMA_CONFIG
+
+    draft_dir = tmp_path / "draft"
+    draft_dir.mkdir()
+    (draft_dir / "config.json").write_text(json.dumps(TINY_DRAFT_CONFIG))
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text(
+        json.dumps({"nodes": [{"name": "a", "tier": "edge", "memory": "4Gi", "tflops": 1.0,
+                               "memoryBandwidthGBps": 50, "uplinkMbps": 1000}]})
+    )  # fmt: skip
+    flags = ["--cluster", str(cluster), "--speculate", "draft", "--draft-model", str(draft_dir)]
+    args = launcher.parse_args(flags)
+    args.draft_model_dir = launcher.resolve_draft_model(args)
+    plan = launcher.plan_for_cluster(args, dict(TINY_LLAMA_CONFIG))
+    draft = profiles.from_config(TINY_DRAFT_CONFIG, dtype=args.dtype)
+    workload = cost.Workload(max_sequences=args.max_sequences, max_context_tokens=args.max_context)
+    assert plan["stages"][0]["draftMemoryBytes"] == cost.draft_bytes(draft, workload)
