@@ -79,6 +79,9 @@ class Options:
     """Completions' `logprobs: 0`: the chosen tokens' log-probabilities (llmpipe_stage.scoring)."""
     echo: bool = False
     """Completions' `echo`: the prompt in front of the text (scored too with logprobs)."""
+    top_logprobs: int = 0
+    """The most likely tokens to list at each scored position (completions' `logprobs: N`,
+    chat's `top_logprobs`)."""
     n: int = 1
     """Choices to generate for the prompt, each its own sequence (and seed + index)."""
 
@@ -401,7 +404,9 @@ def parse_completion(
         asked = scoring.parse_scoring(body, chat=chat, stream=options.stream)
     except scoring.ScoringError as error:
         raise RequestError(str(error), param=error.param) from None
-    options = dataclasses.replace(options, logprobs=asked.logprobs, echo=asked.echo)
+    options = dataclasses.replace(
+        options, logprobs=asked.logprobs, echo=asked.echo, top_logprobs=asked.top
+    )
     if chat:
         return CompletionRequest(
             chat=True, options=options, messages=_messages(body, max_chars=max_prompt_chars)

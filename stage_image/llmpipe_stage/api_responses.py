@@ -99,6 +99,24 @@ def token_texts(decode: Decode, ids: list[int], *, window: int = 4) -> list[str]
     return texts
 
 
+def alternative_texts(
+    decode: Decode, ids: list[int], index: int, alternatives: list[int], *, window: int = 4
+) -> list[str]:
+    """The share of each alternative token at position `index` of `ids`, as `token_texts`
+    finds the chosen token's: what it would add after the `window` tokens before it."""
+    start = max(0, index - window)
+    context = ids[start:index]
+    before = decode(context) if context else ""
+    out = []
+    for token in alternatives:
+        after = decode([*context, token])
+        settled = before.removesuffix("\ufffd")
+        if not after.startswith(settled):
+            settled = before
+        out.append(after[len(settled) :].removesuffix("\ufffd"))
+    return out
+
+
 def model_list(model_name: str, created: int) -> dict[str, Any]:
     """`/v1/models`: the one model this pipeline serves."""
     model = {"id": model_name, "object": "model", "created": created, "owned_by": "llmpipe"}

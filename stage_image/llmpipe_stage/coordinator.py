@@ -395,8 +395,12 @@ class Coordinator:
         if sequence.scores is not None:
             if sampled.logprobs is not None:
                 sequence.scores.tokens.append(sampled.logprobs[row])
+            if sampled.alternatives is not None:
+                sequence.scores.alternatives.append(sampled.alternatives[row])
             if sid in sampled.prompt_logprobs:
                 sequence.scores.prompt = sampled.prompt_logprobs[sid]
+            if sid in sampled.prompt_alternatives:
+                sequence.scores.prompt_alternatives = sampled.prompt_alternatives[sid]
         if not sequence.generated:
             self.metrics.ttft.observe(now - sequence.created)
         if sequence.paused_since is not None:

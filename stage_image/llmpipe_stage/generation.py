@@ -30,6 +30,8 @@ class SamplingParams:
     """Return each sampled token's log-probability."""
     prompt_logprobs: bool = False
     """Score the prompt too (echo): its tokens travel to the last stage with the first step."""
+    top_logprobs: int = 0
+    """With logprobs: also the most likely tokens at each scored position (0-20)."""
 
     def to_message(self, prompt: list[int]) -> stage_pb2.Sampling:
         return stage_pb2.Sampling(
@@ -39,6 +41,7 @@ class SamplingParams:
             seed=self.seed or 0,
             logprobs=self.logprobs,
             prompt_token_ids=prompt[1:] if self.prompt_logprobs else [],
+            top_logprobs=self.top_logprobs if self.logprobs else 0,
         )
 
 
@@ -50,3 +53,8 @@ class Scores:
     """log P(prompt[i] | prompt[:i]) for i >= 1, once the first token is back."""
     tokens: list[float] = field(default_factory=list)
     """Of each generated token."""
+    alternatives: list[list[tuple[int, float]]] = field(default_factory=list)
+    """With top_logprobs: the most likely (token, log-probability) at each generated
+    position, most likely first."""
+    prompt_alternatives: list[list[tuple[int, float]]] | None = None
+    """With top_logprobs and echo: the same at prompt positions 1..n-1."""

@@ -212,6 +212,8 @@ class Sampler:
     """Report each sampled token's log-probability."""
     prompt_targets: tuple[int, ...] = ()
     """Prompt tokens 1..n-1 to score on the first step (echo with logprobs)."""
+    top: int = 0
+    """With logprobs: the most likely tokens to report at each scored position (0-20)."""
 
     @classmethod
     def from_message(cls, message: stage_pb2.Sampling | None) -> Sampler:
@@ -230,6 +232,7 @@ class Sampler:
             generator=generator,
             logprobs=message.logprobs,
             prompt_targets=tuple(message.prompt_token_ids),
+            top=min(MAX_TOP_LOGPROBS, message.top_logprobs) if message.logprobs else 0,
         )
 
     def pick(self, logits: torch.Tensor) -> int:
@@ -242,6 +245,24 @@ class Sampler:
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """logits: [vocab] -> the distribution [vocab] this sampler draws from (temperature > 0)."""
         return sampling.probabilities(logits, temperature=self.temperature, top_p=self.top_p)
+
+
+MAX_TOP_LOGPROBS = 20
+"""The most alternatives a position reports (OpenAI's bound on chat's top_logprobs)."""
+
+
+def top_alternatives(log_probs: torch.Tensor, count: int) -> list[wire.Alternatives]:
+    """log_probs [rows, vocab] -> each row's `count` most likely (token, log-probability),
+    most likely first; ties go to the lower token id (torch.topk's order is not stable)."""
+    if count <= 0:
+        return [[] for _ in range(log_probs.shape[0])]
+    count = min(count, log_probs.shape[-1])
+    values, ids = torch.topk(log_probs, count, dim=-1, sorted=True)
+    out = []
+    for row_values, row_ids in zip(values.tolist(), ids.tolist(), strict=True):
+        pairs = sorted(zip(row_ids, row_values, strict=True), key=lambda p: (-p[1], p[0]))
+        out.append([(int(token), float(score)) for token, score in pairs])
+    return out
 
 
 PROMPT_SCORE_CHUNK = 256
@@ -487,24 +508,33 @@ class StageRuntime:
         plain = [i for i, step in enumerate(steps) if not step.draft]
         sampled = self._sample_plain([steps[i] for i in plain], [ends[i] for i in plain], hidden)
         by_step: dict[int, tuple[list[int], list[float]]] = {}
+        top_by_step: dict[int, list[wire.Alternatives]] = {}
         for row, i in enumerate(plain):
             score = sampled.logprobs[row] if sampled.logprobs is not None else math.nan
             by_step[i] = ([sampled.tokens[row]], [score])
+            if sampled.alternatives is not None:
+                top_by_step[i] = [sampled.alternatives[row]]
         with torch.inference_mode():
             for i, step in enumerate(steps):
                 if step.draft:
                     rows = hidden[ends[i] + 1 - step.length : ends[i] + 1]
                     tokens = self._verify(step, rows)
                     by_step[i] = (tokens, [math.nan] * len(tokens))
+                    top_by_step[i] = [[] for _ in tokens]
         ordered = [by_step[i] for i in range(len(steps))]
         logprobs = None
         if sampled.logprobs is not None:
             logprobs = [score for _, scores in ordered for score in scores]
+        alternatives = None
+        if sampled.alternatives is not None:
+            alternatives = [top for i in range(len(steps)) for top in top_by_step[i]]
         return Sampled(
             [token for tokens, _ in ordered for token in tokens],
             logprobs,
             sampled.prompt_logprobs,
             [len(tokens) for tokens, _ in ordered],
+            alternatives=alternatives,
+            prompt_alternatives=sampled.prompt_alternatives,
         )
 
     def _verify(self, step: Step, hidden: torch.Tensor) -> list[int]:
@@ -541,33 +571,51 @@ class StageRuntime:
             logits = self._logits(hidden[ends])  # [batch, vocab]
             tokens = [sampler.pick(logits[row]) for row, sampler in enumerate(samplers)]
             logprobs = None
+            alternatives = None
             if any(s.logprobs for s in samplers):
                 norms = torch.logsumexp(logits, dim=-1)  # [batch]
                 logprobs = [
                     float(logits[row, token] - norms[row]) if s.logprobs else math.nan
                     for row, (s, token) in enumerate(zip(samplers, tokens, strict=True))
                 ]
-            prompts = {
-                step.sequence_id: self._score_prompt(
-                    hidden[end + 1 - step.length : end], sampler.prompt_targets
-                )
-                for step, end, sampler in zip(steps, ends, samplers, strict=True)
-                if sampler.prompt_targets and step.position == 0
-            }
-        return Sampled(tokens, logprobs, prompts)
+                if any(s.top for s in samplers):
+                    alternatives = [
+                        top_alternatives((logits[row] - norms[row])[None], s.top)[0]
+                        for row, s in enumerate(samplers)
+                    ]
+            prompts: dict[int, list[float]] = {}
+            prompt_tops: dict[int, list[wire.Alternatives]] = {}
+            for step, end, sampler in zip(steps, ends, samplers, strict=True):
+                if sampler.prompt_targets and step.position == 0:
+                    scores, tops = self._score_prompt(
+                        hidden[end + 1 - step.length : end], sampler.prompt_targets, sampler.top
+                    )
+                    prompts[step.sequence_id] = scores
+                    if sampler.top:
+                        prompt_tops[step.sequence_id] = tops
+        return Sampled(
+            tokens, logprobs, prompts, alternatives=alternatives, prompt_alternatives=prompt_tops
+        )
 
-    def _score_prompt(self, hidden: torch.Tensor, targets: tuple[int, ...]) -> list[float]:
+    def _score_prompt(
+        self, hidden: torch.Tensor, targets: tuple[int, ...], top: int = 0
+    ) -> tuple[list[float], list[wire.Alternatives]]:
         """log P(target[i] | prefix) from the prompt's hidden states [n - 1, hidden_size],
-        in chunks so a long prompt never holds [n, vocab] logits at once."""
+        and with `top` each position's most likely tokens, in chunks so a long prompt never
+        holds [n, vocab] logits at once."""
         if hidden.shape[0] != len(targets):
             raise StepError(f"{len(targets)} prompt targets for {hidden.shape[0]} positions")
         target = torch.tensor(targets, dtype=torch.long)
         out: list[float] = []
+        tops: list[wire.Alternatives] = []
         for start in range(0, len(targets), PROMPT_SCORE_CHUNK):
             logits = self._logits(hidden[start : start + PROMPT_SCORE_CHUNK])
-            chosen = logits.gather(1, target[start : start + PROMPT_SCORE_CHUNK, None])[:, 0]
-            out.extend((chosen - torch.logsumexp(logits, dim=-1)).tolist())
-        return out
+            log_probs = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
+            chosen = log_probs.gather(1, target[start : start + PROMPT_SCORE_CHUNK, None])[:, 0]
+            out.extend(chosen.tolist())
+            if top:
+                tops.extend(top_alternatives(log_probs, top))
+        return out, tops
 
     # -- cache lifetime --------------------------------------------------------------------
     def release(self, sequence_ids: list[int]) -> list[int]:

@@ -70,6 +70,10 @@ def context_overflow(step: Step, context_limit: int) -> str | None:
     return f"sequence {step.sequence_id}: {end} tokens exceed the context limit of {context_limit}"
 
 
+Alternatives = list[tuple[int, float]]
+"""The most likely tokens at one position, (token id, log-probability), most likely first."""
+
+
 @dataclass
 class Sampled:
     """What the last stage returns for a micro-batch (the `Tokens` message, unpacked)."""
@@ -85,6 +89,11 @@ class Sampled:
     chunks: list[tuple[int, int]] = field(default_factory=list)
     """(sequence id, length) of each partial prompt chunk the last stage ran in this
     micro-batch: no token comes back for them, only this acknowledgement."""
+    alternatives: list[Alternatives] | None = None
+    """Parallel to tokens when any sequence asked for top_logprobs (empty for the others)."""
+    prompt_alternatives: dict[int, list[Alternatives]] = field(default_factory=dict)
+    """sequence id -> the top tokens at each scored prompt position (parallel to its
+    prompt_logprobs), for first steps that asked."""
 
     def per_sequence(self) -> list[list[int]]:
         """Each sequence's tokens, in order."""
@@ -107,8 +116,28 @@ def encode_tokens(sequence_ids: list[int], sampled: Sampled) -> stage_pb2.Tokens
         chunk_lengths=[length for _, length in sampled.chunks],
     )
     for sid, scores in sampled.prompt_logprobs.items():
-        message.prompt_logprobs.add(sequence_id=sid, logprobs=scores)
+        entry = message.prompt_logprobs.add(sequence_id=sid, logprobs=scores)
+        for top in sampled.prompt_alternatives.get(sid, []):
+            _add_alternatives(entry.alternatives, top)
+    for top in sampled.alternatives or []:
+        _add_alternatives(message.alternatives, top)
     return message
+
+
+def _add_alternatives(field: Any, top: Alternatives) -> None:
+    field.add(token_ids=[token for token, _ in top], logprobs=[score for _, score in top])
+
+
+def _alternatives(entries: Any) -> list[Alternatives]:
+    out = []
+    for entry in entries:
+        if len(entry.token_ids) != len(entry.logprobs):
+            raise WireError(
+                f"alternatives of {len(entry.token_ids)} tokens but {len(entry.logprobs)} "
+                "log-probabilities"
+            )
+        out.append(list(zip(entry.token_ids, entry.logprobs, strict=True)))
+    return out
 
 
 def decode_tokens(message: stage_pb2.Tokens) -> tuple[list[int], Sampled]:
@@ -129,10 +158,32 @@ def decode_tokens(message: stage_pb2.Tokens) -> tuple[list[int], Sampled]:
             f"{len(message.chunk_sequence_ids)} chunk sequence ids but "
             f"{len(message.chunk_lengths)} chunk lengths"
         )
+    if message.alternatives and len(message.alternatives) != len(message.token_ids):
+        raise WireError(
+            f"{len(message.token_ids)} tokens but {len(message.alternatives)} alternatives"
+        )
     prompts = {p.sequence_id: list(p.logprobs) for p in message.prompt_logprobs}
+    prompt_alternatives = {}
+    for p in message.prompt_logprobs:
+        if p.alternatives:
+            if len(p.alternatives) != len(p.logprobs):
+                raise WireError(
+                    f"sequence {p.sequence_id}: {len(p.logprobs)} prompt scores but "
+                    f"{len(p.alternatives)} alternatives"
+                )
+            prompt_alternatives[p.sequence_id] = _alternatives(p.alternatives)
     logprobs = list(message.logprobs) if message.logprobs else None
+    alternatives = _alternatives(message.alternatives) if message.alternatives else None
     chunks = list(zip(message.chunk_sequence_ids, message.chunk_lengths, strict=True))
-    return ids, Sampled(list(message.token_ids), logprobs, prompts, counts, chunks)
+    return ids, Sampled(
+        list(message.token_ids),
+        logprobs,
+        prompts,
+        counts,
+        chunks,
+        alternatives=alternatives,
+        prompt_alternatives=prompt_alternatives,
+    )
 
 
 def encode_tensor(tensor: torch.Tensor) -> stage_pb2.Tensor:

@@ -1,6 +1,7 @@
 """The OpenAI-compatible API of stage 0, driven by the `openai` package: models, completions,
 chat completions, streaming (SSE), max_tokens, temperature/top_p/seed, stop strings, `n`
-choices (whole and streamed), chat logprobs; and /healthz, /readyz, /metrics on every
+choices (whole and streamed), logprobs with their alternatives (chat's top_logprobs,
+completions' logprobs N with echo); and /healthz, /readyz, /metrics on every
 stage. A 2-stage Llama pipeline in real processes."""
 
 from __future__ import annotations
@@ -230,6 +231,92 @@ def test_chat_logprobs_score_the_generated_tokens(
     logprobs = torch.log_softmax(logits.float(), dim=-1)[len(prompt) - 1 : -1]
     expected = logprobs.gather(1, torch.tensor(generated)[:, None])[:, 0].tolist()
     assert [t.logprob for t in scored] == pytest.approx(expected, abs=1e-3)
+
+
+def reference_log_probs(model_dir: Path, ids: list[int]):
+    """log-softmax of a single-process float32 forward over `ids`: [len(ids), vocab]."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def test_chat_top_logprobs_are_the_models_most_likely_tokens(
+    client: openai.OpenAI, tokenizer, model_dirs: dict[str, Path]
+) -> None:
+    import torch
+
+    messages = [{"role": "user", "content": "a song of the sea"}]
+    reply = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=6, temperature=0, logprobs=True,
+        top_logprobs=5,
+    )  # fmt: skip
+    scored = reply.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert scored is not None and len(scored) == 6
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    prompt = tokenizer.encode(text, add_special_tokens=False)
+    generated = pipelines.reference_tokens(model_dirs["llama-gqa"], [prompt], [6])[0]
+    log_probs = reference_log_probs(model_dirs["llama-gqa"], prompt + generated)
+    for position, token in enumerate(scored):
+        expected = torch.topk(log_probs[len(prompt) - 1 + position], 5)
+        assert len(token.top_logprobs) == 5
+        got = [alternative.logprob for alternative in token.top_logprobs]
+        assert got == sorted(got, reverse=True)
+        assert got == pytest.approx(expected.values.tolist(), abs=1e-3)
+        # greedy: the chosen token is the likeliest, with the same text and score
+        assert token.top_logprobs[0].token == token.token
+        assert token.top_logprobs[0].logprob == token.logprob
+        assert all(bytes(a.bytes or []) == a.token.encode() for a in token.top_logprobs)
+
+
+def test_completion_logprobs_n_lists_alternatives_for_the_echoed_prompt_too(
+    client: openai.OpenAI, tokenizer, model_dirs: dict[str, Path]
+) -> None:
+    import torch
+
+    prompt = "the wind over the water"
+    reply = client.completions.create(
+        model="tiny", prompt=prompt, max_tokens=4, temperature=0, logprobs=3, echo=True
+    )
+    scored = reply.choices[0].logprobs
+    assert scored is not None and scored.top_logprobs is not None and scored.tokens is not None
+    prompt_ids = tokenizer.encode(prompt)
+    generated = pipelines.reference_tokens(model_dirs["llama-gqa"], [prompt_ids], [4])[0]
+    ids = prompt_ids + generated
+    assert len(scored.top_logprobs) == len(ids) and scored.top_logprobs[0] is None
+    log_probs = reference_log_probs(model_dirs["llama-gqa"], ids)
+    for position in range(1, len(ids)):
+        top = scored.top_logprobs[position]
+        chosen_text, chosen = scored.tokens[position], scored.token_logprobs[position]
+        row = log_probs[position - 1]
+        expected = torch.topk(row, 3).values.tolist()
+        # the three likeliest, and the chosen token besides when it is not among them
+        # (two tokens of one text show once)
+        assert 1 <= len(top) <= 4 and top[chosen_text] == chosen
+        assert chosen == pytest.approx(float(row[ids[position]]), abs=1e-3)
+        likeliest = sorted(top.values(), reverse=True)[:3]
+        assert likeliest[0] == pytest.approx(expected[0], abs=1e-3)
+        assert all(v >= expected[2] - 1e-3 or v == chosen for v in top.values())
+
+
+def test_streamed_top_logprobs_are_the_whole_reply_s(client: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": "the fields at noon"}]
+    asked = dict(
+        model="tiny", messages=messages, max_tokens=8, temperature=0, logprobs=True,
+        top_logprobs=3,
+    )  # fmt: skip
+    whole = client.chat.completions.create(**asked).choices[0].logprobs.content  # type: ignore[union-attr]
+    streamed = []
+    for chunk in client.chat.completions.create(**asked, stream=True):
+        for choice in chunk.choices:
+            if choice.logprobs is not None and choice.logprobs.content:
+                streamed.extend(choice.logprobs.content)
+    shown = [[(a.token, a.logprob) for a in t.top_logprobs] for t in streamed]
+    assert shown == [[(a.token, a.logprob) for a in t.top_logprobs] for t in whole or []]
+    assert all(len(t) == 3 for t in shown)
 
 
 def test_streamed_logprobs_are_the_whole_reply_s(client: openai.OpenAI) -> None:

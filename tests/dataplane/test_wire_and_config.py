@@ -108,6 +108,34 @@ def test_the_last_stages_chunk_acknowledgements_round_trip_and_are_checked() -> 
         wire.decode_tokens(broken)
 
 
+def test_alternatives_round_trip_and_are_checked() -> None:
+    sampled = wire.Sampled(
+        [7, 9],
+        logprobs=[-0.5, float("nan")],
+        prompt_logprobs={4: [-1.25, -2.0]},
+        alternatives=[[(7, -0.5), (3, -1.75)], []],  # the second sequence asked for none
+        prompt_alternatives={4: [[(1, -0.25)], [(2, -2.0)]]},
+    )
+    ids, back = wire.decode_tokens(wire.encode_tokens([4, 6], sampled))
+    assert ids == [4, 6]
+    assert back.alternatives == [[(7, -0.5), (3, -1.75)], []]
+    assert back.prompt_alternatives == {4: [[(1, -0.25)], [(2, -2.0)]]}
+    none = wire.decode_tokens(wire.encode_tokens([4], wire.Sampled([7], logprobs=[-0.5])))[1]
+    assert none.alternatives is None and none.prompt_alternatives == {}
+    short = stage_pb2.Tokens(sequence_ids=[4, 6], token_ids=[7, 9])
+    short.alternatives.add(token_ids=[7], logprobs=[-0.5])
+    with pytest.raises(wire.WireError, match="2 tokens but 1 alternatives"):
+        wire.decode_tokens(short)
+    uneven = stage_pb2.Tokens(sequence_ids=[4], token_ids=[7])
+    uneven.alternatives.add(token_ids=[7, 3], logprobs=[-0.5])
+    with pytest.raises(wire.WireError, match="alternatives of 2 tokens but 1"):
+        wire.decode_tokens(uneven)
+    prompt = stage_pb2.Tokens(sequence_ids=[4], token_ids=[7])
+    prompt.prompt_logprobs.add(sequence_id=4, logprobs=[-1.0, -2.0]).alternatives.add()
+    with pytest.raises(wire.WireError, match="2 prompt scores but 1 alternatives"):
+        wire.decode_tokens(prompt)
+
+
 def test_token_throttling_admits_chunks_within_the_room_and_one_when_idle() -> None:
     assert prefill.in_flight_limit(None, chunk=16, num_stages=3) == 96  # two per stage
     assert prefill.in_flight_limit(40, chunk=16, num_stages=3) == 40

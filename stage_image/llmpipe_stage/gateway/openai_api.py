@@ -111,6 +111,7 @@ def sampling_params(generation: api_requests.Generation, *, index: int = 0) -> S
         logprobs=options.logprobs,
         # echo with logprobs: the last stage scores the prompt too
         prompt_logprobs=options.logprobs and options.echo,
+        top_logprobs=options.top_logprobs,
     )
 
 
@@ -337,7 +338,9 @@ class OpenAIRoutes:
         options = generation.options
         n = options.n
         scored = [
-            StreamScores(serving.tokenizer, chat=chat) if options.logprobs else None
+            StreamScores(serving.tokenizer, chat=chat, top=options.top_logprobs)
+            if options.logprobs
+            else None
             for _ in range(n)
         ]
         generated = [0] * n
@@ -380,9 +383,10 @@ class StreamScores:
     that arrived since the last one (a chunk's text may lag its tokens while a possible
     stop string is held back; the tokens' texts, joined, are still the choice's text)."""
 
-    def __init__(self, tokenizer: Any, *, chat: bool) -> None:
+    def __init__(self, tokenizer: Any, *, chat: bool, top: int = 0) -> None:
         self.scores = Scores()
         self.chat = chat
+        self.top = top
         self.shown = 0
         """Tokens whose scores were sent."""
         self.offset = 0
@@ -397,11 +401,21 @@ class StreamScores:
         shares = api_responses.token_texts(self.decode, ids[context:], window=TOKEN_WINDOW)
         shares = shares[self.shown - context :]
         token_scores = self.scores.tokens[self.shown : len(ids)]
+        tops = None
+        if self.top:
+            tops = shown_tops(
+                self.decode,
+                ids[context:],
+                range(self.shown - context, len(ids) - context),
+                self.scores.alternatives[self.shown : len(ids)],
+                chosen_scores=token_scores,
+                with_chosen=not self.chat,
+            )
         self.shown = len(ids)
         if self.chat:
-            return scoring.chat_logprobs_object(shares, token_scores=token_scores)
+            return scoring.chat_logprobs_object(shares, token_scores=token_scores, top=tops)
         scored = scoring.logprobs_object(
-            shares, prompt_scores=None, token_scores=token_scores, echo=False
+            shares, prompt_scores=None, token_scores=token_scores, echo=False, top=tops
         )
         scored["text_offset"] = [self.offset + at for at in scored["text_offset"]]
         self.offset += sum(len(share) for share in shares)
@@ -410,6 +424,29 @@ class StreamScores:
 
 TOKEN_WINDOW = 4
 """Tokens decoded before a token to find its text (a UTF-8 character spans at most 4)."""
+
+
+def shown_tops(
+    decode: api_responses.Decode,
+    ids: list[int],
+    positions: range,
+    alternatives: list[list[tuple[int, float]]],
+    *,
+    chosen_scores: list[float],
+    with_chosen: bool,
+) -> list[scoring.Top]:
+    """The alternatives at `positions` of `ids` as shown: each token's text (its share,
+    as `api_responses.token_texts` finds the chosen token's) and log-probability; with
+    `with_chosen` (completions) the chosen token is added when it is not among them."""
+    out: list[scoring.Top] = []
+    for position, top, chosen in zip(positions, alternatives, chosen_scores, strict=True):
+        tokens = [token for token, _ in top]
+        if with_chosen and ids[position] not in tokens:
+            top = [*top, (ids[position], chosen)]
+            tokens.append(ids[position])
+        texts = api_responses.alternative_texts(decode, ids, position, tokens, window=TOKEN_WINDOW)
+        out.append([(text, score) for text, (_, score) in zip(texts, top, strict=True)])
+    return out
 
 
 def choice_logprobs(
@@ -424,18 +461,51 @@ def choice_logprobs(
     """A choice's `logprobs` object. The last stage may have scored a token or two past a
     stop string before the generation was cancelled: only the tokens kept are shown."""
     token_scores = scores.tokens[: len(ids)]
-    shares = api_responses.token_texts(
-        lambda t: str(tokenizer.decode(t, skip_special_tokens=True)), ids, window=TOKEN_WINDOW
-    )
-    if chat:
-        return scoring.chat_logprobs_object(shares, token_scores=token_scores)
-    if echo:  # the body's text is decode(prompt) + decode(generated): so are the shares
-        prompt = api_responses.token_texts(
-            lambda t: str(tokenizer.decode(t)), generation.prompt_ids
+
+    def decode(t: list[int]) -> str:
+        return str(tokenizer.decode(t, skip_special_tokens=True))
+
+    shares = api_responses.token_texts(decode, ids, window=TOKEN_WINDOW)
+    top = generation.options.top_logprobs
+    tops: list[scoring.Top | None] | None = None
+    if top:
+        tops = list(
+            shown_tops(
+                decode,
+                ids,
+                range(len(ids)),
+                scores.alternatives[: len(ids)],
+                chosen_scores=token_scores,
+                with_chosen=not chat,
+            )
         )
+    if chat:
+        return scoring.chat_logprobs_object(
+            shares, token_scores=token_scores, top=None if tops is None else [t or () for t in tops]
+        )
+    if echo:  # the body's text is decode(prompt) + decode(generated): so are the shares
+        prompt_ids = generation.prompt_ids
+
+        def decode_prompt(t: list[int]) -> str:
+            return str(tokenizer.decode(t))
+
+        prompt = api_responses.token_texts(decode_prompt, prompt_ids)
         shares = [*prompt, *shares]
+        if tops is not None:
+            prompt_tops: list[scoring.Top | None] = [None]  # the first token has no score
+            prompt_tops.extend(
+                shown_tops(
+                    decode_prompt,
+                    prompt_ids,
+                    range(1, len(prompt_ids)),
+                    scores.prompt_alternatives or [],
+                    chosen_scores=scores.prompt or [],
+                    with_chosen=True,
+                )
+            )
+            tops = [*prompt_tops, *tops]
     return scoring.logprobs_object(
-        shares, prompt_scores=scores.prompt, token_scores=token_scores, echo=echo
+        shares, prompt_scores=scores.prompt, token_scores=token_scores, echo=echo, top=tops
     )
 
 

@@ -25,37 +25,39 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fllmpipe_stage/proto/stage.proto\x12\nllmpipe.v1\"G\n\x06Tensor\x12 \n\x05\x64type\x18\x01 \x01(\x0e\x32\x11.llmpipe.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"z\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\x10\n\x08has_seed\x18\x03 \x01(\x08\x12\x0c\n\x04seed\x18\x04 \x01(\x03\x12\x10\n\x08logprobs\x18\x05 \x01(\x08\x12\x18\n\x10prompt_token_ids\x18\x06 \x03(\x03\"\x9f\x01\n\x0cSequenceStep\x12\x13\n\x0bsequence_id\x18\x01 \x01(\x04\x12\x10\n\x08position\x18\x02 \x01(\r\x12\x0e\n\x06length\x18\x03 \x01(\r\x12&\n\x08sampling\x18\x04 \x01(\x0b\x32\x14.llmpipe.v1.Sampling\x12\x0f\n\x07partial\x18\x05 \x01(\x08\x12\r\n\x05\x64raft\x18\x06 \x03(\x03\x12\x10\n\x08rollback\x18\x07 \x01(\x08\"p\n\x0b\x41\x63tivations\x12\'\n\x05steps\x18\x01 \x03(\x0b\x32\x18.llmpipe.v1.SequenceStep\x12\"\n\x06hidden\x18\x02 \x01(\x0b\x32\x12.llmpipe.v1.Tensor\x12\x14\n\x0csent_unix_ns\x18\x03 \x01(\x03\"\xbb\x01\n\x06Tokens\x12\x14\n\x0csequence_ids\x18\x01 \x03(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x33\n\x0fprompt_logprobs\x18\x04 \x03(\x0b\x32\x1a.llmpipe.v1.PromptLogprobs\x12\x0e\n\x06\x63ounts\x18\x05 \x03(\r\x12\x1a\n\x12\x63hunk_sequence_ids\x18\x06 \x03(\x04\x12\x15\n\rchunk_lengths\x18\x07 \x03(\r\"7\n\x0ePromptLogprobs\x12\x13\n\x0bsequence_id\x18\x01 \x01(\x04\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"D\n\x07\x46\x61ilure\x12\x14\n\x0csequence_ids\x18\x01 \x03(\x04\x12\x13\n\x0bstage_index\x18\x02 \x01(\r\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x1f\n\x07Release\x12\x14\n\x0csequence_ids\x18\x01 \x03(\x04\"\x05\n\x03\x41\x63k\"\r\n\x0bInfoRequest\"\xd3\x01\n\tStageInfo\x12\x13\n\x0bstage_index\x18\x01 \x01(\r\x12\x12\n\nnum_stages\x18\x02 \x01(\r\x12\x13\n\x0blayer_start\x18\x03 \x01(\r\x12\x11\n\tlayer_end\x18\x04 \x01(\r\x12\r\n\x05ready\x18\x05 \x01(\x08\x12\x12\n\nmodel_name\x18\x06 \x01(\t\x12\x13\n\x0bhidden_size\x18\x07 \x01(\r\x12 \n\x05\x64type\x18\x08 \x01(\x0e\x32\x11.llmpipe.v1.DType\x12\x1b\n\x13\x63\x61\x63hed_sequence_ids\x18\t \x03(\x04*F\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x32\x91\x02\n\x05Stage\x12\x33\n\x07\x46orward\x12\x17.llmpipe.v1.Activations\x1a\x0f.llmpipe.v1.Ack\x12\x33\n\x0cReturnTokens\x12\x12.llmpipe.v1.Tokens\x1a\x0f.llmpipe.v1.Ack\x12,\n\x04\x46\x61il\x12\x13.llmpipe.v1.Failure\x1a\x0f.llmpipe.v1.Ack\x12\x38\n\x10ReleaseSequences\x12\x13.llmpipe.v1.Release\x1a\x0f.llmpipe.v1.Ack\x12\x36\n\x04Info\x12\x17.llmpipe.v1.InfoRequest\x1a\x15.llmpipe.v1.StageInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fllmpipe_stage/proto/stage.proto\x12\nllmpipe.v1\"G\n\x06Tensor\x12 \n\x05\x64type\x18\x01 \x01(\x0e\x32\x11.llmpipe.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x90\x01\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\x10\n\x08has_seed\x18\x03 \x01(\x08\x12\x0c\n\x04seed\x18\x04 \x01(\x03\x12\x10\n\x08logprobs\x18\x05 \x01(\x08\x12\x18\n\x10prompt_token_ids\x18\x06 \x03(\x03\x12\x14\n\x0ctop_logprobs\x18\x07 \x01(\r\"\x9f\x01\n\x0cSequenceStep\x12\x13\n\x0bsequence_id\x18\x01 \x01(\x04\x12\x10\n\x08position\x18\x02 \x01(\r\x12\x0e\n\x06length\x18\x03 \x01(\r\x12&\n\x08sampling\x18\x04 \x01(\x0b\x32\x14.llmpipe.v1.Sampling\x12\x0f\n\x07partial\x18\x05 \x01(\x08\x12\r\n\x05\x64raft\x18\x06 \x03(\x03\x12\x10\n\x08rollback\x18\x07 \x01(\x08\"p\n\x0b\x41\x63tivations\x12\'\n\x05steps\x18\x01 \x03(\x0b\x32\x18.llmpipe.v1.SequenceStep\x12\"\n\x06hidden\x18\x02 \x01(\x0b\x32\x12.llmpipe.v1.Tensor\x12\x14\n\x0csent_unix_ns\x18\x03 \x01(\x03\"\xeb\x01\n\x06Tokens\x12\x14\n\x0csequence_ids\x18\x01 \x03(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x33\n\x0fprompt_logprobs\x18\x04 \x03(\x0b\x32\x1a.llmpipe.v1.PromptLogprobs\x12\x0e\n\x06\x63ounts\x18\x05 \x03(\r\x12\x1a\n\x12\x63hunk_sequence_ids\x18\x06 \x03(\x04\x12\x15\n\rchunk_lengths\x18\x07 \x03(\r\x12.\n\x0c\x61lternatives\x18\x08 \x03(\x0b\x32\x18.llmpipe.v1.Alternatives\"3\n\x0c\x41lternatives\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"g\n\x0ePromptLogprobs\x12\x13\n\x0bsequence_id\x18\x01 \x01(\x04\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12.\n\x0c\x61lternatives\x18\x03 \x03(\x0b\x32\x18.llmpipe.v1.Alternatives\"D\n\x07\x46\x61ilure\x12\x14\n\x0csequence_ids\x18\x01 \x03(\x04\x12\x13\n\x0bstage_index\x18\x02 \x01(\r\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x1f\n\x07Release\x12\x14\n\x0csequence_ids\x18\x01 \x03(\x04\"\x05\n\x03\x41\x63k\"\r\n\x0bInfoRequest\"\xd3\x01\n\tStageInfo\x12\x13\n\x0bstage_index\x18\x01 \x01(\r\x12\x12\n\nnum_stages\x18\x02 \x01(\r\x12\x13\n\x0blayer_start\x18\x03 \x01(\r\x12\x11\n\tlayer_end\x18\x04 \x01(\r\x12\r\n\x05ready\x18\x05 \x01(\x08\x12\x12\n\nmodel_name\x18\x06 \x01(\t\x12\x13\n\x0bhidden_size\x18\x07 \x01(\r\x12 \n\x05\x64type\x18\x08 \x01(\x0e\x32\x11.llmpipe.v1.DType\x12\x1b\n\x13\x63\x61\x63hed_sequence_ids\x18\t \x03(\x04*F\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x32\x91\x02\n\x05Stage\x12\x33\n\x07\x46orward\x12\x17.llmpipe.v1.Activations\x1a\x0f.llmpipe.v1.Ack\x12\x33\n\x0cReturnTokens\x12\x12.llmpipe.v1.Tokens\x1a\x0f.llmpipe.v1.Ack\x12,\n\x04\x46\x61il\x12\x13.llmpipe.v1.Failure\x1a\x0f.llmpipe.v1.Ack\x12\x38\n\x10ReleaseSequences\x12\x13.llmpipe.v1.Release\x1a\x0f.llmpipe.v1.Ack\x12\x36\n\x04Info\x12\x17.llmpipe.v1.InfoRequest\x1a\x15.llmpipe.v1.StageInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llmpipe_stage.proto.stage_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1106
-  _globals['_DTYPE']._serialized_end=1176
+  _globals['_DTYPE']._serialized_start=1278
+  _globals['_DTYPE']._serialized_end=1348
   _globals['_TENSOR']._serialized_start=47
   _globals['_TENSOR']._serialized_end=118
-  _globals['_SAMPLING']._serialized_start=120
-  _globals['_SAMPLING']._serialized_end=242
-  _globals['_SEQUENCESTEP']._serialized_start=245
-  _globals['_SEQUENCESTEP']._serialized_end=404
-  _globals['_ACTIVATIONS']._serialized_start=406
-  _globals['_ACTIVATIONS']._serialized_end=518
-  _globals['_TOKENS']._serialized_start=521
-  _globals['_TOKENS']._serialized_end=708
-  _globals['_PROMPTLOGPROBS']._serialized_start=710
-  _globals['_PROMPTLOGPROBS']._serialized_end=765
-  _globals['_FAILURE']._serialized_start=767
-  _globals['_FAILURE']._serialized_end=835
-  _globals['_RELEASE']._serialized_start=837
-  _globals['_RELEASE']._serialized_end=868
-  _globals['_ACK']._serialized_start=870
-  _globals['_ACK']._serialized_end=875
-  _globals['_INFOREQUEST']._serialized_start=877
-  _globals['_INFOREQUEST']._serialized_end=890
-  _globals['_STAGEINFO']._serialized_start=893
-  _globals['_STAGEINFO']._serialized_end=1104
-  _globals['_STAGE']._serialized_start=1179
-  _globals['_STAGE']._serialized_end=1452
+  _globals['_SAMPLING']._serialized_start=121
+  _globals['_SAMPLING']._serialized_end=265
+  _globals['_SEQUENCESTEP']._serialized_start=268
+  _globals['_SEQUENCESTEP']._serialized_end=427
+  _globals['_ACTIVATIONS']._serialized_start=429
+  _globals['_ACTIVATIONS']._serialized_end=541
+  _globals['_TOKENS']._serialized_start=544
+  _globals['_TOKENS']._serialized_end=779
+  _globals['_ALTERNATIVES']._serialized_start=781
+  _globals['_ALTERNATIVES']._serialized_end=832
+  _globals['_PROMPTLOGPROBS']._serialized_start=834
+  _globals['_PROMPTLOGPROBS']._serialized_end=937
+  _globals['_FAILURE']._serialized_start=939
+  _globals['_FAILURE']._serialized_end=1007
+  _globals['_RELEASE']._serialized_start=1009
+  _globals['_RELEASE']._serialized_end=1040
+  _globals['_ACK']._serialized_start=1042
+  _globals['_ACK']._serialized_end=1047
+  _globals['_INFOREQUEST']._serialized_start=1049
+  _globals['_INFOREQUEST']._serialized_end=1062
+  _globals['_STAGEINFO']._serialized_start=1065
+  _globals['_STAGEINFO']._serialized_end=1276
+  _globals['_STAGE']._serialized_start=1351
+  _globals['_STAGE']._serialized_end=1624
 # @@protoc_insertion_point(module_scope)

@@ -30,20 +30,22 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Sampling(_message.Message):
-    __slots__ = ("temperature", "top_p", "has_seed", "seed", "logprobs", "prompt_token_ids")
+    __slots__ = ("temperature", "top_p", "has_seed", "seed", "logprobs", "prompt_token_ids", "top_logprobs")
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
     HAS_SEED_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     temperature: float
     top_p: float
     has_seed: bool
     seed: int
     logprobs: bool
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., has_seed: _Optional[bool] = ..., seed: _Optional[int] = ..., logprobs: _Optional[bool] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    top_logprobs: int
+    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., has_seed: _Optional[bool] = ..., seed: _Optional[int] = ..., logprobs: _Optional[bool] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[int] = ...) -> None: ...
 
 class SequenceStep(_message.Message):
     __slots__ = ("sequence_id", "position", "length", "sampling", "partial", "draft", "rollback")
@@ -74,7 +76,7 @@ class Activations(_message.Message):
     def __init__(self, steps: _Optional[_Iterable[_Union[SequenceStep, _Mapping]]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., sent_unix_ns: _Optional[int] = ...) -> None: ...
 
 class Tokens(_message.Message):
-    __slots__ = ("sequence_ids", "token_ids", "logprobs", "prompt_logprobs", "counts", "chunk_sequence_ids", "chunk_lengths")
+    __slots__ = ("sequence_ids", "token_ids", "logprobs", "prompt_logprobs", "counts", "chunk_sequence_ids", "chunk_lengths", "alternatives")
     SEQUENCE_IDS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +84,7 @@ class Tokens(_message.Message):
     COUNTS_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SEQUENCE_IDS_FIELD_NUMBER: _ClassVar[int]
     CHUNK_LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    ALTERNATIVES_FIELD_NUMBER: _ClassVar[int]
     sequence_ids: _containers.RepeatedScalarFieldContainer[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     logprobs: _containers.RepeatedScalarFieldContainer[float]
@@ -89,15 +92,26 @@ class Tokens(_message.Message):
     counts: _containers.RepeatedScalarFieldContainer[int]
     chunk_sequence_ids: _containers.RepeatedScalarFieldContainer[int]
     chunk_lengths: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, sequence_ids: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., prompt_logprobs: _Optional[_Iterable[_Union[PromptLogprobs, _Mapping]]] = ..., counts: _Optional[_Iterable[int]] = ..., chunk_sequence_ids: _Optional[_Iterable[int]] = ..., chunk_lengths: _Optional[_Iterable[int]] = ...) -> None: ...
+    alternatives: _containers.RepeatedCompositeFieldContainer[Alternatives]
+    def __init__(self, sequence_ids: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., prompt_logprobs: _Optional[_Iterable[_Union[PromptLogprobs, _Mapping]]] = ..., counts: _Optional[_Iterable[int]] = ..., chunk_sequence_ids: _Optional[_Iterable[int]] = ..., chunk_lengths: _Optional[_Iterable[int]] = ..., alternatives: _Optional[_Iterable[_Union[Alternatives, _Mapping]]] = ...) -> None: ...
+
+class Alternatives(_message.Message):
+    __slots__ = ("token_ids", "logprobs")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    logprobs: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class PromptLogprobs(_message.Message):
-    __slots__ = ("sequence_id", "logprobs")
+    __slots__ = ("sequence_id", "logprobs", "alternatives")
     SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    ALTERNATIVES_FIELD_NUMBER: _ClassVar[int]
     sequence_id: int
     logprobs: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, sequence_id: _Optional[int] = ..., logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
+    alternatives: _containers.RepeatedCompositeFieldContainer[Alternatives]
+    def __init__(self, sequence_id: _Optional[int] = ..., logprobs: _Optional[_Iterable[float]] = ..., alternatives: _Optional[_Iterable[_Union[Alternatives, _Mapping]]] = ...) -> None: ...
 
 class Failure(_message.Message):
     __slots__ = ("sequence_ids", "stage_index", "reason")
