@@ -95,6 +95,13 @@ def gguf_host_etc(spec: dict[str, Any]) -> None:
     spec["model"]["source"] = {"gguf": {"hostPath": "/etc/llmpipe/../shadow.gguf"}}
 
 
+def draft_host_etc(spec: dict[str, Any]) -> None:
+    """The draft model's host path (spec.model.draft) is held to the same rule."""
+    config = {**MODEL_CONFIG, "num_hidden_layers": 1}
+    spec["model"]["draft"] = {"source": {"hostPath": {"path": "/etc"}}, "config": config}
+    spec.setdefault("workload", {})["speculation"] = "draft"
+
+
 ATTACKS = {
     "foreign-image": (
         foreign_image,
@@ -108,6 +115,10 @@ ATTACKS = {
     "gguf-host-path": (
         gguf_host_etc,
         "[hostPathPrefixes] spec.model.source.gguf.hostPath /etc/llmpipe/../shadow.gguf is not",
+    ),
+    "draft-host-path": (
+        draft_host_etc,
+        "[hostPathPrefixes] spec.model.draft.source.hostPath.path /etc is not under an allowed",
     ),
 }
 attacks = pytest.mark.parametrize("attack", list(ATTACKS))
