@@ -11,6 +11,7 @@ the draft's term; the plan hash follows the draft model.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -184,3 +185,27 @@ def test_pipeline_json_stage_0s_memory_and_the_plan_hash_follow_the_draft() -> N
     other = a_spec().draft(hostPath={"path": "/var/lib/llmpipe/models/other"}).build()
     assert names.plan_hash(plan, other) != digest
     assert names.plan_hash(plan, a_spec().draft().build()) == digest
+
+
+def test_the_stage_reads_what_stage_0_is_rendered_with(tmp_path: Path) -> None:
+    """The contract with the stage: its own parsers read the rendered command line and
+    ConfigMap (plan.json's draftMemoryBytes included) as the drafter needs them."""
+    from llmpipe_stage import __main__ as stage_main
+    from llmpipe_stage import config as stage_config
+
+    spec = a_spec().draft(pvc={"claimName": "drafts", "path": "smol"}).build()
+    plan = drafted_plan(spec)
+    digest = names.plan_hash(plan, spec)
+    objects = render.render_plan(REF, spec, plan, digest=digest)
+    (configmap,) = [o for o in objects if o["kind"] == "ConfigMap"]
+    for key, text in configmap["data"].items():
+        (tmp_path / key).write_text(text)
+    pipeline = stage_config.read_config_dir(tmp_path)
+    assert pipeline.speculation == "draft"
+    (first, *_) = pods(spec, plan)
+    command = command_of(first)
+    assert command[:3] == ["python", "-m", "llmpipe_stage"]
+    args = stage_main.parse_args(command[3:])
+    assert args.draft_model_dir == Path("/draft-model/smol")
+    assert args.model_dir == Path("/models")
+    assert args.stage_index == 0
