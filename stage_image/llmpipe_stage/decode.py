@@ -27,6 +27,7 @@ twice and a prompt still costs one product per fused weight.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -256,6 +257,8 @@ class FusedLayer:
     input_norm: nn.Module
     post_norm: nn.Module
     act: Callable[[torch.Tensor], torch.Tensor]
+    native: bool = False
+    """Whether decode runs this layer through `kernels.decode_layer` (`native_layer`)."""
 
 
 class Fuser:
@@ -309,7 +312,7 @@ def fuse_layer(
     mlp.gate_proj = gate_up.rows(0, intermediate)
     mlp.up_proj = gate_up.rows(intermediate, 2 * intermediate)
     mlp.down_proj = down
-    return FusedLayer(
+    fused = FusedLayer(
         qkv=qkv,
         out=out,
         gate_up=gate_up,
@@ -321,6 +324,60 @@ def fuse_layer(
         input_norm=layer.input_layernorm,
         post_norm=layer.post_attention_layernorm,
         act=mlp.act_fn,
+    )
+    fused.native = native_layer(fused)
+    return fused
+
+
+RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"})
+"""Norm classes whose arithmetic `kernels.decode_layer` reproduces: w * (x * rsqrt(mean(x^2)
++ eps)).to(dtype) (Gemma's 1 + w, for one, is not among them)."""
+
+
+def native_layer(layer: FusedLayer) -> bool:
+    """Whether this layer's decode step can run as one `kernels.decode_layer` call: every
+    projection takes llmpipe's kernel in its plain layout, the norms are the RMSNorm above,
+    the activation is SiLU, and `LLMPIPE_DECODE_LAYER` is not `off` (to compare with the
+    op-by-op step, which stays the path for everything else)."""
+    if os.environ.get("LLMPIPE_DECODE_LAYER", "") == "off":
+        return False
+    projections = (layer.qkv, layer.out, layer.gate_up, layer.down)
+    if not all(type(p) is Projection and p.small for p in projections):
+        return False
+    norms = (layer.input_norm, layer.post_norm)
+    if not all(type(n).__name__ in RMS_NORMS for n in norms):
+        return False
+    silu = isinstance(layer.act, nn.SiLU) or type(layer.act).__name__ == "SiLUActivation"
+    return silu and layer.head_dim <= kernels.MAX_HEAD_DIM
+
+
+def native_step(
+    layer: FusedLayer,
+    index: int,
+    x: torch.Tensor,
+    *,
+    pool: SlotPool,
+    slots: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+) -> torch.Tensor:
+    """x [batch, hidden] -> the layer's output, through `kernels.decode_layer` (which also
+    writes the new keys and values at (slot, position) of layer `index` in the pool)."""
+    norm1: Any = layer.input_norm
+    norm2: Any = layer.post_norm
+    return kernels.decode_layer(
+        x,
+        (norm1.weight, float(norm1.variance_epsilon)),
+        [(p.weight, p.small_scales, p.small_bias) for p in (layer.qkv, layer.out)],
+        (norm2.weight, float(norm2.variance_epsilon)),
+        [(p.weight, p.small_scales, p.small_bias) for p in (layer.gate_up, layer.down)],
+        pool=(pool.keys, pool.values, index),
+        slots=slots,
+        positions=positions,
+        rotary=(cos, sin),
+        heads=(layer.heads, layer.kv_heads, layer.head_dim),
+        scaling=layer.scaling,
     )
 
 
@@ -342,18 +399,34 @@ def decode_layers(
 ) -> torch.Tensor:
     """One decode step over the slice: hidden [batch, hidden_size] at positions `past`
     (each sequence's cached length) -> [batch, hidden_size]; writes each layer's new keys
-    and values at (slot, past) in `pool`. cos, sin: [batch, head_dim] for those positions."""
+    and values at (slot, past) in `pool`. cos, sin: [batch, head_dim] for those positions.
+    Layers that `native_layer` accepts run as one `kernels.decode_layer` call each."""
     batch = hidden.shape[0]
     length = max(past) + 1
     pool.readable(slots, length)
     slot_index = torch.tensor(slots, device=hidden.device)
     position_index = torch.tensor(past, device=hidden.device)
+    x = hidden
+    if batch <= kernels.MAX_ROWS and all(layer.native for layer in layers):
+        for index, layer in enumerate(layers):
+            x = native_step(
+                layer,
+                index,
+                x,
+                pool=pool,
+                slots=slot_index,
+                positions=position_index,
+                cos=cos,
+                sin=sin,
+            )
+        for slot, position in zip(slots, past, strict=True):
+            pool.wrote(slot, position + 1)
+        return x
     mask = None
     if len(set(past)) > 1:  # unequal lengths: hide each sequence's keys past its own
         visible = torch.arange(length, device=hidden.device)[None, :] <= position_index[:, None]
         mask = visible[:, None, None, :]  # [batch, 1, 1, length]: kv heads, query rows
     cos, sin = cos[:, None, :], sin[:, None, :]  # [batch, 1, head_dim]: over heads
-    x = hidden
     for index, layer in enumerate(layers):
         heads, kv_heads, head_dim = layer.heads, layer.kv_heads, layer.head_dim
         qkv = layer.qkv(layer.input_norm(x))  # [batch, (heads + 2 kv_heads) * head_dim]

@@ -35,9 +35,14 @@ from llmpipe_stage import cpu
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("small_linear.cpp")
-FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma")
+FLAGS = ("-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma")
+"""Compiler flags. `-fopenmp` is what makes `at::parallel_for` in the source parallel: ATen's
+header runs the body serially unless the extension itself is built with OpenMP (the
+library then links the libgomp that torch already loaded, one thread pool for both)."""
+LDFLAGS = ("-fopenmp",)
 REQUIRED_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16"})
 MAX_ROWS = 8
+MAX_HEAD_DIM = 512
 
 _lock = threading.Lock()
 _state: dict[str, str] = {}
@@ -48,7 +53,7 @@ def library_name() -> str:
     digest = hashlib.sha256()
     digest.update(SOURCE.read_bytes())
     digest.update(torch.__version__.encode())
-    digest.update(" ".join(FLAGS).encode())
+    digest.update(" ".join(FLAGS + LDFLAGS).encode())
     return f"llmpipe_kernels_{digest.hexdigest()[:16]}"
 
 
@@ -87,6 +92,7 @@ def build(directory: Path) -> Path:
         name=name,
         sources=[str(SOURCE)],
         extra_cflags=list(FLAGS),
+        extra_ldflags=list(LDFLAGS),
         build_directory=str(build_dir),
         is_python_module=False,
         verbose=False,
@@ -142,4 +148,46 @@ def small_linear(
 ) -> torch.Tensor:
     """x [M <= 8, K] times weight [N, K]^T (int8 weight: times scales [N]) plus bias [N]."""
     y: torch.Tensor = torch.ops.llmpipe.small_linear(x, weight, scales, bias)
+    return y
+
+
+def stream_read(t: torch.Tensor) -> float:
+    """Reads all of contiguous `t` with vector loads on torch's threads (a bandwidth probe:
+    bench/kernel.py times it beside the products)."""
+    value: float = torch.ops.llmpipe.stream_read(t)
+    return value
+
+
+Product = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+"""A projection as `decode_layer` takes it: weight [N, K] (plain layout; int8 or the
+activation dtype), float32 scales [N] (int8 only) or None, float32 bias [N] or None."""
+
+
+def decode_layer(
+    x: torch.Tensor,
+    input_norm: tuple[torch.Tensor, float],
+    attention: list[Product],
+    post_norm: tuple[torch.Tensor, float],
+    mlp: list[Product],
+    *,
+    pool: tuple[torch.Tensor, torch.Tensor, int],
+    slots: torch.Tensor,
+    positions: torch.Tensor,
+    rotary: tuple[torch.Tensor, torch.Tensor],
+    heads: tuple[int, int, int],
+    scaling: float,
+) -> torch.Tensor:
+    """One Llama-style decoder layer's decode step in one call (small_linear.cpp,
+    `decode_layer`): x [M <= 8, hidden] -> [M, hidden]. attention: q|k|v and o; mlp:
+    gate|up and down; pool: (keys, values [layers, slots, kv_heads, context, head_dim], the
+    layer's index), written at (slots[m], positions[m]); rotary: cos, sin [M, head_dim];
+    heads: (query heads, kv heads, head_dim)."""
+    (qkv, qkv_s, qkv_b), (o, o_s, o_b) = attention
+    (gu, gu_s, gu_b), (d, d_s, d_b) = mlp
+    keys, values, layer = pool
+    y: torch.Tensor = torch.ops.llmpipe.decode_layer(
+        x, input_norm[0], input_norm[1], qkv, qkv_s, qkv_b, o, o_s, o_b,
+        post_norm[0], post_norm[1], gu, gu_s, gu_b, d, d_s, d_b,
+        keys, values, layer, slots, positions, rotary[0], rotary[1], *heads, scaling,
+    )  # fmt: skip
     return y

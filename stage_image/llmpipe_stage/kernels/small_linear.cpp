@@ -22,12 +22,28 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <optional>
+#include <vector>
 #include <cstdint>
 #include <cstring>
 
 namespace {
 
-constexpr int64_t kPrefetch = 1024;  // bytes ahead of the current position in each row
+#ifndef LLMPIPE_PREFETCH
+#define LLMPIPE_PREFETCH 1024
+#endif
+constexpr int64_t kPrefetch = LLMPIPE_PREFETCH;  // bytes ahead of the current position in each row
+#ifndef LLMPIPE_ROWS
+#define LLMPIPE_ROWS 4
+#endif
+constexpr int kRowsFew = LLMPIPE_ROWS;  // output rows streamed side by side for M <= 4
+
+inline void prefetch(const void* p) {
+  if constexpr (kPrefetch > 0)
+    _mm_prefetch(static_cast<const char*>(p) + kPrefetch, _MM_HINT_T0);
+}
 
 inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 
@@ -49,7 +65,7 @@ inline void block_bf16(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_
     __m512bh wv[R];
     for (int r = 0; r < R; ++r) {
       const uint16_t* p = w + r * K + k;
-      _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetch, _MM_HINT_T0);
+      prefetch(p);
       wv[r] = as_bh(_mm512_loadu_si512(p));
     }
     for (int m = 0; m < M; ++m) {
@@ -81,7 +97,7 @@ inline void block_f32(const float* x, int64_t ldx, const float* w, int64_t K, fl
     __m512 wv[R];
     for (int r = 0; r < R; ++r) {
       const float* p = w + r * K + k;
-      _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetch, _MM_HINT_T0);
+      prefetch(p);
       wv[r] = _mm512_loadu_ps(p);
     }
     for (int m = 0; m < M; ++m) {
@@ -113,8 +129,7 @@ inline void block_i8(const float* x, int64_t ldx, const int8_t* w, int64_t K, fl
     __m512 wv[R];
     for (int r = 0; r < R; ++r) {
       const int8_t* p = w + r * K + k;
-      if ((k & 63) == 0)
-        _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetch, _MM_HINT_T0);
+      if ((k & 63) == 0) prefetch(p);
       __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
       wv[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
     }
@@ -149,6 +164,7 @@ struct Args {
   const float* bias;   // [N] or null
   void* y;             // [M, N], bf16 or float32
   bool y_bf16;
+  bool y_round = false;  // float32 y holding bf16-rounded values (decode_layer's buffers)
 };
 
 template <int M, int R>
@@ -180,13 +196,13 @@ inline void store(const Args& a, int64_t n, int rows, const float* sums) {
       if (a.y_bf16)
         static_cast<c10::BFloat16*>(a.y)[at] = c10::BFloat16(v);
       else
-        static_cast<float*>(a.y)[at] = v;
+        static_cast<float*>(a.y)[at] = a.y_round ? static_cast<float>(c10::BFloat16(v)) : v;
     }
 }
 
 template <int M>
 void run(const Args& a, Kind kind) {
-  constexpr int R = M <= 4 ? 4 : 2;
+  constexpr int R = M <= 4 ? kRowsFew : 2;
   const int64_t blocks = (a.N + R - 1) / R;
   // At least ~64 KB of weights per task, so small products do not pay for waking threads.
   const int64_t row_bytes = a.K * (kind == Kind::kInt8 ? 1 : kind == Kind::kBf16 ? 2 : 4);
@@ -270,10 +286,294 @@ at::Tensor small_linear(const at::Tensor& x_in, const at::Tensor& w,
   return y;
 }
 
+
+// ---- One decoder layer's decode step (decode_layer) -------------------------------------------
+//
+// The whole layer of a Llama-style model (llama, mistral, qwen2: RMSNorm, rotate-half rotary,
+// grouped-query attention, SiLU-gated MLP) for M <= 8 new tokens, one per sequence, in one
+// call: the products run through the kernels above, everything between them (norms, rotary,
+// the cache write, attention over each sequence's cached positions, SiLU * up, residuals)
+// runs here on a few KB of activations instead of as ~30 torch ops. Each intermediate is
+// rounded to the activation dtype where transformers' layer rounds it (after every torch op
+// of a bf16 model), so the arithmetic follows the layer's own; only summation orders differ.
+
+inline float rnd(float v, bool bf16) { return bf16 ? static_cast<float>(c10::BFloat16(v)) : v; }
+
+// A [M, K] activation buffer in the form a product of `kind` reads.
+struct Activations {
+  Kind kind;
+  int64_t K;
+  std::vector<float> f;      // kF32 / kInt8 (bf16-rounded values when the dtype is bf16)
+  std::vector<uint16_t> b;   // kBf16
+  Activations(Kind k, int64_t M, int64_t cols) : kind(k), K(cols) {
+    if (k == Kind::kBf16) b.resize(M * cols); else f.resize(M * cols);
+  }
+  void set(int64_t m, int64_t k, float v) {  // v already rounded to the dtype
+    if (kind == Kind::kBf16) {
+      c10::BFloat16 h(v);
+      b[m * K + k] = h.x;
+    } else {
+      f[m * K + k] = v;
+    }
+  }
+  const void* data() const { return kind == Kind::kBf16 ? static_cast<const void*>(b.data())
+                                                        : static_cast<const void*>(f.data()); }
+};
+
+struct Weight {
+  const at::Tensor& w;
+  const std::optional<at::Tensor>& scales;
+  const std::optional<at::Tensor>& bias;
+};
+
+Kind kind_of(const at::Tensor& w, bool bf16) {
+  if (w.scalar_type() == at::kChar) return Kind::kInt8;
+  return bf16 ? Kind::kBf16 : Kind::kF32;
+}
+
+// out [M, N] float32 (rounded to the dtype) = x . W^T (* scales) (+ bias).
+std::vector<float> product(const Activations& x, int64_t M, const Weight& wt, bool bf16) {
+  const at::Tensor& w = wt.w;
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) == x.K,
+              "decode_layer: a weight is not [N, ", x.K, "] contiguous");
+  const int64_t N = w.size(0);
+  TORCH_CHECK(kind_of(w, bf16) == x.kind, "decode_layer: weight dtypes differ");
+  if (x.kind == Kind::kInt8)
+    TORCH_CHECK(wt.scales.has_value() && wt.scales->scalar_type() == at::kFloat &&
+                wt.scales->numel() == N, "decode_layer: int8 weights need float32 scales [N]");
+  if (wt.bias.has_value())
+    TORCH_CHECK(wt.bias->scalar_type() == at::kFloat && wt.bias->numel() == N,
+                "decode_layer: bias must be float32 [N]");
+  std::vector<float> y(M * N);
+  Args a{x.data(), w.data_ptr(), M, N, x.K,
+         wt.scales.has_value() ? wt.scales->data_ptr<float>() : nullptr,
+         wt.bias.has_value() ? wt.bias->data_ptr<float>() : nullptr,
+         y.data(), false, bf16};
+  dispatch(a, x.kind);
+  return y;
+}
+
+// transformers' LlamaRMSNorm: w * (x * rsqrt(mean(x^2) + eps)).to(dtype), float32 inside.
+void rms_norm(const float* x, int64_t M, int64_t K, const at::Tensor& weight, double eps,
+              bool bf16, Activations& out) {
+  TORCH_CHECK(weight.numel() == K && weight.is_contiguous(), "decode_layer: norm weight [K]");
+  auto w = weight.to(at::kFloat);
+  const float* wp = w.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    const float* row = x + m * K;
+    float sq = 0.f;
+    for (int64_t k = 0; k < K; ++k) sq += row[k] * row[k];
+    const float inv = 1.0f / std::sqrt(sq / static_cast<float>(K) + static_cast<float>(eps));
+    for (int64_t k = 0; k < K; ++k) out.set(m, k, rnd(wp[k] * rnd(row[k] * inv, bf16), bf16));
+  }
+}
+
+// Attention of one query head over positions [0, length) of one slot's cache.
+void attend(const float* q, const float* keys, const float* values, int64_t length,
+            int64_t D, float scaling, float* scores, float* out) {
+  float top = -INFINITY;
+  for (int64_t t = 0; t < length; ++t) {
+    const float* k = keys + t * D;
+    float s = 0.f;
+    for (int64_t d = 0; d < D; ++d) s += q[d] * k[d];
+    scores[t] = s * scaling;
+    top = std::max(top, scores[t]);
+  }
+  float total = 0.f;
+  for (int64_t t = 0; t < length; ++t) total += (scores[t] = std::exp(scores[t] - top));
+  for (int64_t d = 0; d < D; ++d) out[d] = 0.f;
+  for (int64_t t = 0; t < length; ++t) {
+    const float p = scores[t] / total;
+    const float* v = values + t * D;
+    for (int64_t d = 0; d < D; ++d) out[d] += p * v[d];
+  }
+}
+
+// One layer's decode step: x [M, hidden] (bf16 or float32) -> x after the layer; writes the
+// new keys and values at [layer, slots[m], :, positions[m]] of the pool's keys and values
+// ([layers, slots, kv_heads, context, head_dim], the activation dtype); attention reads
+// positions [0, positions[m]] of each row's slot. cos, sin: [M, head_dim].
+at::Tensor decode_layer(const at::Tensor& x_in, const at::Tensor& norm1, double eps1,
+                        const at::Tensor& qkv_w, const std::optional<at::Tensor>& qkv_s,
+                        const std::optional<at::Tensor>& qkv_b, const at::Tensor& o_w,
+                        const std::optional<at::Tensor>& o_s,
+                        const std::optional<at::Tensor>& o_b, const at::Tensor& norm2,
+                        double eps2, const at::Tensor& gu_w,
+                        const std::optional<at::Tensor>& gu_s,
+                        const std::optional<at::Tensor>& gu_b, const at::Tensor& d_w,
+                        const std::optional<at::Tensor>& d_s,
+                        const std::optional<at::Tensor>& d_b, at::Tensor keys,
+                        at::Tensor values, int64_t layer, const at::Tensor& slots,
+                        const at::Tensor& positions, const at::Tensor& cos,
+                        const at::Tensor& sin, int64_t heads, int64_t kv_heads,
+                        int64_t D, double scaling) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.is_cpu(), "decode_layer: x [M, hidden] on the CPU");
+  const int64_t M = x_in.size(0), H = x_in.size(1);
+  TORCH_CHECK(M >= 1 && M <= 8, "decode_layer: 1 to 8 rows, got ", M);
+  const auto dt = x_in.scalar_type();
+  TORCH_CHECK(dt == at::kBFloat16 || dt == at::kFloat, "decode_layer: x bf16 or float32");
+  const bool bf16 = dt == at::kBFloat16;
+  TORCH_CHECK(heads % kv_heads == 0 && D % 2 == 0, "decode_layer: heads, kv heads, head dim");
+  TORCH_CHECK(keys.dim() == 5 && keys.is_contiguous() && values.is_contiguous() &&
+              keys.sizes() == values.sizes() && keys.scalar_type() == dt &&
+              values.scalar_type() == dt && keys.size(2) == kv_heads && keys.size(4) == D,
+              "decode_layer: pool [layers, slots, kv_heads, context, head_dim] in x's dtype");
+  TORCH_CHECK(slots.numel() == M && positions.numel() == M && cos.size(0) == M &&
+              sin.size(0) == M && cos.size(-1) == D && sin.size(-1) == D,
+              "decode_layer: one slot, position, cos and sin row per x row");
+  const int64_t S = keys.size(1), C = keys.size(3);
+  const auto slot = slots.to(at::kLong).contiguous();
+  const auto pos = positions.to(at::kLong).contiguous();
+  const int64_t* sp = slot.data_ptr<int64_t>();
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  for (int64_t m = 0; m < M; ++m)
+    TORCH_CHECK(sp[m] >= 0 && sp[m] < S && pp[m] >= 0 && pp[m] < C,
+                "decode_layer: slot or position outside the pool");
+  TORCH_CHECK(layer >= 0 && layer < keys.size(0), "decode_layer: layer outside the pool");
+  const auto cf = cos.to(at::kFloat).contiguous(), sf = sin.to(at::kFloat).contiguous();
+  const float* cp = cf.data_ptr<float>();
+  const float* snp = sf.data_ptr<float>();
+  const auto xf = x_in.to(at::kFloat).contiguous();
+  std::vector<float> x(xf.data_ptr<float>(), xf.data_ptr<float>() + M * H);
+  const int64_t group = heads / kv_heads, half = D / 2;
+
+  // 1. norm, q|k|v
+  Activations h1(kind_of(qkv_w, bf16), M, H);
+  rms_norm(x.data(), M, H, norm1, eps1, bf16, h1);
+  std::vector<float> qkv = product(h1, M, {qkv_w, qkv_s, qkv_b}, bf16);
+  const int64_t width = (heads + 2 * kv_heads) * D;
+  TORCH_CHECK(qkv_w.size(0) == width, "decode_layer: q|k|v has ", qkv_w.size(0), " rows");
+  // 2. rotary on q and k: x * cos + rotate_half(x) * sin, rounded after each op
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t h = 0; h < heads + kv_heads; ++h) {
+      float* v = qkv.data() + m * width + h * D;
+      float rotated[512];
+      TORCH_CHECK(D <= 512, "decode_layer: head_dim above 512");
+      for (int64_t d = 0; d < D; ++d) {
+        const float r = d < half ? -v[d + half] : v[d - half];
+        rotated[d] = rnd(rnd(v[d] * cp[m * D + d], bf16) + rnd(r * snp[m * D + d], bf16), bf16);
+      }
+      std::memcpy(v, rotated, D * sizeof(float));
+    }
+  // 3. write the new keys and values into the pool
+  const int64_t slot_stride = kv_heads * C * D, layer_stride = S * slot_stride;
+  c10::BFloat16* kb = bf16 ? keys.data_ptr<c10::BFloat16>() : nullptr;
+  c10::BFloat16* vb = bf16 ? values.data_ptr<c10::BFloat16>() : nullptr;
+  float* kfp = bf16 ? nullptr : keys.data_ptr<float>();
+  float* vfp = bf16 ? nullptr : values.data_ptr<float>();
+  auto cache_at = [&](int64_t m, int64_t g) {
+    return layer * layer_stride + sp[m] * slot_stride + g * C * D;
+  };
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < kv_heads; ++g) {
+      const float* k = qkv.data() + m * width + (heads + g) * D;
+      const float* v = qkv.data() + m * width + (heads + kv_heads + g) * D;
+      const int64_t at = cache_at(m, g) + pp[m] * D;
+      for (int64_t d = 0; d < D; ++d) {
+        if (bf16) {
+          kb[at + d] = c10::BFloat16(k[d]);
+          vb[at + d] = c10::BFloat16(v[d]);
+        } else {
+          kfp[at + d] = k[d];
+          vfp[at + d] = v[d];
+        }
+      }
+    }
+  // 4. attention: row m's query heads over its slot's positions [0, pp[m]]
+  Activations attn(kind_of(o_w, bf16), M, heads * D);
+  auto attend_rows = [&](int64_t begin, int64_t end) {
+    std::vector<float> kf, vf, scores, out(D);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t m = i / kv_heads, g = i % kv_heads, length = pp[m] + 1;
+      kf.resize(length * D);
+      vf.resize(length * D);
+      scores.resize(length);
+      const int64_t base = cache_at(m, g);
+      for (int64_t j = 0; j < length * D; ++j) {
+        kf[j] = bf16 ? static_cast<float>(kb[base + j]) : kfp[base + j];
+        vf[j] = bf16 ? static_cast<float>(vb[base + j]) : vfp[base + j];
+      }
+      for (int64_t j = 0; j < group; ++j) {
+        const int64_t head = g * group + j;
+        attend(qkv.data() + m * width + head * D, kf.data(), vf.data(), length, D,
+               static_cast<float>(scaling), scores.data(), out.data());
+        for (int64_t d = 0; d < D; ++d) attn.set(m, head * D + d, rnd(out[d], bf16));
+      }
+    }
+  };
+  int64_t work = 0;
+  for (int64_t m = 0; m < M; ++m) work += (pp[m] + 1) * kv_heads * D;
+  if (work < (int64_t{1} << 18))  // a few hundred KB of cache: one thread
+    attend_rows(0, M * kv_heads);
+  else
+    at::parallel_for(0, M * kv_heads, 1, attend_rows);
+  // 5. output product + residual
+  std::vector<float> o = product(attn, M, {o_w, o_s, o_b}, bf16);
+  TORCH_CHECK(o_w.size(0) == H, "decode_layer: o_proj rows");
+  for (int64_t i = 0; i < M * H; ++i) x[i] = rnd(x[i] + o[i], bf16);
+  // 6. norm, gate|up, SiLU(gate) * up, down + residual
+  Activations h2(kind_of(gu_w, bf16), M, H);
+  rms_norm(x.data(), M, H, norm2, eps2, bf16, h2);
+  std::vector<float> gu = product(h2, M, {gu_w, gu_s, gu_b}, bf16);
+  const int64_t I = gu_w.size(0) / 2;
+  Activations act(kind_of(d_w, bf16), M, I);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t i = 0; i < I; ++i) {
+      const float g = gu[m * 2 * I + i], u = gu[m * 2 * I + I + i];
+      act.set(m, i, rnd(rnd(g / (1.0f + std::exp(-g)), bf16) * u, bf16));
+    }
+  std::vector<float> d = product(act, M, {d_w, d_s, d_b}, bf16);
+  TORCH_CHECK(d_w.size(0) == H, "decode_layer: down_proj rows");
+  at::Tensor y = at::empty({M, H}, x_in.options());
+  for (int64_t i = 0; i < M * H; ++i) {
+    const float v = x[i] + d[i];
+    if (bf16)
+      y.data_ptr<c10::BFloat16>()[i] = c10::BFloat16(v);
+    else
+      y.data_ptr<float>()[i] = v;
+  }
+  return y;
+}
+
+// Reads every byte of t (vector loads, threads over contiguous halves) and returns a float
+// that depends on all of it: the streaming-read bandwidth that bench/kernel.py compares with.
+double stream_read(const at::Tensor& t) {
+  TORCH_CHECK(t.is_contiguous() && t.is_cpu(), "stream_read: a contiguous CPU tensor");
+  const char* p = static_cast<const char*>(t.data_ptr());
+  const int64_t chunks = t.numel() * t.element_size() / 256;
+  std::atomic<int64_t> total{0};
+  at::parallel_for(0, chunks, 4096, [&](int64_t b, int64_t e) {
+    __m512i acc0 = _mm512_setzero_si512(), acc1 = _mm512_setzero_si512();
+    __m512i acc2 = _mm512_setzero_si512(), acc3 = _mm512_setzero_si512();
+    for (int64_t c = b; c < e; ++c) {
+      const char* q = p + c * 256;
+      acc0 = _mm512_xor_si512(acc0, _mm512_loadu_si512(q));
+      acc1 = _mm512_xor_si512(acc1, _mm512_loadu_si512(q + 64));
+      acc2 = _mm512_xor_si512(acc2, _mm512_loadu_si512(q + 128));
+      acc3 = _mm512_xor_si512(acc3, _mm512_loadu_si512(q + 192));
+    }
+    __m512i all = _mm512_xor_si512(_mm512_xor_si512(acc0, acc1), _mm512_xor_si512(acc2, acc3));
+    total += _mm512_reduce_add_epi64(all);
+  });
+  return static_cast<double>(total.load());
+}
+
 }  // namespace
 
 TORCH_LIBRARY(llmpipe, m) {
   m.def("small_linear(Tensor x, Tensor w, Tensor? scales, Tensor? bias) -> Tensor");
+  m.def(
+      "decode_layer(Tensor x, Tensor norm1, float eps1, Tensor qkv, Tensor? qkv_scales, "
+      "Tensor? qkv_bias, Tensor out, Tensor? out_scales, Tensor? out_bias, Tensor norm2, "
+      "float eps2, Tensor gate_up, Tensor? gate_up_scales, Tensor? gate_up_bias, Tensor down, "
+      "Tensor? down_scales, Tensor? down_bias, Tensor(a!) keys, Tensor(b!) values, int layer, "
+      "Tensor slots, Tensor positions, Tensor cos, Tensor sin, int heads, int kv_heads, "
+      "int head_dim, float scaling) -> Tensor");
+  m.def("stream_read(Tensor t) -> float");
 }
 
-TORCH_LIBRARY_IMPL(llmpipe, CPU, m) { m.impl("small_linear", &small_linear); }
+TORCH_LIBRARY_IMPL(llmpipe, CPU, m) {
+  m.impl("small_linear", &small_linear);
+  m.impl("decode_layer", &decode_layer);
+  m.impl("stream_read", &stream_read);
+}
