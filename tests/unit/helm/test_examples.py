@@ -1,11 +1,11 @@
 """The example manifests and node descriptions are usable as shipped.
 
 Covers: every examples/pipelines/*.yaml is one LLMPipeline that the operator's own spec parser
-accepts (the API server's validation of the same files is in tests/cluster/helm); the three
+accepts (the API server's validation of the same files is in tests/cluster/helm); the four
 scenarios say what their comments promise (privacy: stage 0 on edge; edge-only: edge nodes
-only; cloud: throughput); the node label script and the cluster file describe the same
-nodes with the same figures; and, once the planner is there, each example plans on the
-example cluster.
+only; cloud: throughput; draft: its draft model planned on an edge stage 0); the node
+label script and the cluster file describe the same nodes with the same figures; and,
+once the planner is there, each example plans on the example cluster.
 """
 
 from __future__ import annotations
@@ -37,12 +37,34 @@ def _load(name: str) -> dict[str, Any]:
     return yaml.safe_load((ROOT / "examples" / "pipelines" / name).read_text())
 
 
-def test_the_three_scenarios_are_there() -> None:
+def test_the_four_scenarios_are_there() -> None:
     assert {p.name for p in PIPELINES} == {
         "edge-cloud-privacy.yaml",
         "edge-only.yaml",
         "cloud-throughput.yaml",
+        "edge-draft-speculation.yaml",
     }
+
+
+def test_draft_example_plans_its_draft_model_on_the_edge_stage_0() -> None:
+    from llmpipe_operator.planning import planner
+
+    parsed = pipeline_spec.parse_spec(_load("edge-draft-speculation.yaml")["spec"])
+    assert parsed.workload.speculation == "draft" and parsed.model.draft is not None
+    workload = planner.Workload(
+        objective=parsed.workload.objective,
+        max_sequences=parsed.workload.max_sequences,
+        max_context_tokens=parsed.workload.max_context_tokens,
+        dtype=parsed.model.dtype,
+    )
+    drafted = planner.with_draft(workload, parsed.draft_profile())
+    placement = planner.Placement(first_stage="edge")
+    cluster = inventory.parse_cluster(_cluster())
+    plan = planner.plan_pipeline(parsed.profile(), cluster, workload=drafted, placement=placement)
+    first = plan.stages[0]
+    assert cluster.node(first.node).tier == "edge"
+    assert first.draft_memory_bytes == drafted.first_stage_bytes > 2 * 2**30
+    assert first.memory_bytes <= cluster.node(first.node).memory_bytes
 
 
 @examples
