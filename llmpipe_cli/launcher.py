@@ -133,11 +133,12 @@ def _add_workload(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--speculate",
-        choices=("ngram", "draft", "off"),
-        default="off",
-        help="speculative decoding (greedy and sampled requests): ngram drafts by prompt "
-        "lookup, draft by --draft-model; the pipeline verifies the drafts in one pass; "
-        "greedy output unchanged, sampled output keeps its distribution (off)",
+        choices=("auto", "ngram", "draft", "off"),
+        default="auto",
+        help="speculative decoding: ngram drafts by prompt lookup (greedy and sampled "
+        "requests), draft by --draft-model; the pipeline verifies the drafts in one pass; "
+        "greedy output unchanged, sampled output keeps its distribution; auto: prompt "
+        "lookup for greedy requests only (auto)",
     )
     parser.add_argument(
         "--draft-model",

@@ -26,9 +26,10 @@ def pipeline_document(
 ) -> dict[str, Any]:
     """The `pipeline.json` document; `addresses` are (stage index, host:port) pairs.
     `prefill_chunk_tokens`: prompt tokens per pipelined prefill chunk (0: off; None: not
-    written, which the stage reads as off). `speculation`: `ngram`, `draft` or `off` (None:
-    not written: off). `prefill_tokens_in_flight`: token throttling's bound on the prompt
-    tokens in flight (0: no bound; None: not written, the stage's default)."""
+    written, which the stage reads as off). `speculation`: `auto`, `ngram`, `draft` or
+    `off` (None: not written: the stage's default, `auto`). `prefill_tokens_in_flight`:
+    token throttling's bound on the prompt tokens in flight (0: no bound; None: not
+    written, the stage's default)."""
     model: dict[str, Any] = {"name": model_name, "dtype": dtype}
     if quantization is not None:
         model["quantization"] = quantization

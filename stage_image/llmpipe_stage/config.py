@@ -17,8 +17,8 @@ PIPELINE_DTYPES = ("auto", *DTYPES)
 """pipeline.json's model.dtype: `auto` lets each stage's device pick (`devices.place`)."""
 STAGE_DEVICES = ("cpu", "cuda")
 QUANTIZATIONS = ("none", "int8")
-SPECULATIONS = ("off", "ngram", "draft")
-"""pipeline.json's workload.speculation (`llmpipe_stage.speculation`)."""
+SPECULATIONS = ("auto", "off", "ngram", "draft")
+"""pipeline.json's workload.speculation (`llmpipe_stage.speculation`); unset: `auto`."""
 """Weight quantization of a stage's projections (`none`: weights in `dtype`)."""
 
 
@@ -62,9 +62,11 @@ class PipelineConfig:
     prefill_tokens_in_flight: int | None = None
     """workload.prefillTokensInFlight: token throttling's bound on the prompt tokens in
     flight (None: two chunks per stage; 0: no bound)."""
-    speculation: str = "off"
-    """workload.speculation: `ngram` (prompt-lookup drafts; requests without logprobs),
-    `draft` (a draft model's, run whole in stage 0: `--draft-model-dir`) or `off`."""
+    speculation: str = "auto"
+    """workload.speculation: `auto` (prompt-lookup drafts for greedy requests only: the
+    default, docs/benchmarks.md shows it never measurably slower there), `ngram`
+    (prompt-lookup drafts; greedy and sampled requests without logprobs), `draft` (a draft
+    model's, run whole in stage 0: `--draft-model-dir`) or `off`."""
     max_draft_tokens: int = 8
     """workload.maxDraftTokens: the most draft tokens one step verifies (k adapts below)."""
 
@@ -176,7 +178,7 @@ def parse_pipeline(
     )
     if config.max_sequences < 1 or config.max_context_tokens < 2:
         raise ConfigError(f"{where}: workload needs maxSequences >= 1 and maxContextTokens >= 2")
-    speculation = workload.get("speculation", "off")
+    speculation = workload.get("speculation", "auto")
     if speculation not in SPECULATIONS:
         raise ConfigError(f"{where}: workload.speculation must be one of {SPECULATIONS}")
     max_draft = workload.get("maxDraftTokens", 8)

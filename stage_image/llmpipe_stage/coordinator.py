@@ -174,7 +174,8 @@ class CoordinatorSettings:
     None: two chunks per stage; 0: no bound)."""
     speculation: str = "off"
     """`ngram`: prompt-lookup drafts verified by the pipeline (`llmpipe_stage.speculation`);
-    `draft`: the draft model's (`llmpipe_stage.draft`, the coordinator's `draft_model`)."""
+    `auto`: the same for greedy requests only; `draft`: the draft model's
+    (`llmpipe_stage.draft`, the coordinator's `draft_model`)."""
     max_draft_tokens: int = DEFAULT_MAX_DRAFT
     """The most draft tokens one step verifies (k is adaptive below it)."""
 
@@ -270,9 +271,11 @@ class Coordinator:
     def _speculates(self, params: SamplingParams) -> bool:
         """Drafts for greedy and sampled requests (the last stage verifies a sampled one by
         the accept/reject rule, `llmpipe_stage.sampling`) that ask for no log-probabilities
-        (a draft's tokens come back without them)."""
+        (a draft's tokens come back without them); under `auto` for greedy ones only (the
+        measured case: docs/benchmarks.md)."""
+        mode = self.settings.speculation
         return (
-            self.settings.speculation in ("ngram", "draft")
+            (mode in ("ngram", "draft") or (mode == "auto" and params.temperature == 0))
             and self.settings.max_draft_tokens > 0
             and not params.logprobs
         )

@@ -47,7 +47,7 @@ while text that is copied (code edits, quotes) repeats in runs of two or more.""
 TRUSTED = 0.5
 """Moving acceptance from which a one-token match may draft too (the initial value: a
 sequence starts trusting its drafts)."""
-SPECULATIONS = ("off", "ngram", "draft")  # the same as config.SPECULATIONS
+SPECULATIONS = ("auto", "off", "ngram", "draft")  # the same as config.SPECULATIONS
 DEFAULT_MAX_DRAFT = 8
 LOOKBACK = 4096
 """Context tokens searched for a match (bounds the per-step cost on long contexts)."""

@@ -266,9 +266,11 @@ class Pipeline:
         `device` (cpu / cuda) goes into every stage of plan.json that names none, as the
         operator's plan names it (the CPU by default, like the references); None leaves
         the plan without devices (each stage picks: auto). `workload` adds fields to
-        pipeline.json's workload (e.g. prefillChunkTokens). `peer_address` maps each stage's
-        own "host:port" to the address pipeline.json gives its peers (e.g. a delaying relay
-        in front of it, tests/support/relay.py)."""
+        pipeline.json's workload (e.g. prefillChunkTokens); speculation is `off` unless it names
+        one (the tests beside it count plain decoding's steps and bytes; the stage's own
+        default, `auto`, is what a `None` value leaves: the key unwritten). `peer_address`
+        maps each stage's own "host:port" to the address pipeline.json gives its peers (e.g.
+        a delaying relay in front of it, tests/support/relay.py)."""
         config = json.loads((model_dir / "config.json").read_text())
         ports = free_ports(2 * stages)
         pipeline = cls(
@@ -296,6 +298,7 @@ class Pipeline:
                 "stages": [{"device": device, "dtype": dtype, **s} for s in plan["stages"]],
             }
         (config_dir / "plan.json").write_text(json.dumps(plan))
+        fields = {"speculation": "off", **(workload or {})}
         (config_dir / "pipeline.json").write_text(
             json.dumps(
                 {
@@ -303,7 +306,7 @@ class Pipeline:
                     "workload": {
                         "maxSequences": max_sequences,
                         "maxContextTokens": max_context,
-                        **(workload or {}),
+                        **{key: value for key, value in fields.items() if value is not None},
                     },
                     "stages": [
                         {"index": i, "address": (peer_address or str)(f"{pipeline.host(i)}:{p}")}

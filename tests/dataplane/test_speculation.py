@@ -166,3 +166,32 @@ def test_sampled_requests_speculate_and_a_seed_reproduces_them(
         assert pipeline.wait_no_cache() == {i: [] for i in range(2)}
     finally:
         pipeline.stop()
+
+
+def test_unset_speculation_is_auto_greedy_requests_only(
+    model_dirs: dict[str, Path], start_pipeline, references: dict[str, list[list[int]]]
+) -> None:
+    """pipeline.json without workload.speculation is `auto`: a sampled request drafts
+    nothing (the counters stay at 0), a greedy one drafts and its tokens are still
+    single-process `generate`'s."""
+    pipeline = start_pipeline(model_dirs["llama-gqa"], stages=2, workload={"speculation": None})
+    try:
+        status, body = pipelines.http_json(
+            f"{pipeline.base_url}/v1/completions",
+            {
+                "model": "tiny",
+                "prompt": PROMPTS[0],
+                "max_tokens": 24,
+                "temperature": 0.8,
+                "seed": 7,
+                "ignore_eos": True,
+            },
+        )
+        assert status == 200, body
+        assert counters(pipeline) == (0.0, 0.0)
+        assert pipelines.complete(pipeline, PROMPTS[0], MAX_NEW[0]) == references["llama-gqa"][0]
+        drafted, accepted = counters(pipeline)
+        assert drafted > 0
+        assert 0 <= accepted <= drafted
+    finally:
+        pipeline.stop()

@@ -71,3 +71,12 @@ def test_planning_over_a_cluster_puts_the_draft_model_on_stage_0(tmp_path: Path)
     draft = profiles.from_config(TINY_DRAFT_CONFIG, dtype=args.dtype)
     workload = cost.Workload(max_sequences=args.max_sequences, max_context_tokens=args.max_context)
     assert plan["stages"][0]["draftMemoryBytes"] == cost.draft_bytes(draft, workload)
+
+
+def test_speculation_is_auto_unless_given(tmp_path: Path) -> None:
+    """`llmpipe serve` writes `auto` by default (prompt lookup for greedy requests), and
+    the stage's own parser reads it back; `--speculate off` turns it off."""
+    workload = written(tmp_path / "default")
+    assert workload["speculation"] == "auto"
+    assert written(tmp_path / "off", "--speculate", "off")["speculation"] == "off"
+    assert written(tmp_path / "ngram", "--speculate", "ngram")["speculation"] == "ngram"
