@@ -30,7 +30,7 @@ GPU, bfloat16 on a CPU) is 2 bytes per parameter."""
 MODELS_MOUNT = "/models"
 DRAFT_MOUNT = "/draft-model"
 """Where stage 0 finds the draft model (spec.model.draft), apart from the model's files."""
-SPECULATIONS = ("off", "ngram", "draft")
+SPECULATIONS = ("auto", "off", "ngram", "draft")
 RUNTIME_CLASS = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 
 
@@ -216,8 +216,10 @@ class WorkloadSpec:
     """Token throttling's bound on prompt tokens in flight (0: none); None: the stage's
     default, two chunks per stage."""
     speculation: str | None = None
-    """`ngram` (prompt-lookup drafts), `draft` (spec.model.draft's) or `off`; None: off,
-    and pipeline.json says nothing (older stages read the same)."""
+    """`auto` (prompt-lookup drafts for greedy requests only), `ngram` (prompt-lookup
+    drafts, greedy and sampled requests), `draft` (spec.model.draft's) or `off`; None:
+    pipeline.json says nothing and the stage's default applies (`auto`; a stage older than
+    `auto` reads it as off), so an unchanged spec keeps its plan hash."""
 
 
 @dataclass(frozen=True)

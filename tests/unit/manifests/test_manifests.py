@@ -259,6 +259,7 @@ def test_speculation_reaches_pipeline_json_only_when_set() -> None:
     assert "speculation" not in workload(a_spec().build())
     assert workload(a_spec().workload(speculation="ngram").build())["speculation"] == "ngram"
     assert workload(a_spec().workload(speculation="off").build())["speculation"] == "off"
+    assert workload(a_spec().workload(speculation="auto").build())["speculation"] == "auto"
     assert workload(a_spec().draft().build())["speculation"] == "draft"
     with pytest.raises(spec_mod.SpecError, match=r"spec\.model\.draft is not set"):
         a_spec().workload(speculation="draft").build()
