@@ -18,6 +18,10 @@ It prints two ratios per stage:
   CUDA build from PyPI. The pages are counted at the end of the run (they are mapped at
   `import torch` and do not change afterwards). Anonymous memory that the CUDA libraries
   allocate while loading stays counted, so the figure over-states the CPU build's.
+With `--draft`, stage 0 also holds a draft model (`--speculate draft`, a random Llama of
+hidden 512, 4 layers, the benchmark model's tokenizer): the slice then includes the
+planner's D (`cost.draft_bytes`), and the run without the draft comes first, so the line
+`draft: D estimated ... measured ...` compares D with what the draft added to the peak.
 Figures are printed, never asserted; docs/benchmarks.md records a run.
 """
 
@@ -32,6 +36,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import tempfile
 import threading
@@ -44,6 +49,13 @@ ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("LLMPIPE_CACHE", Path.home() / ".cache" / "llmpipe")) / "llamacpp"
 MAX_SEQUENCES = 4
 MAX_CONTEXT = 1024
+DRAFT_SHAPE = {
+    "hidden_size": 512,
+    "intermediate_size": 1408,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+}
 CUDA_ONLY = re.compile(r"/site-packages/(nvidia|triton)/|/torch/lib/[^/]*(cuda|nvrtc|cudnn|nccl)")
 
 
@@ -67,6 +79,25 @@ def model_dir() -> Path:
         partial = path.with_suffix(".partial")
         demo.write_model(partial, family="llama", **peer.MODEL_SHAPE)
         partial.rename(path)
+    return path
+
+
+def draft_dir(model: Path) -> Path:
+    """A small random Llama with `model`'s vocabulary and tokenizer files (cached)."""
+    path = CACHE.parent / f"stage-memory-draft-v1-{model.name}"
+    if (path / "config.json").is_file():
+        return path
+    from bench import peer
+    from llmpipe_stage import demo
+
+    partial = path.with_suffix(".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shape = {**peer.MODEL_SHAPE, **DRAFT_SHAPE}
+    demo.write_model(partial, family="llama", seed=1, **shape)
+    for file in model.iterdir():  # the same tokenizer, file for file
+        if file.is_file() and not file.name.startswith(("config", "generation_config", "model")):
+            shutil.copy2(file, partial / file.name)
+    partial.rename(path)
     return path
 
 
@@ -120,13 +151,25 @@ def complete(port: int, prompt: list[int], new: int) -> None:
         response.read()
 
 
-def slices(model: Path, precision: str, plan: dict[str, object]) -> list[int]:
+def workload_of(precision: str, draft: Path | None) -> object:
+    from llmpipe_operator.planning import cost, profiles
+
+    workload = cost.Workload(max_sequences=MAX_SEQUENCES, max_context_tokens=MAX_CONTEXT)
+    if draft is None:
+        return workload
+    dtype = "bfloat16" if precision == "int8" else precision  # the draft is not quantized
+    config = json.loads((draft / "config.json").read_text())
+    return cost.with_draft(workload, profiles.from_config(config, dtype=dtype))
+
+
+def slices(model: Path, precision: str, plan: dict[str, object], draft: Path | None) -> list[int]:
     from llmpipe_operator.planning import cost, profiles
 
     config = json.loads((model / "config.json").read_text())
     dtype, quantization = ("bfloat16", "int8") if precision == "int8" else (precision, "none")
     profile = profiles.from_config(config, dtype=dtype, quantization=quantization)
-    workload = cost.Workload(max_sequences=MAX_SEQUENCES, max_context_tokens=MAX_CONTEXT)
+    workload = workload_of(precision, draft)
+    assert isinstance(workload, cost.Workload)
     stages = plan["stages"]
     assert isinstance(stages, list)
     return [
@@ -135,12 +178,16 @@ def slices(model: Path, precision: str, plan: dict[str, object]) -> list[int]:
     ]
 
 
-def measure(model: Path, precision: str, stages: int, work: Path) -> None:
+def measure(model: Path, precision: str, stages: int, work: Path, draft: Path | None) -> int:
+    """Prints each stage's figures; returns stage 0's peak RSS (bytes)."""
     from bench import peer
     from llmpipe_stage import config as stage_config
 
+    extra = ["--speculate", "draft", "--draft-model", str(draft)] if draft else []
+    peer.LLMPIPE_ARGS[:] = extra
+    name = f"{precision}{'-draft' if draft else ''}"
     system = peer.start_llmpipe(
-        model, stages=stages, precision=precision, threads=2, log=work / f"{precision}.log"
+        model, stages=stages, precision=precision, threads=2, log=work / f"{name}.log"
     )
     serve = system.processes[0].pid
     try:
@@ -156,8 +203,9 @@ def measure(model: Path, precision: str, stages: int, work: Path) -> None:
             thread.join()
         layers = int(json.loads((model / "config.json").read_text())["num_hidden_layers"])
         plan = stage_config.even_plan(layers, stages)
+        first_peak = 0
         for index, (pid, slice_bytes) in enumerate(
-            zip(pids, slices(model, precision, plan), strict=True)
+            zip(pids, slices(model, precision, plan, draft), strict=True)
         ):
             peak = status_kb(pid, "VmHWM") * 1024
             now = status_kb(pid, "VmRSS") * 1024
@@ -165,14 +213,16 @@ def measure(model: Path, precision: str, stages: int, work: Path) -> None:
             cuda = sum(kb for name, kb in maps.items() if CUDA_ONLY.search(name)) * 1024
             anon = (maps["[anon]"] + maps["[heap]"]) * 1024
             mb = 2**20
+            first_peak = first_peak or peak
             print(
-                f"{precision:>9} stage {index}/{stages}: slice {slice_bytes / mb:6.0f} MB | "
+                f"{name:>15} stage {index}/{stages}: slice {slice_bytes / mb:6.0f} MB | "
                 f"peak {peak / mb:6.0f} MB ({peak / slice_bytes:.2f}x) steady "
                 f"{now / mb:6.0f} MB | CUDA-only files {cuda / mb:4.0f} MB, anon {anon / mb:5.0f} "
                 f"MB | peak - CUDA {(peak - cuda) / mb:6.0f} MB "
                 f"({(peak - cuda) / slice_bytes:.2f}x)",
                 flush=True,
             )
+        return first_peak
     finally:
         system.stop()
 
@@ -181,11 +231,25 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--precisions", nargs="+", default=["bfloat16", "int8", "float32"])
     parser.add_argument("--stages", type=int, default=1)
+    parser.add_argument(
+        "--draft", action="store_true", help="also with a draft model on stage 0 (D's accuracy)"
+    )
     args = parser.parse_args()
     model = model_dir()
+    draft = draft_dir(model) if args.draft else None
     with tempfile.TemporaryDirectory(prefix="llmpipe-stage-memory-") as folder:
         for precision in args.precisions:
-            measure(model, precision, args.stages, Path(folder))
+            alone = measure(model, precision, args.stages, Path(folder), None)
+            if draft is not None:
+                with_draft = measure(model, precision, args.stages, Path(folder), draft)
+                workload = workload_of(precision, draft)
+                estimated = getattr(workload, "first_stage_bytes", 0)
+                print(
+                    f"{precision:>15} draft: D estimated {estimated / 2**20:.0f} MB, "
+                    f"measured {(with_draft - alone) / 2**20:.0f} MB (stage 0's peak with the "
+                    "draft less its peak without)",
+                    flush=True,
+                )
     return 0
 
 
