@@ -21,6 +21,9 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include <omp.h>
+#include <sched.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -201,33 +204,64 @@ inline void store(const Args& a, int64_t n, int rows, const float* sums) {
 }
 
 template <int M>
+constexpr int block_rows() {
+  return M <= 4 ? kRowsFew : 2;
+}
+
+// Output rows [b0 * R, b1 * R) of the product (R = block_rows<M>()).
+template <int M>
+void run_blocks(const Args& a, Kind kind, int64_t b0, int64_t b1) {
+  constexpr int R = block_rows<M>();
+  float sums[M * R];
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t n = b * R;
+    if (n + R <= a.N) {
+      rows_block<M, R>(a, kind, n, sums);
+      store<M, R>(a, n, R, sums);
+    } else {
+      for (int64_t i = n; i < a.N; ++i) {
+        float one[M];
+        rows_block<M, 1>(a, kind, i, one);
+        store<M, 1>(a, i, 1, one);
+      }
+    }
+  }
+}
+
+template <int M>
 void run(const Args& a, Kind kind) {
-  constexpr int R = M <= 4 ? kRowsFew : 2;
+  constexpr int R = block_rows<M>();
   const int64_t blocks = (a.N + R - 1) / R;
   // At least ~64 KB of weights per task, so small products do not pay for waking threads.
   const int64_t row_bytes = a.K * (kind == Kind::kInt8 ? 1 : kind == Kind::kBf16 ? 2 : 4);
   const int64_t grain = std::max<int64_t>(1, (64 * 1024) / std::max<int64_t>(1, row_bytes * R));
-  auto body = [&](int64_t b0, int64_t b1) {
-    float sums[M * R];
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n = b * R;
-      if (n + R <= a.N) {
-        rows_block<M, R>(a, kind, n, sums);
-        store<M, R>(a, n, R, sums);
-      } else {
-        for (int64_t i = n; i < a.N; ++i) {
-          float one[M];
-          rows_block<M, 1>(a, kind, i, one);
-          store<M, 1>(a, i, 1, one);
-        }
-      }
-    }
-  };
+  auto body = [&](int64_t b0, int64_t b1) { run_blocks<M>(a, kind, b0, b1); };
   // Under 1 MB of weights a second thread costs more to wake than it saves.
   if (a.N * row_bytes < (int64_t{1} << 20))
     body(0, blocks);
   else
     at::parallel_for(0, blocks, grain, body);
+}
+
+// Thread `tid` of `nt`'s contiguous share of the product (inside a parallel region).
+template <int M>
+void run_share(const Args& a, Kind kind, int tid, int nt) {
+  constexpr int R = block_rows<M>();
+  const int64_t blocks = (a.N + R - 1) / R, chunk = (blocks + nt - 1) / nt;
+  run_blocks<M>(a, kind, std::min(blocks, tid * chunk), std::min(blocks, (tid + 1) * chunk));
+}
+
+void dispatch_share(const Args& a, Kind kind, int tid, int nt) {
+  switch (a.M) {
+    case 1: return run_share<1>(a, kind, tid, nt);
+    case 2: return run_share<2>(a, kind, tid, nt);
+    case 3: return run_share<3>(a, kind, tid, nt);
+    case 4: return run_share<4>(a, kind, tid, nt);
+    case 5: return run_share<5>(a, kind, tid, nt);
+    case 6: return run_share<6>(a, kind, tid, nt);
+    case 7: return run_share<7>(a, kind, tid, nt);
+    default: return run_share<8>(a, kind, tid, nt);
+  }
 }
 
 void dispatch(const Args& a, Kind kind) {
@@ -331,8 +365,14 @@ Kind kind_of(const at::Tensor& w, bool bf16) {
   return bf16 ? Kind::kBf16 : Kind::kF32;
 }
 
-// out [M, N] float32 (rounded to the dtype) = x . W^T (* scales) (+ bias).
-std::vector<float> product(const Activations& x, int64_t M, const Weight& wt, bool bf16) {
+// A product inside decode_layer: checked before any thread starts, then computed in shares.
+struct Product {
+  Args args;
+  Kind kind;
+  std::vector<float> y;  // [M, N] float32, rounded to the dtype
+};
+
+Product prepare(const Activations& x, int64_t M, const Weight& wt, bool bf16) {
   const at::Tensor& w = wt.w;
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) == x.K,
               "decode_layer: a weight is not [N, ", x.K, "] contiguous");
@@ -344,21 +384,46 @@ std::vector<float> product(const Activations& x, int64_t M, const Weight& wt, bo
   if (wt.bias.has_value())
     TORCH_CHECK(wt.bias->scalar_type() == at::kFloat && wt.bias->numel() == N,
                 "decode_layer: bias must be float32 [N]");
-  std::vector<float> y(M * N);
-  Args a{x.data(), w.data_ptr(), M, N, x.K,
-         wt.scales.has_value() ? wt.scales->data_ptr<float>() : nullptr,
-         wt.bias.has_value() ? wt.bias->data_ptr<float>() : nullptr,
-         y.data(), false, bf16};
-  dispatch(a, x.kind);
-  return y;
+  Product p{Args{x.data(), w.data_ptr(), M, N, x.K,
+                 wt.scales.has_value() ? wt.scales->data_ptr<float>() : nullptr,
+                 wt.bias.has_value() ? wt.bias->data_ptr<float>() : nullptr, nullptr, false,
+                 bf16},
+            x.kind, std::vector<float>(M * N)};
+  p.args.y = p.y.data();
+  return p;
 }
 
+// A barrier for the few threads of one decode_layer call: they spin (the phases between
+// two barriers last microseconds) and yield the core after a while, so a thread that is
+// waiting for a preempted one gives it the CPU back instead of burning it.
+class SpinBarrier {
+ public:
+  explicit SpinBarrier(int n) : n_(n) {}
+  void set_size(int n) { n_.store(n, std::memory_order_relaxed); }  // the team's, all alike
+  void wait() {
+    const int gen = gen_.load(std::memory_order_acquire);
+    if (count_.fetch_add(1, std::memory_order_acq_rel) + 1 == n_.load(std::memory_order_relaxed)) {
+      count_.store(0, std::memory_order_relaxed);
+      gen_.fetch_add(1, std::memory_order_release);
+      return;
+    }
+    for (int spins = 0; gen_.load(std::memory_order_acquire) == gen; ++spins) {
+      if (spins < 2000)
+        _mm_pause();
+      else
+        sched_yield();
+    }
+  }
+
+ private:
+  std::atomic<int> n_;
+  std::atomic<int> count_{0};
+  std::atomic<int> gen_{0};
+};
+
 // transformers' LlamaRMSNorm: w * (x * rsqrt(mean(x^2) + eps)).to(dtype), float32 inside.
-void rms_norm(const float* x, int64_t M, int64_t K, const at::Tensor& weight, double eps,
-              bool bf16, Activations& out) {
-  TORCH_CHECK(weight.numel() == K && weight.is_contiguous(), "decode_layer: norm weight [K]");
-  auto w = weight.to(at::kFloat);
-  const float* wp = w.data_ptr<float>();
+void rms_norm(const float* x, int64_t M, int64_t K, const float* wp, double eps, bool bf16,
+              Activations& out) {
   for (int64_t m = 0; m < M; ++m) {
     const float* row = x + m * K;
     float sq = 0.f;
@@ -393,6 +458,11 @@ void attend(const float* q, const float* keys, const float* values, int64_t leng
 // new keys and values at [layer, slots[m], :, positions[m]] of the pool's keys and values
 // ([layers, slots, kv_heads, context, head_dim], the activation dtype); attention reads
 // positions [0, positions[m]] of each row's slot. cos, sin: [M, head_dim].
+//
+// Everything is checked and allocated first; then the layer runs as one parallel region
+// (torch's thread count): the products and attention split across the threads, the small
+// steps between them on thread 0, a spin barrier after each. So a layer wakes the second
+// thread once, not once per product.
 at::Tensor decode_layer(const at::Tensor& x_in, const at::Tensor& norm1, double eps1,
                         const at::Tensor& qkv_w, const std::optional<at::Tensor>& qkv_s,
                         const std::optional<at::Tensor>& qkv_b, const at::Tensor& o_w,
@@ -413,7 +483,8 @@ at::Tensor decode_layer(const at::Tensor& x_in, const at::Tensor& norm1, double 
   const auto dt = x_in.scalar_type();
   TORCH_CHECK(dt == at::kBFloat16 || dt == at::kFloat, "decode_layer: x bf16 or float32");
   const bool bf16 = dt == at::kBFloat16;
-  TORCH_CHECK(heads % kv_heads == 0 && D % 2 == 0, "decode_layer: heads, kv heads, head dim");
+  TORCH_CHECK(heads % kv_heads == 0 && D % 2 == 0 && D <= 512,
+              "decode_layer: heads, kv heads, head dim (even, at most 512)");
   TORCH_CHECK(keys.dim() == 5 && keys.is_contiguous() && values.is_contiguous() &&
               keys.sizes() == values.sizes() && keys.scalar_type() == dt &&
               values.scalar_type() == dt && keys.size(2) == kv_heads && keys.size(4) == D,
@@ -421,6 +492,7 @@ at::Tensor decode_layer(const at::Tensor& x_in, const at::Tensor& norm1, double 
   TORCH_CHECK(slots.numel() == M && positions.numel() == M && cos.size(0) == M &&
               sin.size(0) == M && cos.size(-1) == D && sin.size(-1) == D,
               "decode_layer: one slot, position, cos and sin row per x row");
+  TORCH_CHECK(norm1.numel() == H && norm2.numel() == H, "decode_layer: norm weights [hidden]");
   const int64_t S = keys.size(1), C = keys.size(3);
   const auto slot = slots.to(at::kLong).contiguous();
   const auto pos = positions.to(at::kLong).contiguous();
@@ -430,61 +502,71 @@ at::Tensor decode_layer(const at::Tensor& x_in, const at::Tensor& norm1, double 
     TORCH_CHECK(sp[m] >= 0 && sp[m] < S && pp[m] >= 0 && pp[m] < C,
                 "decode_layer: slot or position outside the pool");
   TORCH_CHECK(layer >= 0 && layer < keys.size(0), "decode_layer: layer outside the pool");
+  const int64_t width = (heads + 2 * kv_heads) * D;
+  TORCH_CHECK(qkv_w.dim() == 2 && qkv_w.size(0) == width, "decode_layer: q|k|v rows");
+  TORCH_CHECK(o_w.dim() == 2 && o_w.size(0) == H && d_w.dim() == 2 && d_w.size(0) == H,
+              "decode_layer: o_proj and down_proj rows");
+  TORCH_CHECK(gu_w.dim() == 2 && gu_w.size(0) % 2 == 0, "decode_layer: gate|up rows");
+  const int64_t I = gu_w.size(0) / 2;
   const auto cf = cos.to(at::kFloat).contiguous(), sf = sin.to(at::kFloat).contiguous();
   const float* cp = cf.data_ptr<float>();
   const float* snp = sf.data_ptr<float>();
+  const auto n1 = norm1.to(at::kFloat).contiguous(), n2 = norm2.to(at::kFloat).contiguous();
   const auto xf = x_in.to(at::kFloat).contiguous();
   std::vector<float> x(xf.data_ptr<float>(), xf.data_ptr<float>() + M * H);
   const int64_t group = heads / kv_heads, half = D / 2;
 
-  // 1. norm, q|k|v
-  Activations h1(kind_of(qkv_w, bf16), M, H);
-  rms_norm(x.data(), M, H, norm1, eps1, bf16, h1);
-  std::vector<float> qkv = product(h1, M, {qkv_w, qkv_s, qkv_b}, bf16);
-  const int64_t width = (heads + 2 * kv_heads) * D;
-  TORCH_CHECK(qkv_w.size(0) == width, "decode_layer: q|k|v has ", qkv_w.size(0), " rows");
-  // 2. rotary on q and k: x * cos + rotate_half(x) * sin, rounded after each op
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t h = 0; h < heads + kv_heads; ++h) {
-      float* v = qkv.data() + m * width + h * D;
-      float rotated[512];
-      TORCH_CHECK(D <= 512, "decode_layer: head_dim above 512");
-      for (int64_t d = 0; d < D; ++d) {
-        const float r = d < half ? -v[d + half] : v[d - half];
-        rotated[d] = rnd(rnd(v[d] * cp[m * D + d], bf16) + rnd(r * snp[m * D + d], bf16), bf16);
-      }
-      std::memcpy(v, rotated, D * sizeof(float));
-    }
-  // 3. write the new keys and values into the pool
-  const int64_t slot_stride = kv_heads * C * D, layer_stride = S * slot_stride;
+  Activations h1(kind_of(qkv_w, bf16), M, H), attn(kind_of(o_w, bf16), M, heads * D);
+  Activations h2(kind_of(gu_w, bf16), M, H), act(kind_of(d_w, bf16), M, I);
+  Product qkv = prepare(h1, M, {qkv_w, qkv_s, qkv_b}, bf16);
+  Product o = prepare(attn, M, {o_w, o_s, o_b}, bf16);
+  Product gu = prepare(h2, M, {gu_w, gu_s, gu_b}, bf16);
+  Product d = prepare(act, M, {d_w, d_s, d_b}, bf16);
+  TORCH_CHECK(o.args.K == heads * D && d.args.K == I, "decode_layer: o_proj / down_proj width");
   c10::BFloat16* kb = bf16 ? keys.data_ptr<c10::BFloat16>() : nullptr;
   c10::BFloat16* vb = bf16 ? values.data_ptr<c10::BFloat16>() : nullptr;
   float* kfp = bf16 ? nullptr : keys.data_ptr<float>();
   float* vfp = bf16 ? nullptr : values.data_ptr<float>();
+  const int64_t slot_stride = kv_heads * C * D, layer_stride = S * slot_stride;
   auto cache_at = [&](int64_t m, int64_t g) {
     return layer * layer_stride + sp[m] * slot_stride + g * C * D;
   };
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t g = 0; g < kv_heads; ++g) {
-      const float* k = qkv.data() + m * width + (heads + g) * D;
-      const float* v = qkv.data() + m * width + (heads + kv_heads + g) * D;
-      const int64_t at = cache_at(m, g) + pp[m] * D;
-      for (int64_t d = 0; d < D; ++d) {
-        if (bf16) {
-          kb[at + d] = c10::BFloat16(k[d]);
-          vb[at + d] = c10::BFloat16(v[d]);
-        } else {
-          kfp[at + d] = k[d];
-          vfp[at + d] = v[d];
+  float* q = qkv.y.data();
+
+  // thread 0: rotary on q and k (x * cos + rotate_half(x) * sin, rounded after each op),
+  // then the new keys and values into the pool
+  auto rotary_and_write = [&]() {
+    float rotated[512];
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t h = 0; h < heads + kv_heads; ++h) {
+        float* v = q + m * width + h * D;
+        for (int64_t i = 0; i < D; ++i) {
+          const float r = i < half ? -v[i + half] : v[i - half];
+          rotated[i] = rnd(rnd(v[i] * cp[m * D + i], bf16) + rnd(r * snp[m * D + i], bf16), bf16);
+        }
+        std::memcpy(v, rotated, D * sizeof(float));
+      }
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t g = 0; g < kv_heads; ++g) {
+        const float* k = q + m * width + (heads + g) * D;
+        const float* v = q + m * width + (heads + kv_heads + g) * D;
+        const int64_t at = cache_at(m, g) + pp[m] * D;
+        for (int64_t i = 0; i < D; ++i) {
+          if (bf16) {
+            kb[at + i] = c10::BFloat16(k[i]);
+            vb[at + i] = c10::BFloat16(v[i]);
+          } else {
+            kfp[at + i] = k[i];
+            vfp[at + i] = v[i];
+          }
         }
       }
-    }
-  // 4. attention: row m's query heads over its slot's positions [0, pp[m]]
-  Activations attn(kind_of(o_w, bf16), M, heads * D);
-  auto attend_rows = [&](int64_t begin, int64_t end) {
+  };
+  // attention of items [begin, end) (item = row m, kv head g: that kv head's query heads)
+  auto attend_items = [&](int64_t begin, int64_t end) {
     std::vector<float> kf, vf, scores, out(D);
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t m = i / kv_heads, g = i % kv_heads, length = pp[m] + 1;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t m = item / kv_heads, g = item % kv_heads, length = pp[m] + 1;
       kf.resize(length * D);
       vf.resize(length * D);
       scores.resize(length);
@@ -495,38 +577,59 @@ at::Tensor decode_layer(const at::Tensor& x_in, const at::Tensor& norm1, double 
       }
       for (int64_t j = 0; j < group; ++j) {
         const int64_t head = g * group + j;
-        attend(qkv.data() + m * width + head * D, kf.data(), vf.data(), length, D,
+        attend(q + m * width + head * D, kf.data(), vf.data(), length, D,
                static_cast<float>(scaling), scores.data(), out.data());
-        for (int64_t d = 0; d < D; ++d) attn.set(m, head * D + d, rnd(out[d], bf16));
+        for (int64_t i = 0; i < D; ++i) attn.set(m, head * D + i, rnd(out[i], bf16));
       }
     }
   };
-  int64_t work = 0;
-  for (int64_t m = 0; m < M; ++m) work += (pp[m] + 1) * kv_heads * D;
-  if (work < (int64_t{1} << 18))  // a few hundred KB of cache: one thread
-    attend_rows(0, M * kv_heads);
-  else
-    at::parallel_for(0, M * kv_heads, 1, attend_rows);
-  // 5. output product + residual
-  std::vector<float> o = product(attn, M, {o_w, o_s, o_b}, bf16);
-  TORCH_CHECK(o_w.size(0) == H, "decode_layer: o_proj rows");
-  for (int64_t i = 0; i < M * H; ++i) x[i] = rnd(x[i] + o[i], bf16);
-  // 6. norm, gate|up, SiLU(gate) * up, down + residual
-  Activations h2(kind_of(gu_w, bf16), M, H);
-  rms_norm(x.data(), M, H, norm2, eps2, bf16, h2);
-  std::vector<float> gu = product(h2, M, {gu_w, gu_s, gu_b}, bf16);
-  const int64_t I = gu_w.size(0) / 2;
-  Activations act(kind_of(d_w, bf16), M, I);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t i = 0; i < I; ++i) {
-      const float g = gu[m * 2 * I + i], u = gu[m * 2 * I + I + i];
-      act.set(m, i, rnd(rnd(g / (1.0f + std::exp(-g)), bf16) * u, bf16));
+  auto residual_and_norm = [&]() {
+    for (int64_t i = 0; i < M * H; ++i) x[i] = rnd(x[i] + o.y[i], bf16);
+    rms_norm(x.data(), M, H, n2.data_ptr<float>(), eps2, bf16, h2);
+  };
+  auto silu_times_up = [&]() {
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t i = 0; i < I; ++i) {
+        const float g = gu.y[m * 2 * I + i], u = gu.y[m * 2 * I + I + i];
+        act.set(m, i, rnd(rnd(g / (1.0f + std::exp(-g)), bf16) * u, bf16));
+      }
+  };
+  const int64_t items = M * kv_heads;
+  auto steps = [&](int tid, int nt, auto&& sync) {
+    if (tid == 0) rms_norm(x.data(), M, H, n1.data_ptr<float>(), eps1, bf16, h1);
+    sync();
+    dispatch_share(qkv.args, qkv.kind, tid, nt);
+    sync();
+    if (tid == 0) rotary_and_write();
+    sync();
+    const int64_t chunk = (items + nt - 1) / nt;
+    attend_items(std::min(items, tid * chunk), std::min(items, (tid + 1) * chunk));
+    sync();
+    dispatch_share(o.args, o.kind, tid, nt);
+    sync();
+    if (tid == 0) residual_and_norm();
+    sync();
+    dispatch_share(gu.args, gu.kind, tid, nt);
+    sync();
+    if (tid == 0) silu_times_up();
+    sync();
+    dispatch_share(d.args, d.kind, tid, nt);
+  };
+  const int threads = at::get_num_threads();
+  if (threads <= 1 || at::in_parallel_region()) {
+    steps(0, 1, [] {});
+  } else {
+    SpinBarrier barrier(threads);
+#pragma omp parallel num_threads(threads)
+    {
+      const int team = omp_get_num_threads();  // the same in every thread of the team
+      barrier.set_size(team);
+      steps(omp_get_thread_num(), team, [&] { barrier.wait(); });
     }
-  std::vector<float> d = product(act, M, {d_w, d_s, d_b}, bf16);
-  TORCH_CHECK(d_w.size(0) == H, "decode_layer: down_proj rows");
+  }
   at::Tensor y = at::empty({M, H}, x_in.options());
   for (int64_t i = 0; i < M * H; ++i) {
-    const float v = x[i] + d[i];
+    const float v = x[i] + d.y[i];
     if (bf16)
       y.data_ptr<c10::BFloat16>()[i] = c10::BFloat16(v);
     else
