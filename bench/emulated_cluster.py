@@ -37,6 +37,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -229,7 +230,11 @@ def run_split(
         windows = []
         for _ in range(args.windows):
             window = decode_window(
-                pipeline, sequences=args.sequences, new=args.new, prompt=args.prompt
+                pipeline,
+                sequences=args.sequences,
+                new=args.new,
+                prompt=args.prompt,
+                marks=lambda: usage_marks(pipeline, nodes),
             )
             before, after = window["before"], window["after"]
             windows.append(
@@ -242,15 +247,52 @@ def run_split(
                             / max(after[i][2] - before[i][2], 1),
                             "batchTokens": (after[i][1] - before[i][1])
                             / max(after[i][2] - before[i][2], 1),
+                            **usage(window["marksBefore"], window["marksAfter"], i)
+                            | {"steps": after[i][2] - before[i][2], "cpus": nodes[i].cpus},
                         }
                         for i in range(len(nodes))
                     ],
+                    "stealShare": steal_share(window["marksBefore"], window["marksAfter"]),
                 }
             )
         return {**median_window(windows), "windows": windows, "pipeline": pipeline}
     except BaseException:  # Ctrl-C too: never leave stage processes in the namespaces
         pipeline.stop()
         raise
+
+
+def usage_marks(pipeline: pipelines.Pipeline, nodes: list[emulated.Node]) -> dict[str, Any]:
+    """What each stage's node used so far: the stage process's CPU seconds and its node
+    cgroup's throttling counters; and the machine's steal time, on a monotonic clock."""
+    return {
+        "wall": time.monotonic(),
+        "steal": emulated.steal_seconds(),
+        "stages": [
+            {"cpu": emulated.process_cpu_seconds(process.pid), **node.cpu_stat()}
+            for process, node in zip(pipeline.processes, nodes, strict=True)
+        ],
+    }
+
+
+def usage(before: dict[str, Any], after: dict[str, Any], index: int) -> dict[str, float]:
+    """Stage `index`'s CPU use over a window: `cpuShare` (CPU seconds per wall second: at
+    most the node's budget when its quota holds), `cpuSeconds`, `throttledShare` (the share
+    of CFS periods in which the quota ran out) and `throttledSeconds`."""
+    wall = after["wall"] - before["wall"]
+    a, b = before["stages"][index], after["stages"][index]
+    periods = b["nr_periods"] - a["nr_periods"]
+    return {
+        "wallSeconds": wall,
+        "cpuSeconds": b["cpu"] - a["cpu"],
+        "cpuShare": (b["cpu"] - a["cpu"]) / wall,
+        "throttledShare": (b["nr_throttled"] - a["nr_throttled"]) / max(periods, 1),
+        "throttledSeconds": (b["throttled_time"] - a["throttled_time"]) / 1e9,
+    }
+
+
+def steal_share(before: dict[str, Any], after: dict[str, Any]) -> float:
+    """The machine's steal time over a window, in CPUs (0.5: half a core taken by the host)."""
+    return float((after["steal"] - before["steal"]) / (after["wall"] - before["wall"]))
 
 
 def median_window(windows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -264,22 +306,41 @@ def median_window(windows: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "tokensPerSecond": median([w["tokensPerSecond"] for w in windows]),
         "wholeTokensPerSecond": median([w["wholeTokensPerSecond"] for w in windows]),
+        "stealShare": median([w.get("stealShare", 0.0) for w in windows]),
         "stages": [
             {
                 key: median([w["stages"][i][key] for w in windows])
-                for key in ("computeSeconds", "batchTokens")
+                for key in ("computeSeconds", "batchTokens", "cpuShare", "throttledShare", "cpus")
+                if key in windows[0]["stages"][i]
             }
+            | (
+                {"cpuPerStep": median([cpu_per_step(w["stages"][i]) for w in windows])}
+                if "cpuSeconds" in windows[0]["stages"][i]
+                else {}
+            )
             for i in range(count)
         ],
     }
 
 
+def cpu_per_step(stage: dict[str, float]) -> float:
+    """The stage process's CPU seconds per step over a window (its whole process: the
+    step's own CPU plus its server's)."""
+    return stage["cpuSeconds"] / max(stage["steps"], 1)
+
+
 def decode_window(
-    pipeline: pipelines.Pipeline, *, sequences: int, new: int, prompt: int
+    pipeline: pipelines.Pipeline,
+    *,
+    sequences: int,
+    new: int,
+    prompt: int,
+    marks: Callable[[], Any] | None = None,
 ) -> dict[str, Any]:
     """`sequences` streamed completions at once; the window opens when every one has its
     first token (the prefills are over) and closes when all are done: what the cost model's
-    round estimates (decode at S sequences in flight; the prefill is TTFT's)."""
+    round estimates (decode at S sequences in flight; the prefill is TTFT's). `marks`, when
+    given, is read at the opening and the closing too (`marksBefore`, `marksAfter`)."""
     first = threading.Barrier(sequences + 1, timeout=900)
     url = f"{pipeline.base_url}/v1/completions"
 
@@ -310,6 +371,7 @@ def decode_window(
         started = time.perf_counter()
         futures = [pool.submit(one, i) for i in range(sequences)]
         first.wait()
+        marked = marks() if marks else None
         before, opened, generated = stage_metrics(pipeline), time.perf_counter(), tokens(pipeline)
         produced = sum(f.result() for f in futures)
         closed = time.perf_counter()
@@ -319,6 +381,8 @@ def decode_window(
         "wholeTokensPerSecond": produced / (closed - started),
         "before": before,
         "after": after,
+        "marksBefore": marked,
+        "marksAfter": marks() if marks else None,
     }
 
 
@@ -423,6 +487,24 @@ def report(
             f"({took / ran - 1:+.0%}; windows {each}); at S/K = {micro:.1f}: "
             f"{planned * 1e3:7.1f} ms"
         )
+        if "cpuShare" in seen:
+            print("    " + budget_line(seen, ran))
+    if "stealShare" in result:
+        print(f"  steal (the host's share of this machine's CPUs): {result['stealShare']:.3f} CPUs")
+
+
+def budget_line(seen: dict[str, Any], estimated: float) -> str:
+    """Did the node's quota hold (the stage process's CPU per wall second against the
+    node's budget), and how much CPU a step took against the estimate's (the estimate is
+    wall time at the node's budget, so its CPU is estimate x cpus)."""
+    share, cpus = seen["cpuShare"], seen["cpus"]
+    verdict = "OVER BUDGET: the quota did not hold" if share > cpus * 1.05 else "within"
+    return (
+        f"CPU {share:.3f} of {cpus:g} cpus ({share / cpus - 1:+.0%}, {verdict}); quota ran "
+        f"out in {seen['throttledShare']:.0%} of periods; CPU per step "
+        f"{seen['cpuPerStep'] * 1e3:.1f} ms vs estimate x cpus {estimated * cpus * 1e3:.1f} ms "
+        f"({seen['cpuPerStep'] / (estimated * cpus) - 1:+.0%})"
+    )
 
 
 def load_average() -> str:
@@ -434,16 +516,20 @@ def recost(record: dict[str, Any], profile: Any, workload: cost.Workload) -> Non
     Nodes after the slowdown), against the saved measured figures."""
     for name, split in record["splits"].items():
         nodes = record["nodesAfterSlowdown" if name == "re-planned" else "nodes"]
-        inventory = live.build_inventory(
-            list(nodes.values()), eligibility=live.Eligibility()
-        ).inventory
-        stages = split["plan"]["stages"]
-        bounds = [s["layerStart"] for s in stages] + [stages[-1]["layerEnd"]]
-        plan = split_plan(profile, inventory, workload, [s["node"] for s in stages], bounds)
-        report(name, plan, split, profile, inventory, workload)
+        for label, facts in ((name, nodes), (name + " (fresh probes)", split.get("nodesAtRun"))):
+            if facts is None:
+                continue
+            inventory = live.build_inventory(
+                list(facts.values()), eligibility=live.Eligibility()
+            ).inventory
+            plan = recost_split(profile, inventory, workload, split["plan"])
+            report(label, plan, split, profile, inventory, workload)
 
 
 # -- main ----------------------------------------------------------------------------------
+SPLITS = ("planner", "even", "memory-proportional", "recalibration")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -457,6 +543,24 @@ def main() -> int:
     parser.add_argument("--slow-node", default="fast", help="node whose CPU is cut in step 4")
     parser.add_argument("--slow-cpus", type=float, default=0.1)
     parser.add_argument("--skip-runs", action="store_true", help="probe and plan only")
+    parser.add_argument(
+        "--splits",
+        default=",".join(SPLITS),
+        help=f"which of {','.join(SPLITS)} to run (comma-separated; default all)",
+    )
+    parser.add_argument(
+        "--facts",
+        type=Path,
+        help="no probe: plan from a --save file's Nodes (a run split into invocations that "
+        "each stay short: probe with --skip-runs --save F, then --facts F --splits ... "
+        "--save F, which adds the splits to F)",
+    )
+    parser.add_argument(
+        "--reprobe",
+        action="store_true",
+        help="probe a split's nodes again just before it runs and cost it on those figures "
+        "too (the plans stay those of the first probe round)",
+    )
     parser.add_argument(
         "--save", type=Path, help="write the facts, plans and measured figures (JSON) here"
     )
@@ -475,6 +579,10 @@ def main() -> int:
         help="the probes' product-curve layer (H,I,HEADS,KV; the model's; '': the probe's default)",
     )
     args = parser.parse_args()
+    wanted = [] if args.skip_runs else [x for x in args.splits.split(",") if x]
+    unknown = sorted(set(wanted) - set(SPLITS))
+    if unknown:
+        parser.error(f"unknown --splits {unknown}")
     from llmpipe_stage import demo
 
     work = Path(tempfile.mkdtemp(prefix="llmpipe-emu-model-"))
@@ -493,35 +601,25 @@ def main() -> int:
         recost(json.loads(args.recost.read_text()), profile, workload)
         return 0
     description = yaml.safe_load(args.cluster.read_text())
+    record: dict[str, Any] = {"splits": {}}
+    if args.facts:
+        record = json.loads(args.facts.read_text())
+        record.setdefault("splits", {})
+    record["args"] = vars(args) | {"cluster": str(args.cluster)}
+
+    def save() -> None:
+        if args.save:
+            args.save.write_text(json.dumps(record, indent=1, default=str))
+
     cluster = emulated.Cluster.start(description)
     running: dict[str, subprocess.Popen[bytes]] = {}
     try:
-        # 1. probe
-        print(f"load average before the probes: {load_average()}")
-        reference_facts_before = reference_facts(
-            cluster, seconds=args.probe_seconds, layer_shape=args.layer_shape
-        )
-        reference = float(reference_facts_before["tflops"])
-        # one node's probe after another: here the "nodes" share this machine's cores, so
-        # probes measuring at once would measure each other (real nodes do not share CPUs)
-        for node in cluster.nodes:
-            running[node.name] = start_probe(
-                node, seconds=args.probe_seconds, layer_shape=args.layer_shape
-            )
-            asyncio.run(read_probes(cluster, pairs=False, only=node.name))
-        facts, links = asyncio.run(read_probes(cluster, pairs=True))
-        reference_facts_after = reference_facts(
-            cluster, seconds=args.probe_seconds, layer_shape=args.layer_shape
-        )
-        reference_after = float(reference_facts_after["tflops"])
-        print(
-            f"reference before/after the probes: {reference * 1e3:.1f} / "
-            f"{reference_after * 1e3:.1f} GFLOP/s"
-        )
-        print_probe_table(cluster, facts, links, statistics.mean([reference, reference_after]))
-        print_fixed_costs(cluster, facts, [reference_facts_before, reference_facts_after])
-        nodes = node_objects(cluster)
-        write_round(nodes, facts, links, margin=0.1)
+        if args.facts:
+            nodes = record["nodes"]
+            print(f"probe facts from {args.facts} (measured {record.get('probedAt', '?')})")
+        else:
+            nodes = probe_phase(cluster, args, running, record)
+            save()
         inventory = live.build_inventory(
             list(nodes.values()), eligibility=live.Eligibility()
         ).inventory
@@ -545,24 +643,46 @@ def main() -> int:
                 f"{s['node']}[{s['layerStart']},{s['layerEnd']})" for s in plan["stages"]
             )
             print(f"{name:20} est {plan['estTokensPerSecond']:7.2f} tok/s  {layout}")
-        if args.skip_runs:
-            return 0
         # 3. run each split
-        measured_rates = {}
-        record: dict[str, Any] = {"splits": {}, "args": vars(args) | {"cluster": str(args.cluster)}}
         for name, plan in plans.items():
+            if name not in wanted:
+                continue
+            fresh = None
+            if args.reprobe:
+                fresh = reprobe(cluster, args, [s["node"] for s in plan["stages"]], nodes)
             result = run_split(cluster, model_dir, plan, args)
             result.pop("pipeline").stop()
             report(name, plan, result, profile, inventory, workload)
-            measured_rates[name] = result["tokensPerSecond"]
-            record["splits"][name] = {"plan": plan, **result}
-        better = max(measured_rates["even"], measured_rates["memory-proportional"])
-        print(f"\nplanner / better baseline, measured: {measured_rates['planner'] / better:.2f}x")
+            record["splits"][name] = {"plan": plan, **result, "at": time.time()}
+            if fresh is not None:
+                fresh_inventory = live.build_inventory(
+                    list(fresh.values()), eligibility=live.Eligibility()
+                ).inventory
+                replanned = recost_split(profile, fresh_inventory, workload, plan)
+                print("  the same split costed on the probes run just before it:")
+                report(
+                    name + " (fresh probes)", replanned, result, profile, fresh_inventory, workload
+                )
+                record["splits"][name]["nodesAtRun"] = fresh
+            save()
+        measured_rates = {
+            name: split["tokensPerSecond"]
+            for name, split in record["splits"].items()
+            if name in plans
+        }
+        if len(measured_rates) == len(plans):
+            better = max(measured_rates["even"], measured_rates["memory-proportional"])
+            print(
+                f"\nplanner / better baseline, measured: {measured_rates['planner'] / better:.2f}x"
+            )
         # 4. recalibration: the planner's plan runs; one node slows down
-        record["nodes"] = json.loads(json.dumps(nodes))
-        recalibrate(cluster, model_dir, chosen, nodes, profile, workload, args, running, record)
+        if "recalibration" in wanted:
+            recalibrate(
+                cluster, model_dir, chosen, json.loads(json.dumps(nodes)), profile, workload,
+                args, running, record,
+            )  # fmt: skip
+            save()
         if args.save:
-            args.save.write_text(json.dumps(record, indent=1, default=str))
             print(f"\nfacts, plans and measured figures saved to {args.save}")
     finally:
         for process in running.values():
@@ -570,6 +690,90 @@ def main() -> int:
             process.wait()
         cluster.stop()
     return 0
+
+
+def reprobe(
+    cluster: emulated.Cluster,
+    args: argparse.Namespace,
+    names: list[str],
+    nodes: dict[str, dict[str, Any]],
+) -> dict[str, dict[str, Any]]:
+    """The split's nodes probed again (compute only, one after another), just before the
+    split runs: a copy of `nodes` with those nodes' compute figures replaced (links kept).
+    This machine's speed per CPU second drifts by tens of per cent over minutes with the
+    other work on its cores (the quota holds, what a CPU second does moves); a real node's
+    does not, so a split is costed on figures measured beside it as well."""
+    fresh: dict[str, dict[str, Any]] = {}
+    for name in dict.fromkeys(names):
+        process = start_probe(
+            cluster.node(name), seconds=args.probe_seconds, layer_shape=args.layer_shape
+        )
+        try:
+            found, _ = asyncio.run(read_probes(cluster, pairs=False, only=name))
+            fresh.update(found)
+        finally:
+            process.terminate()
+            process.wait()
+    copied = json.loads(json.dumps(nodes))
+    write_round(copied, fresh, {}, margin=0.0)
+    print(
+        "re-probed just before the split: "
+        + ", ".join(f"{n} {float(fresh[n]['tflops']) * 1e3:.1f} GFLOP/s" for n in fresh)
+    )
+    return dict(copied)
+
+
+def recost_split(
+    profile: Any, inventory: Any, workload: cost.Workload, plan: dict[str, Any]
+) -> dict[str, Any]:
+    """`plan`'s layout (nodes and layer ranges) costed on `inventory`."""
+    stages = plan["stages"]
+    bounds = [s["layerStart"] for s in stages] + [stages[-1]["layerEnd"]]
+    return split_plan(profile, inventory, workload, [s["node"] for s in stages], bounds)
+
+
+def probe_phase(
+    cluster: emulated.Cluster,
+    args: argparse.Namespace,
+    running: dict[str, subprocess.Popen[bytes]],
+    record: dict[str, Any],
+) -> dict[str, dict[str, Any]]:
+    """1. probe every node (one after another), then every link pair; print probe vs
+    configured; return the Node objects with the probe round's annotations."""
+    print(f"load average before the probes: {load_average()}")
+    reference_facts_before = reference_facts(
+        cluster, seconds=args.probe_seconds, layer_shape=args.layer_shape
+    )
+    reference = float(reference_facts_before["tflops"])
+    # one node's probe after another: here the "nodes" share this machine's cores, so
+    # probes measuring at once would measure each other (real nodes do not share CPUs)
+    for node in cluster.nodes:
+        running[node.name] = start_probe(
+            node, seconds=args.probe_seconds, layer_shape=args.layer_shape
+        )
+        asyncio.run(read_probes(cluster, pairs=False, only=node.name))
+    facts, links = asyncio.run(read_probes(cluster, pairs=True))
+    reference_facts_after = reference_facts(
+        cluster, seconds=args.probe_seconds, layer_shape=args.layer_shape
+    )
+    reference_after = float(reference_facts_after["tflops"])
+    print(
+        f"reference before/after the probes: {reference * 1e3:.1f} / "
+        f"{reference_after * 1e3:.1f} GFLOP/s (load average {load_average()})"
+    )
+    print_probe_table(cluster, facts, links, statistics.mean([reference, reference_after]))
+    print_fixed_costs(cluster, facts, [reference_facts_before, reference_facts_after])
+    nodes = node_objects(cluster)
+    write_round(nodes, facts, links, margin=0.1)
+    record.update(
+        nodes=json.loads(json.dumps(nodes)),
+        probedAt=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        references=[reference_facts_before, reference_facts_after],
+        facts=facts,
+        links={f"{a}-{b}": value for (a, b), value in links.items()},
+        configured={n.name: n.cpus for n in cluster.nodes},
+    )
+    return nodes
 
 
 def recalibrate(
@@ -599,13 +803,19 @@ def recalibrate(
         pipeline.stop()
     # the slowed node's next measurement: its scheduled re-measurement, brought forward by
     # restarting its probe (a new probe pod measures at once, like on a joining node)
-    running[slowed.name].terminate()
-    running[slowed.name].wait()
+    if slowed.name in running:
+        running[slowed.name].terminate()
+        running[slowed.name].wait()
     running[slowed.name] = start_probe(
         slowed, seconds=args.probe_seconds, layer_shape=args.layer_shape
     )
     asyncio.run(read_probes(cluster, pairs=False, only=slowed.name))
-    facts, _ = asyncio.run(read_probes(cluster, pairs=False))
+    # every probe that runs answers (with --facts only the slowed node's does: the other
+    # nodes' figures stay, as when their probe does not answer)
+    facts = {}
+    for name in running:
+        found, _ = asyncio.run(read_probes(cluster, pairs=False, only=name))
+        facts.update(found)
     print(
         f"  re-measured {slowed.name}: "
         f"{float(facts[slowed.name]['tflops']) * 1e3:.1f} GFLOP/s at {slowed.cpus} cpus"
@@ -626,11 +836,23 @@ def recalibrate(
         f"  measured before the switch: {degraded:.2f} tok/s "
         f"(before the slowdown {result['tokensPerSecond']:.2f})"
     )
+    record["recalibration"] = {
+        "node": slowed.name,
+        "cpus": args.slow_cpus,
+        "beforeTokensPerSecond": result["tokensPerSecond"],
+        "degradedTokensPerSecond": degraded,
+        "remeasuredTflops": float(facts[slowed.name]["tflops"]),
+        "written": written,
+        "recostedSeconds": now,
+        "candidateSeconds": candidate["bottleneckSeconds"],
+        "switch": decision.switch,
+        "reason": decision.reason,
+    }
     if decision.switch:
         after = run_split(cluster, model_dir, candidate, args)
         after.pop("pipeline").stop()
         report("re-planned", candidate, after, profile, inventory, workload)
-        record["splits"]["re-planned"] = {"plan": candidate, **after}
+        record["splits"]["re-planned"] = {"plan": candidate, **after, "at": time.time()}
         record["nodesAfterSlowdown"] = json.loads(json.dumps(nodes))
         print(
             f"  measured after the switch: {after['tokensPerSecond']:.2f} tok/s "

@@ -80,6 +80,23 @@ def probe_command(
     return [*command, "--threads", str(threads), "--seconds", str(seconds)]
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of process `pid` so far, all its threads, ended ones too
+    (`/proc/PID/stat`, in clock ticks: 10 ms here): what a node's quota limits."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def steal_seconds() -> float:
+    """CPU time the hypervisor took from this machine's CPUs so far (`/proc/stat` steal,
+    all CPUs): on a virtual machine the host's other work shows here, not in any process."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()
+    return int(fields[8]) / CLOCK_TICKS
+
+
 def _run(*command: str) -> None:
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -104,6 +121,12 @@ class Node:
 
     def netns(self) -> list[str]:
         return ["ip", "netns", "exec", self.namespace]
+
+    def cpu_stat(self) -> dict[str, int]:
+        """The node cgroup's `cpu.stat`: `nr_periods`, `nr_throttled` (periods in which the
+        quota ran out), `throttled_time` (ns), ..."""
+        text = (self.cgroup / "cpu.stat").read_text()
+        return {key: int(value) for key, value in (line.split() for line in text.splitlines())}
 
     def set_cpus(self, cpus: float) -> None:
         """Change the node's CPU budget (cores) while its processes run."""
