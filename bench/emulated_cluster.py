@@ -21,6 +21,20 @@ cgroup CPU budgets, a tbf-shaped link per pair), then:
    lets the operator-side logic decide (annotations written only beyond the margin, the
    running plan re-costed on the new facts, hysteresis) and runs the new plan.
 
+For every stage and decode window it also reads what the stage's node used: the stage
+process's CPU seconds per wall second against the node's budget (flagged OVER BUDGET when
+the quota did not hold), the share of CFS periods in which the quota ran out, and the CPU
+per step against the estimate's (estimate x cpus), and the machine's steal time.
+
+The whole run takes 15-20 minutes on 2 shared cores; to keep each run short, split it into
+invocations that share one `--save` file:
+
+    ... bench/emulated_cluster.py --skip-runs --save run.json          # probe and plan
+    ... bench/emulated_cluster.py --facts run.json --splits planner --save run.json
+    ... (even, memory-proportional, recalibration likewise; --reprobe re-probes a split's
+        nodes just before it and costs it on those figures too)
+    ... bench/emulated_cluster.py --recost run.json                    # no run: re-cost
+
 Needs root, `ip`, `tc` and cgroup v1 cpu. Prints figures; asserts nothing.
 """
 
