@@ -365,6 +365,10 @@ def start_llmpipe(model: Path, *, stages: int, precision: str, threads: int, log
         "--quantization", quantization, "--threads", str(threads),
         "--port", str(port), "--grpc-port", str(grpc_port), "--max-sequences", "4",
         "--max-context", "1024", "--run-dir", str(log.parent / f"run-{log.stem}"),
+        # Decode against decode: llama-server does not speculate, and `serve`'s default
+        # (`auto`: prompt-lookup drafts for greedy requests) would verify drafts of the
+        # random model instead. `--llmpipe-args '--speculate auto'` measures that.
+        "--speculate", "off",
         *LLMPIPE_ARGS,
     ]  # fmt: skip
     process = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
